@@ -1,0 +1,119 @@
+"""Model hyper-parameters for the decoder-only Llama / Qwen2 family."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def to_dtype(name: str):
+  """Maps a dtype name from a config ('float32', 'bfloat16', 'float16') to a jnp dtype."""
+  if name not in _DTYPES:
+    raise ValueError(f"dtype {name!r} is not supported; allowed: {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling. 'llama3' follows Llama-3.1's piecewise rule, 'linear' divides by factor."""
+
+  rope_type: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_scaling.rope_type={self.rope_type!r} is not supported; allowed: {ROPE_TYPES}")
+    if self.factor <= 0:
+      raise ValueError(f"rope_scaling.factor={self.factor} must be > 0")
+    if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError("rope_scaling: llama3 needs high_freq_factor > low_freq_factor, got "
+                       f"{self.high_freq_factor} <= {self.low_freq_factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only transformer: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+
+  `dtype` is the compute dtype and `param_dtype` the storage dtype; logits and softmax are
+  always computed in float32.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int = 0  # 0 means hidden_size // num_heads
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  rms_norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  tie_word_embeddings: bool = True
+  max_position_embeddings: int = 2048
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  architecture: str = "LlamaForCausalLM"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "max_position_embeddings"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"model.{name}={value!r} must be a positive int")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
+                       f"model.num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+    if self.head_dim == 0:
+      if self.hidden_size % self.num_heads:
+        raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                         f"model.num_heads={self.num_heads}; set model.head_dim explicitly")
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+    to_dtype(self.param_dtype)
+    to_dtype(self.dtype)
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+  @property
+  def jnp_dtype(self):
+    return to_dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return to_dtype(self.param_dtype)
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    d = dict(d)
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - allowed
+    if unknown:
+      raise ValueError(f"unknown model config keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    if isinstance(d.get("rope_scaling"), dict):
+      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return cls(**d)
+
+  @property
+  def num_params(self) -> int:
+    d, f, v, h, k, hd = (self.hidden_size, self.intermediate_size, self.vocab_size, self.num_heads,
+                         self.num_kv_heads, self.head_dim)
+    attn = d * h * hd * 2 + d * k * hd * 2 + (h * hd + 2 * k * hd if self.qkv_bias else 0)
+    layer = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_word_embeddings else d * v
+    return v * d + self.num_layers * layer + d + head

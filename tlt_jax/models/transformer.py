@@ -1,0 +1,263 @@
+"""Decoder-only Llama / Qwen2 transformer in flax.nnx, with a functional KV cache.
+
+One module serves Llama (untied or tied, Llama-3 RoPE scaling) and Qwen2 (q/k/v bias).
+`__call__` returns float32 logits, the final normed hidden state (EAGLE's feature `f_t`) and,
+when a cache is given, the updated cache.
+
+Cache semantics (right-padded batches, per-sequence positions):
+  * `KVCache.lengths[b]` counts the committed tokens of sequence b; slots >= lengths[b] hold
+    garbage and are never attended to.
+  * A call with T new tokens writes their keys/values at slots lengths[b] .. lengths[b]+T-1 and
+    lets query i attend to every committed slot plus the new slots allowed by
+    `attn_mask_BxTxT[b, i]` (default: causal). The returned cache has lengths + T; a caller that
+    accepts fewer tokens (speculative verification, padded prefill) sets lengths itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tlt_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Per-layer key/value buffers `[B, S, K, Dh]` and committed lengths `[B]`."""
+
+  k: tuple[Array, ...]
+  v: tuple[Array, ...]
+  lengths: Array  # int32 [B]
+
+  @property
+  def capacity(self) -> int:
+    return self.k[0].shape[1]
+
+  @property
+  def batch_size(self) -> int:
+    return self.k[0].shape[0]
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch_size: int, capacity: int, dtype=None) -> "KVCache":
+    dtype = dtype or cfg.jnp_dtype
+    shape = (batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+               lengths=jnp.zeros((batch_size,), jnp.int32))
+
+  def take(self, idx_B: Array) -> "KVCache":
+    """Rows `idx_B` of the cache (batch compaction / reordering)."""
+    return jax.tree.map(lambda x: jnp.take(x, idx_B, axis=0), self)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """Inverse RoPE frequencies theta^(-2i/D), with optional linear or Llama-3 scaling."""
+  dh = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  sc = cfg.rope_scaling
+  if sc is None or sc.rope_type == "default":
+    return inv_freq
+  if sc.rope_type == "linear":
+    return inv_freq / sc.factor
+  # llama3: low frequencies are divided by factor, high ones kept, the band between interpolated.
+  old_len = sc.original_max_position_embeddings
+  low_wavelen = old_len / sc.low_freq_factor
+  high_wavelen = old_len / sc.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+  smooth = (old_len / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxD: Array, positions_BxT: Array, inv_freq: Array) -> Array:
+  """Rotary embedding in the HF 'rotate_half' layout: x*cos + rotate_half(x)*sin."""
+  angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BxTxF)[:, :, None, :]
+  sin = jnp.sin(angles_BxTxF)[:, :, None, :]
+  x = x_BxTxNxD.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxD.dtype)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal", scale=0.02):
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x^2) + eps) * w   (Zhang & Sennrich, 2019), computed in float32."""
+
+  def __init__(self, dim: int, eps: float, dtype, *, rngs: nnx.Rngs):
+    self.weight = _param(rngs, (dim,), ("norm",), dtype, init="ones")
+    self.eps = eps
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+  """y = x W (+ b), W stored [in, out] with logical axes."""
+
+  def __init__(self, din, dout, axes, dtype, *, bias=False, rngs: nnx.Rngs, scale=0.02):
+    self.kernel = _param(rngs, (din, dout), axes, dtype, scale=scale)
+    self.bias = _param(rngs, (dout,), axes[1:], dtype, init="zeros") if bias else None
+
+  def __call__(self, x: Array) -> Array:
+    y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(x.dtype)
+    return y
+
+
+def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS) -> Array:
+  """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads (H = K * G)."""
+  b, t, h, d = q_BxTxHxD.shape
+  kv = k_BxSxKxD.shape[2]
+  q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(d)
+  scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+  return out.reshape(b, t, h * d)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pd = cfg.jnp_param_dtype
+    d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q_proj = Linear(d, h * hd, ("embed", "heads"), pd, bias=cfg.qkv_bias, rngs=rngs)
+    self.k_proj = Linear(d, k * hd, ("embed", "kv_heads"), pd, bias=cfg.qkv_bias, rngs=rngs)
+    self.v_proj = Linear(d, k * hd, ("embed", "kv_heads"), pd, bias=cfg.qkv_bias, rngs=rngs)
+    self.o_proj = Linear(h * hd, d, ("heads", "embed"), pd, rngs=rngs)
+    self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
+
+  def __call__(self, x_BxTxD, positions_BxT, inv_freq, mask_BxTxT, kv_cache=None, start_B=None):
+    b, t, _ = x_BxTxD.shape
+    q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q = apply_rope(q, positions_BxT, inv_freq)
+    k = apply_rope(k, positions_BxT, inv_freq)
+    if kv_cache is None:
+      out = attention(q, k, v, mask_BxTxT)
+      return self.o_proj(out), None
+    ck, cv = kv_cache
+    write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0)))
+    ck, cv = write(ck, k, start_B), write(cv, v, start_B)
+    out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), cache_mask(mask_BxTxT, start_B, ck.shape[1]))
+    return self.o_proj(out), (ck, cv)
+
+
+def cache_mask(block_mask_BxTxT: Array, start_B: Array, capacity: int) -> Array:
+  """Query i of row b sees slot j if j < start_b, or j = start_b + r with block_mask[b, i, r]."""
+  t = block_mask_BxTxT.shape[-1]
+  slots_S = jnp.arange(capacity)
+  rel_BxS = slots_S[None, :] - start_B[:, None]
+  in_block_BxS = (rel_BxS >= 0) & (rel_BxS < t)
+  rel_idx = jnp.clip(rel_BxS, 0, t - 1)
+  block_BxTxS = jnp.take_along_axis(block_mask_BxTxT, jnp.broadcast_to(
+      rel_idx[:, None, :], (rel_idx.shape[0], block_mask_BxTxT.shape[1], capacity)), axis=2)
+  return (rel_BxS < 0)[:, None, :] | (in_block_BxS[:, None, :] & block_BxTxS)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))   (Shazeer, 2020)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pd = cfg.jnp_param_dtype
+    self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), pd, rngs=rngs)
+    self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), pd, rngs=rngs)
+    self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), pd, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). `input_norm=False` drops the first
+  norm (EAGLE's drafter layer, whose input is already a projected feature)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, input_norm: bool = True):
+    pd = cfg.jnp_param_dtype
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs) if input_norm else None
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, inv_freq, mask, kv_cache=None, start_B=None):
+    h = self.input_layernorm(x) if self.input_layernorm is not None else x
+    attn, new_kv = self.self_attn(h, positions, inv_freq, mask, kv_cache, start_B)
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, new_kv
+
+
+def causal_mask(batch: int, t: int) -> Array:
+  return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
+
+
+class Transformer(nnx.Module):
+  """Llama / Qwen2 causal LM. See the module docstring for cache semantics."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = cfg.jnp_param_dtype
+    self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs)
+    self.lm_head = None if cfg.tie_word_embeddings else _param(
+        rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+  def embed(self, tokens_BxT: Array) -> Array:
+    return jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(self.cfg.jnp_dtype)
+
+  def logits(self, hidden_BxTxD: Array) -> Array:
+    """float32 logits = f W_head, with W_head = embed^T when tied."""
+    dt = self.cfg.jnp_dtype
+    w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+    return jnp.einsum("...d,dv->...v", hidden_BxTxD.astype(dt), w.astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
+               cache: KVCache | None = None, attn_mask_BxTxT: Array | None = None,
+               return_logits: bool = True):
+    b, t = tokens_BxT.shape
+    if positions_BxT is None:
+      start = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
+      positions_BxT = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    mask = causal_mask(b, t) if attn_mask_BxTxT is None else attn_mask_BxTxT
+    inv_freq = rope_inv_freq(self.cfg)
+    x = self.embed(tokens_BxT)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, kv = layer(x, positions_BxT, inv_freq, mask, kv, None if cache is None else cache.lengths)
+      if cache is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    hidden = self.norm(x)
+    logits = self.logits(hidden) if return_logits else None
+    new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), cache.lengths + t)
+    return logits, hidden, new_cache
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  return Transformer(cfg, rngs=nnx.Rngs(seed))

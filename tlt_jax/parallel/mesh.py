@@ -1,0 +1,137 @@
+"""Device mesh, logical-axis rules and sharding helpers.
+
+Mesh axes are ('data', 'fsdp', 'tensor'). Parameters and activations carry logical axis names
+(`batch`, `length`, `embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `norm`); a rules table maps
+each logical name to a mesh axis (or a tuple of them, or None). Training and sampling may use
+different rules. A dimension that its mesh axes do not divide is replicated instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axes. FSDP shards the embed dim of weights; tensor parallelism shards
+# heads / mlp / vocab; the batch is split over data and fsdp.
+TRAIN_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
+    "norm": None,
+}
+# Sampling keeps weights whole along fsdp (no per-step all-gather), splits the batch over data.
+SAMPLE_RULES: dict[str, Any] = {**TRAIN_RULES, "batch": ("data", "fsdp"), "embed": None}
+
+RULE_SETS = {"train": TRAIN_RULES, "sample": SAMPLE_RULES}
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh. One entry of `shape` may be -1 (fill the rest).
+
+  Raises ValueError naming the shape and the device count when they do not divide.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape {tuple(shape)} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+  n = len(devices)
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {tuple(shape)}: at most one entry may be -1")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if known <= 0 or n % known:
+      raise ValueError(f"mesh shape {tuple(shape)} does not divide the {n} available devices; "
+                       f"the product of the fixed entries must divide {n}")
+    shape[shape.index(-1)] = n // known
+  if any(s <= 0 for s in shape) or math.prod(shape) != n:
+    raise ValueError(f"mesh shape {tuple(shape)} (product {math.prod(shape)}) does not match the {n} "
+                     f"available devices; allowed: positive sizes whose product is {n}, or -1 for one axis")
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Mapping[str, Any],
+                    shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
+  """Maps logical axis names to a PartitionSpec; dims the mesh axes do not divide are replicated."""
+  out, used = [], set()
+  for i, name in enumerate(logical_axes):
+    if name is None:
+      out.append(None)
+      continue
+    if name not in rules:
+      raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
+    axes = rules[name]
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+    if shape is not None and mesh is not None and axes:
+      size = math.prod(mesh.shape[a] for a in axes)
+      if shape[i] % size:
+        logging.debug("dim %d (%s=%d) not divisible by %s; replicated", i, name, shape[i], axes)
+        axes = ()
+    used.update(axes)
+    out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+  return P(*out)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES):
+  """A pytree of NamedShardings matching `state` (an nnx.State of Params with `logical_axes`)."""
+
+  def one(v):
+    axes = getattr(v, "logical_axes", None) or (None,) * np.ndim(v[...])
+    return NamedSharding(mesh, logical_to_spec(axes, rules, np.shape(v[...]), mesh))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_state(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES) -> nnx.State:
+  """Places every variable of `state` in its sharding."""
+  return jax.device_put(state, param_shardings(state, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, Any] = TRAIN_RULES,
+                   batch_size: int | None = None) -> NamedSharding:
+  """Sharding for an array whose leading dim is the batch and the rest replicated."""
+  shape = None if batch_size is None else (batch_size,) + (1,) * (ndim - 1)
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, shape, mesh))
+
+
+def shard_batch(batch: Any, mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES) -> Any:
+  """Places a pytree of [B, ...] host arrays batch-sharded over the mesh."""
+  return jax.tree.map(
+      lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x), rules, np.shape(x)[0])), batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+  """Calls `jax.distributed.initialize` for multi-host runs.
+
+  On TPU pods the arguments are discovered automatically (pass none). On CPU, give all three
+  (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), e.g. for two local
+  processes over gloo. Returns True when it initialised.
+  """
+  coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and "JAX_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  if coordinator is None and os.environ.get("TPU_WORKER_HOSTNAMES") is None:
+    return False
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+  return True
