@@ -1,0 +1,336 @@
+"""Random-access data sources of `Example`s: `len(source)` and `source[i]` (with prompt_id = i).
+
+Three kinds, as the design map asks:
+  * `TaskSource`: an in-process generator. Example i of a synthetic task is
+    `task.sample(default_rng([seed, stream, i]))`, so any index is reproducible on its own,
+    with nothing materialised.
+  * `TFDSSource`: an array_record TFDS dataset written by `TaskDatasetBuilder` (no TensorFlow:
+    `download_and_prepare()` and `tfds.data_source` / `builder.as_data_source()` only).
+    Split j of a built dataset holds exactly `TaskSource(task, n_j, seed, stream=j)`.
+  * `RecordSource`: question/answer records loaded from JSONL or parquet files
+    (`load_jsonl`, `load_parquet`, `load_qa_file`) and turned into Examples by a FileTask.
+
+`make_source(kind, **kwargs)` builds any of them by name for configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tlt_jax.data.tasks import Example, FileTask, Task, get_task
+
+QUESTION_FIELDS = ("question", "problem")
+ANSWER_FIELDS = ("answer", "solution")
+EXTRA_FIELDS = ("level",)  # kept when present (MATH difficulty)
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def _as_task(task: Task | str, task_kwargs: Mapping[str, Any] | None = None) -> Task:
+  if isinstance(task, Task):
+    if task_kwargs:
+      raise ValueError("task_kwargs are only for a task given by name")
+    return task
+  return get_task(task, **dict(task_kwargs or {}))
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+class TaskSource:
+  """Example i = `task.sample(np.random.default_rng([seed, stream, i]))`, prompt_id = i."""
+
+  def __init__(self, task: Task | str, num_examples: int, seed: int = 0, stream: int = 0,
+               task_kwargs: Mapping[str, Any] | None = None):
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
+      raise ValueError(f"TaskSource: num_examples={num_examples!r} must be a positive int")
+    self.task = _as_task(task, task_kwargs)
+    self.num_examples, self.seed, self.stream = num_examples, int(seed), int(stream)
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def __getitem__(self, i: int) -> Example:
+    i = int(i)
+    if not 0 <= i < self.num_examples:
+      raise IndexError(f"TaskSource index {i} out of range [0, {self.num_examples})")
+    rng = np.random.default_rng([self.seed, self.stream, i])
+    return self.task.sample(rng).with_id(i)
+
+  def __repr__(self) -> str:
+    return f"TaskSource({self.task!r}, num_examples={self.num_examples}, seed={self.seed}, stream={self.stream})"
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+@dataclasses.dataclass
+class TaskDatasetConfig(tfds.core.BuilderConfig):
+  """What to materialise: `splits` maps split name -> number of examples, in stream order."""
+
+  task: str = "arith"
+  task_kwargs: str = "{}"  # JSON, so that the config stays a plain, printable record
+  seed: int = 0
+  splits: tuple[tuple[str, int], ...] = (("train", 1000),)
+
+
+class TaskDatasetBuilder(tfds.core.GeneratorBasedBuilder):
+  """Materialises a synthetic task into array_record files, deterministically from a seed.
+
+  Build with `build_task_dataset(...)`. Shuffling is disabled, so record j of split s is
+  example j of `TaskSource(task, n_s, seed, stream=index of s)`.
+  """
+
+  name = "tlt_task"
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [TaskDatasetConfig(name="arith_default")]
+  # Nothing is downloaded, so there is no checksums file to find next to this module; TFDS's
+  # lookup of one imports `importlib_resources` for a module inside a package, which we lack.
+  code_path = None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = tfds.features.FeaturesDict({
+        "prompt": tfds.features.Text(),
+        "trace": tfds.features.Text(),
+        "answer": tfds.features.Text(),
+        "meta": tfds.features.Text(),  # JSON
+        "index": tfds.features.Scalar(dtype=np.int64),
+    })
+    return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True,
+                                 description="Synthetic task examples for tlt_jax.")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    return {name: self._generate_examples(stream, n) for stream, (name, n) in enumerate(cfg.splits)}
+
+  def _generate_examples(self, stream: int, num_examples: int):
+    cfg = self.builder_config
+    source = TaskSource(cfg.task, num_examples, seed=cfg.seed, stream=stream,
+                        task_kwargs=json.loads(cfg.task_kwargs))
+    for i in range(num_examples):
+      ex = source[i]
+      yield i, {"prompt": ex.prompt, "trace": ex.trace, "answer": ex.answer,
+                "meta": json.dumps(ex.meta, sort_keys=True), "index": i}
+
+
+def task_dataset_config(task: str = "arith", num_examples: int | Mapping[str, int] = 1000, seed: int = 0,
+                        task_kwargs: Mapping[str, Any] | None = None, name: str | None = None
+                        ) -> TaskDatasetConfig:
+  """A builder config; `num_examples` is an int (one "train" split) or {split: n}."""
+  splits = {"train": num_examples} if isinstance(num_examples, int) else dict(num_examples)
+  for split, n in splits.items():
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+      raise ValueError(f"task dataset: split {split!r} has num_examples={n!r}; must be a positive int")
+  kwargs_json = json.dumps(dict(task_kwargs or {}), sort_keys=True)
+  get_task(task, **json.loads(kwargs_json))  # validate early, with the task's own error messages
+  if name is None:
+    import hashlib
+    digest = hashlib.sha1(f"{kwargs_json}|{sorted(splits.items())}".encode()).hexdigest()[:8]
+    name = f"{task}_s{seed}_{digest}"
+  return TaskDatasetConfig(name=name, task=task, task_kwargs=kwargs_json, seed=int(seed),
+                           splits=tuple(splits.items()))
+
+
+def build_task_dataset(data_dir: str, task: str = "arith", num_examples: int | Mapping[str, int] = 1000,
+                       seed: int = 0, task_kwargs: Mapping[str, Any] | None = None,
+                       name: str | None = None) -> TaskDatasetBuilder:
+  """Writes (or finds already written) the dataset under `data_dir`; returns the builder.
+
+  Read it back with `TFDSSource(builder=...)`, `TFDSSource(name=f"tlt_task/{config.name}", data_dir=...)`
+  or `TFDSSource(builder_dir=builder.data_dir)`.
+  """
+  config = task_dataset_config(task, num_examples, seed, task_kwargs, name)
+  builder = TaskDatasetBuilder(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+  builder.download_and_prepare()
+  return builder
+
+
+def _text(value) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray):
+    return _text(value.item())
+  return str(value)
+
+
+class TFDSSource:
+  """Random-access Examples from an array_record TFDS dataset written by `TaskDatasetBuilder`.
+
+  Give exactly one of: `builder` (a prepared builder), `name` (+ `data_dir`; resolved through
+  `tfds.data_source`) or `builder_dir` (a prepared version directory; `tfds.builder_from_directory`).
+  """
+
+  def __init__(self, name: str | None = None, split: str = "train", data_dir: str | None = None,
+               builder: tfds.core.DatasetBuilder | None = None, builder_dir: str | None = None):
+    given = [k for k, v in (("name", name), ("builder", builder), ("builder_dir", builder_dir)) if v is not None]
+    if len(given) != 1:
+      raise ValueError(f"TFDSSource: give exactly one of name / builder / builder_dir, got {given}")
+    if builder_dir is not None:
+      builder = tfds.builder_from_directory(os.fspath(builder_dir))
+    if builder is not None:
+      splits = list(builder.info.splits.keys())
+      if split not in splits:
+        raise ValueError(f"TFDSSource: split {split!r} not in dataset {builder.info.full_name}; "
+                         f"available: {splits}")
+      self._source = builder.as_data_source()[split]
+    else:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    self.split = split
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int) -> Example:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f"TFDSSource index {i} out of range [0, {len(self)})")
+    record = self._source[i]
+    return Example(prompt=_text(record["prompt"]), trace=_text(record["trace"]),
+                   answer=_text(record["answer"]), meta=json.loads(_text(record["meta"])),
+                   prompt_id=int(record["index"]))
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _check_file(path: str, suffixes: Sequence[str], kind: str) -> str:
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{kind} file {path!r} does not exist")
+  if not path.endswith(tuple(suffixes)):
+    raise ValueError(f"{kind} file {path!r}: unsupported extension; allowed: {tuple(suffixes)}")
+  return path
+
+
+def _pick_field(available: Sequence[str], explicit: str | None, aliases: Sequence[str], role: str,
+                where: str) -> str:
+  if explicit is not None:
+    if explicit not in available:
+      raise ValueError(f"{where}: {role} field {explicit!r} is missing; fields present: {sorted(available)}")
+    return explicit
+  for name in aliases:
+    if name in available:
+      return name
+  raise ValueError(f"{where}: no {role} field; allowed names: {tuple(aliases)} (or pass "
+                   f"{role}_field=...); fields present: {sorted(available)}")
+
+
+def _field_text(value, field: str, where: str) -> str:
+  if isinstance(value, str):
+    return value
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return str(value)
+  raise ValueError(f"{where}: field {field!r} must be a string or a number, got {type(value).__name__} "
+                   f"({value!r:.40})")
+
+
+def _record(row: Mapping, qf: str, af: str, where: str) -> dict:
+  out = {"question": _field_text(row[qf], qf, where), "answer": _field_text(row[af], af, where)}
+  for extra in EXTRA_FIELDS:
+    if row.get(extra) is not None:
+      out[extra] = row[extra]
+  return out
+
+
+def load_jsonl(path: str, question_field: str | None = None, answer_field: str | None = None) -> list[dict]:
+  """Reads question/answer records, one JSON object a line (blank lines skipped).
+
+  Fields: `question_field` / `answer_field`, else the first present of QUESTION_FIELDS
+  ("question", "problem") / ANSWER_FIELDS ("answer", "solution"). Returns dicts
+  {"question", "answer"} (+ "level" when present). Errors name the file, the line and the field.
+  """
+  path = _check_file(path, JSONL_SUFFIXES, "JSONL")
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}, line {lineno}"
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with question/answer fields, got {type(row).__name__}")
+      qf = _pick_field(list(row), question_field, QUESTION_FIELDS, "question", where)
+      af = _pick_field(list(row), answer_field, ANSWER_FIELDS, "answer", where)
+      records.append(_record(row, qf, af, where))
+  if not records:
+    raise ValueError(f"JSONL file {path!r} holds no records")
+  return records
+
+
+def load_parquet(path: str, question_field: str | None = None, answer_field: str | None = None) -> list[dict]:
+  """Reads question/answer records from a parquet file (pyarrow); same fields and errors as
+  `load_jsonl`, with rows counted from 0."""
+  import pyarrow.parquet as pq
+
+  path = _check_file(path, PARQUET_SUFFIXES, "parquet")
+  names = pq.read_schema(path).names
+  qf = _pick_field(names, question_field, QUESTION_FIELDS, "question", f"{path}, columns")
+  af = _pick_field(names, answer_field, ANSWER_FIELDS, "answer", f"{path}, columns")
+  columns = [qf, af] + [c for c in EXTRA_FIELDS if c in names and c not in (qf, af)]
+  rows = pq.read_table(path, columns=columns).to_pylist()
+  if not rows:
+    raise ValueError(f"parquet file {path!r} holds no rows")
+  return [_record(row, qf, af, f"{path}, row {i}") for i, row in enumerate(rows)]
+
+
+def load_qa_file(path: str, question_field: str | None = None, answer_field: str | None = None) -> list[dict]:
+  """`load_jsonl` or `load_parquet`, chosen by the file's extension."""
+  path = os.fspath(path)
+  if path.endswith(JSONL_SUFFIXES):
+    return load_jsonl(path, question_field, answer_field)
+  if path.endswith(PARQUET_SUFFIXES):
+    return load_parquet(path, question_field, answer_field)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"question/answer file {path!r} does not exist")
+  raise ValueError(f"question/answer file {path!r}: unsupported extension; allowed: "
+                   f"{JSONL_SUFFIXES + PARQUET_SUFFIXES}")
+
+
+class RecordSource:
+  """Examples from question/answer records through a FileTask; prompt_id = record index."""
+
+  def __init__(self, records: Sequence[Mapping], task: FileTask | str = "gsm8k",
+               task_kwargs: Mapping[str, Any] | None = None):
+    self.task = _as_task(task, task_kwargs)
+    if not hasattr(self.task, "example_from_record"):
+      raise ValueError(f"RecordSource: task {self.task.name!r} cannot read records; "
+                       "use a FileTask such as 'gsm8k' or 'math'")
+    self.records = list(records)
+
+  @classmethod
+  def from_file(cls, path: str, task: FileTask | str = "gsm8k", question_field: str | None = None,
+                answer_field: str | None = None, task_kwargs: Mapping[str, Any] | None = None) -> "RecordSource":
+    return cls(load_qa_file(path, question_field, answer_field), task, task_kwargs)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, i: int) -> Example:
+    i = int(i)
+    if not 0 <= i < len(self.records):
+      raise IndexError(f"RecordSource index {i} out of range [0, {len(self.records)})")
+    return self.task.example_from_record(self.records[i], i)
+
+
+SOURCES: dict[str, Callable[..., Any]] = {
+    "task": TaskSource,
+    "tfds": TFDSSource,
+    "file": RecordSource.from_file,
+}
+
+
+def make_source(kind: str, **kwargs):
+  """Builds a source by kind: "task" (TaskSource), "tfds" (TFDSSource), "file" (RecordSource.from_file)."""
+  if kind not in SOURCES:
+    raise ValueError(f"unknown data source kind {kind!r}; allowed: {sorted(SOURCES)}")
+  return SOURCES[kind](**kwargs)

@@ -1,0 +1,103 @@
+"""Task interface, the Example record and the task registry.
+
+A task turns randomness into problems and checks answers:
+  * `sample(rng) -> Example` (synthetic tasks; file tasks draw a record);
+  * `extract_answer(response) -> str | None` pulls the final answer out of a model response;
+  * `verify(response, example) -> bool` is `extract_answer` followed by the task's comparison;
+  * `charset` lists every character a prompt or trace may contain (for `CharTokenizer`).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One problem.
+
+  prompt: the text the policy is conditioned on.
+  trace: the SFT target completion; it ends with the final answer in the task's format.
+  answer: the reference final answer (what `extract_answer` should return for a correct response).
+  meta: task metadata, JSON-serialisable, with at least "difficulty".
+  prompt_id: a stable integer id given by the data source / iterator (-1 until assigned).
+  """
+
+  prompt: str
+  trace: str
+  answer: str
+  meta: dict = dataclasses.field(default_factory=dict)
+  prompt_id: int = -1
+
+  def with_id(self, prompt_id: int) -> "Example":
+    return dataclasses.replace(self, prompt_id=int(prompt_id))
+
+
+class Task(abc.ABC):
+  """Base class of every task; see the module docstring for the contract."""
+
+  name: str = "task"
+
+  @property
+  @abc.abstractmethod
+  def charset(self) -> str:
+    ...
+
+  @abc.abstractmethod
+  def sample(self, rng: np.random.Generator) -> Example:
+    ...
+
+  @abc.abstractmethod
+  def extract_answer(self, response: str) -> str | None:
+    ...
+
+  def answers_match(self, predicted: str, reference: str) -> bool:
+    """Exact string match; tasks with looser notions of equality override this."""
+    return predicted == reference
+
+  def verify(self, response: str, example: Example) -> bool:
+    """True iff the response's final answer matches `example.answer`. No answer is wrong."""
+    predicted = self.extract_answer(response)
+    return predicted is not None and self.answers_match(predicted, example.answer)
+
+
+_TASKS: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str):
+  """Class decorator: makes the task constructible by name through `get_task(name, **kwargs)`."""
+
+  def wrap(cls):
+    if name in _TASKS and _TASKS[name] is not cls:
+      raise ValueError(f"task {name!r} is already registered to {_TASKS[name]!r}")
+    _TASKS[name] = cls
+    cls.name = name
+    return cls
+
+  return wrap
+
+
+def registered_tasks() -> list[str]:
+  return sorted(_TASKS)
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+  """Builds the task registered under `name` with its options `kwargs`.
+
+  Raises ValueError naming the registered tasks for an unknown name, and the allowed options
+  for an unknown option.
+  """
+  if name not in _TASKS:
+    raise ValueError(f"unknown task {name!r}; registered tasks: {registered_tasks()}")
+  factory = _TASKS[name]
+  params = inspect.signature(factory).parameters
+  if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+      raise ValueError(f"task {name!r} has no option(s) {unknown}; allowed: {sorted(params)}")
+  return factory(**kwargs)

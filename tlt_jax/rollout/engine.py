@@ -1,0 +1,292 @@
+"""Rollout engine: prefill, jitted decode chunks, host-side batch compaction.
+
+Per call of `generate`:
+  1. prefill the right-padded prompts into a KV cache and sample the first token;
+  2. decode in jitted chunks (`lax.while_loop` of up to K steps, state donated);
+  3. between chunks, on the host, copy out finished rows and compact the active ones into the
+     next smaller batch bucket, so the long tail never pays for finished rows. Shapes are
+     static per bucket, so each bucket compiles once;
+  4. once the active batch is at or below `spec_threshold` and a speculative decoder is given,
+     decode the tail with `speculative_chunk` instead (see rollout/speculative.py).
+
+State invariant: the cache holds every token of a row except the last one, `pending`, which
+sits at `seq[b, cache.lengths[b]]`; `feat[b, t]` is the target's final normed hidden state at
+position t (EAGLE's f_t, which produced token t + 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tlt_jax.models.transformer import KVCache
+from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs, sample_from, target_logprobs
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@flax.struct.dataclass
+class DecodeState:
+  cache: KVCache
+  seq_BxS: jax.Array  # int32: prompt, generated tokens, pending token
+  feat_BxSxD: jax.Array  # target features f_t (zeros-shaped [B, 0, D] when not kept)
+  logprobs_BxM: jax.Array  # float32 policy logprobs of generated tokens
+  prompt_len_B: jax.Array
+  num_gen_B: jax.Array
+  done_B: jax.Array
+  rng: jax.Array
+  max_new_B: jax.Array  # per-row max new tokens
+
+  @property
+  def pending_pos_B(self):
+    return self.cache.lengths
+
+  def take(self, idx_B) -> "DecodeState":
+    rows = jax.tree.map(lambda x: jnp.take(x, idx_B, axis=0), self.replace(rng=None))
+    return rows.replace(rng=self.rng)
+
+
+@dataclasses.dataclass
+class RolloutResult:
+  """Generated tokens [N, M] (PAD after the end), lengths [N], float32 logprobs [N, M], finished
+  flags (EOS reached) [N], and statistics."""
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  logprobs: np.ndarray
+  finished: np.ndarray
+  stats: dict[str, Any]
+
+
+def _rows(x_BxN, idx_B):
+  return x_BxN[jnp.arange(x_BxN.shape[0]), idx_B]
+
+
+def _set_rows(x_BxN, idx_B, val_B, where_B):
+  b = jnp.arange(x_BxN.shape[0])
+  return x_BxN.at[b, idx_B].set(jnp.where(where_B, val_B, x_BxN[b, idx_B]))
+
+
+def is_eos(tokens_B, eos_ids: Sequence[int]):
+  return jnp.isin(tokens_B, jnp.asarray(eos_ids, jnp.int32))
+
+
+def advance(state: DecodeState, next_B, logp_B, feat_BxD, new_cache: KVCache, eos_ids) -> DecodeState:
+  """Appends one sampled token per active row and updates done flags."""
+  active = ~state.done_B
+  pos = state.pending_pos_B
+  seq = _set_rows(state.seq_BxS, pos + 1, next_B, active)
+  feat = state.feat_BxSxD
+  if feat.shape[1]:
+    b = jnp.arange(feat.shape[0])
+    feat = feat.at[b, pos].set(jnp.where(active[:, None], feat_BxD.astype(feat.dtype), feat[b, pos]))
+  logprobs = _set_rows(state.logprobs_BxM, state.num_gen_B, logp_B, active)
+  num_gen = state.num_gen_B + active
+  cache = new_cache.replace(lengths=jnp.where(active, pos + 1, pos))
+  done = state.done_B | (active & (is_eos(next_B, eos_ids) | (num_gen >= state.max_new_B)))
+  return state.replace(cache=cache, seq_BxS=seq, feat_BxSxD=feat, logprobs_BxM=logprobs,
+                       num_gen_B=num_gen, done_B=done)
+
+
+def prefill(graphdef, params, prompt_BxP, prompt_len_B, max_new_B, rng, *, capacity: int,
+            sp: SamplingParams, eos_ids: tuple[int, ...], keep_features: bool) -> DecodeState:
+  """Runs the prompts through the target, fills the cache and samples the first token."""
+  model = nnx.merge(graphdef, params)
+  b, p = prompt_BxP.shape
+  cache = KVCache.init(model.cfg, b, capacity)
+  logits, hidden, cache = model(prompt_BxP, cache=cache)
+  last = prompt_len_B - 1
+  logits_BxV = logits[jnp.arange(b), last]
+  rng, key = jax.random.split(rng)
+  next_B = sample_from(target_logprobs(logits_BxV, sp), key, sp)
+  logp_B = jnp.take_along_axis(policy_logprobs(logits_BxV, sp), next_B[:, None], axis=-1)[:, 0]
+  seq = jnp.zeros((b, capacity), jnp.int32).at[:, :p].set(prompt_BxP)
+  d = model.cfg.hidden_size
+  feat = jnp.zeros((b, capacity if keep_features else 0, d), jnp.float32)
+  if keep_features:
+    feat = feat.at[:, :p].set(hidden.astype(jnp.float32))
+  m = int(capacity)  # logprobs buffer wide enough for any row
+  state = DecodeState(
+      cache=cache.replace(lengths=last), seq_BxS=seq, feat_BxSxD=feat,
+      logprobs_BxM=jnp.zeros((b, m), jnp.float32), prompt_len_B=prompt_len_B,
+      num_gen_B=jnp.zeros((b,), jnp.int32), done_B=jnp.zeros((b,), bool), rng=rng,
+      max_new_B=max_new_B)
+  # The last prompt token is the "pending" one: its cache slot is rewritten by `advance`.
+  return advance(state, next_B, logp_B, hidden[jnp.arange(b), last], state.cache, eos_ids)
+
+
+def decode_step(model, state: DecodeState, sp: SamplingParams, eos_ids) -> DecodeState:
+  """One plain decoding step for the whole batch."""
+  pos = state.pending_pos_B
+  tok_B = _rows(state.seq_BxS, pos)
+  logits, hidden, cache = model(tok_B[:, None], pos[:, None], cache=state.cache)
+  rng, key = jax.random.split(state.rng)
+  next_B = sample_from(target_logprobs(logits[:, 0], sp), key, sp)
+  logp_B = jnp.take_along_axis(policy_logprobs(logits[:, 0], sp), next_B[:, None], axis=-1)[:, 0]
+  return advance(state.replace(rng=rng), next_B, logp_B, hidden[:, 0], cache, eos_ids)
+
+
+def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: SamplingParams,
+                 eos_ids: tuple[int, ...]) -> DecodeState:
+  """Up to `num_steps` plain decoding steps in one `lax.while_loop`; stops early when all done."""
+  model = nnx.merge(graphdef, params)
+
+  def cond(carry):
+    i, st = carry
+    return (i < num_steps) & ~jnp.all(st.done_B)
+
+  def body(carry):
+    i, st = carry
+    return i + 1, decode_step(model, st, sp, eos_ids)
+
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if b >= n:
+      return b
+  return n
+
+
+@dataclasses.dataclass
+class RolloutEngine:
+  """Host driver for batched generation. One engine per (model graph, sampling params)."""
+
+  graphdef: Any
+  sampling: SamplingParams
+  eos_ids: tuple[int, ...]
+  pad_id: int = 0
+  chunk_size: int = 16
+  buckets: tuple[int, ...] = DEFAULT_BUCKETS
+  max_context: int = 2048  # cache capacity limit (model max positions)
+  speculative: Any = None  # a SpeculativeDecoder (rollout/speculative.py) or None
+  spec_threshold: int = 0  # switch to speculative decoding at or below this active batch size
+  compact: bool = True
+
+  def __post_init__(self):
+    if self.chunk_size <= 0:
+      raise ValueError(f"rollout.chunk_size={self.chunk_size} must be > 0")
+    self.eos_ids = tuple(int(e) for e in self.eos_ids)
+    if not self.eos_ids:
+      raise ValueError("rollout needs at least one EOS id")
+    keep = self.speculative is not None
+    self._prefill = jax.jit(functools.partial(
+        prefill, self.graphdef, sp=self.sampling, eos_ids=self.eos_ids, keep_features=keep),
+        static_argnames=("capacity",))
+    self._chunk = jax.jit(functools.partial(
+        decode_chunk, self.graphdef, num_steps=self.chunk_size, sp=self.sampling,
+        eos_ids=self.eos_ids), donate_argnums=(1,))
+    self._take = jax.jit(lambda st, idx: st.take(idx))
+
+  def capacity_for(self, prompt_len: int, max_new_tokens: int) -> int:
+    margin = self.speculative.max_verify_tokens + 1 if self.speculative is not None else 1
+    cap = prompt_len + max_new_tokens + margin
+    return int(-(-cap // 16) * 16)
+
+  def generate(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens: int,
+               rng: jax.Array, drafter_params=None, strategy_fn: Callable | None = None) -> RolloutResult:
+    """Generates up to `max_new_tokens` for each right-padded prompt.
+
+    strategy_fn(active_batch) -> strategy or None picks the speculative strategy per chunk
+    (the bandit); None means the decoder's default strategy.
+    """
+    prompt_BxP = np.asarray(prompt_BxP, np.int32)
+    prompt_len_B = np.asarray(prompt_len_B, np.int32)
+    n, p = prompt_BxP.shape
+    if max_new_tokens <= 0:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be > 0")
+    if prompt_len_B.min() < 1:
+      raise ValueError("every prompt needs at least one token (BOS)")
+    longest = int(prompt_len_B.max())
+    capacity = self.capacity_for(p, max_new_tokens)
+    if longest + max_new_tokens > self.max_context or capacity > self.max_context + 64:
+      raise ValueError(
+          f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the context "
+          f"{self.max_context}; shorten the prompt or lower max_new_tokens")
+    t_start = time.perf_counter()
+    b0 = bucket_for(n, self.buckets) if self.compact else n
+    pad = b0 - n
+    prompts = np.concatenate([prompt_BxP, np.repeat(prompt_BxP[:1], pad, 0)]) if pad else prompt_BxP
+    plens = np.concatenate([prompt_len_B, np.repeat(prompt_len_B[:1], pad)]) if pad else prompt_len_B
+    max_new = np.full((b0,), max_new_tokens, np.int32)
+    state = self._prefill(params, jnp.asarray(prompts), jnp.asarray(plens), jnp.asarray(max_new),
+                          rng, capacity=capacity)
+    row_ids = np.concatenate([np.arange(n), -np.ones(pad, np.int64)])
+    if pad:
+      state = state.replace(done_B=state.done_B.at[n:].set(True))
+    jax.block_until_ready(state.done_B)
+    t_prefill = time.perf_counter() - t_start
+
+    tokens = np.full((n, max_new_tokens), self.pad_id, np.int32)
+    logprobs = np.zeros((n, max_new_tokens), np.float32)
+    lengths = np.zeros((n,), np.int32)
+    finished = np.zeros((n,), bool)
+    trace, times = [], {"prefill": t_prefill, "decode": 0.0, "speculative": 0.0, "compact": 0.0}
+    spec_steps, spec_accepted = 0, 0
+    accept_trace = []
+
+    def copy_out(st, rows):
+      rows = [r for r in rows if row_ids[r] >= 0]
+      if not rows:
+        return
+      idx = np.asarray(rows)
+      seq, lp, ng, pl = jax.device_get((st.seq_BxS[idx], st.logprobs_BxM[idx], st.num_gen_B[idx],
+                                        st.prompt_len_B[idx]))
+      for j, r in enumerate(rows):
+        k = int(ng[j])
+        out = seq[j, pl[j]:pl[j] + k]
+        tokens[row_ids[r], :k] = out
+        logprobs[row_ids[r], :k] = lp[j, :k]
+        lengths[row_ids[r]] = k
+        finished[row_ids[r]] = bool(np.isin(out[k - 1], self.eos_ids)) if k else False
+
+    while True:
+      done = np.asarray(state.done_B) | (row_ids < 0)
+      active = np.flatnonzero(~done)
+      if active.size == 0:
+        copy_out(state, list(range(len(row_ids))))
+        break
+      b = bucket_for(active.size, self.buckets)
+      if self.compact and b < len(row_ids):
+        t0 = time.perf_counter()
+        copy_out(state, list(np.flatnonzero(done)))
+        idx = np.concatenate([active, np.repeat(active[:1], b - active.size)])
+        state = self._take(state, jnp.asarray(idx))
+        if b > active.size:
+          state = state.replace(done_B=state.done_B.at[active.size:].set(True))
+        row_ids = np.concatenate([row_ids[active], -np.ones(b - active.size, np.int64)])
+        times["compact"] += time.perf_counter() - t0
+      trace.append(int(active.size))
+      use_spec = (self.speculative is not None and drafter_params is not None
+                  and active.size <= self.spec_threshold)
+      t0 = time.perf_counter()
+      if use_spec:
+        strategy = strategy_fn(int(active.size)) if strategy_fn is not None else None
+        before = np.asarray(state.num_gen_B).sum()
+        state, steps = self.speculative.run_chunk(params, drafter_params, state, strategy)
+        gained = int(np.asarray(state.num_gen_B).sum() - before)
+        dt = time.perf_counter() - t0
+        times["speculative"] += dt
+        spec_steps += steps
+        spec_accepted += gained
+        accept_trace.append(dict(batch=int(active.size), strategy=strategy, steps=int(steps),
+                                 tokens=gained, time_s=dt))
+      else:
+        state = self._chunk(params, state)
+        jax.block_until_ready(state.done_B)
+        times["decode"] += time.perf_counter() - t0
+
+    times["total"] = time.perf_counter() - t_start
+    stats = dict(active_trace=trace, time_s=times, num_tokens=int(lengths.sum()),
+                 spec_accept_len=(spec_accepted / spec_steps) if spec_steps else None,
+                 spec_chunks=accept_trace)
+    return RolloutResult(tokens, lengths, logprobs, finished, stats)

@@ -1,0 +1,191 @@
+"""The main job: builds everything from a validated config and runs its stages.
+
+Stages (config.stages, in order): `sft` warm-starts the policy on the task's traces; later
+stages (drafter warm-up, RL) build on the policy it leaves in `<workdir>/sft/` (HF layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tlt_jax import config as config_lib
+from tlt_jax.data.batching import encode_prompts, make_sft_batch
+from tlt_jax.data.tasks import get_task
+from tlt_jax.data.tokenizer import CharTokenizer, load_tokenizer
+from tlt_jax.models import hf
+from tlt_jax.models.config import ModelConfig
+from tlt_jax.models.transformer import Transformer
+from tlt_jax.parallel import mesh as mesh_lib
+from tlt_jax.rollout.engine import RolloutEngine
+from tlt_jax.rollout.sampling import SamplingParams
+from tlt_jax.train import optim
+from tlt_jax.train.checkpoint import Checkpointer
+from tlt_jax.train.sft import run_sft
+from tlt_jax.train.state import TrainState, create_train_state
+from tlt_jax.utils.metrics import MetricsWriter, plot_curves, read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Setup:
+  config: Any
+  workdir: str
+  task: Any
+  tokenizer: Any
+  model_cfg: ModelConfig
+  mesh: Any
+
+
+def build_setup(config, workdir: str) -> Setup:
+  task_kwargs = {k: v for k, v in config.task.items() if k != "name"}
+  task = get_task(config.task.name, **task_kwargs)
+  if config.tokenizer == "char":
+    tokenizer = CharTokenizer(task.charset)
+  else:
+    tokenizer = load_tokenizer(config.tokenizer)
+  mdict = dict(config.model)
+  if config.init_from:
+    model_cfg = hf.config_from_hf(json.load(open(os.path.join(config.init_from, "config.json"))))
+  else:
+    if mdict["vocab_size"] == 0:
+      mdict["vocab_size"] = tokenizer.vocab_size
+    model_cfg = ModelConfig.from_dict(mdict)
+  if model_cfg.vocab_size < tokenizer.vocab_size:
+    raise config_lib.ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
+                                 f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+  mesh = mesh_lib.make_mesh(tuple(config.mesh.shape))
+  return Setup(config, workdir, task, tokenizer, model_cfg, mesh)
+
+
+def build_policy(setup: Setup) -> Transformer:
+  if setup.config.init_from:
+    return hf.from_pretrained(setup.config.init_from)
+  return Transformer(setup.model_cfg, rngs=nnx.Rngs(setup.config.seed))
+
+
+def sft_batches(setup: Setup):
+  """batches(step): the SFT batch of `step`, a pure function of (seed, step), padded to a multiple
+  of 32 tokens of its own longest row (length bucketing: few shapes, little padding)."""
+  c = setup.config.sft
+
+  def batches(step: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([setup.config.seed, 1, step])
+    exs = [setup.task.sample(rng) for _ in range(c.batch_size)]
+    longest = max(len(e.prompt) + len(e.trace) + 2 for e in exs)
+    width = min(c.max_len, -(-longest // 32) * 32)
+    b = make_sft_batch(exs, setup.tokenizer, max(width, longest))
+    return {"tokens": b["tokens"], "loss_mask": b["loss_mask"]}
+
+  return batches
+
+
+def eval_examples(setup: Setup, n: int, seed_offset: int = 7):
+  rng = np.random.default_rng([setup.config.seed, seed_offset])
+  return [setup.task.sample(rng).with_id(i) for i in range(n)]
+
+
+def evaluate_accuracy(model: Transformer, setup: Setup, examples, max_new_tokens: int,
+                      chunk_size: int = 16, batch_size: int = 256) -> dict[str, float]:
+  """Greedy accuracy (task verifier) and response lengths on `examples`."""
+  graphdef, params = nnx.split(model)
+  engine = RolloutEngine(graphdef, SamplingParams(temperature=0.0), eos_ids=setup.tokenizer.eos_ids,
+                         pad_id=setup.tokenizer.pad_id, chunk_size=chunk_size,
+                         max_context=setup.model_cfg.max_position_embeddings)
+  correct, lengths, by_diff = [], [], {}
+  max_prompt = max(len(e.prompt) for e in examples) + 1
+  for i in range(0, len(examples), batch_size):
+    chunk = examples[i:i + batch_size]
+    prompts, plens = encode_prompts(chunk, setup.tokenizer, max_prompt)
+    res = engine.generate(params, prompts, plens, max_new_tokens, jax.random.key(0))
+    for j, ex in enumerate(chunk):
+      text = setup.tokenizer.decode(res.tokens[j, :res.lengths[j]])
+      ok = bool(res.finished[j]) and setup.task.verify(text, ex)
+      correct.append(ok)
+      lengths.append(int(res.lengths[j]))
+      by_diff.setdefault(ex.meta.get("difficulty", 0), []).append(ok)
+  out = {"accuracy": float(np.mean(correct)), "response_len_mean": float(np.mean(lengths)),
+         "response_len_max": int(np.max(lengths))}
+  for d, oks in sorted(by_diff.items()):
+    out[f"acc_d{d}"] = float(np.mean(oks))
+  return out
+
+
+def run_sft_stage(setup: Setup) -> Transformer:
+  """SFT with orbax checkpoints every `checkpoint.every` steps; resumes from `<workdir>/ckpt_sft`.
+  Leaves the policy in `<workdir>/sft/` (HF safetensors + tokenizer)."""
+  c, workdir = setup.config, setup.workdir
+  out_dir = os.path.join(workdir, "sft")
+  if os.path.exists(os.path.join(out_dir, "config.json")):
+    log.info("SFT policy found in %s; skipping SFT", out_dir)
+    return hf.from_pretrained(out_dir)
+  model = build_policy(setup)
+  tx = optim.make_optimizer(c.sft)
+  mesh = setup.mesh if setup.mesh.size > 1 else None
+  graphdef, params = nnx.split(model)
+  state = create_train_state(params, tx, mesh)
+  ckpt = Checkpointer(os.path.join(workdir, "ckpt_sft"), c.checkpoint.max_to_keep)
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored[1]
+    log.info("resumed SFT from step %d", restored[0])
+  writer = MetricsWriter(workdir, "sft")
+  writer.truncate_after(int(state.step))
+  eval_set = eval_examples(setup, c.sft.eval_size)
+
+  def evaluate(m):
+    return evaluate_accuracy(m, setup, eval_set, c.eval.max_new_tokens, c.eval.chunk_size, c.eval.batch_size)
+
+  def on_step(st: TrainState):
+    step = int(st.step)
+    if step % c.checkpoint.every == 0 or step == c.sft.steps:
+      ckpt.save(step, st, {"stage": "sft", "step": step})
+
+  def on_log(step, m):
+    writer.write(step, m)
+    print(json.dumps({"stage": "sft", **{k: (round(v, 4) if isinstance(v, float) else v)
+                                         for k, v in m.items()}}), flush=True)
+
+  model, state, _ = run_sft(model, tx, sft_batches(setup), c.sft.steps, mesh=mesh,
+                            micro_batches=c.sft.micro_batches, log_every=c.sft.log_every,
+                            on_log=on_log, evaluate=evaluate, eval_every=c.sft.eval_every,
+                            state=state, on_step=on_step)
+  ckpt.close()
+  writer.close()
+  hf.save_pretrained(model, out_dir)
+  setup.tokenizer.save(out_dir)
+  records = read_jsonl(writer.path)
+  plot_curves(records, ["loss", "token_acc", "accuracy"], os.path.join(workdir, "sft.png"), "SFT")
+  return model
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the configured stages; returns a summary dict."""
+  config = config_lib.finalize(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  setup = build_setup(config, workdir)
+  summary: dict[str, Any] = {"workdir": workdir, "params": setup.model_cfg.num_params}
+  t0 = time.perf_counter()
+  model = None
+  for stage in config_lib.stages(config):
+    if stage == "sft":
+      model = run_sft_stage(setup)
+      summary["sft_time_s"] = time.perf_counter() - t0
+    else:
+      raise NotImplementedError(f"stage {stage!r} lands with a later issue")
+  summary["total_time_s"] = time.perf_counter() - t0
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary

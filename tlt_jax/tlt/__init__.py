@@ -1,0 +1,1 @@
+"""TLT: speculative rollouts with an adaptive drafter; the BEG-MAB strategy bandit."""

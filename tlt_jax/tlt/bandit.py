@@ -1,0 +1,220 @@
+"""BEG-MAB: the bucketed epsilon-greedy bandit that picks TLT's speculative-decoding strategy.
+
+A strategy is a draft-tree shape `(depth, topk, num_verify)`. Which one is fastest depends on
+the active batch size (a large batch leaves less compute for verifying big trees) and drifts as
+the drafter and the policy change. So the bandit keeps, per active-batch-size bucket, a sliding
+window of the last W scores of every strategy,
+
+  score = accept_len * batch / time_s      (tokens committed per second),
+
+and picks, per bucket: every untried strategy first (in the order given), then with probability
+epsilon a uniformly random strategy, else the one with the highest window MEDIAN (the median
+shrugs off a slow step from a compile or a hiccup; the window forgets a drafter that has since
+improved). Hu et al. (2025), "Taming the Long Tail: Efficient Reasoning RL Training with
+Adaptive Drafter" (TLT), the BEG-MAB selector.
+
+Host-side and stateful by nature; `state_dict()` is JSON-serialisable, RNG included, so that a
+checkpoint restores it exactly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+Strategy = tuple[int, int, int]  # (depth, topk, num_verify)
+
+STATE_VERSION = 1
+
+
+def _as_strategy(s: Sequence[int]) -> Strategy:
+  if len(s) != 3 or any(int(v) != v or v < 1 for v in s):
+    raise ValueError(f"strategy {s!r} must be three positive ints (depth, topk, num_verify)")
+  return tuple(int(v) for v in s)  # type: ignore[return-value]
+
+
+def _rng_state_to_json(state: Mapping[str, Any]) -> dict[str, Any]:
+  """numpy bit-generator state with its (up to 128-bit) ints written as decimal strings."""
+
+  def convert(x):
+    if isinstance(x, Mapping):
+      return {k: convert(v) for k, v in x.items()}
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+      return {"int": str(int(x))}
+    return x
+
+  return convert(state)
+
+
+def _rng_state_from_json(state: Mapping[str, Any]) -> dict[str, Any]:
+
+  def convert(x):
+    if isinstance(x, Mapping):
+      if set(x) == {"int"}:
+        return int(x["int"])
+      return {k: convert(v) for k, v in x.items()}
+    return x
+
+  return convert(state)
+
+
+class BegMab:
+  """Per-bucket epsilon-greedy over the sliding-window median of `accept_len * batch / time`.
+
+  Args:
+    strategies: the (depth, topk, num_verify) strategies, shared by all buckets, or a mapping
+      bucket upper bound -> that bucket's strategies.
+    buckets: sorted active-batch-size upper bounds, e.g. (1, 2, 4, 8, 16, 32, 64). A batch size
+      b falls in the first bucket with b <= bound; one above the last bound in the last bucket.
+    epsilon: exploration probability once every strategy of the bucket has been tried.
+    window: how many recent scores per (bucket, strategy) the median is taken over.
+    seed: seed of the bandit's own numpy Generator (saved in `state_dict`).
+  """
+
+  def __init__(self, strategies: Sequence[Sequence[int]] | Mapping[int, Sequence[Sequence[int]]],
+               buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), epsilon: float = 0.1,
+               window: int = 16, seed: int = 0):
+    buckets = tuple(int(b) for b in buckets)
+    if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+      raise ValueError(f"buckets={buckets!r}; must be strictly increasing positive ints")
+    if not 0.0 <= epsilon <= 1.0:
+      raise ValueError(f"epsilon={epsilon!r}; must be in [0, 1]")
+    if int(window) < 1:
+      raise ValueError(f"window={window!r}; must be >= 1")
+    if isinstance(strategies, Mapping):
+      if set(int(b) for b in strategies) != set(buckets):
+        raise ValueError(f"strategies are given for buckets {sorted(strategies)}, "
+                         f"but buckets={buckets}")
+      per_bucket = {int(b): strategies[b] for b in strategies}
+    else:
+      per_bucket = {b: strategies for b in buckets}
+    self.buckets = buckets
+    self.epsilon = float(epsilon)
+    self.window = int(window)
+    self.strategies: dict[int, list[Strategy]] = {}
+    for b in buckets:
+      arms = [_as_strategy(s) for s in per_bucket[b]]
+      if not arms or len(set(arms)) != len(arms):
+        raise ValueError(f"bucket {b}: strategies {arms} must be non-empty and distinct")
+      self.strategies[b] = arms
+    self._scores = {b: [collections.deque(maxlen=self.window) for _ in self.strategies[b]]
+                    for b in buckets}
+    self._pulls = {b: [0] * len(self.strategies[b]) for b in buckets}
+    self._rng = np.random.default_rng(seed)
+
+  # --- selection -------------------------------------------------------------------------
+
+  def bucket(self, batch_size: int) -> int:
+    """The upper bound of the bucket that `batch_size` falls in."""
+    if int(batch_size) < 1:
+      raise ValueError(f"batch_size={batch_size!r}; must be >= 1")
+    i = bisect.bisect_left(self.buckets, int(batch_size))
+    return self.buckets[min(i, len(self.buckets) - 1)]
+
+  def medians(self, batch_size: int) -> list[float]:
+    """Window median score of each strategy of the bucket (nan while untried)."""
+    b = self.bucket(batch_size)
+    return [float(np.median(w)) if w else float("nan") for w in self._scores[b]]
+
+  def best(self, batch_size: int) -> Strategy | None:
+    """The greedy choice: highest window median among tried strategies (first one on ties)."""
+    b = self.bucket(batch_size)
+    medians = self.medians(b)
+    tried = [i for i, m in enumerate(medians) if not np.isnan(m)]
+    if not tried:
+      return None
+    return self.strategies[b][max(tried, key=lambda i: medians[i])]
+
+  def select(self, batch_size: int, rng: np.random.Generator | None = None) -> Strategy:
+    """Untried strategies first (in order), then epsilon-greedy over window medians.
+
+    Draws from the bandit's own Generator unless `rng` is given.
+    """
+    b = self.bucket(batch_size)
+    arms = self.strategies[b]
+    for i, w in enumerate(self._scores[b]):
+      if not w:
+        return arms[i]
+    rng = self._rng if rng is None else rng
+    if rng.random() < self.epsilon:
+      return arms[int(rng.integers(len(arms)))]
+    best = self.best(b)
+    assert best is not None
+    return best
+
+  # --- feedback --------------------------------------------------------------------------
+
+  def update(self, batch_size: int, strategy: Sequence[int], accept_len: float, batch: int,
+             time_s: float) -> float:
+    """Records score = accept_len * batch / time_s for `strategy` in batch_size's bucket.
+
+    accept_len: mean tokens committed per sequence per speculative step; batch: sequences in
+    the step; time_s: its wall time. Returns the score.
+    """
+    if not time_s > 0:
+      raise ValueError(f"time_s={time_s!r}; must be > 0")
+    if accept_len < 0 or batch < 0:
+      raise ValueError(f"accept_len={accept_len!r} and batch={batch!r} must be >= 0")
+    b = self.bucket(batch_size)
+    s = _as_strategy(strategy)
+    if s not in self.strategies[b]:
+      raise ValueError(f"strategy {s} is not one of bucket {b}'s strategies {self.strategies[b]}")
+    i = self.strategies[b].index(s)
+    score = float(accept_len) * float(batch) / float(time_s)
+    self._scores[b][i].append(score)
+    self._pulls[b][i] += 1
+    return score
+
+  def summary(self) -> dict[str, Any]:
+    """For logging: per bucket, each strategy's pulls and window median."""
+    out = {}
+    for b in self.buckets:
+      medians = self.medians(b)
+      out[str(b)] = {"-".join(map(str, s)): {"pulls": self._pulls[b][i], "median": medians[i]}
+                     for i, s in enumerate(self.strategies[b])}
+    return out
+
+  # --- checkpointing ---------------------------------------------------------------------
+
+  def state_dict(self) -> dict[str, Any]:
+    """JSON-serialisable state: config it was built with, windows, pull counts and RNG state."""
+    return {
+        "version": STATE_VERSION,
+        "buckets": list(self.buckets),
+        "epsilon": self.epsilon,
+        "window": self.window,
+        "per_bucket": {
+            str(b): {"strategies": [list(s) for s in self.strategies[b]],
+                     "scores": [list(w) for w in self._scores[b]],
+                     "pulls": list(self._pulls[b])}
+            for b in self.buckets
+        },
+        "rng": _rng_state_to_json(self._rng.bit_generator.state),
+    }
+
+  def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    """Restores a `state_dict()`. Buckets and strategies must match this bandit's; epsilon and
+    the window length come from this bandit (a window shorter than the saved one keeps the most
+    recent scores)."""
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"bandit state version {state.get('version')!r}; expected {STATE_VERSION}")
+    if tuple(state["buckets"]) != self.buckets:
+      raise ValueError(f"saved buckets {state['buckets']} != this bandit's {self.buckets}")
+    for b in self.buckets:
+      saved = state["per_bucket"][str(b)]
+      saved_arms = [tuple(s) for s in saved["strategies"]]
+      if saved_arms != self.strategies[b]:
+        raise ValueError(f"bucket {b}: saved strategies {saved_arms} != {self.strategies[b]}")
+    for b in self.buckets:
+      saved = state["per_bucket"][str(b)]
+      self._scores[b] = [collections.deque((float(x) for x in w), maxlen=self.window)
+                         for w in saved["scores"]]
+      self._pulls[b] = [int(n) for n in saved["pulls"]]
+    rng_state = _rng_state_from_json(state["rng"])
+    rng = np.random.Generator(getattr(np.random, rng_state["bit_generator"])())
+    rng.bit_generator.state = rng_state
+    self._rng = rng

@@ -1,0 +1,92 @@
+"""Metric sinks: JSON lines, TensorBoard event files and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+
+def _jsonable(v: Any) -> Any:
+  if hasattr(v, "item"):
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+class MetricsWriter:
+  """Appends one JSON record per call to `<workdir>/<name>.jsonl` and mirrors scalars to
+  TensorBoard under `<workdir>/tb/<name>`."""
+
+  def __init__(self, workdir: str, name: str = "metrics", tensorboard: bool = True):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, f"{name}.jsonl")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tb", name))
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records with step > `step` (a resumed run rewrites them)."""
+    if not os.path.exists(self.path):
+      return
+    keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+    with open(self.path, "w") as f:
+      for r in keep:
+        f.write(json.dumps(r) + "\n")
+
+  def write(self, step: int, record: dict[str, Any]) -> None:
+    record = {"step": int(step), **{k: _jsonable(v) for k, v in record.items() if k != "step"}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(records: Sequence[dict[str, Any]], keys: Iterable[str], path: str, title: str = "",
+                x: str = "step") -> None:
+  """One subplot per key present in the records; saved as PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
+  if not keys:
+    return
+  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+  for ax, k in zip(axes[0], keys):
+    pts = [(r[x], r[k]) for r in records if isinstance(r.get(k), (int, float))]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+    ax.set_xlabel(x)
+    ax.set_title(k)
+    ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+  return "\n".join(lines) + "\n"
