@@ -30,9 +30,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
 
   c.sft = ml_collections.ConfigDict(dict(
-      steps=600, batch_size=64, max_len=128, lr=3e-3, schedule="wsd", warmup_steps=30,
+      # 32 packed rows of 160 tokens (~110 examples) per step; ~1 s/step on 2 CPU cores.
+      steps=300, batch_size=32, max_len=160, lr=3e-3, schedule="wsd", warmup_steps=30,
       decay_frac=0.2, weight_decay=0.01, max_grad_norm=1.0, micro_batches=1,
-      eval_every=200, eval_size=256, log_every=25,
+      eval_every=300, eval_size=256, log_every=25,
   ))
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=112, batch_size=256, chunk_size=16))
 

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from tlt_jax import config as config_lib
-from tlt_jax.data.batching import encode_prompts, make_sft_batch
+from tlt_jax.data.batching import encode_prompts, pack_sft_batch
 from tlt_jax.data.tasks import get_task
 from tlt_jax.data.tokenizer import CharTokenizer, load_tokenizer
 from tlt_jax.models import hf
@@ -75,17 +75,13 @@ def build_policy(setup: Setup) -> Transformer:
 
 
 def sft_batches(setup: Setup):
-  """batches(step): the SFT batch of `step`, a pure function of (seed, step), padded to a multiple
-  of 32 tokens of its own longest row (length bucketing: few shapes, little padding)."""
+  """batches(step): the SFT batch of `step`, a pure function of (seed, step): `batch_size` rows of
+  `max_len` tokens packed with whole examples (no padding waste on the long-tailed lengths)."""
   c = setup.config.sft
 
   def batches(step: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([setup.config.seed, 1, step])
-    exs = [setup.task.sample(rng) for _ in range(c.batch_size)]
-    longest = max(len(e.prompt) + len(e.trace) + 2 for e in exs)
-    width = min(c.max_len, -(-longest // 32) * 32)
-    b = make_sft_batch(exs, setup.tokenizer, max(width, longest))
-    return {"tokens": b["tokens"], "loss_mask": b["loss_mask"]}
+    return pack_sft_batch(lambda: setup.task.sample(rng), setup.tokenizer, c.batch_size, c.max_len)
 
   return batches
 

@@ -73,3 +73,48 @@ def encode_prompts(examples: Sequence[Example], tokenizer: Tokenizer, max_prompt
     tokens[row, :len(ids)] = ids
     lengths[row] = len(ids)
   return tokens, lengths
+
+
+def pack_sft_batch(sample_fn, tokenizer: Tokenizer, rows: int, row_len: int) -> dict[str, np.ndarray]:
+  """Packs examples drawn from `sample_fn()` into `rows` rows of `row_len` tokens.
+
+  Each example (BOS + prompt + trace + EOS) is placed whole in the current row, or starts the
+  next one when it does not fit; drawing stops when an example fits nowhere (it is dropped, so
+  the batch is a pure function of the draws). Returns tokens, loss_mask (aligned as in
+  `make_sft_batch`), positions (restarting at 0 per example) and segment_ids (1, 2, ... per
+  example within a row; 0 on padding) — feed the model `segment_mask(segment_ids)` as its
+  attention mask so examples never attend to each other.
+  """
+  tokens = np.full((rows, row_len), tokenizer.pad_id, np.int32)
+  loss_mask = np.zeros((rows, row_len), np.float32)
+  positions = np.zeros((rows, row_len), np.int32)
+  segments = np.zeros((rows, row_len), np.int32)
+  row, col, seg = 0, 0, 0
+  while row < rows:
+    ex = sample_fn()
+    prompt = _bos(tokenizer) + tokenizer.encode(ex.prompt)
+    target = tokenizer.encode(ex.trace) + [tokenizer.eos_id]
+    n = len(prompt) + len(target)
+    if n > row_len:
+      raise ValueError(f"pack_sft_batch: example with prompt id {ex.prompt_id} has {n} tokens, "
+                       f"over the row length {row_len}")
+    if col + n > row_len:
+      row, col, seg = row + 1, 0, 0
+      if row == rows:
+        break
+    seg += 1
+    tokens[row, col:col + n] = prompt + target
+    loss_mask[row, col + len(prompt):col + n] = 1.0
+    positions[row, col:col + n] = np.arange(n)
+    segments[row, col:col + n] = seg
+    col += n
+  return {"tokens": tokens, "loss_mask": loss_mask, "positions": positions, "segment_ids": segments}
+
+
+def segment_mask(segment_ids_BxT):
+  """Causal attention mask [B, T, T] restricted to tokens of the same (non-zero) segment."""
+  import jax.numpy as jnp
+  seg = jnp.asarray(segment_ids_BxT)
+  t = seg.shape[1]
+  same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
+  return same & jnp.tril(jnp.ones((t, t), bool))[None]

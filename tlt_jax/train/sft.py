@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tlt_jax.data.batching import segment_mask
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.train.state import TrainState, accumulate_gradients, create_train_state, jit_step
 
@@ -37,11 +38,17 @@ def next_token_ce(logits_BxTxV, tokens_BxT, target_mask_BxT):
 
 def sft_step(graphdef, tx: optax.GradientTransformation, micro_batches: int,
              state: TrainState, batch: dict[str, jax.Array]):
-  """One SFT update: (state, batch{tokens, loss_mask}) -> (state, metrics). Pure."""
+  """One SFT update: (state, batch{tokens, loss_mask[, positions, segment_ids]}) -> (state, metrics).
+
+  Pure. Packed batches (data/batching.pack_sft_batch) carry positions and segment ids.
+  """
   denom = jnp.maximum(batch["loss_mask"][:, 1:].astype(jnp.float32).sum(), 1.0)
 
   def loss_fn(params, mb):
-    logits, _, _ = nnx.merge(graphdef, params)(mb["tokens"])
+    positions, mask = None, None
+    if "segment_ids" in mb:  # packed rows
+      positions, mask = mb["positions"], segment_mask(mb["segment_ids"])
+    logits, _, _ = nnx.merge(graphdef, params)(mb["tokens"], positions, attn_mask_BxTxT=mask)
     ce_sum, _, correct = next_token_ce(logits, mb["tokens"], mb["loss_mask"])
     return ce_sum / denom, {"token_acc": correct / denom}
 
@@ -52,11 +59,12 @@ def sft_step(graphdef, tx: optax.GradientTransformation, micro_batches: int,
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def make_sft_step(graphdef, tx, state: TrainState, mesh, micro_batches: int = 1):
+def make_sft_step(graphdef, tx, state: TrainState, mesh, micro_batches: int = 1,
+                  batch_keys=("tokens", "loss_mask", "positions", "segment_ids")):
   """The jitted SFT step with explicit in/out shardings over `mesh` (None: single device)."""
   batch_sh = None
   if mesh is not None:
-    batch_sh = {"tokens": mesh_lib.batch_sharding(mesh, 2), "loss_mask": mesh_lib.batch_sharding(mesh, 2)}
+    batch_sh = {k: mesh_lib.batch_sharding(mesh, 2) for k in batch_keys}
   fn = functools.partial(sft_step, graphdef, tx, micro_batches)
   return jit_step(fn, state, batch_sh, mesh)
 
