@@ -66,7 +66,8 @@ class EagleDrafter(nnx.Module):
     self.layer = DecoderLayer(self.cfg, rngs=rngs, input_norm=False)
 
   def __call__(self, emb_BxTxD: Array, feat_BxTxD: Array, positions_BxT: Array | None = None,
-               cache: KVCache | None = None, attn_mask_BxTxT: Array | None = None):
+               cache: KVCache | None = None, attn_mask_BxTxT: Array | None = None,
+               kv_mask_BxTxS: Array | None = None):
     """One drafter pass over T pairs (x_{t+1}, f_t).
 
     Args:
@@ -80,6 +81,8 @@ class EagleDrafter(nnx.Module):
         and the returned cache has lengths + T (the caller may reset lengths).
       attn_mask_BxTxT: attention among the T new inputs (default causal); a tree mask lets the
         speculative decoder expand several draft branches in one call.
+      kv_mask_BxTxS: with a cache, the exact cache slots each query sees (overrides the
+        committed-prefix + block rule): tree levels attend to ancestors written by earlier calls.
 
     Returns:
       (feat_pred_BxTxD, new_cache): f̂_{t+1} for each index t (no further norm: it feeds the
@@ -98,7 +101,8 @@ class EagleDrafter(nnx.Module):
     x_BxTxD = self.fc(jnp.concatenate([emb_BxTxD.astype(dt), feat_BxTxD.astype(dt)], axis=-1))
     kv = None if cache is None else (cache.k[0], cache.v[0])
     start = None if cache is None else cache.lengths
-    feat_pred_BxTxD, kv = self.layer(x_BxTxD, positions_BxT, rope_inv_freq(self.cfg), mask, kv, start)
+    feat_pred_BxTxD, kv = self.layer(x_BxTxD, positions_BxT, rope_inv_freq(self.cfg), mask, kv, start,
+                                     kv_mask_BxTxS)
     new_cache = None if cache is None else KVCache((kv[0],), (kv[1],), cache.lengths + t)
     return feat_pred_BxTxD, new_cache
 

@@ -149,7 +149,10 @@ class Attention(nnx.Module):
     self.o_proj = Linear(h * hd, d, ("heads", "embed"), pd, rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
 
-  def __call__(self, x_BxTxD, positions_BxT, inv_freq, mask_BxTxT, kv_cache=None, start_B=None):
+  def __call__(self, x_BxTxD, positions_BxT, inv_freq, mask_BxTxT, kv_cache=None, start_B=None,
+               kv_mask_BxTxS=None):
+    """`kv_mask_BxTxS`, when given with a cache, replaces the committed-prefix + block mask: query
+    i sees exactly the cache slots it marks (tree drafting over slots written by earlier calls)."""
     b, t, _ = x_BxTxD.shape
     q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -162,7 +165,9 @@ class Attention(nnx.Module):
     ck, cv = kv_cache
     write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0)))
     ck, cv = write(ck, k, start_B), write(cv, v, start_B)
-    out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), cache_mask(mask_BxTxT, start_B, ck.shape[1]))
+    if kv_mask_BxTxS is None:
+      kv_mask_BxTxS = cache_mask(mask_BxTxT, start_B, ck.shape[1])
+    out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), kv_mask_BxTxS)
     return self.o_proj(out), (ck, cv)
 
 
@@ -202,9 +207,9 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, inv_freq, mask, kv_cache=None, start_B=None):
+  def __call__(self, x, positions, inv_freq, mask, kv_cache=None, start_B=None, kv_mask=None):
     h = self.input_layernorm(x) if self.input_layernorm is not None else x
-    attn, new_kv = self.self_attn(h, positions, inv_freq, mask, kv_cache, start_B)
+    attn, new_kv = self.self_attn(h, positions, inv_freq, mask, kv_cache, start_B, kv_mask)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, new_kv

@@ -44,6 +44,7 @@ class DecodeState:
   done_B: jax.Array
   rng: jax.Array
   max_new_B: jax.Array  # per-row max new tokens
+  draft_cache: KVCache | None = None  # the drafter's cache, made when speculation starts
 
   @property
   def pending_pos_B(self):
@@ -188,13 +189,15 @@ class RolloutEngine:
     self._take = jax.jit(lambda st, idx: st.take(idx))
 
   def capacity_for(self, prompt_len: int, max_new_tokens: int) -> int:
-    margin = self.speculative.max_verify_tokens + 1 if self.speculative is not None else 1
+    margin = 1
+    if self.speculative is not None:
+      margin = max(self.speculative.max_verify_tokens, self.speculative.max_depth + 1) + 1
     cap = prompt_len + max_new_tokens + margin
     return int(-(-cap // 16) * 16)
 
-  def generate(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens: int,
+  def generate(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
                rng: jax.Array, drafter_params=None, strategy_fn: Callable | None = None) -> RolloutResult:
-    """Generates up to `max_new_tokens` for each right-padded prompt.
+    """Generates up to `max_new_tokens` (an int, or one per row) for each right-padded prompt.
 
     strategy_fn(active_batch) -> strategy or None picks the speculative strategy per chunk
     (the bandit); None means the decoder's default strategy.
@@ -202,8 +205,10 @@ class RolloutEngine:
     prompt_BxP = np.asarray(prompt_BxP, np.int32)
     prompt_len_B = np.asarray(prompt_len_B, np.int32)
     n, p = prompt_BxP.shape
-    if max_new_tokens <= 0:
+    max_new_N = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (n,))
+    if max_new_N.min() <= 0:
       raise ValueError(f"max_new_tokens={max_new_tokens} must be > 0")
+    max_new_tokens = int(max_new_N.max())
     if prompt_len_B.min() < 1:
       raise ValueError("every prompt needs at least one token (BOS)")
     longest = int(prompt_len_B.max())
@@ -217,7 +222,7 @@ class RolloutEngine:
     pad = b0 - n
     prompts = np.concatenate([prompt_BxP, np.repeat(prompt_BxP[:1], pad, 0)]) if pad else prompt_BxP
     plens = np.concatenate([prompt_len_B, np.repeat(prompt_len_B[:1], pad)]) if pad else prompt_len_B
-    max_new = np.full((b0,), max_new_tokens, np.int32)
+    max_new = np.concatenate([max_new_N, np.ones(pad, np.int32)])
     state = self._prefill(params, jnp.asarray(prompts), jnp.asarray(plens), jnp.asarray(max_new),
                           rng, capacity=capacity)
     row_ids = np.concatenate([np.arange(n), -np.ones(pad, np.int64)])
@@ -231,7 +236,7 @@ class RolloutEngine:
     lengths = np.zeros((n,), np.int32)
     finished = np.zeros((n,), bool)
     trace, times = [], {"prefill": t_prefill, "decode": 0.0, "speculative": 0.0, "compact": 0.0}
-    spec_steps, spec_accepted = 0, 0
+    spec_tokens, spec_row_rounds = 0, 0
     accept_trace = []
 
     def copy_out(st, rows):
@@ -271,15 +276,13 @@ class RolloutEngine:
       t0 = time.perf_counter()
       if use_spec:
         strategy = strategy_fn(int(active.size)) if strategy_fn is not None else None
-        before = np.asarray(state.num_gen_B).sum()
-        state, steps = self.speculative.run_chunk(params, drafter_params, state, strategy)
-        gained = int(np.asarray(state.num_gen_B).sum() - before)
+        state, st = self.speculative.run_chunk(params, drafter_params, state, strategy)
         dt = time.perf_counter() - t0
         times["speculative"] += dt
-        spec_steps += steps
-        spec_accepted += gained
-        accept_trace.append(dict(batch=int(active.size), strategy=strategy, steps=int(steps),
-                                 tokens=gained, time_s=dt))
+        spec_tokens += st["tokens"]
+        spec_row_rounds += st["row_rounds"]
+        accept_trace.append(dict(batch=int(active.size), strategy=None if strategy is None else str(strategy),
+                                 accept_len=st["tokens"] / max(st["row_rounds"], 1), time_s=dt, **st))
       else:
         state = self._chunk(params, state)
         jax.block_until_ready(state.done_B)
@@ -287,6 +290,6 @@ class RolloutEngine:
 
     times["total"] = time.perf_counter() - t_start
     stats = dict(active_trace=trace, time_s=times, num_tokens=int(lengths.sum()),
-                 spec_accept_len=(spec_accepted / spec_steps) if spec_steps else None,
+                 spec_accept_len=(spec_tokens / spec_row_rounds) if spec_row_rounds else None,
                  spec_chunks=accept_trace)
     return RolloutResult(tokens, lengths, logprobs, finished, stats)

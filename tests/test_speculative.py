@@ -1,0 +1,177 @@
+"""Speculative decoding is lossless: greedy equals plain greedy token for token, sampled outputs
+have the plain sampler's distribution (with a good and with a random drafter), and the returned
+logprobs are the target's."""
+
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.stats import chi2_contingency
+
+from tests.spec_fixtures import EOS, copying_drafter, nearly_context_free_target, random_drafter, target_config
+from tlt_jax.rollout.engine import RolloutEngine
+from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs
+from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
+
+STRATEGIES = [Strategy(1, 1, 1), Strategy(4, 1, 4), Strategy(3, 3, 6)]
+
+
+@pytest.fixture(scope="module")
+def models():
+  cfg = target_config()
+  target = nearly_context_free_target(cfg)
+  return dict(cfg=cfg, target=nnx.split(target), good=nnx.split(copying_drafter(cfg)),
+              bad=nnx.split(random_drafter(cfg)))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  rng = np.random.default_rng(0)
+  n, p = 6, 7
+  plen = rng.integers(2, p + 1, n).astype(np.int32)
+  toks = rng.integers(3, 32, (n, p)).astype(np.int32)
+  for i in range(n):
+    toks[i, plen[i]:] = 0
+  return toks, plen
+
+
+_ENGINES = {}
+
+
+def _engines(models, sp, strategies=tuple(STRATEGIES), threshold=4096, chunk=4):
+  """(plain, speculative) engines, cached so that every test reuses their compiled chunks. The
+  good and the bad drafter share one graph, so one decoder serves both."""
+  key = (sp, tuple(strategies), threshold, chunk)
+  if key not in _ENGINES:
+    g, _ = models["target"]
+    plain = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=chunk)
+    dec = SpeculativeDecoder(g, models["good"][0], sp, EOS, strategies=strategies, rounds_per_chunk=3)
+    _ENGINES[key] = plain, RolloutEngine(g, sp, eos_ids=EOS, chunk_size=chunk, speculative=dec,
+                                         spec_threshold=threshold)
+  return _ENGINES[key]
+
+
+@pytest.mark.parametrize("drafter", ["good", "bad"])
+def test_greedy_equals_plain_greedy(models, prompts, drafter):
+  sp = SamplingParams(temperature=0.0)
+  plain, spec = _engines(models, sp)
+  _, params = models["target"]
+  ref = plain.generate(params, *prompts, 40, jax.random.key(0))
+  accept = []
+  for strategy in STRATEGIES:
+    out = spec.generate(params, *prompts, 40, jax.random.key(0), drafter_params=models[drafter][1],
+                        strategy_fn=lambda b, s=strategy: s)
+    np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=str(strategy))
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_array_equal(out.finished, ref.finished)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+    accept.append(out.stats["spec_accept_len"])
+  if drafter == "good":  # the paths that move accepted keys/values were really exercised
+    assert max(accept) > 3.0, accept
+  else:
+    assert min(accept) < 1.5, accept
+
+
+def test_spec_switches_on_below_threshold_with_compaction(models, prompts):
+  """Plain decoding for the full batch, speculation once <= 2 rows remain: still exact."""
+  sp = SamplingParams(temperature=0.0)
+  plain, spec = _engines(models, sp, threshold=2, chunk=2)
+  _, params = models["target"]
+  toks, plen = prompts
+  max_new = np.array([3, 5, 30, 8, 24, 2])  # rows finish at different times
+  out = spec.generate(params, toks, plen, max_new, jax.random.key(0), drafter_params=models["good"][1],
+                      strategy_fn=lambda b: STRATEGIES[1])
+  assert out.stats["spec_chunks"], "speculation never switched on"
+  assert out.stats["active_trace"][0] == 6 and min(out.stats["active_trace"]) <= 2
+  full = _engines(models, sp)[0].generate(params, toks, plen, 30, jax.random.key(0))
+  np.testing.assert_array_equal(out.lengths, np.minimum(max_new, full.lengths))
+  for i, m in enumerate(max_new):
+    np.testing.assert_array_equal(out.tokens[i, :m], full.tokens[i, :m])
+
+
+def _sample_counts(engine, params, prompt, plen, n, max_new, key, **kw):
+  toks = np.tile(prompt, (n, 1))
+  lens = np.tile(plen, n)
+  return engine.generate(params, toks, lens, max_new, key, **kw).tokens
+
+
+def _chi2_p(a, b, min_count=5):
+  ca, cb = Counter(a), Counter(b)
+  keys = sorted(set(ca) | set(cb))
+  rows = [[ca[k], cb[k]] for k in keys if ca[k] + cb[k] >= min_count]
+  rare = [ca[k] + cb[k] < min_count for k in keys]
+  if any(rare):
+    rows.append([sum(ca[k] for k, r in zip(keys, rare) if r), sum(cb[k] for k, r in zip(keys, rare) if r)])
+  if len(rows) < 2:
+    return 1.0
+  return chi2_contingency(np.asarray(rows).T)[1]
+
+
+@pytest.mark.parametrize("drafter,strategy", [("good", Strategy(3, 2, 4)), ("bad", Strategy(3, 2, 4)),
+                                              ("good", Strategy(4, 1, 4))])
+def test_sampling_distribution_matches_plain(models, prompts, drafter, strategy):
+  """Chi-square two-sample tests on the next token, the 2nd token and the 3-token sequence."""
+  sp = SamplingParams(temperature=1.0, top_p=0.9)
+  g, params = models["target"]
+  plain, spec = _engines(models, sp, strategies=(Strategy(3, 2, 4), Strategy(4, 1, 4)))
+  toks, plen = prompts
+  # a prompt whose continuation is uncertain at every step
+  prompt, length = toks[1:2], plen[1:2]
+  n = 1024
+  a = _sample_counts(plain, params, prompt, length, n, 3, jax.random.key(11))
+  b = _sample_counts(spec, params, prompt, length, n, 3, jax.random.key(12), drafter_params=models[drafter][1],
+                     strategy_fn=lambda _: strategy)
+  for name, fa, fb in [("t1", a[:, 0], b[:, 0]), ("t2", a[:, 1], b[:, 1]),
+                       ("seq", [tuple(r) for r in a], [tuple(r) for r in b])]:
+    assert len(set(fa)) > 1 or name == "t1"
+    p = _chi2_p(list(fa), list(fb))
+    assert p > 1e-3, (name, p)
+  # and the test has power: a different temperature is detected
+  hot = RolloutEngine(g, SamplingParams(temperature=2.0, top_p=0.9), eos_ids=EOS, chunk_size=4)
+  c = _sample_counts(hot, params, prompt, length, n, 3, jax.random.key(13))
+  assert _chi2_p([tuple(r) for r in a], [tuple(r) for r in c]) < 1e-3
+
+
+def test_logprobs_are_target_logprobs(models, prompts):
+  """Sampled speculative outputs carry the target's log_softmax(logits / T) of each token."""
+  sp = SamplingParams(temperature=1.0, top_k=8)
+  g, params = models["target"]
+  _, spec = _engines(models, sp, strategies=(Strategy(3, 2, 4),))
+  toks, plen = prompts
+  out = spec.generate(params, toks, plen, 20, jax.random.key(3), drafter_params=models["good"][1])
+  assert out.stats["spec_accept_len"] > 1.5
+  model = nnx.merge(g, params)
+  for i in range(len(plen)):
+    seq = np.concatenate([toks[i, :plen[i]], out.tokens[i, :out.lengths[i]]])
+    logits, _, _ = model(jnp.asarray(seq[None]))
+    lp = policy_logprobs(logits[0, plen[i] - 1:-1], sp)
+    ref = np.asarray(jnp.take_along_axis(lp, jnp.asarray(seq[plen[i]:, None]), axis=1)[:, 0])
+    np.testing.assert_allclose(out.logprobs[i, :out.lengths[i]], ref, atol=2e-5)
+
+
+def test_strategy_parsing_and_errors():
+  assert Strategy.parse("d4k2n6") == Strategy(4, 2, 6)
+  assert Strategy.parse([3, 1, 3]).name == "d3k1n3"
+  with pytest.raises(ValueError, match="num_verify"):
+    Strategy(2, 2, 5)
+  with pytest.raises(ValueError, match="form"):
+    Strategy.parse("depth4")
+
+
+def test_sampling_params_errors():
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingParams(top_p=0.0)
+  with pytest.raises(ValueError, match="temperature"):
+    SamplingParams(temperature=-1.0)
+  with pytest.raises(ValueError, match="top_k"):
+    SamplingParams(top_k=-2)
+
+
+def test_prompt_longer_than_context(models, prompts):
+  g, params = models["target"]
+  eng = RolloutEngine(g, SamplingParams(temperature=0.0), eos_ids=EOS, max_context=16)
+  with pytest.raises(ValueError, match="exceeds the context"):
+    eng.generate(params, *prompts, 40, jax.random.key(0))

@@ -1,0 +1,288 @@
+"""Lossless tree speculative decoding with an EAGLE drafter (the TLT rollout tail).
+
+One *round* for every active row of the batch:
+  1. Catch-up: the drafter consumes the pairs (x_{t+1}, f_t) committed since its last round
+     (true target features; at most depth + 1 of them) in one call; its last output is
+     f̂_L, the draft feature of the pending token's successor.
+  2. Draft a tree (EAGLE-2 style): level 1 holds the top-k tokens of q(·|f̂_L); each further
+     level expands every node of the previous level into its top-k children and keeps the k
+     best by cumulative draft log-probability. A depth-d tree has d·k nodes.
+  3. Verify: the n best nodes (an ancestor-closed set) and the pending token run through the
+     target in ONE forward under a tree attention mask at positions L + depth.
+  4. Accept with exact target-only sampling (DESIGN.md): at node r draw x ~ p_r, the target
+     distribution after temperature / top-k / top-p; if x is one of r's verified children, move
+     there and repeat, else stop with x as the bonus token. This is sampling from p with an
+     early exit, so the output has exactly the target's distribution whatever the drafter
+     proposes (greedy: x = argmax p_r, exact argmax matching).
+  5. Commit: the accepted path's keys/values are moved to consecutive cache slots; tokens,
+     policy logprobs and target features are appended; the drafter's tree entries are dropped.
+
+Sequences in one batch accept different lengths; EOS and max-new-tokens cut the accepted run.
+A chain is k = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tlt_jax.models.transformer import KVCache
+from tlt_jax.rollout.engine import DecodeState, is_eos
+from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs, sample_from, target_logprobs
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Strategy:
+  """A draft tree of `depth` levels, `topk` branching, verifying the best `num_verify` nodes."""
+
+  depth: int
+  topk: int
+  num_verify: int
+
+  def __post_init__(self):
+    if self.depth < 1 or self.topk < 1:
+      raise ValueError(f"strategy {self}: depth and topk must be >= 1")
+    if not 1 <= self.num_verify <= self.depth * self.topk:
+      raise ValueError(f"strategy {self}: num_verify must be in [1, depth*topk={self.depth * self.topk}]")
+
+  @property
+  def name(self) -> str:
+    return f"d{self.depth}k{self.topk}n{self.num_verify}"
+
+  @classmethod
+  def parse(cls, s: "str | Sequence[int] | Strategy") -> "Strategy":
+    if isinstance(s, Strategy):
+      return s
+    if isinstance(s, str):
+      import re
+      m = re.fullmatch(r"d(\d+)k(\d+)n(\d+)", s.strip())
+      if not m:
+        raise ValueError(f"strategy {s!r} is not of the form 'd<depth>k<topk>n<num_verify>', e.g. 'd4k1n4'")
+      return cls(*map(int, m.groups()))
+    return cls(*map(int, s))
+
+
+def _rows(x, idx_B):
+  return x[jnp.arange(x.shape[0]), idx_B]
+
+
+def _write_block(buf_BxS, block_BxW, start_B):
+  """buf[b, start_b : start_b + W] = block[b] (per-row offsets)."""
+  zeros = (0,) * (buf_BxS.ndim - 2)
+  return jax.vmap(lambda buf, blk, s: jax.lax.dynamic_update_slice(buf, blk.astype(buf.dtype), (s,) + zeros)
+                  )(buf_BxS, block_BxW, start_B)
+
+
+def _read_block(buf_BxS, start_B, width: int):
+  zeros = (0,) * (buf_BxS.ndim - 2)
+  return jax.vmap(lambda buf, s: jax.lax.dynamic_slice(buf, (s,) + zeros, (width,) + buf.shape[1:])
+                  )(buf_BxS, start_B)
+
+
+def drafter_prefill(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState, *,
+                    capacity: int) -> KVCache:
+  """Fills the drafter cache with the pairs (x_{t+1}, f_t), t < L - 1, of every row (L = the
+  pending position), leaving the pair of the pending token to the first round's catch-up."""
+  tgt, drf = nnx.merge(tgt_graphdef, tparams), nnx.merge(drf_graphdef, dparams)
+  b = state.seq_BxS.shape[0]
+  cache = KVCache.init(drf.cfg, b, capacity)
+  _, cache = drf(tgt.embed(state.seq_BxS[:, 1:]), state.feat_BxSxD[:, :-1], cache=cache)
+  return cache.replace(lengths=state.cache.lengths - 1)
+
+
+def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: SamplingParams,
+                      eos_ids, catchup_width: int):
+  """One draft-verify-accept round for the whole batch (see the module docstring).
+
+  Returns (state, emitted_B) where emitted_B counts the tokens appended per active row.
+  """
+  d, k, n = strategy.depth, strategy.topk, strategy.num_verify
+  b = state.done_B.shape[0]
+  active = ~state.done_B
+  L = state.cache.lengths  # pending position
+  dcache = state.draft_cache
+  ar = jnp.arange(b)
+
+  # 1. Catch-up over t in [dl, L-1]; the output at t = L-1 is f̂_L.
+  dl = dcache.lengths
+  w = catchup_width
+  t_BxW = dl[:, None] + jnp.arange(w)[None]
+  tok_BxW = jnp.take_along_axis(state.seq_BxS, jnp.clip(t_BxW + 1, 0, state.seq_BxS.shape[1] - 1), axis=1)
+  feat_BxWxD = jnp.take_along_axis(
+      state.feat_BxSxD, jnp.clip(t_BxW, 0, state.feat_BxSxD.shape[1] - 1)[..., None], axis=1)
+  out_BxWxD, dcache = drf(tgt.embed(tok_BxW), feat_BxWxD, t_BxW, cache=dcache)
+  root_feat_BxD = _rows(out_BxWxD, L - 1 - dl)
+  dcache = dcache.replace(lengths=L)
+
+  # 2. Draft tree: N = d*k nodes, level l (1-based) in [(l-1)k, lk).
+  num_nodes = d * k
+  logq_BxV = jax.nn.log_softmax(tgt.logits(root_feat_BxD), axis=-1)
+  lq_Bxk, tok_Bxk = jax.lax.top_k(logq_BxV, k)
+  tokens = jnp.zeros((b, num_nodes), jnp.int32).at[:, :k].set(tok_Bxk)
+  scores = jnp.full((b, num_nodes), -jnp.inf, jnp.float32).at[:, :k].set(lq_Bxk)
+  parent = jnp.full((b, num_nodes), -1, jnp.int32)
+  depth = jnp.zeros((num_nodes,), jnp.int32).at[:].set(jnp.arange(num_nodes) // k + 1)
+  anc = jnp.zeros((b, num_nodes, num_nodes), bool).at[:, jnp.arange(k), jnp.arange(k)].set(True)
+  parent_feat_BxkxD = jnp.broadcast_to(root_feat_BxD[:, None], (b, k, root_feat_BxD.shape[-1]))
+  slots_S = jnp.arange(dcache.capacity)
+  for level in range(1, d):
+    ids = (level - 1) * k + jnp.arange(k)
+    rel = slots_S[None, :] - L[:, None]  # tree node index of each slot
+    in_tree = (rel >= 0) & (rel < num_nodes)
+    anc_rows = anc[:, ids]  # [B, k, N]
+    seen = jnp.take_along_axis(anc_rows, jnp.broadcast_to(jnp.clip(rel, 0, num_nodes - 1)[:, None],
+                                                          (b, k, rel.shape[1])), axis=2)
+    kv_mask = (rel < 0)[:, None] | (in_tree[:, None] & seen)
+    pos = jnp.broadcast_to((L + level - 1)[:, None], (b, k))
+    out_BxkxD, dcache = drf(tgt.embed(tokens[:, ids]), parent_feat_BxkxD, pos,
+                            cache=dcache.replace(lengths=L + (level - 1) * k), kv_mask_BxTxS=kv_mask)
+    clq, ctok = jax.lax.top_k(jax.nn.log_softmax(tgt.logits(out_BxkxD), axis=-1), k)  # [B,k,k]
+    cand = (scores[:, ids][:, :, None] + clq).reshape(b, k * k)
+    best_s, best = jax.lax.top_k(cand, k)
+    par_local = best // k
+    new = level * k + jnp.arange(k)
+    tokens = tokens.at[:, new].set(jnp.take_along_axis(ctok.reshape(b, k * k), best, axis=1))
+    scores = scores.at[:, new].set(best_s)
+    par_global = ids[par_local]
+    parent = parent.at[:, new].set(par_global)
+    anc = anc.at[:, new].set(jnp.take_along_axis(anc, par_global[:, :, None], axis=1))
+    anc = anc.at[:, new, new].set(True)
+    parent_feat_BxkxD = jnp.take_along_axis(out_BxkxD, par_local[..., None], axis=1)
+  dcache = dcache.replace(lengths=L)  # tree entries are dropped
+
+  # 3. Verify the n best nodes (parents sort before children: scores fall along a path, and the
+  # depth term breaks ties) with the pending token as the root, in one target forward.
+  _, sel = jax.lax.top_k(scores - 1e-4 * depth[None].astype(jnp.float32), n)  # [B, n]
+  pending = _rows(state.seq_BxS, L)
+  blk_tok = jnp.concatenate([pending[:, None], jnp.take_along_axis(tokens, sel, axis=1)], axis=1)
+  blk_pos = L[:, None] + jnp.concatenate([jnp.zeros((b, 1), jnp.int32), depth[sel]], axis=1)
+  anc_sel = jnp.take_along_axis(jnp.take_along_axis(anc, sel[:, :, None], axis=1), sel[:, None, :], axis=2)
+  blk_mask = jnp.zeros((b, n + 1, n + 1), bool).at[:, :, 0].set(True).at[:, 1:, 1:].set(anc_sel)
+  par_sel = jnp.take_along_axis(parent, sel, axis=1)  # global id or -1
+  par_blk = jnp.where(par_sel < 0, 0, 1 + jnp.argmax(sel[:, None, :] == par_sel[:, :, None], axis=2))
+  par_blk = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), par_blk.astype(jnp.int32)], axis=1)
+  logits, hidden, tcache = tgt(blk_tok, blk_pos, cache=state.cache, attn_mask_BxTxT=blk_mask)
+
+  # 4. Target-only acceptance walk.
+  rng = state.rng
+  cur = jnp.zeros((b,), jnp.int32)
+  stopped = jnp.zeros((b,), bool)
+  out_tok, out_lp, chain = [], [], []
+  is_child_slot = jnp.arange(n + 1)[None] > 0
+  for _ in range(d + 1):
+    rng, key = jax.random.split(rng)
+    lg = _rows(logits, cur)
+    x = sample_from(target_logprobs(lg, sp), key, sp)
+    out_tok.append(x)
+    out_lp.append(jnp.take_along_axis(policy_logprobs(lg, sp), x[:, None], axis=1)[:, 0])
+    chain.append(cur)
+    match = is_child_slot & (par_blk == cur[:, None]) & (blk_tok == x[:, None])
+    has = jnp.any(match, axis=1) & ~stopped
+    cur = jnp.where(has, jnp.argmax(match, axis=1).astype(jnp.int32), cur)
+    stopped = stopped | ~has
+  out_tok, out_lp, chain = (jnp.stack(v, 1) for v in (out_tok, out_lp, chain))  # [B, d+1]
+  accepted = jnp.sum(chain[:, 1:] != chain[:, :-1], axis=1)  # nodes accepted
+  count = accepted + 1
+  eos = is_eos(out_tok, eos_ids)
+  first_eos = jnp.where(jnp.any(eos, axis=1), jnp.argmax(eos, axis=1), d + 1)
+  budget = state.max_new_B - state.num_gen_B
+  n_new = jnp.where(active, jnp.minimum(jnp.minimum(count, first_eos + 1), budget), 0)
+
+  # 5. Commit.
+  seq = _write_block(state.seq_BxS, jnp.where(active[:, None], out_tok, _read_block(state.seq_BxS, L + 1, d + 1)), L + 1)
+  logprobs = _write_block(state.logprobs_BxM, jnp.where(active[:, None], out_lp, _read_block(
+      state.logprobs_BxM, state.num_gen_B, d + 1)), state.num_gen_B)
+  feat = state.feat_BxSxD
+  chain_feat = jnp.take_along_axis(hidden, chain[..., None], axis=1).astype(feat.dtype)
+  feat = _write_block(feat, jnp.where(active[:, None, None], chain_feat, _read_block(feat, L, d + 1)), L)
+  moved_k, moved_v = [], []
+  src = L[:, None] + chain[:, 1:]  # slots of the accepted nodes (depth 1..d)
+  for ck, cv in zip(tcache.k, tcache.v):
+    moved_k.append(_write_block(ck, jnp.take_along_axis(ck, src[:, :, None, None], axis=1), L + 1))
+    moved_v.append(_write_block(cv, jnp.take_along_axis(cv, src[:, :, None, None], axis=1), L + 1))
+  num_gen = state.num_gen_B + n_new
+  last_tok = _rows(out_tok, jnp.maximum(n_new - 1, 0))
+  done = state.done_B | (active & ((is_eos(last_tok, eos_ids) & (n_new > 0)) | (num_gen >= state.max_new_B)))
+  cache = KVCache(tuple(moved_k), tuple(moved_v), jnp.where(active, L + n_new, L))
+  new_state = state.replace(cache=cache, seq_BxS=seq, feat_BxSxD=feat, logprobs_BxM=logprobs,
+                            num_gen_B=num_gen, done_B=done, rng=rng, draft_cache=dcache)
+  return new_state, n_new
+
+
+def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState, *,
+                      strategy: Strategy, num_rounds: int, sp: SamplingParams, eos_ids,
+                      catchup_width: int):
+  """Up to `num_rounds` speculative rounds in one `lax.while_loop` (stops when all rows are done).
+
+  Returns (state, stats) with stats = (rounds, emitted tokens, active row-rounds).
+  """
+  tgt, drf = nnx.merge(tgt_graphdef, tparams), nnx.merge(drf_graphdef, dparams)
+
+  def cond(carry):
+    i, st, _, _ = carry
+    return (i < num_rounds) & ~jnp.all(st.done_B)
+
+  def body(carry):
+    i, st, tokens, row_rounds = carry
+    active = jnp.sum(~st.done_B)
+    st, n_new = speculative_round(tgt, drf, st, strategy, sp, eos_ids, catchup_width)
+    return i + 1, st, tokens + jnp.sum(n_new), row_rounds + active
+
+  zero = jnp.int32(0)
+  i, state, tokens, row_rounds = jax.lax.while_loop(cond, body, (zero, state, zero, zero))
+  return state, (i, tokens, row_rounds)
+
+
+@dataclasses.dataclass
+class SpeculativeDecoder:
+  """Plugs speculative rounds into RolloutEngine; one compiled chunk per (strategy, bucket)."""
+
+  target_graphdef: Any
+  drafter_graphdef: Any
+  sampling: SamplingParams
+  eos_ids: tuple[int, ...]
+  strategies: Sequence[Strategy] = (Strategy(4, 1, 4),)
+  rounds_per_chunk: int = 8
+
+  def __post_init__(self):
+    self.strategies = tuple(Strategy.parse(s) for s in self.strategies)
+    if not self.strategies:
+      raise ValueError("speculative decoding needs at least one strategy")
+    self.eos_ids = tuple(int(e) for e in self.eos_ids)
+    self.max_depth = max(s.depth for s in self.strategies)
+    self.max_nodes = max(s.depth * s.topk for s in self.strategies)
+    self.max_verify_tokens = max(s.num_verify for s in self.strategies) + 1
+    self._chunks = {}
+    self._prefill = jax.jit(functools.partial(drafter_prefill, self.target_graphdef, self.drafter_graphdef),
+                            static_argnames=("capacity",))
+
+  @property
+  def default_strategy(self) -> Strategy:
+    return self.strategies[0]
+
+  def _chunk_fn(self, strategy: Strategy):
+    if strategy not in self._chunks:
+      self._chunks[strategy] = jax.jit(functools.partial(
+          speculative_chunk, self.target_graphdef, self.drafter_graphdef, strategy=strategy,
+          num_rounds=self.rounds_per_chunk, sp=self.sampling, eos_ids=self.eos_ids,
+          catchup_width=self.max_depth + 1), donate_argnums=(2,))
+    return self._chunks[strategy]
+
+  def draft_capacity(self, target_capacity: int) -> int:
+    return target_capacity + self.max_nodes + self.max_depth + 1
+
+  def run_chunk(self, tparams, dparams, state: DecodeState, strategy: Strategy | None = None):
+    """Runs one chunk of rounds; prefills the drafter cache on the first call for this state.
+    Returns (state, dict(rounds, tokens, row_rounds))."""
+    strategy = Strategy.parse(strategy) if strategy is not None else self.default_strategy
+    if state.draft_cache is None:
+      state = state.replace(draft_cache=self._prefill(
+          tparams, dparams, state, capacity=self.draft_capacity(state.seq_BxS.shape[1])))
+    state, (rounds, tokens, row_rounds) = self._chunk_fn(strategy)(tparams, dparams, state)
+    rounds, tokens, row_rounds = jax.device_get((rounds, tokens, row_rounds))
+    return state, {"rounds": int(rounds), "tokens": int(tokens), "row_rounds": int(row_rounds)}
