@@ -31,6 +31,7 @@ from tlt_jax.models.transformer import KVCache
 from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs, sample_from, target_logprobs
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+PLAIN = (0, 0, 0)  # the "strategy" of a plain decoding chunk
 
 
 @flax.struct.dataclass
@@ -136,8 +137,9 @@ def decode_step(model, state: DecodeState, sp: SamplingParams, eos_ids) -> Decod
 
 
 def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: SamplingParams,
-                 eos_ids: tuple[int, ...]) -> DecodeState:
-  """Up to `num_steps` plain decoding steps in one `lax.while_loop`; stops early when all done."""
+                 eos_ids: tuple[int, ...]):
+  """Up to `num_steps` plain decoding steps in one `lax.while_loop`; stops early when all done.
+  Returns (state, steps taken)."""
   model = nnx.merge(graphdef, params)
 
   def cond(carry):
@@ -148,7 +150,8 @@ def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: Sa
     i, st = carry
     return i + 1, decode_step(model, st, sp, eos_ids)
 
-  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+  steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+  return state, steps
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
@@ -196,11 +199,14 @@ class RolloutEngine:
     return int(-(-cap // 16) * 16)
 
   def generate(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
-               rng: jax.Array, drafter_params=None, strategy_fn: Callable | None = None) -> RolloutResult:
+               rng: jax.Array, drafter_params=None, selector=None) -> RolloutResult:
     """Generates up to `max_new_tokens` (an int, or one per row) for each right-padded prompt.
 
-    strategy_fn(active_batch) -> strategy or None picks the speculative strategy per chunk
-    (the bandit); None means the decoder's default strategy.
+    At or below `spec_threshold` active rows (and with `drafter_params`), each chunk's strategy
+    comes from `selector.select(active_batch)` (e.g. the BEG-MAB bandit, tlt/bandit.py; the
+    decoder's default strategy without one); the selector may answer PLAIN = (0, 0, 0) for a plain
+    chunk, and is told each chunk's outcome through `selector.update(active_batch, strategy,
+    accept_len, batch, time_per_round)`.
     """
     prompt_BxP = np.asarray(prompt_BxP, np.int32)
     prompt_len_B = np.asarray(prompt_len_B, np.int32)
@@ -237,7 +243,7 @@ class RolloutEngine:
     finished = np.zeros((n,), bool)
     trace, times = [], {"prefill": t_prefill, "decode": 0.0, "speculative": 0.0, "compact": 0.0}
     spec_tokens, spec_row_rounds = 0, 0
-    accept_trace = []
+    chunks = []
 
     def copy_out(st, rows):
       rows = [r for r in rows if row_ids[r] >= 0]
@@ -271,25 +277,35 @@ class RolloutEngine:
         row_ids = np.concatenate([row_ids[active], -np.ones(b - active.size, np.int64)])
         times["compact"] += time.perf_counter() - t0
       trace.append(int(active.size))
-      use_spec = (self.speculative is not None and drafter_params is not None
-                  and active.size <= self.spec_threshold)
+      strategy = None
+      if (self.speculative is not None and drafter_params is not None
+          and active.size <= self.spec_threshold):
+        strategy = selector.select(int(active.size)) if selector is not None else self.speculative.default_strategy
+        strategy = None if tuple(strategy) == PLAIN else strategy
       t0 = time.perf_counter()
-      if use_spec:
-        strategy = strategy_fn(int(active.size)) if strategy_fn is not None else None
+      if strategy is not None:
         state, st = self.speculative.run_chunk(params, drafter_params, state, strategy)
-        dt = time.perf_counter() - t0
-        times["speculative"] += dt
+        phase = "speculative"
         spec_tokens += st["tokens"]
         spec_row_rounds += st["row_rounds"]
-        accept_trace.append(dict(batch=int(active.size), strategy=None if strategy is None else str(strategy),
-                                 accept_len=st["tokens"] / max(st["row_rounds"], 1), time_s=dt, **st))
       else:
-        state = self._chunk(params, state)
-        jax.block_until_ready(state.done_B)
-        times["decode"] += time.perf_counter() - t0
+        before = int(np.asarray(state.num_gen_B).sum())
+        state, steps = self._chunk(params, state)
+        gained = int(np.asarray(state.num_gen_B).sum()) - before
+        st = {"rounds": int(steps), "tokens": gained, "row_rounds": gained}
+        phase = "decode"
+      dt = time.perf_counter() - t0
+      times[phase] += dt
+      accept_len = st["tokens"] / max(st["row_rounds"], 1)
+      if selector is not None and (strategy is not None or active.size <= self.spec_threshold):
+        rounds = max(st["rounds"], 1)
+        selector.update(int(active.size), PLAIN if strategy is None else tuple(strategy), accept_len,
+                        st["row_rounds"] / rounds, dt / rounds)
+      chunks.append(dict(batch=int(active.size), strategy=None if strategy is None else str(strategy),
+                         accept_len=accept_len, time_s=dt, **st))
 
     times["total"] = time.perf_counter() - t_start
     stats = dict(active_trace=trace, time_s=times, num_tokens=int(lengths.sum()),
                  spec_accept_len=(spec_tokens / spec_row_rounds) if spec_row_rounds else None,
-                 spec_chunks=accept_trace)
+                 chunks=chunks, spec_chunks=[c for c in chunks if c["strategy"] is not None])
     return RolloutResult(tokens, lengths, logprobs, finished, stats)

@@ -50,6 +50,12 @@ class Strategy:
     if not 1 <= self.num_verify <= self.depth * self.topk:
       raise ValueError(f"strategy {self}: num_verify must be in [1, depth*topk={self.depth * self.topk}]")
 
+  def __iter__(self):
+    return iter((self.depth, self.topk, self.num_verify))
+
+  def __str__(self) -> str:
+    return self.name
+
   @property
   def name(self) -> str:
     return f"d{self.depth}k{self.topk}n{self.num_verify}"

@@ -31,9 +31,16 @@ Strategy = tuple[int, int, int]  # (depth, topk, num_verify)
 STATE_VERSION = 1
 
 
+PLAIN = (0, 0, 0)  # the arm "decode this chunk without speculation"
+
+
 def _as_strategy(s: Sequence[int]) -> Strategy:
+  s = tuple(s)
+  if s == PLAIN:
+    return PLAIN
   if len(s) != 3 or any(int(v) != v or v < 1 for v in s):
-    raise ValueError(f"strategy {s!r} must be three positive ints (depth, topk, num_verify)")
+    raise ValueError(f"strategy {s!r} must be three positive ints (depth, topk, num_verify), or "
+                     f"{PLAIN} for plain decoding")
   return tuple(int(v) for v in s)  # type: ignore[return-value]
 
 
