@@ -79,8 +79,10 @@ class ModelConfig:
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
-    to_dtype(self.param_dtype)
-    to_dtype(self.dtype)
+    for name in ("param_dtype", "dtype"):
+      value = getattr(self, name)
+      if value not in _DTYPES:
+        raise ValueError(f"model.{name}={value!r} is not supported; allowed: {sorted(_DTYPES)}")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 

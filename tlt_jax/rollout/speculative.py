@@ -143,7 +143,8 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
     anc_rows = anc[:, ids]  # [B, k, N]
     seen = jnp.take_along_axis(anc_rows, jnp.broadcast_to(jnp.clip(rel, 0, num_nodes - 1)[:, None],
                                                           (b, k, rel.shape[1])), axis=2)
-    kv_mask = (rel < 0)[:, None] | (in_tree[:, None] & seen)
+    # A chain's ancestors are exactly the slots before it: plain causal cache semantics.
+    kv_mask = None if k == 1 else (rel < 0)[:, None] | (in_tree[:, None] & seen)
     pos = jnp.broadcast_to((L + level - 1)[:, None], (b, k))
     out_BxkxD, dcache = drf(tgt.embed(tokens[:, ids]), parent_feat_BxkxD, pos,
                             cache=dcache.replace(lengths=L + (level - 1) * k), kv_mask_BxTxS=kv_mask)
@@ -174,24 +175,25 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
   par_blk = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), par_blk.astype(jnp.int32)], axis=1)
   logits, hidden, tcache = tgt(blk_tok, blk_pos, cache=state.cache, attn_mask_BxTxT=blk_mask)
 
-  # 4. Target-only acceptance walk.
-  rng = state.rng
+  # 4. Target-only acceptance walk. Every block node j draws its own x_j ~ p_j up front (the
+  # nodes on a path are distinct, so the draws along it are independent, as a sequential walk's
+  # would be); the walk then only follows child pointers: child[j] is the verified child of j
+  # whose token is x_j, or -1, at which point x_j is the bonus token.
+  rng, key = jax.random.split(state.rng)
+  logp_all = target_logprobs(logits, sp)  # [B, n+1, V]
+  x_all = sample_from(logp_all, key, sp)  # [B, n+1]
+  lp_all = jnp.take_along_axis(policy_logprobs(logits, sp), x_all[..., None], axis=-1)[..., 0]
+  match = (par_blk[:, None, :] == jnp.arange(n + 1)[None, :, None]) & (blk_tok[:, None, :] == x_all[:, :, None])
+  child = jnp.where(jnp.any(match, axis=2), jnp.argmax(match, axis=2), -1).astype(jnp.int32)  # [B, n+1]
   cur = jnp.zeros((b,), jnp.int32)
-  stopped = jnp.zeros((b,), bool)
-  out_tok, out_lp, chain = [], [], []
-  is_child_slot = jnp.arange(n + 1)[None] > 0
-  for _ in range(d + 1):
-    rng, key = jax.random.split(rng)
-    lg = _rows(logits, cur)
-    x = sample_from(target_logprobs(lg, sp), key, sp)
-    out_tok.append(x)
-    out_lp.append(jnp.take_along_axis(policy_logprobs(lg, sp), x[:, None], axis=1)[:, 0])
+  chain = [cur]
+  for _ in range(d):
+    nxt = _rows(child, cur)
+    cur = jnp.where(nxt >= 0, nxt, cur)
     chain.append(cur)
-    match = is_child_slot & (par_blk == cur[:, None]) & (blk_tok == x[:, None])
-    has = jnp.any(match, axis=1) & ~stopped
-    cur = jnp.where(has, jnp.argmax(match, axis=1).astype(jnp.int32), cur)
-    stopped = stopped | ~has
-  out_tok, out_lp, chain = (jnp.stack(v, 1) for v in (out_tok, out_lp, chain))  # [B, d+1]
+  chain = jnp.stack(chain, 1)  # [B, d+1]: block node that emits token j (repeats once stopped)
+  out_tok = jnp.take_along_axis(x_all, chain, axis=1)
+  out_lp = jnp.take_along_axis(lp_all, chain, axis=1)
   accepted = jnp.sum(chain[:, 1:] != chain[:, :-1], axis=1)  # nodes accepted
   count = accepted + 1
   eos = is_eos(out_tok, eos_ids)

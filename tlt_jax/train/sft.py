@@ -55,7 +55,7 @@ def sft_step(graphdef, tx: optax.GradientTransformation, micro_batches: int,
   (loss, aux), grads = accumulate_gradients(loss_fn, state.params, batch, micro_batches)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

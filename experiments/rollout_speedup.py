@@ -1,0 +1,184 @@
+"""Rollout speed-up of speculative decoding per active batch size, measured side by side.
+
+For each active batch size and draft strategy (depth, topk, num_verify) it times plain decoding
+and speculative decoding of the same prompts in the same process, alternating runs, with the
+SFT-trained default policy and its warmed-up EAGLE drafter (taken from the main job's workdir,
+made there by the `sft` and `drafter` stages when missing). Rows decode without compaction, so
+the batch size is the active batch size throughout: this is the regime of the rollout tail.
+
+  python experiments/rollout_speedup.py [--quick] [--workdir runs/default] [--out DIR]
+
+Prints one JSON line per (batch, strategy):
+  {"batch", "strategy", "plain_tok_s", "spec_tok_s", "speedup", "accept_len"}
+where strategy "auto" is the engine choosing on its own (BEG-MAB over the strategies and plain
+decoding), and writes DIR/rollout_speedup.{jsonl,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.common import enable_compile_cache, ensure_policy_and_drafter, hard_prompts  # noqa: E402
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--workdir", default="runs/default", help="main-job workdir holding sft/ and drafter/")
+  ap.add_argument("--out", default="experiments/results/rollout_speedup")
+  ap.add_argument("--quick", action="store_true", help="reduced sweep (< 3 min once the policy exists)")
+  ap.add_argument("--batches", default="1,2,4,8,16,32,64")
+  ap.add_argument("--strategies", default="d3k1n3,d5k1n5,d4k2n6,d6k2n8")
+  ap.add_argument("--temperature", type=float, default=1.0)
+  ap.add_argument("--top_p", type=float, default=1.0)
+  ap.add_argument("--max_new", type=int, default=96)
+  ap.add_argument("--repeats", type=int, default=3)
+  args = ap.parse_args(argv)
+  if args.quick:
+    args.batches, args.strategies, args.repeats = "1,4,16,64", "d3k1n3,d5k1n5,d4k2n6", 1
+  enable_compile_cache()
+
+  import jax
+  from flax import nnx
+
+  from tlt_jax.rollout.engine import PLAIN, RolloutEngine
+  from tlt_jax.rollout.sampling import SamplingParams
+  from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
+  from tlt_jax.tlt.bandit import BegMab
+  from tlt_jax.utils.metrics import markdown_table
+
+  setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick)
+  tok = setup.tokenizer
+  graphdef, params = nnx.split(policy)
+  dgraph, dparams = nnx.split(drafter)
+  sp = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+  strategies = [Strategy.parse(s) for s in args.strategies.split(",")]
+  batches = [int(b) for b in args.batches.split(",")]
+  decoder = SpeculativeDecoder(graphdef, dgraph, sp, tok.eos_ids, strategies=strategies, rounds_per_chunk=8)
+  plain = RolloutEngine(graphdef, sp, tok.eos_ids, pad_id=tok.pad_id, chunk_size=16, compact=False,
+                        max_context=policy.cfg.max_position_embeddings)
+  spec = RolloutEngine(graphdef, sp, tok.eos_ids, pad_id=tok.pad_id, chunk_size=16, compact=False,
+                       max_context=policy.cfg.max_position_embeddings, speculative=decoder,
+                       spec_threshold=1 << 30)
+
+  class Fixed:
+    def __init__(self, s):
+      self.s = s
+
+    def select(self, b):
+      return self.s
+
+    def update(self, *a):
+      pass
+
+  def tok_s(result):
+    t = result.stats["time_s"]
+    return result.stats["num_tokens"] / (t["decode"] + t["speculative"]), result.stats["spec_accept_len"]
+
+  os.makedirs(args.out, exist_ok=True)
+  rows = []
+  out_jsonl = open(os.path.join(args.out, "rollout_speedup.jsonl"), "w")
+  t_start = time.perf_counter()
+  seed = 0
+  for b in batches:
+    prompts, plens = hard_prompts(setup, b, seed=b)
+    run_plain = lambda k: plain.generate(params, prompts, plens, args.max_new, jax.random.key(k))
+    run_plain(0)  # compile
+    plain_runs = []
+    for s in strategies:
+      sel = Fixed(s)
+      spec.generate(params, prompts, plens, args.max_new, jax.random.key(0), drafter_params=dparams, selector=sel)
+      p_rates, s_rates, accepts = [], [], []
+      for _ in range(args.repeats):
+        seed += 1
+        p_rates.append(tok_s(run_plain(seed))[0])
+        rate, acc = tok_s(spec.generate(params, prompts, plens, args.max_new, jax.random.key(seed),
+                                        drafter_params=dparams, selector=sel))
+        s_rates.append(rate)
+        accepts.append(acc)
+      plain_runs += p_rates
+      rec = dict(batch=b, strategy=s.name, plain_tok_s=float(np.median(p_rates)),
+                 spec_tok_s=float(np.median(s_rates)), accept_len=float(np.mean(accepts)))
+      rec["speedup"] = rec["spec_tok_s"] / rec["plain_tok_s"]
+      rows.append(rec)
+      out_jsonl.write(json.dumps(rec) + "\n")
+      print(json.dumps(rec), flush=True)
+    # The engine on its own: BEG-MAB over plain decoding and every strategy; after its
+    # exploration, time it against plain decoding side by side.
+    bandit = BegMab([PLAIN] + [tuple(s) for s in strategies], buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+                    epsilon=0.1, window=8, seed=b)
+    for i in range(len(strategies) + 1):  # one chunk sequence per arm at least
+      spec.generate(params, prompts, plens, args.max_new, jax.random.key(100 + i), drafter_params=dparams,
+                    selector=bandit)
+    p_rates, s_rates, accepts = [], [], []
+    for _ in range(max(args.repeats, 2)):
+      seed += 1
+      p_rates.append(tok_s(run_plain(seed))[0])
+      res = spec.generate(params, prompts, plens, args.max_new, jax.random.key(seed), drafter_params=dparams,
+                          selector=bandit)
+      s_rates.append(tok_s(res)[0])
+      accepts.append(res.stats["spec_accept_len"] or 1.0)
+    best = bandit.best(b)
+    rec = dict(batch=b, strategy="auto", plain_tok_s=float(np.median(p_rates)), spec_tok_s=float(np.median(s_rates)),
+               accept_len=float(np.mean(accepts)),
+               chosen="plain" if best in (None, PLAIN) else Strategy(*best).name)
+    rec["speedup"] = rec["spec_tok_s"] / rec["plain_tok_s"]
+    rec["plain_step_ms"] = 1000.0 * b / float(np.median(plain_runs + p_rates))
+    rows.append(rec)
+    out_jsonl.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec), flush=True)
+  out_jsonl.close()
+  elapsed = time.perf_counter() - t_start
+
+  auto = {r["batch"]: r for r in rows if r["strategy"] == "auto"}
+  md = ["# Rollout speed-up of speculative decoding (side by side, one process)\n",
+        f"Policy `{args.workdir}/sft`, drafter `{args.workdir}/drafter`, temperature {args.temperature}, "
+        f"top_p {args.top_p}, max_new {args.max_new}, {args.repeats} repeat(s), {elapsed:.0f} s in all. "
+        "tok/s counts decode time (prefill excluded, identical in both).\n",
+        markdown_table(rows, ["batch", "strategy", "plain_tok_s", "spec_tok_s", "speedup", "accept_len", "chosen"]),
+        "\n## Plain decoding cost per step vs batch (the regime)\n",
+        markdown_table([dict(batch=b, plain_step_ms=auto[b]["plain_step_ms"],
+                             plain_tok_s=auto[b]["plain_tok_s"]) for b in batches],
+                       ["batch", "plain_step_ms", "plain_tok_s"])]
+  with open(os.path.join(args.out, "rollout_speedup.md"), "w") as f:
+    f.write("\n".join(md))
+  plot(rows, batches, strategies, os.path.join(args.out, "rollout_speedup.png"))
+  print(json.dumps({"plain_tok_s_batch1": auto[batches[0]]["plain_tok_s"],
+                    "plain_tok_s_batch_max": auto[batches[-1]]["plain_tok_s"], "elapsed_s": elapsed}))
+
+
+def plot(rows, batches, strategies, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  for name in [s.name for s in strategies] + ["auto"]:
+    pts = [(r["batch"], r["speedup"]) for r in rows if r["strategy"] == name]
+    ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, lw=2.5 if name == "auto" else 1)
+  ax1.axhline(1.0, color="gray", ls="--")
+  ax1.set_xscale("log", base=2)
+  ax1.set_xlabel("active batch size")
+  ax1.set_ylabel("speed-up over plain decoding")
+  ax1.legend()
+  ax1.set_title("speculative vs plain (tok/s ratio)")
+  auto = [r for r in rows if r["strategy"] == "auto"]
+  ax2.plot([r["batch"] for r in auto], [r["plain_step_ms"] for r in auto], marker="o")
+  ax2.set_xscale("log", base=2)
+  ax2.set_xlabel("batch size")
+  ax2.set_ylabel("ms per plain decode step")
+  ax2.set_title("plain decode step cost vs batch")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()
