@@ -95,6 +95,21 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = TRA
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES) -> Any:
+  """NamedShardings for any (possibly abstract) pytree holding nnx.Variables, e.g. a train state:
+  every Variable by its `logical_axes` (params, and the optimizer moments, which keep them), every
+  other leaf (step, optimizer counts, RNG) replicated."""
+
+  def one(x):
+    axes = getattr(x, "logical_axes", None)
+    if not axes:
+      return replicated(mesh)
+    shape = x.get_value().shape if isinstance(x, nnx.Variable) else x.shape
+    return NamedSharding(mesh, logical_to_spec(axes, rules, shape, mesh))
+
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def shard_state(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES) -> nnx.State:
   """Places every variable of `state` in its sharding."""
   return jax.device_put(state, param_shardings(state, mesh, rules))
