@@ -139,7 +139,7 @@ def decode_step(model, state: DecodeState, sp: SamplingParams, eos_ids) -> Decod
 def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: SamplingParams,
                  eos_ids: tuple[int, ...]):
   """Up to `num_steps` plain decoding steps in one `lax.while_loop`; stops early when all done.
-  Returns (state, steps taken)."""
+  Returns (state, (steps, tokens, row_steps)) with the statistics as device scalars."""
   model = nnx.merge(graphdef, params)
 
   def cond(carry):
@@ -150,8 +150,10 @@ def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: Sa
     i, st = carry
     return i + 1, decode_step(model, st, sp, eos_ids)
 
+  before = jnp.sum(state.num_gen_B)
   steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
-  return state, steps
+  tokens = jnp.sum(state.num_gen_B) - before
+  return state, (steps, tokens, tokens)
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
@@ -198,6 +200,13 @@ class RolloutEngine:
     cap = prompt_len + max_new_tokens + margin
     return int(-(-cap // 16) * 16)
 
+  def start(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
+            rng: jax.Array, drafter_params=None, selector=None) -> "RolloutSession":
+    """Prefills and returns a session that decodes chunk by chunk (`session.advance()`); a host
+    scheduler interleaves the sessions of several rollout groups this way."""
+    return RolloutSession(self, params, prompt_BxP, prompt_len_B, max_new_tokens, rng, drafter_params,
+                          selector)
+
   def generate(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
                rng: jax.Array, drafter_params=None, selector=None) -> RolloutResult:
     """Generates up to `max_new_tokens` (an int, or one per row) for each right-padded prompt.
@@ -208,6 +217,21 @@ class RolloutEngine:
     chunk, and is told each chunk's outcome through `selector.update(active_batch, strategy,
     accept_len, batch, time_per_round)`.
     """
+    session = self.start(params, prompt_BxP, prompt_len_B, max_new_tokens, rng, drafter_params, selector)
+    while session.advance():
+      pass
+    return session.result()
+
+
+class RolloutSession:
+  """One batch being generated. `advance()` waits for the chunk in flight (if any), copies out
+  finished rows, compacts, and dispatches the next chunk without waiting for it (JAX async
+  dispatch); it returns False once every row is done. `drafter_params` may be swapped between
+  calls (a newly published drafter version)."""
+
+  def __init__(self, engine: RolloutEngine, params, prompt_BxP, prompt_len_B, max_new_tokens, rng,
+               drafter_params=None, selector=None):
+    self.engine, self.params, self.drafter_params, self.selector = engine, params, drafter_params, selector
     prompt_BxP = np.asarray(prompt_BxP, np.int32)
     prompt_len_B = np.asarray(prompt_len_B, np.int32)
     n, p = prompt_BxP.shape
@@ -218,94 +242,120 @@ class RolloutEngine:
     if prompt_len_B.min() < 1:
       raise ValueError("every prompt needs at least one token (BOS)")
     longest = int(prompt_len_B.max())
-    capacity = self.capacity_for(p, max_new_tokens)
-    if longest + max_new_tokens > self.max_context or capacity > self.max_context + 64:
+    capacity = engine.capacity_for(p, max_new_tokens)
+    if longest + max_new_tokens > engine.max_context or capacity > engine.max_context + 64:
       raise ValueError(
           f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the context "
-          f"{self.max_context}; shorten the prompt or lower max_new_tokens")
-    t_start = time.perf_counter()
-    b0 = bucket_for(n, self.buckets) if self.compact else n
+          f"{engine.max_context}; shorten the prompt or lower max_new_tokens")
+    self.t_start = time.perf_counter()
+    b0 = bucket_for(n, engine.buckets) if engine.compact else n
     pad = b0 - n
     prompts = np.concatenate([prompt_BxP, np.repeat(prompt_BxP[:1], pad, 0)]) if pad else prompt_BxP
     plens = np.concatenate([prompt_len_B, np.repeat(prompt_len_B[:1], pad)]) if pad else prompt_len_B
     max_new = np.concatenate([max_new_N, np.ones(pad, np.int32)])
-    state = self._prefill(params, jnp.asarray(prompts), jnp.asarray(plens), jnp.asarray(max_new),
-                          rng, capacity=capacity)
-    row_ids = np.concatenate([np.arange(n), -np.ones(pad, np.int64)])
+    state = engine._prefill(params, jnp.asarray(prompts), jnp.asarray(plens), jnp.asarray(max_new),
+                            rng, capacity=capacity)
+    self.row_ids = np.concatenate([np.arange(n), -np.ones(pad, np.int64)])
     if pad:
       state = state.replace(done_B=state.done_B.at[n:].set(True))
     jax.block_until_ready(state.done_B)
-    t_prefill = time.perf_counter() - t_start
+    self.state = state
+    self.tokens = np.full((n, max_new_tokens), engine.pad_id, np.int32)
+    self.logprobs = np.zeros((n, max_new_tokens), np.float32)
+    self.lengths = np.zeros((n,), np.int32)
+    self.finished = np.zeros((n,), bool)
+    self.trace: list[int] = []
+    self.times = {"prefill": time.perf_counter() - self.t_start, "decode": 0.0, "speculative": 0.0,
+                  "compact": 0.0}
+    self.chunks: list[dict] = []
+    self.spec_tokens = self.spec_row_rounds = 0
+    self._in_flight = None  # (phase, strategy, active, t_dispatch, device stats)
+    self.is_done = False
 
-    tokens = np.full((n, max_new_tokens), self.pad_id, np.int32)
-    logprobs = np.zeros((n, max_new_tokens), np.float32)
-    lengths = np.zeros((n,), np.int32)
-    finished = np.zeros((n,), bool)
-    trace, times = [], {"prefill": t_prefill, "decode": 0.0, "speculative": 0.0, "compact": 0.0}
-    spec_tokens, spec_row_rounds = 0, 0
-    chunks = []
+  @property
+  def num_active(self) -> int:
+    return 0 if self.is_done else int(self.trace[-1]) if self.trace else len(self.row_ids)
 
-    def copy_out(st, rows):
-      rows = [r for r in rows if row_ids[r] >= 0]
-      if not rows:
-        return
-      idx = np.asarray(rows)
-      seq, lp, ng, pl = jax.device_get((st.seq_BxS[idx], st.logprobs_BxM[idx], st.num_gen_B[idx],
-                                        st.prompt_len_B[idx]))
-      for j, r in enumerate(rows):
-        k = int(ng[j])
-        out = seq[j, pl[j]:pl[j] + k]
-        tokens[row_ids[r], :k] = out
-        logprobs[row_ids[r], :k] = lp[j, :k]
-        lengths[row_ids[r]] = k
-        finished[row_ids[r]] = bool(np.isin(out[k - 1], self.eos_ids)) if k else False
+  def _copy_out(self, rows):
+    st, row_ids = self.state, self.row_ids
+    rows = [r for r in rows if row_ids[r] >= 0]
+    if not rows:
+      return
+    idx = np.asarray(rows)
+    seq, lp, ng, pl = jax.device_get((st.seq_BxS[idx], st.logprobs_BxM[idx], st.num_gen_B[idx],
+                                      st.prompt_len_B[idx]))
+    for j, r in enumerate(rows):
+      k = int(ng[j])
+      out = seq[j, pl[j]:pl[j] + k]
+      self.tokens[row_ids[r], :k] = out
+      self.logprobs[row_ids[r], :k] = lp[j, :k]
+      self.lengths[row_ids[r]] = k
+      self.finished[row_ids[r]] = bool(np.isin(out[k - 1], self.engine.eos_ids)) if k else False
 
-    while True:
-      done = np.asarray(state.done_B) | (row_ids < 0)
-      active = np.flatnonzero(~done)
-      if active.size == 0:
-        copy_out(state, list(range(len(row_ids))))
-        break
-      b = bucket_for(active.size, self.buckets)
-      if self.compact and b < len(row_ids):
-        t0 = time.perf_counter()
-        copy_out(state, list(np.flatnonzero(done)))
-        idx = np.concatenate([active, np.repeat(active[:1], b - active.size)])
-        state = self._take(state, jnp.asarray(idx))
-        if b > active.size:
-          state = state.replace(done_B=state.done_B.at[active.size:].set(True))
-        row_ids = np.concatenate([row_ids[active], -np.ones(b - active.size, np.int64)])
-        times["compact"] += time.perf_counter() - t0
-      trace.append(int(active.size))
-      strategy = None
-      if (self.speculative is not None and drafter_params is not None
-          and active.size <= self.spec_threshold):
-        strategy = selector.select(int(active.size)) if selector is not None else self.speculative.default_strategy
-        strategy = None if tuple(strategy) == PLAIN else strategy
+  def _finish_chunk(self):
+    phase, strategy, active, t0, stats = self._in_flight
+    self._in_flight = None
+    rounds, tokens, row_rounds = (int(x) for x in jax.device_get(stats))
+    dt = time.perf_counter() - t0
+    self.times[phase] += dt
+    if phase == "speculative":
+      self.spec_tokens += tokens
+      self.spec_row_rounds += row_rounds
+    accept_len = tokens / max(row_rounds, 1)
+    if self.selector is not None and (strategy is not None or active <= self.engine.spec_threshold):
+      r = max(rounds, 1)
+      self.selector.update(active, PLAIN if strategy is None else tuple(strategy), accept_len,
+                           row_rounds / r, dt / r)
+    self.chunks.append(dict(batch=active, strategy=None if strategy is None else str(strategy),
+                            accept_len=accept_len, time_s=dt, rounds=rounds, tokens=tokens,
+                            row_rounds=row_rounds))
+
+  def advance(self) -> bool:
+    """Finishes the chunk in flight and dispatches the next; False when all rows are done."""
+    if self.is_done:
+      return False
+    eng = self.engine
+    if self._in_flight is not None:
+      self._finish_chunk()
+    done = np.asarray(self.state.done_B) | (self.row_ids < 0)
+    active = np.flatnonzero(~done)
+    if active.size == 0:
+      self._copy_out(list(range(len(self.row_ids))))
+      self.is_done = True
+      self.times["total"] = time.perf_counter() - self.t_start
+      return False
+    b = bucket_for(active.size, eng.buckets)
+    if eng.compact and b < len(self.row_ids):
       t0 = time.perf_counter()
-      if strategy is not None:
-        state, st = self.speculative.run_chunk(params, drafter_params, state, strategy)
-        phase = "speculative"
-        spec_tokens += st["tokens"]
-        spec_row_rounds += st["row_rounds"]
-      else:
-        before = int(np.asarray(state.num_gen_B).sum())
-        state, steps = self._chunk(params, state)
-        gained = int(np.asarray(state.num_gen_B).sum()) - before
-        st = {"rounds": int(steps), "tokens": gained, "row_rounds": gained}
-        phase = "decode"
-      dt = time.perf_counter() - t0
-      times[phase] += dt
-      accept_len = st["tokens"] / max(st["row_rounds"], 1)
-      if selector is not None and (strategy is not None or active.size <= self.spec_threshold):
-        rounds = max(st["rounds"], 1)
-        selector.update(int(active.size), PLAIN if strategy is None else tuple(strategy), accept_len,
-                        st["row_rounds"] / rounds, dt / rounds)
-      chunks.append(dict(batch=int(active.size), strategy=None if strategy is None else str(strategy),
-                         accept_len=accept_len, time_s=dt, **st))
+      self._copy_out(list(np.flatnonzero(done)))
+      idx = np.concatenate([active, np.repeat(active[:1], b - active.size)])
+      state = eng._take(self.state, jnp.asarray(idx))
+      if b > active.size:
+        state = state.replace(done_B=state.done_B.at[active.size:].set(True))
+      self.state = state
+      self.row_ids = np.concatenate([self.row_ids[active], -np.ones(b - active.size, np.int64)])
+      self.times["compact"] += time.perf_counter() - t0
+    self.trace.append(int(active.size))
+    strategy = None
+    if (eng.speculative is not None and self.drafter_params is not None
+        and active.size <= eng.spec_threshold):
+      strategy = (self.selector.select(int(active.size)) if self.selector is not None
+                  else eng.speculative.default_strategy)
+      strategy = None if tuple(strategy) == PLAIN else strategy
+    t0 = time.perf_counter()
+    if strategy is not None:
+      self.state, stats = eng.speculative.dispatch_chunk(self.params, self.drafter_params, self.state, strategy)
+      phase = "speculative"
+    else:
+      self.state, stats = eng._chunk(self.params, self.state)
+      phase = "decode"
+    self._in_flight = (phase, strategy, int(active.size), t0, stats)
+    return True
 
-    times["total"] = time.perf_counter() - t_start
-    stats = dict(active_trace=trace, time_s=times, num_tokens=int(lengths.sum()),
-                 spec_accept_len=(spec_tokens / spec_row_rounds) if spec_row_rounds else None,
-                 chunks=chunks, spec_chunks=[c for c in chunks if c["strategy"] is not None])
-    return RolloutResult(tokens, lengths, logprobs, finished, stats)
+  def result(self) -> RolloutResult:
+    if not self.is_done:
+      raise RuntimeError("RolloutSession.result() before all rows are done; call advance() until False")
+    stats = dict(active_trace=self.trace, time_s=self.times, num_tokens=int(self.lengths.sum()),
+                 spec_accept_len=(self.spec_tokens / self.spec_row_rounds) if self.spec_row_rounds else None,
+                 chunks=self.chunks, spec_chunks=[c for c in self.chunks if c["strategy"] is not None])
+    return RolloutResult(self.tokens, self.lengths, self.logprobs, self.finished, stats)

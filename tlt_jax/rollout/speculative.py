@@ -284,13 +284,11 @@ class SpeculativeDecoder:
   def draft_capacity(self, target_capacity: int) -> int:
     return target_capacity + self.max_nodes + self.max_depth + 1
 
-  def run_chunk(self, tparams, dparams, state: DecodeState, strategy: Strategy | None = None):
-    """Runs one chunk of rounds; prefills the drafter cache on the first call for this state.
-    Returns (state, dict(rounds, tokens, row_rounds))."""
+  def dispatch_chunk(self, tparams, dparams, state: DecodeState, strategy: Strategy | None = None):
+    """Dispatches one chunk of rounds (asynchronously); prefills the drafter cache on the first
+    call for this state. Returns (state, (rounds, tokens, row_rounds) as device scalars)."""
     strategy = Strategy.parse(strategy) if strategy is not None else self.default_strategy
     if state.draft_cache is None:
       state = state.replace(draft_cache=self._prefill(
           tparams, dparams, state, capacity=self.draft_capacity(state.seq_BxS.shape[1])))
-    state, (rounds, tokens, row_rounds) = self._chunk_fn(strategy)(tparams, dparams, state)
-    rounds, tokens, row_rounds = jax.device_get((rounds, tokens, row_rounds))
-    return state, {"rounds": int(rounds), "tokens": int(tokens), "row_rounds": int(row_rounds)}
+    return self._chunk_fn(strategy)(tparams, dparams, state)
