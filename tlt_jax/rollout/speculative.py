@@ -84,12 +84,6 @@ def _write_block(buf_BxS, block_BxW, start_B):
                   )(buf_BxS, block_BxW, start_B)
 
 
-def _read_block(buf_BxS, start_B, width: int):
-  zeros = (0,) * (buf_BxS.ndim - 2)
-  return jax.vmap(lambda buf, s: jax.lax.dynamic_slice(buf, (s,) + zeros, (width,) + buf.shape[1:])
-                  )(buf_BxS, start_B)
-
-
 def drafter_prefill(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState, *,
                     capacity: int) -> KVCache:
   """Fills the drafter cache with the pairs (x_{t+1}, f_t), t < L - 1, of every row (L = the
@@ -201,22 +195,21 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
   budget = state.max_new_B - state.num_gen_B
   n_new = jnp.where(active, jnp.minimum(jnp.minimum(count, first_eos + 1), budget), 0)
 
-  # 5. Commit.
-  seq = _write_block(state.seq_BxS, jnp.where(active[:, None], out_tok, _read_block(state.seq_BxS, L + 1, d + 1)), L + 1)
-  logprobs = _write_block(state.logprobs_BxM, jnp.where(active[:, None], out_lp, _read_block(
-      state.logprobs_BxM, state.num_gen_B, d + 1)), state.num_gen_B)
-  feat = state.feat_BxSxD
-  chain_feat = jnp.take_along_axis(hidden, chain[..., None], axis=1).astype(feat.dtype)
-  feat = _write_block(feat, jnp.where(active[:, None, None], chain_feat, _read_block(feat, L, d + 1)), L)
-  moved_k, moved_v = [], []
-  src = L[:, None] + chain[:, 1:]  # slots of the accepted nodes (depth 1..d)
-  for ck, cv in zip(tcache.k, tcache.v):
-    moved_k.append(_write_block(ck, jnp.take_along_axis(ck, src[:, :, None, None], axis=1), L + 1))
-    moved_v.append(_write_block(cv, jnp.take_along_axis(cv, src[:, :, None, None], axis=1), L + 1))
+  # 5. Commit. Writes land past each row's pending token (or past its last logprob), so rows that
+  # are done, or accept fewer tokens, only overwrite slots that are not committed.
+  seq = _write_block(state.seq_BxS, out_tok, L + 1)
+  logprobs = _write_block(state.logprobs_BxM, out_lp, state.num_gen_B)
+  chain_feat = jnp.take_along_axis(hidden, chain[..., None], axis=1)
+  feat = _write_block(state.feat_BxSxD, chain_feat, L)
+  moved_k, moved_v = tcache.k, tcache.v
+  if k > 1:  # a chain's accepted nodes already sit in consecutive slots L+1..L+a
+    src = L[:, None] + chain[:, 1:]  # slots of the accepted nodes (depth 1..d)
+    move = lambda c: _write_block(c, jnp.take_along_axis(c, src[:, :, None, None], axis=1), L + 1)
+    moved_k, moved_v = tuple(map(move, tcache.k)), tuple(map(move, tcache.v))
   num_gen = state.num_gen_B + n_new
   last_tok = _rows(out_tok, jnp.maximum(n_new - 1, 0))
   done = state.done_B | (active & ((is_eos(last_tok, eos_ids) & (n_new > 0)) | (num_gen >= state.max_new_B)))
-  cache = KVCache(tuple(moved_k), tuple(moved_v), jnp.where(active, L + n_new, L))
+  cache = KVCache(moved_k, moved_v, jnp.where(active, L + n_new, L))
   new_state = state.replace(cache=cache, seq_BxS=seq, feat_BxSxD=feat, logprobs_BxM=logprobs,
                             num_gen_B=num_gen, done_B=done, rng=rng, draft_cache=dcache)
   return new_state, n_new
