@@ -95,50 +95,51 @@ def drafter_prefill(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeS
   return cache.replace(lengths=state.cache.lengths - 1)
 
 
-def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: SamplingParams,
-                      eos_ids, catchup_width: int):
-  """One draft-verify-accept round for the whole batch (see the module docstring).
+def _draft_chain(tgt, drf, dcache, root_feat_BxD, L, d: int, n: int):
+  """k = 1: d greedy draft tokens in a line. The tree is static: node j has depth j+1 and parent
+  j-1, and each level is one causal drafter step. Returns the verification block (see _draft_tree)."""
+  b = root_feat_BxD.shape[0]
+  tok_B = jnp.argmax(tgt.logits(root_feat_BxD), axis=-1).astype(jnp.int32)
+  feat_BxD, tokens = root_feat_BxD, [tok_B]
+  for level in range(1, d):
+    out, dcache = drf(tgt.embed(tok_B[:, None]), feat_BxD[:, None], (L + level - 1)[:, None], cache=dcache)
+    feat_BxD = out[:, 0]
+    tok_B = jnp.argmax(tgt.logits(feat_BxD), axis=-1).astype(jnp.int32)
+    tokens.append(tok_B)
+  tokens = jnp.stack(tokens[:n], axis=1)  # [B, n]
+  depth = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (b, n))
+  blk_mask = jnp.broadcast_to(jnp.tril(jnp.ones((n + 1, n + 1), bool)), (b, n + 1, n + 1))
+  par_blk = jnp.broadcast_to(jnp.arange(-1, n, dtype=jnp.int32), (b, n + 1))
+  return tokens, depth, blk_mask, par_blk, dcache
 
-  Returns (state, emitted_B) where emitted_B counts the tokens appended per active row.
+
+def _draft_tree(tgt, drf, dcache, root_feat_BxD, L, d: int, k: int, n: int):
+  """EAGLE-2 dynamic tree: N = d*k nodes, level l (1-based) at [(l-1)k, lk); each level expands
+  every node into its top-k children and keeps the k best by cumulative draft log-probability;
+  the n best nodes overall (an ancestor-closed set) are verified.
+
+  Returns the verification block without its root: node tokens [B, n], depths [B, n], the tree
+  attention mask over (root + nodes) [B, n+1, n+1], and each block entry's parent index [B, n+1]
+  (-1 for the root); and the drafter cache (its tree entries past L are garbage).
   """
-  d, k, n = strategy.depth, strategy.topk, strategy.num_verify
-  b = state.done_B.shape[0]
-  active = ~state.done_B
-  L = state.cache.lengths  # pending position
-  dcache = state.draft_cache
-  ar = jnp.arange(b)
-
-  # 1. Catch-up over t in [dl, L-1]; the output at t = L-1 is f̂_L.
-  dl = dcache.lengths
-  w = catchup_width
-  t_BxW = dl[:, None] + jnp.arange(w)[None]
-  tok_BxW = jnp.take_along_axis(state.seq_BxS, jnp.clip(t_BxW + 1, 0, state.seq_BxS.shape[1] - 1), axis=1)
-  feat_BxWxD = jnp.take_along_axis(
-      state.feat_BxSxD, jnp.clip(t_BxW, 0, state.feat_BxSxD.shape[1] - 1)[..., None], axis=1)
-  out_BxWxD, dcache = drf(tgt.embed(tok_BxW), feat_BxWxD, t_BxW, cache=dcache)
-  root_feat_BxD = _rows(out_BxWxD, L - 1 - dl)
-  dcache = dcache.replace(lengths=L)
-
-  # 2. Draft tree: N = d*k nodes, level l (1-based) in [(l-1)k, lk).
+  b = root_feat_BxD.shape[0]
   num_nodes = d * k
   logq_BxV = jax.nn.log_softmax(tgt.logits(root_feat_BxD), axis=-1)
   lq_Bxk, tok_Bxk = jax.lax.top_k(logq_BxV, k)
   tokens = jnp.zeros((b, num_nodes), jnp.int32).at[:, :k].set(tok_Bxk)
   scores = jnp.full((b, num_nodes), -jnp.inf, jnp.float32).at[:, :k].set(lq_Bxk)
   parent = jnp.full((b, num_nodes), -1, jnp.int32)
-  depth = jnp.zeros((num_nodes,), jnp.int32).at[:].set(jnp.arange(num_nodes) // k + 1)
+  depth = jnp.arange(num_nodes, dtype=jnp.int32) // k + 1
   anc = jnp.zeros((b, num_nodes, num_nodes), bool).at[:, jnp.arange(k), jnp.arange(k)].set(True)
   parent_feat_BxkxD = jnp.broadcast_to(root_feat_BxD[:, None], (b, k, root_feat_BxD.shape[-1]))
   slots_S = jnp.arange(dcache.capacity)
+  rel = slots_S[None, :] - L[:, None]  # tree node index of each drafter slot
+  in_tree = (rel >= 0) & (rel < num_nodes)
   for level in range(1, d):
     ids = (level - 1) * k + jnp.arange(k)
-    rel = slots_S[None, :] - L[:, None]  # tree node index of each slot
-    in_tree = (rel >= 0) & (rel < num_nodes)
-    anc_rows = anc[:, ids]  # [B, k, N]
-    seen = jnp.take_along_axis(anc_rows, jnp.broadcast_to(jnp.clip(rel, 0, num_nodes - 1)[:, None],
-                                                          (b, k, rel.shape[1])), axis=2)
-    # A chain's ancestors are exactly the slots before it: plain causal cache semantics.
-    kv_mask = None if k == 1 else (rel < 0)[:, None] | (in_tree[:, None] & seen)
+    seen = jnp.take_along_axis(anc[:, ids], jnp.broadcast_to(jnp.clip(rel, 0, num_nodes - 1)[:, None],
+                                                             (b, k, rel.shape[1])), axis=2)
+    kv_mask = (rel < 0)[:, None] | (in_tree[:, None] & seen)  # committed slots + ancestors
     pos = jnp.broadcast_to((L + level - 1)[:, None], (b, k))
     out_BxkxD, dcache = drf(tgt.embed(tokens[:, ids]), parent_feat_BxkxD, pos,
                             cache=dcache.replace(lengths=L + (level - 1) * k), kv_mask_BxTxS=kv_mask)
@@ -154,19 +155,49 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
     anc = anc.at[:, new].set(jnp.take_along_axis(anc, par_global[:, :, None], axis=1))
     anc = anc.at[:, new, new].set(True)
     parent_feat_BxkxD = jnp.take_along_axis(out_BxkxD, par_local[..., None], axis=1)
-  dcache = dcache.replace(lengths=L)  # tree entries are dropped
-
-  # 3. Verify the n best nodes (parents sort before children: scores fall along a path, and the
-  # depth term breaks ties) with the pending token as the root, in one target forward.
+  # Parents sort before children: scores fall along a path, and the depth term breaks ties.
   _, sel = jax.lax.top_k(scores - 1e-4 * depth[None].astype(jnp.float32), n)  # [B, n]
-  pending = _rows(state.seq_BxS, L)
-  blk_tok = jnp.concatenate([pending[:, None], jnp.take_along_axis(tokens, sel, axis=1)], axis=1)
-  blk_pos = L[:, None] + jnp.concatenate([jnp.zeros((b, 1), jnp.int32), depth[sel]], axis=1)
   anc_sel = jnp.take_along_axis(jnp.take_along_axis(anc, sel[:, :, None], axis=1), sel[:, None, :], axis=2)
   blk_mask = jnp.zeros((b, n + 1, n + 1), bool).at[:, :, 0].set(True).at[:, 1:, 1:].set(anc_sel)
   par_sel = jnp.take_along_axis(parent, sel, axis=1)  # global id or -1
   par_blk = jnp.where(par_sel < 0, 0, 1 + jnp.argmax(sel[:, None, :] == par_sel[:, :, None], axis=2))
   par_blk = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), par_blk.astype(jnp.int32)], axis=1)
+  return jnp.take_along_axis(tokens, sel, axis=1), depth[sel], blk_mask, par_blk, dcache
+
+
+def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: SamplingParams,
+                      eos_ids, catchup_width: int):
+  """One draft-verify-accept round for the whole batch (see the module docstring).
+
+  Returns (state, emitted_B) where emitted_B counts the tokens appended per active row.
+  """
+  d, k, n = strategy.depth, strategy.topk, strategy.num_verify
+  b = state.done_B.shape[0]
+  active = ~state.done_B
+  L = state.cache.lengths  # pending position
+  dcache = state.draft_cache
+
+  # 1. Catch-up over t in [dl, L-1]; the output at t = L-1 is f̂_L.
+  dl = dcache.lengths
+  t_BxW = dl[:, None] + jnp.arange(catchup_width)[None]
+  tok_BxW = jnp.take_along_axis(state.seq_BxS, jnp.clip(t_BxW + 1, 0, state.seq_BxS.shape[1] - 1), axis=1)
+  feat_BxWxD = jnp.take_along_axis(
+      state.feat_BxSxD, jnp.clip(t_BxW, 0, state.feat_BxSxD.shape[1] - 1)[..., None], axis=1)
+  out_BxWxD, dcache = drf(tgt.embed(tok_BxW), feat_BxWxD, t_BxW, cache=dcache)
+  root_feat_BxD = _rows(out_BxWxD, L - 1 - dl)
+  dcache = dcache.replace(lengths=L)
+
+  # 2. Draft.
+  if k == 1:
+    node_tok, node_depth, blk_mask, par_blk, dcache = _draft_chain(tgt, drf, dcache, root_feat_BxD, L, d, n)
+  else:
+    node_tok, node_depth, blk_mask, par_blk, dcache = _draft_tree(tgt, drf, dcache, root_feat_BxD, L, d, k, n)
+  dcache = dcache.replace(lengths=L)  # the draft entries are dropped
+
+  # 3. Verify the nodes with the pending token as the root, in one target forward.
+  pending = _rows(state.seq_BxS, L)
+  blk_tok = jnp.concatenate([pending[:, None], node_tok], axis=1)
+  blk_pos = L[:, None] + jnp.concatenate([jnp.zeros((b, 1), jnp.int32), node_depth], axis=1)
   logits, hidden, tcache = tgt(blk_tok, blk_pos, cache=state.cache, attn_mask_BxTxT=blk_mask)
 
   # 4. Target-only acceptance walk. Every block node j draws its own x_j ~ p_j up front (the
