@@ -188,3 +188,11 @@ def test_prompt_longer_than_context(models, prompts):
   eng = RolloutEngine(g, SamplingParams(temperature=0.0), eos_ids=EOS, max_context=16)
   with pytest.raises(ValueError, match="exceeds the context"):
     eng.generate(params, *prompts, 40, jax.random.key(0))
+
+
+def test_drafter_target_size_mismatch(models, prompts):
+  sp = SamplingParams(temperature=0.0)
+  _, spec = _engines(models, sp)
+  wide = random_drafter(target_config(hidden_size=48, num_heads=4))
+  with pytest.raises(ValueError, match="hidden_size=48 does not match the target's hidden_size=32"):
+    spec.generate(models["target"][1], *prompts, 8, jax.random.key(0), drafter_params=nnx.split(wide)[1])

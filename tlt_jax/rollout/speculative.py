@@ -270,6 +270,15 @@ def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: Decod
   return state, (i, tokens, row_rounds)
 
 
+def check_sizes(tparams, dparams) -> None:
+  """The drafter reads and predicts the target's features: its width must be the target's."""
+  target_h = tparams["embed_tokens"][...].shape[1]
+  drafter_h = dparams["fc"]["kernel"][...].shape[1]
+  if target_h != drafter_h:
+    raise ValueError(f"drafter hidden_size={drafter_h} does not match the target's hidden_size={target_h}; "
+                     "build the drafter from the target's ModelConfig (EagleDrafter(target.cfg, ...))")
+
+
 @dataclasses.dataclass
 class SpeculativeDecoder:
   """Plugs speculative rounds into RolloutEngine; one compiled chunk per (strategy, bucket)."""
@@ -313,6 +322,7 @@ class SpeculativeDecoder:
     call for this state. Returns (state, (rounds, tokens, row_rounds) as device scalars)."""
     strategy = Strategy.parse(strategy) if strategy is not None else self.default_strategy
     if state.draft_cache is None:
+      check_sizes(tparams, dparams)
       state = state.replace(draft_cache=self._prefill(
           tparams, dparams, state, capacity=self.draft_capacity(state.seq_BxS.shape[1])))
     return self._chunk_fn(strategy)(tparams, dparams, state)
