@@ -7,48 +7,23 @@ loss). Hyper-parameters are keyword-only and bound by `get_advantage(name, **kwa
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from tlt_jax.utils.registry import Registry
 
 Array = jax.Array
 AdvantageFn = Callable[[Array], Array]
 
-_ADVANTAGES: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-  """Decorator: registers an advantage estimator under `name` (names are unique)."""
-
-  def register(fn: AdvantageFn) -> AdvantageFn:
-    if name in _ADVANTAGES and _ADVANTAGES[name] is not fn:
-      raise ValueError(f"advantage {name!r} is already registered")
-    _ADVANTAGES[name] = fn
-    return fn
-
-  return register
-
-
-def registered_advantages() -> list[str]:
-  return sorted(_ADVANTAGES)
+_ADVANTAGES = Registry("advantage")
+register_advantage = _ADVANTAGES.register  # decorator: registers an estimator under a name
+registered_advantages = _ADVANTAGES.names
 
 
 def get_advantage(name: str, **kwargs) -> AdvantageFn:
   """The estimator registered as `name`, with its keyword-only hyper-parameters bound."""
-  if name not in _ADVANTAGES:
-    raise ValueError(f"unknown advantage {name!r}; registered advantages: "
-                     f"{registered_advantages()}")
-  fn = _ADVANTAGES[name]
-  if not kwargs:
-    return fn
-  try:
-    inspect.signature(fn).bind_partial(**kwargs)
-  except TypeError as e:
-    raise ValueError(f"advantage {name!r}: bad arguments {sorted(kwargs)}: {e}") from None
-  return functools.partial(fn, **kwargs)
+  return _ADVANTAGES.bind(name, **kwargs)
 
 
 def _check_group(rewards_NxG: Array, min_group: int, what: str) -> None:

@@ -17,13 +17,12 @@ that one failing group scores zeros and the run goes on.
 from __future__ import annotations
 
 import collections
-import functools
-import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
+from tlt_jax.utils.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -38,37 +37,14 @@ class Task(Protocol):
 
 RewardFn = Callable[[list, list, list, Any, Task], np.ndarray]
 
-_REWARDS: dict[str, RewardFn] = {}
-
-
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-  """Decorator: registers a group reward function under `name` (names are unique)."""
-
-  def register(fn: RewardFn) -> RewardFn:
-    if name in _REWARDS and _REWARDS[name] is not fn:
-      raise ValueError(f"reward {name!r} is already registered")
-    _REWARDS[name] = fn
-    return fn
-
-  return register
-
-
-def registered_rewards() -> list[str]:
-  return sorted(_REWARDS)
+_REWARDS = Registry("reward")
+register_reward = _REWARDS.register  # decorator: registers a group reward function under a name
+registered_rewards = _REWARDS.names
 
 
 def get_reward(name: str, **kwargs) -> RewardFn:
   """The reward registered as `name`, with its keyword-only hyper-parameters bound."""
-  if name not in _REWARDS:
-    raise ValueError(f"unknown reward {name!r}; registered rewards: {registered_rewards()}")
-  fn = _REWARDS[name]
-  if not kwargs:
-    return fn
-  try:
-    inspect.signature(fn).bind_partial(**kwargs)
-  except TypeError as e:
-    raise ValueError(f"reward {name!r}: bad arguments {sorted(kwargs)}: {e}") from None
-  return functools.partial(fn, **kwargs)
+  return _REWARDS.bind(name, **kwargs)
 
 
 def _correct_mask(responses, finished, example, task) -> np.ndarray:

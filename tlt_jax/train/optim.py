@@ -16,39 +16,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tlt_jax.utils.registry import Registry
 
 ScheduleBuilder = Callable[..., optax.Schedule]
 
-_SCHEDULES: dict[str, ScheduleBuilder] = {}
-
-
-def register_schedule(name: str) -> Callable[[ScheduleBuilder], ScheduleBuilder]:
-  """Decorator: registers `builder(peak_lr, total_steps, warmup_steps, *, init_lr, ...)`."""
-
-  def register(builder: ScheduleBuilder) -> ScheduleBuilder:
-    if name in _SCHEDULES and _SCHEDULES[name] is not builder:
-      raise ValueError(f"schedule {name!r} is already registered")
-    _SCHEDULES[name] = builder
-    return builder
-
-  return register
-
-
-def registered_schedules() -> list[str]:
-  return sorted(_SCHEDULES)
+_SCHEDULES = Registry("schedule")
+# decorator: registers `builder(peak_lr, total_steps, warmup_steps, *, init_lr, ...)` under a name
+register_schedule = _SCHEDULES.register
+registered_schedules = _SCHEDULES.names
 
 
 def schedule_options(name: str) -> list[str]:
   """The keyword-only options of schedule `name` (e.g. ["decay_frac", "final_lr", "init_lr"])."""
-  params = inspect.signature(_SCHEDULES[name]).parameters.values()
+  params = inspect.signature(_SCHEDULES.get(name)).parameters.values()
   return sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 def make_schedule(name: str, peak_lr: float, total_steps: int, warmup_steps: int = 0,
                   **kwargs) -> optax.Schedule:
   """The schedule registered as `name`; kwargs are its options (see `schedule_options`)."""
-  if name not in _SCHEDULES:
-    raise ValueError(f"unknown schedule {name!r}; registered schedules: {registered_schedules()}")
+  builder = _SCHEDULES.get(name)
   if not peak_lr > 0:
     raise ValueError(f"peak_lr={peak_lr!r}; must be > 0")
   if int(total_steps) < 1:
@@ -59,7 +46,7 @@ def make_schedule(name: str, peak_lr: float, total_steps: int, warmup_steps: int
   if unknown:
     raise ValueError(f"schedule {name!r} got unknown option(s) {sorted(unknown)}; "
                      f"allowed: {schedule_options(name)}")
-  return _SCHEDULES[name](float(peak_lr), int(total_steps), int(warmup_steps), **kwargs)
+  return builder(float(peak_lr), int(total_steps), int(warmup_steps), **kwargs)
 
 
 def _join(pieces: list[tuple[int, optax.Schedule]]) -> optax.Schedule:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+from tlt_jax.utils.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,24 +67,19 @@ class Task(abc.ABC):
     return predicted is not None and self.answers_match(predicted, example.answer)
 
 
-_TASKS: dict[str, Callable[..., Task]] = {}
+_TASKS = Registry("task")
+registered_tasks = _TASKS.names
 
 
 def register_task(name: str):
   """Class decorator: makes the task constructible by name through `get_task(name, **kwargs)`."""
 
   def wrap(cls):
-    if name in _TASKS and _TASKS[name] is not cls:
-      raise ValueError(f"task {name!r} is already registered to {_TASKS[name]!r}")
-    _TASKS[name] = cls
+    _TASKS.register(name)(cls)
     cls.name = name
     return cls
 
   return wrap
-
-
-def registered_tasks() -> list[str]:
-  return sorted(_TASKS)
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
@@ -92,9 +88,7 @@ def get_task(name: str, **kwargs: Any) -> Task:
   Raises ValueError naming the registered tasks for an unknown name, and the allowed options
   for an unknown option.
   """
-  if name not in _TASKS:
-    raise ValueError(f"unknown task {name!r}; registered tasks: {registered_tasks()}")
-  factory = _TASKS[name]
+  factory = _TASKS.get(name)
   params = inspect.signature(factory).parameters
   if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
     unknown = sorted(set(kwargs) - set(params))
