@@ -134,6 +134,10 @@ def main(argv=None):
     rows.append(rec)
     out_jsonl.write(json.dumps(rec) + "\n")
     print(json.dumps(rec), flush=True)
+  verify = verify_cost(policy, [1, 2, 3, 5, 9])
+  for rec in verify:
+    out_jsonl.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec), flush=True)
   out_jsonl.close()
   elapsed = time.perf_counter() - t_start
 
@@ -146,12 +150,47 @@ def main(argv=None):
         "\n## Plain decoding cost per step vs batch (the regime)\n",
         markdown_table([dict(batch=b, plain_step_ms=auto[b]["plain_step_ms"],
                              plain_tok_s=auto[b]["plain_tok_s"]) for b in batches],
-                       ["batch", "plain_step_ms", "plain_tok_s"])]
+                       ["batch", "plain_step_ms", "plain_tok_s"]),
+        "\n## Target forward cost vs tokens per call at batch 1 (what verifying n drafts costs)\n",
+        markdown_table(verify, ["tokens", "ms", "vs_1_token"])]
   with open(os.path.join(args.out, "rollout_speedup.md"), "w") as f:
     f.write("\n".join(md))
   plot(rows, batches, strategies, os.path.join(args.out, "rollout_speedup.png"))
   print(json.dumps({"plain_tok_s_batch1": auto[batches[0]]["plain_tok_s"],
                     "plain_tok_s_batch_max": auto[batches[-1]]["plain_tok_s"], "elapsed_s": elapsed}))
+
+
+def verify_cost(policy, token_counts, rounds: int = 50, repeats: int = 15):
+  """ms per cached target forward of T tokens at batch 1 (min over repeats of a jitted loop)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from tlt_jax.models.transformer import KVCache
+  graphdef, params = nnx.split(policy)
+  cache = KVCache.init(policy.cfg, 1, 192).replace(lengths=jnp.full((1,), 64, jnp.int32))
+  out = []
+  for t in token_counts:
+    @jax.jit
+    def loop(p, c, t=t):
+      model = nnx.merge(graphdef, p)
+
+      def body(i, c):  # the tokens depend on the carry, so nothing is hoisted out of the loop
+        logits, _, c2 = model(jnp.ones((1, t), jnp.int32) * (c.lengths[:, None] % 7), cache=c)
+        return c2.replace(lengths=c.lengths + (logits[:, 0, 0] > 1e9).astype(jnp.int32))
+
+      return jax.lax.fori_loop(0, rounds, body, c)
+
+    jax.block_until_ready(loop(params, cache))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(loop(params, cache))
+      times.append((time.perf_counter() - t0) / rounds)
+    out.append({"regime": "verify_tokens", "tokens": t, "ms": 1000 * min(times)})
+  for rec in out:
+    rec["vs_1_token"] = rec["ms"] / out[0]["ms"]
+  return out
 
 
 def plot(rows, batches, strategies, path):
