@@ -1,6 +1,6 @@
 """The embedded default: a tiny deep-and-narrow policy on chain-of-thought reversed addition.
 
-Runs end to end on 2 CPU cores in minutes:
+Runs end to end on 2 CPU cores in minutes (SFT warm start, EAGLE drafter warm-up, GRPO):
   python -m tlt_jax.main --config=configs/default.py --workdir=runs/default
 Override any key: --config.sft.steps=100 --config.model.num_layers=4
 """
@@ -11,7 +11,7 @@ import ml_collections
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = "sft"  # comma-separated subset, in order, of: sft, drafter, rl
+  c.stages = "sft,drafter,rl"  # comma-separated subset, in order, of: sft, drafter, rl
 
   # Policy: 8 layers at d=128 so that one drafter layer costs about 1/8 of a target step.
   c.model = ml_collections.ConfigDict(dict(
@@ -31,11 +31,49 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.sft = ml_collections.ConfigDict(dict(
       # 32 packed rows of 160 tokens (~110 examples) per step; ~1 s/step on 2 CPU cores.
-      steps=300, batch_size=32, max_len=160, lr=3e-3, schedule="wsd", warmup_steps=30,
+      # 250 steps reach ~0.86 greedy accuracy (300: ~0.91); the RL stage takes it from there.
+      steps=250, batch_size=32, max_len=160, lr=3e-3, schedule="wsd", warmup_steps=30,
       decay_frac=0.2, weight_decay=0.01, max_grad_norm=1.0, micro_batches=1,
-      eval_every=300, eval_size=256, log_every=25,
+      eval_every=250, eval_size=256, log_every=25,
   ))
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=112, batch_size=256, chunk_size=16))
+
+  # Rollouts (RL): sampling from softmax(logits / temperature) restricted to top-k / top-p.
+  c.rollout = ml_collections.ConfigDict(dict(
+      max_new_tokens=112, chunk_size=16, temperature=1.0, top_p=1.0, top_k=0,
+      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),  # active-batch sizes that compile
+  ))
+
+  # EAGLE drafter warm-up on the SFT policy's own features of SFT traces (before RL).
+  c.drafter = ml_collections.ConfigDict(dict(
+      warmup_steps=200, lr=3e-3, batch_size=32, num_batches=16,  # features of 16 batches, cycled
+      log_every=50,
+  ))
+
+  # RL: GRPO on the task's verifier (+ a small format reward), PPO-clip, no KL by default.
+  c.rl = ml_collections.ConfigDict(dict(
+      steps=25, prompts_per_step=16, group_size=8, advantage="grpo",
+      rewards=ml_collections.ConfigDict(dict(verifier=1.0, format=0.1, length_penalty=0.0)),
+      reward_kwargs=ml_collections.ConfigDict(dict(
+          length_penalty=ml_collections.ConfigDict(dict(alpha=0.1)))),
+      num_prompts=100_000,  # size of the TaskSource the prompt iterator walks
+      # RL prompts of difficulty >= 2 only (here: >= 2 digits); 1-digit sums are ~100% solved, so
+      # their groups have zero advantage and would only cost rollout and update time.
+      min_difficulty=2,
+      clip_eps=0.2, clip_eps_high=0.0,  # 0: symmetric clipping
+      aggregation="token",  # "token" (DAPO) or "sequence" (GRPO)
+      kl_coef=0.0,  # > 0 adds k3 KL to the frozen SFT policy (one more forward per step)
+      lr=5e-5, schedule="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+      micro_batches=1,
+      max_consecutive_skips=3,  # stop after this many non-finite (skipped) updates in a row
+      length_bucket=32,  # update batches are cut to a multiple of this many tokens (fewer compiles)
+      track_kl=True,  # log k3 KL to the SFT policy even when kl_coef = 0 (costs one forward)
+      checkpoint_every=10,
+      eval_size=256,  # greedy accuracy of the final policy on SFT's eval set (0: off)
+      # Sampled accuracy (rollout temperature) on fixed held-out prompts, before RL and every
+      # `sample_eval_every` steps: a trend free of the per-step noise of which prompts were drawn.
+      sample_eval_every=5, sample_eval_size=256,
+  ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=100, max_to_keep=3))
 

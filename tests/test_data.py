@@ -262,6 +262,18 @@ def test_task_source_random_access_is_deterministic():
     sources.make_source("csv")
 
 
+def test_task_source_min_difficulty_rejection_samples_per_index():
+  plain = sources.TaskSource("arith", 200, seed=3)
+  hard = sources.TaskSource("arith", 200, seed=3, min_difficulty=3)
+  diffs = [hard[i].meta["difficulty"] for i in range(200)]
+  assert min(diffs) >= 3 and hard[11] == hard[11] and hard[11].prompt_id == 11
+  # An index whose first draw already qualifies is the unfiltered example.
+  same = [i for i in range(200) if plain[i].meta["difficulty"] >= 3]
+  assert same and all(hard[i] == plain[i] for i in same)
+  with pytest.raises(ValueError, match="no example of difficulty >= 9"):
+    sources.TaskSource("arith", 5, min_difficulty=9, max_tries=20)[0]
+
+
 # ----------------------------------------------------------------------------- iterator
 
 

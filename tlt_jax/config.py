@@ -52,6 +52,23 @@ def frac(v):
   return isinstance(v, (int, float)) and 0.0 <= v <= 1.0
 
 
+def nonneg_float(v):
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def is_bool(v):
+  return isinstance(v, bool)
+
+
+def open_unit(v):
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v <= 1.0
+
+
+def increasing_ints(v):
+  return (len(v) > 0 and all(pos_int(b) for b in v)
+          and all(a < b for a, b in zip(tuple(v)[:-1], tuple(v)[1:])))
+
+
 def one_of(options: Iterable[str]):
   options = tuple(options)
   return (lambda v: v in options), f"one of {options}"
@@ -80,6 +97,38 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?sft.decay_frac", frac, "a float in [0, 1]"),
     ("?sft.warmup_steps", nonneg_int, "an int >= 0"),
     ("?checkpoint.every", pos_int, "a positive int"),
+    ("?rollout.max_new_tokens", pos_int, "a positive int"),
+    ("?rollout.chunk_size", pos_int, "a positive int"),
+    ("?rollout.temperature", nonneg_float, "a float >= 0 (0 = greedy; RL needs > 0)"),
+    ("?rollout.top_p", open_unit, "a float in (0, 1] (1 = off)"),
+    ("?rollout.top_k", nonneg_int, "an int >= 0 (0 = off)"),
+    ("?rollout.buckets", increasing_ints, "a non-empty, strictly increasing tuple of positive ints"),
+    ("?drafter.warmup_steps", pos_int, "a positive int"),
+    ("?drafter.lr", pos_float, "a float > 0"),
+    ("?drafter.batch_size", pos_int, "a positive int"),
+    ("?drafter.num_batches", pos_int, "a positive int"),
+    ("?drafter.log_every", pos_int, "a positive int"),
+    ("?rl.steps", nonneg_int, "an int >= 0"),
+    ("?rl.prompts_per_step", pos_int, "a positive int"),
+    ("?rl.group_size", lambda v: pos_int(v) and v >= 2, "an int >= 2 (group baselines need 2 samples)"),
+    ("?rl.num_prompts", pos_int, "a positive int"),
+    ("?rl.min_difficulty", nonneg_int, "an int >= 0 (0 = every prompt)"),
+    ("?rl.clip_eps", lambda v: pos_float(v) and v < 1, "a float in (0, 1)"),
+    ("?rl.clip_eps_high", nonneg_float, "a float >= 0 (0 = clip_eps)"),
+    ("?rl.aggregation", *one_of(("token", "sequence"))),
+    ("?rl.kl_coef", nonneg_float, "a float >= 0"),
+    ("?rl.lr", pos_float, "a float > 0"),
+    ("?rl.warmup_steps", nonneg_int, "an int >= 0"),
+    ("?rl.weight_decay", nonneg_float, "a float >= 0"),
+    ("?rl.max_grad_norm", nonneg_float, "a float >= 0 (0 = no clipping)"),
+    ("?rl.micro_batches", pos_int, "a positive int dividing rl.prompts_per_step * rl.group_size"),
+    ("?rl.max_consecutive_skips", pos_int, "a positive int"),
+    ("?rl.length_bucket", pos_int, "a positive int"),
+    ("?rl.track_kl", is_bool, "True or False"),
+    ("?rl.checkpoint_every", pos_int, "a positive int"),
+    ("?rl.eval_size", nonneg_int, "an int >= 0 (0 = no final evaluation)"),
+    ("?rl.sample_eval_every", nonneg_int, "an int >= 0 (0 = off)"),
+    ("?rl.sample_eval_size", nonneg_int, "an int >= 0 (0 = off)"),
     ("?checkpoint.max_to_keep", pos_int, "a positive int"),
 ]
 
@@ -118,6 +167,64 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"subset of {STAGES}")
   for fn in _extra_validators:
     fn(config)
+
+
+@register_validator
+def _validate_rl(config) -> None:
+  """Names the config chooses from registries (schedules, advantages, rewards) and cross-key rules."""
+  if "rl" not in config:
+    return
+  from tlt_jax.rl import advantages, rewards  # registries; imported late (they import jax)
+  from tlt_jax.train import optim
+  rl = config.rl
+  if rl.schedule not in optim.registered_schedules():
+    raise ConfigError(f"config.rl.schedule={rl.schedule!r} is not allowed; allowed: one of "
+                      f"{tuple(optim.registered_schedules())}")
+  if rl.warmup_steps > max(rl.steps, 1):
+    raise ConfigError(f"config.rl.warmup_steps={rl.warmup_steps} is not allowed; allowed: an int in "
+                      f"[0, config.rl.steps={rl.steps}]")
+  if rl.advantage not in advantages.registered_advantages():
+    raise ConfigError(f"config.rl.advantage={rl.advantage!r} is not allowed; allowed: one of "
+                      f"{tuple(advantages.registered_advantages())}")
+  weights = dict(rl.rewards)
+  for name, weight in weights.items():
+    if name not in rewards.registered_rewards():
+      raise ConfigError(f"config.rl.rewards.{name} is not allowed: {name!r} is no registered reward; "
+                        f"allowed names: {tuple(rewards.registered_rewards())}")
+    if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)):
+      raise ConfigError(f"config.rl.rewards.{name}={weight!r} is not allowed; allowed: a finite float weight")
+  if not any(float(w) != 0.0 for w in weights.values()):
+    raise ConfigError(f"config.rl.rewards={weights} is not allowed; allowed: at least one non-zero weight")
+  for name, kwargs in dict(rl.reward_kwargs).items():
+    if name not in weights:
+      raise ConfigError(f"config.rl.reward_kwargs.{name} is not allowed: {name!r} is not in "
+                        f"config.rl.rewards {tuple(weights)}")
+    try:
+      rewards.get_reward(name, **dict(kwargs))
+    except ValueError as e:
+      raise ConfigError(f"config.rl.reward_kwargs.{name}={dict(kwargs)} is not allowed: {e}") from None
+  batch = rl.prompts_per_step * rl.group_size
+  if batch % rl.micro_batches:
+    raise ConfigError(f"config.rl.micro_batches={rl.micro_batches} is not allowed; allowed: a divisor of "
+                      f"rl.prompts_per_step * rl.group_size = {batch}")
+  if "rl" in stages(config) and "rollout" in config and not config.rollout.temperature > 0:
+    raise ConfigError(f"config.rollout.temperature={config.rollout.temperature!r} is not allowed with the "
+                      "'rl' stage; allowed: a float > 0 (RL samples from softmax(logits / T))")
+
+
+def unknown_key_message(config, dotted: str) -> str | None:
+  """None when `dotted` (e.g. "rl.lr") names a key of `config`; else a message naming the first
+  missing part and the keys allowed there."""
+  node, seen = config, []
+  for part in dotted.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      where = "config" + "".join(f".{p}" for p in seen)
+      allowed = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+      return (f"config key {dotted!r} does not exist: {where} has no key {part!r}"
+              + (f"; allowed keys of {where}: {allowed}" if allowed else f" ({where} is a value, not a section)"))
+    node = node[part]
+    seen.append(part)
+  return None
 
 
 def stages(config) -> list[str]:

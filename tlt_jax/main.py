@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -11,9 +12,56 @@ from ml_collections import config_flags
 
 from tlt_jax import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "ml_collections config file.",
-                                          lock_config=True)
+DEFAULT_CONFIG = "configs/default.py"
+
+
+def _config_file_of(argv: list[str]):
+  """The config that --config names in argv (`path[:arg]`), without overrides."""
+  path = DEFAULT_CONFIG
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  file, *arg = path.split(":", 1)
+  spec = importlib.util.spec_from_file_location("_tlt_config_file", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*arg)
+
+
+def _exit_on_bad_override(argv: list[str], error: Exception):
+  """ml_collections raises a bare AttributeError/KeyError for `--config.nonexistent=1`: name the
+  key and the keys allowed where it was looked up, and exit with status 2."""
+  try:
+    config = _config_file_of(argv)
+  except Exception:  # noqa: BLE001 - fall back to the bare message below
+    config = None
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and config is not None:
+      message = config_lib.unknown_key_message(config, arg[len("--config."):].split("=", 1)[0])
+      if message:
+        print(f"config error: {arg}: {message}", file=sys.stderr)
+        sys.exit(2)
+  print(f"config error: could not apply the config overrides: {type(error).__name__}: {error}",
+        file=sys.stderr)
+  sys.exit(2)
+
+
+try:  # the default config file is loaded (with the overrides) when the flag is defined
+  _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml_collections config file.",
+                                            lock_config=True)
+except (AttributeError, KeyError) as e:
+  _exit_on_bad_override(sys.argv, e)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Output directory (resumes if it holds a checkpoint).")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a clear error (exit 2) for an override of a key the config lacks."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    _exit_on_bad_override(argv, e)
 
 
 def main(argv):
@@ -24,13 +72,17 @@ def main(argv):
   from tlt_jax.parallel.mesh import maybe_initialize_distributed
   maybe_initialize_distributed()
   from tlt_jax import run as run_lib
+  from tlt_jax.rl.trainer import TrainingDiverged
   try:
     summary = run_lib.run(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
+  except TrainingDiverged as e:
+    print(f"training stopped: {e}", file=sys.stderr)
+    sys.exit(3)
   print(json.dumps({"summary": summary}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

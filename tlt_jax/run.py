@@ -1,12 +1,19 @@
 """The main job: builds everything from a validated config and runs its stages.
 
-Stages (config.stages, in order): `sft` warm-starts the policy on the task's traces; later
-stages (drafter warm-up, RL) build on the policy it leaves in `<workdir>/sft/` (HF layout).
+Stages (config.stages, in order):
+  sft      warm-starts the policy on the task's traces; leaves it in `<workdir>/sft/` (HF layout).
+  drafter  warms up an EAGLE drafter on the SFT policy's own features of SFT traces; leaves it
+           in `<workdir>/drafter/` (orbax).
+  rl       GRPO/RLOO from the SFT policy (rl/trainer.py); checkpoints in `<workdir>/ckpt_rl/`,
+           metrics in `<workdir>/metrics.jsonl`, plots `rl_*.png`.
+Each stage skips itself when its output exists, and the RL stage resumes from its checkpoint, so
+rerunning the same command on the same workdir continues where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -19,13 +26,16 @@ import numpy as np
 from flax import nnx
 
 from tlt_jax import config as config_lib
-from tlt_jax.data.batching import encode_prompts, pack_sft_batch
+from tlt_jax.data.batching import encode_prompts, make_sft_batch, pack_sft_batch
 from tlt_jax.data.tasks import get_task
 from tlt_jax.data.tokenizer import CharTokenizer, load_tokenizer
+from tlt_jax.drafter import (collect_target_features, init_drafter, init_drafter_train_state,
+                             load_drafter, save_drafter, warmup_drafter)
 from tlt_jax.models import hf
 from tlt_jax.models.config import ModelConfig
 from tlt_jax.models.transformer import Transformer
 from tlt_jax.parallel import mesh as mesh_lib
+from tlt_jax.rl.trainer import RLTrainer, round_up
 from tlt_jax.rollout.engine import RolloutEngine
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.train import optim
@@ -64,7 +74,11 @@ def build_setup(config, workdir: str) -> Setup:
   if model_cfg.vocab_size < tokenizer.vocab_size:
     raise config_lib.ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                                  f"tokenizer's vocabulary ({tokenizer.vocab_size})")
-  mesh = mesh_lib.make_mesh(tuple(config.mesh.shape))
+  try:
+    mesh = mesh_lib.make_mesh(tuple(config.mesh.shape))
+  except ValueError as e:
+    raise config_lib.ConfigError(
+        f"config.mesh.shape={tuple(config.mesh.shape)} is not allowed: {e}") from None
   return Setup(config, workdir, task, tokenizer, model_cfg, mesh)
 
 
@@ -165,6 +179,86 @@ def run_sft_stage(setup: Setup) -> Transformer:
   return model
 
 
+def load_policy(setup: Setup) -> Transformer:
+  """The SFT policy of `<workdir>/sft/` when present, else the initial policy."""
+  sft_dir = os.path.join(setup.workdir, "sft")
+  if os.path.exists(os.path.join(sft_dir, "config.json")):
+    return hf.from_pretrained(sft_dir)
+  log.warning("no SFT policy in %s; later stages start from the initial policy", sft_dir)
+  return build_policy(setup)
+
+
+def drafter_batches(setup: Setup, target: Transformer):
+  """`drafter.num_batches` batches of SFT traces (one example a row), each with the target's
+  features, cycled forever: warm-up steps then cost one drafter layer, not a target forward.
+
+  The drafter's loss_mask[t] marks rows whose NEXT token is a response token (drafter/train.py),
+  i.e. the SFT target mask shifted left by one.
+  """
+  c = setup.config.drafter
+  rng = np.random.default_rng([setup.config.seed, 3])
+  pool = []
+  for _ in range(c.num_batches):
+    examples = [setup.task.sample(rng) for _ in range(c.batch_size)]
+    longest = max(len(setup.tokenizer.encode(e.prompt)) + len(setup.tokenizer.encode(e.trace)) + 2
+                  for e in examples)
+    batch = make_sft_batch(examples, setup.tokenizer, round_up(longest, 16))
+    loss_mask = np.zeros_like(batch["loss_mask"])
+    loss_mask[:, :-1] = batch["loss_mask"][:, 1:]
+    hidden = collect_target_features(target, batch["tokens"])
+    pool.append({"tokens": batch["tokens"], "loss_mask": loss_mask, "hidden": hidden})
+  return itertools.cycle(pool)
+
+
+def run_drafter_stage(setup: Setup, policy: Transformer):
+  """EAGLE drafter warm-up on the SFT policy's features; saved to `<workdir>/drafter/`."""
+  c = setup.config.drafter
+  out_dir = os.path.join(setup.workdir, "drafter")
+  loaded = load_drafter(out_dir, policy.cfg)
+  if loaded is not None:
+    log.info("drafter found in %s; skipping its warm-up", out_dir)
+    return loaded[0]
+  drafter = init_drafter(policy.cfg, seed=setup.config.seed + 1)
+  tx = optim.make_optimizer(dict(lr=c.lr, steps=c.warmup_steps, schedule="cosine",
+                                 warmup_steps=min(20, c.warmup_steps - 1), final_lr=0.1 * c.lr))
+  writer = MetricsWriter(setup.workdir, "drafter")
+  writer.truncate_after(0)
+  drafter, history = warmup_drafter(policy, drafter, drafter_batches(setup, policy), c.warmup_steps,
+                                    tx, log_every=c.log_every)
+  for record in history:
+    writer.write(record["step"], record)
+    print(json.dumps({"stage": "drafter", **{k: round(v, 4) if isinstance(v, float) else v
+                                             for k, v in record.items()}}), flush=True)
+  writer.close()
+  save_drafter(drafter, out_dir, c.warmup_steps,
+               {"stage": "drafter", "steps": c.warmup_steps, "final": history[-1] if history else {},
+                "target": os.path.join(setup.workdir, "sft")})
+  return drafter
+
+
+def run_rl_stage(setup: Setup, policy: Transformer, drafter=None) -> dict[str, Any]:
+  """GRPO/RLOO from `policy` (the SFT model, also the frozen KL reference); resumes from
+  `<workdir>/ckpt_rl`."""
+  c = setup.config
+  reference_params = jax.tree.map(lambda x: x.copy(), nnx.state(policy))
+  bundle = None
+  if drafter is not None:
+    drafter_tx = optim.make_optimizer(dict(lr=c.drafter.lr, steps=max(c.rl.steps, 1),
+                                           schedule="constant"))
+    bundle = (nnx.graphdef(drafter), init_drafter_train_state(drafter, drafter_tx), drafter_tx)
+  eval_set = eval_examples(setup, c.rl.eval_size) if c.rl.eval_size else []
+
+  def evaluate(model):
+    return evaluate_accuracy(model, setup, eval_set, c.eval.max_new_tokens, c.eval.chunk_size,
+                             c.eval.batch_size)
+
+  trainer = RLTrainer(c, setup.task, setup.tokenizer, policy, setup.workdir, mesh=setup.mesh,
+                      reference_params=reference_params,
+                      reference_source=os.path.join(setup.workdir, "sft"), drafter=bundle,
+                      evaluate=evaluate)
+  return trainer.run()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the configured stages; returns a summary dict."""
   config = config_lib.finalize(config)
@@ -174,13 +268,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   setup = build_setup(config, workdir)
   summary: dict[str, Any] = {"workdir": workdir, "params": setup.model_cfg.num_params}
   t0 = time.perf_counter()
-  model = None
+  model, drafter = None, None
   for stage in config_lib.stages(config):
+    t_stage = time.perf_counter()
     if stage == "sft":
       model = run_sft_stage(setup)
-      summary["sft_time_s"] = time.perf_counter() - t0
-    else:
-      raise NotImplementedError(f"stage {stage!r} lands with a later issue")
+    elif stage == "drafter":
+      model = model or load_policy(setup)
+      drafter = run_drafter_stage(setup, model)
+    elif stage == "rl":
+      model = model or load_policy(setup)
+      if drafter is None:  # a drafter made earlier on this workdir joins the RL state
+        loaded = load_drafter(os.path.join(workdir, "drafter"), model.cfg)
+        drafter = loaded[0] if loaded is not None else None
+      summary["rl"] = run_rl_stage(setup, model, drafter)
+    summary[f"{stage}_time_s"] = time.perf_counter() - t_stage
   summary["total_time_s"] = time.perf_counter() - t0
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)

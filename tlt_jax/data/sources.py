@@ -44,14 +44,22 @@ def _as_task(task: Task | str, task_kwargs: Mapping[str, Any] | None = None) -> 
 
 
 class TaskSource:
-  """Example i = `task.sample(np.random.default_rng([seed, stream, i]))`, prompt_id = i."""
+  """Example i = `task.sample(np.random.default_rng([seed, stream, i]))`, prompt_id = i.
+
+  With `min_difficulty` > 0, example i is the first draw from that same generator whose
+  meta["difficulty"] >= min_difficulty (rejection sampling, still random-access and
+  deterministic): e.g. RL prompts without the trivial ones, whose groups are all correct and
+  carry no learning signal. At most `max_tries` draws are made per index.
+  """
 
   def __init__(self, task: Task | str, num_examples: int, seed: int = 0, stream: int = 0,
-               task_kwargs: Mapping[str, Any] | None = None):
+               task_kwargs: Mapping[str, Any] | None = None, min_difficulty: int = 0,
+               max_tries: int = 1000):
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
       raise ValueError(f"TaskSource: num_examples={num_examples!r} must be a positive int")
     self.task = _as_task(task, task_kwargs)
     self.num_examples, self.seed, self.stream = num_examples, int(seed), int(stream)
+    self.min_difficulty, self.max_tries = int(min_difficulty), int(max_tries)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -61,10 +69,17 @@ class TaskSource:
     if not 0 <= i < self.num_examples:
       raise IndexError(f"TaskSource index {i} out of range [0, {self.num_examples})")
     rng = np.random.default_rng([self.seed, self.stream, i])
-    return self.task.sample(rng).with_id(i)
+    for _ in range(self.max_tries):
+      example = self.task.sample(rng)
+      if example.meta.get("difficulty", 0) >= self.min_difficulty:
+        return example.with_id(i)
+    raise ValueError(f"TaskSource: no example of difficulty >= {self.min_difficulty} in "
+                     f"{self.max_tries} draws of task {self.task!r} (index {i})")
 
   def __repr__(self) -> str:
-    return f"TaskSource({self.task!r}, num_examples={self.num_examples}, seed={self.seed}, stream={self.stream})"
+    extra = f", min_difficulty={self.min_difficulty}" if self.min_difficulty else ""
+    return (f"TaskSource({self.task!r}, num_examples={self.num_examples}, seed={self.seed}, "
+            f"stream={self.stream}{extra})")
 
 
 # ----------------------------------------------------------------------------- TFDS

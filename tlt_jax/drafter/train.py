@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import flax.struct
@@ -39,7 +40,8 @@ from jax.sharding import Mesh, NamedSharding
 from tlt_jax.drafter.eagle import EagleDrafter, check_compatible
 from tlt_jax.models.config import ModelConfig
 from tlt_jax.models.transformer import Transformer
-from tlt_jax.parallel.mesh import TRAIN_RULES, batch_sharding, logical_to_spec, replicated
+from tlt_jax.parallel.mesh import (TRAIN_RULES, batch_sharding, logical_to_spec, replicated,
+                                   tree_shardings)
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -150,16 +152,8 @@ def drafter_state_shardings(state: DrafterTrainState, mesh: Mesh,
                             rules: Mapping[str, Any] = TRAIN_RULES) -> DrafterTrainState:
   """NamedShardings for a (possibly abstract) train state: every nnx.Variable (params and the
   optimizer moments, which keep the params' `logical_axes`) by its logical axes, the rest
-  (step, optimizer counts) replicated."""
-
-  def one(x):
-    axes = getattr(x, "logical_axes", None)
-    shape = x.get_value().shape if isinstance(x, nnx.Variable) else x.shape
-    if not axes:
-      return replicated(mesh)
-    return NamedSharding(mesh, logical_to_spec(axes, rules, shape, mesh))
-
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  (step, optimizer counts) replicated (mesh.tree_shardings)."""
+  return tree_shardings(state, mesh, rules)
 
 
 def make_drafter_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
@@ -252,3 +246,33 @@ def warmup_drafter(target: Transformer, drafter: EagleDrafter, batches_iter: Ite
                    record["loss"], record["smooth_l1"], record["ce"], record["accuracy"])
   nnx.update(drafter, state.params)
   return drafter, history
+
+
+# ----------------------------------------------------------------------------- persistence
+
+
+def save_drafter(drafter: EagleDrafter, directory: str, step: int, meta: Mapping[str, Any]) -> None:
+  """Writes the drafter's params (orbax, one step) and a JSON `meta` to `directory`."""
+  from tlt_jax.train.checkpoint import Checkpointer
+  ckpt = Checkpointer(directory, max_to_keep=1)
+  ckpt.save(step, nnx.state(drafter, nnx.Param), dict(meta))
+  ckpt.close()
+
+
+def load_drafter(directory: str, target_cfg: ModelConfig) -> tuple[EagleDrafter, dict] | None:
+  """(drafter, meta) saved by `save_drafter` for a target with config `target_cfg`; None when
+  `directory` holds no drafter checkpoint."""
+  from tlt_jax.train.checkpoint import Checkpointer
+  if not os.path.isdir(directory):
+    return None
+  ckpt = Checkpointer(directory, max_to_keep=1)
+  try:
+    drafter = EagleDrafter(target_cfg, rngs=nnx.Rngs(0))
+    restored = ckpt.restore_latest(nnx.state(drafter, nnx.Param))
+  finally:
+    ckpt.close()
+  if restored is None:
+    return None
+  _, params, meta = restored
+  nnx.update(drafter, params)
+  return drafter, meta

@@ -35,6 +35,10 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, wait: bool = True) -> None:
+    """Saves `step`, replacing a checkpoint of the same step (e.g. an unreadable one that a
+    resumed run fell back past and now redoes)."""
+    if step in self.manager.all_steps():
+      self.manager.delete(step)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     if wait:

@@ -58,8 +58,9 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def plot_curves(records: Sequence[dict[str, Any]], keys: Iterable[str], path: str, title: str = "",
-                x: str = "step") -> None:
-  """One subplot per key present in the records; saved as PNG."""
+                x: str = "step", ncols: int | None = None) -> None:
+  """One subplot per key present in the records (`ncols` per row, default all in one row); saved
+  as PNG."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -67,8 +68,12 @@ def plot_curves(records: Sequence[dict[str, Any]], keys: Iterable[str], path: st
   keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
   if not keys:
     return
-  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-  for ax, k in zip(axes[0], keys):
+  ncols = min(ncols or len(keys), len(keys))
+  nrows = -(-len(keys) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+  for ax in axes.flat[len(keys):]:
+    ax.axis("off")
+  for ax, k in zip(axes.flat, keys):
     pts = [(r[x], r[k]) for r in records if isinstance(r.get(k), (int, float))]
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
     ax.set_xlabel(x)
@@ -90,3 +95,30 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
   return "\n".join(lines) + "\n"
+
+
+def plot_stacked_bars(records: Sequence[dict[str, Any]], parts: Sequence[tuple[str, str]], path: str,
+                      title: str = "", x: str = "step") -> None:
+  """One stacked bar per record: the values of `parts` ((key, label) pairs, e.g. the phases of
+  a step's time), bottom to top; a missing or non-numeric value counts as 0. Saved as PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  if not records:
+    return
+  xs = [r.get(x, i) for i, r in enumerate(records)]
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(records)), 3.6))
+  bottom = [0.0] * len(records)
+  for key, label in parts:
+    ys = [float(r[key]) if isinstance(r.get(key), (int, float)) else 0.0 for r in records]
+    ax.bar(xs, ys, bottom=bottom, label=label, width=0.8)
+    bottom = [b + y for b, y in zip(bottom, ys)]
+  ax.set_xlabel(x)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, axis="y")
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,475 @@
+"""The RL loop: GRPO / RLOO on verifiable (and length-penalised) rewards with a PPO-clip update.
+
+One step, as data flows (see /DESIGN.md, "One RL step"):
+
+  prompts  = next(PromptIterator)                          P prompts (checkpointable position)
+  groups   = repeat_groups(prompts, G)                     B = P * G rows, group g = rows gG..gG+G-1
+  rollout  = RolloutEngine.generate(params, ...)            tokens, lengths, sampler logprobs
+  rewards  = safe(sum_k w_k reward_k(group))               [P, G] on the host, never raises
+  A        = advantage(rewards)                            GRPO / RLOO, [P, G] -> [B]
+  old, ref = logprob_fn(params | ref_params, batch)        one forward each, no gradient
+  state, metrics, hidden = policy_update_step(state, batch)
+  checkpoint every `rl.checkpoint_every` steps and at the end
+
+Everything time-dependent (the loop, timing, checkpoints, logging) lives here; the device work
+is the pure jitted steps of rl/update.py and the rollout engine. The run is a pure function of
+(config, SFT policy): the RNG key and the prompt stream position are checkpointed with the
+params, so a resumed run reproduces an uninterrupted one bitwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from tlt_jax.data.batching import encode_prompts
+from tlt_jax.data.iterator import PromptIterator, repeat_groups
+from tlt_jax.data.sources import TaskSource
+from tlt_jax.drafter.train import DrafterTrainState
+from tlt_jax.parallel import mesh as mesh_lib
+from tlt_jax.rl import advantages as advantages_lib
+from tlt_jax.rl import rewards as rewards_lib
+from tlt_jax.rl.update import UpdateConfig, make_logprob_fn, make_policy_update_step
+from tlt_jax.rollout.engine import RolloutEngine, RolloutResult
+from tlt_jax.rollout.sampling import SamplingParams
+from tlt_jax.train import optim
+from tlt_jax.train.checkpoint import Checkpointer
+from tlt_jax.train.state import TrainState, create_train_state
+from tlt_jax.utils.metrics import MetricsWriter, plot_curves, plot_stacked_bars, read_jsonl
+
+log = logging.getLogger(__name__)
+
+# Fields of a metrics record that measure wall-clock time (they differ between identical runs).
+TIMING_FIELDS = ("step_time_s", "rollout_time_s", "reward_time_s", "logprob_time_s", "update_time_s",
+                 "checkpoint_time_s", "sample_eval_time_s", "prefill_time_s", "decode_time_s",
+                 "spec_time_s", "compact_time_s")
+# The time breakdown plotted per step: (record key, label).
+TIME_BREAKDOWN = (("rollout_time_s", "rollout"), ("reward_time_s", "rewards"),
+                  ("logprob_time_s", "old/ref logprobs"), ("update_time_s", "update"),
+                  ("checkpoint_time_s", "checkpoint"), ("sample_eval_time_s", "held-out eval"))
+
+
+def with_moving_averages(records: Sequence[dict], keys: Sequence[str], window: int) -> list[dict]:
+  """Copies of `records` with `<key>_ma<window>`: the mean of the last `window` values (fewer at
+  the start), to see a trend through the per-step noise of which prompts were drawn."""
+  out = []
+  for i, r in enumerate(records):
+    extra = {}
+    for k in keys:
+      recent = records[max(0, i - window + 1):i + 1]
+      vals = [x[k] for x in recent if isinstance(x.get(k), (int, float))]
+      if vals:
+        extra[f"{k}_ma{window}"] = float(np.mean(vals))
+    out.append({**r, **extra})
+  return out
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive non-finite updates: the run stops instead of training on garbage."""
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-int(n) // multiple) * multiple
+
+
+def build_update_batch(prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, result: RolloutResult,
+                       advantages_B: np.ndarray, length_bucket: int,
+                       pad_id: int) -> dict[str, np.ndarray]:
+  """Host batch of `policy_update_step` (see rl/update.py): row b = prompt + response, right
+  padded to L = round_up(max_b(prompt_len_b + len_b), length_bucket), plus the sampler's
+  log-probs at the response positions (`sampler_logprobs`, aligned like the rest)."""
+  b = prompt_BxP.shape[0]
+  total_B = prompt_len_B + result.lengths
+  length = max(round_up(int(total_B.max()), length_bucket), 2)
+  t_BxL = np.broadcast_to(np.arange(length), (b, length))
+  resp_idx_BxL = t_BxL - prompt_len_B[:, None]
+  in_prompt = resp_idx_BxL < 0
+  in_resp = (resp_idx_BxL >= 0) & (resp_idx_BxL < result.lengths[:, None])
+  gather = np.clip(resp_idx_BxL, 0, result.tokens.shape[1] - 1)
+  prompt_padded = np.full((b, length), pad_id, np.int32)
+  width = min(prompt_BxP.shape[1], length)
+  prompt_padded[:, :width] = prompt_BxP[:, :width]
+  tokens = np.where(in_prompt, prompt_padded,
+                    np.where(in_resp, np.take_along_axis(result.tokens, gather, 1), pad_id))
+  sampler_lp = np.where(in_resp, np.take_along_axis(result.logprobs, gather, 1), 0.0)
+  return {"tokens": tokens.astype(np.int32),
+          "positions": np.ascontiguousarray(t_BxL, np.int32),
+          "response_mask": in_resp.astype(np.float32),
+          "advantages": np.asarray(advantages_B, np.float32),
+          "sampler_logprobs": sampler_lp.astype(np.float32)}
+
+
+def _decode(tokenizer, ids) -> str:
+  try:
+    return tokenizer.decode(ids)
+  except ValueError:  # an id outside the tokenizer's vocabulary (model vocab may be larger)
+    return ""
+
+
+@dataclasses.dataclass
+class HostState:
+  """The host-side part of the run state (checkpointed in the JSON meta)."""
+
+  consecutive_skips: int = 0
+  reward_failures_total: int = 0
+
+
+class RLTrainer:
+  """GRPO/RLOO trainer over one policy; `run()` trains `rl.steps` steps, resuming from
+  `<workdir>/ckpt_rl` when it holds a checkpoint.
+
+  Args:
+    config: the validated, frozen run config (sections rl, rollout, checkpoint).
+    task, tokenizer: the task (verifier, prompts) and its tokenizer.
+    policy: the initial policy (the SFT model); the trainer takes its params.
+    reference_params: the frozen reference policy's params (the SFT policy) for the KL, or None.
+    reference_source: where the reference comes from (a directory), recorded in checkpoints.
+    drafter: (graphdef, DrafterTrainState, optimizer) of the EAGLE drafter, or None.
+    evaluate: optional `evaluate(model) -> dict` run on the final policy.
+  """
+
+  def __init__(self, config, task, tokenizer, policy, workdir: str, *, mesh=None,
+               reference_params=None, reference_source: str = "",
+               drafter: tuple[Any, DrafterTrainState, Any] | None = None,
+               evaluate: Callable[[Any], dict] | None = None):
+    self.config, self.rl, self.task, self.tokenizer = config, config.rl, task, tokenizer
+    self.workdir = workdir
+    self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+    self.evaluate = evaluate
+    rl = self.rl
+    self.batch_size = rl.prompts_per_step * rl.group_size
+    if self.mesh is not None:
+      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      if (self.batch_size // rl.micro_batches) % shards:
+        raise ValueError(
+            f"rl.prompts_per_step * rl.group_size / rl.micro_batches = "
+            f"{self.batch_size // rl.micro_batches} rows per micro-batch must be divisible by the "
+            f"mesh's batch shards data * fsdp = {shards} (mesh {dict(self.mesh.shape)})")
+
+    self.model_cfg = policy.cfg
+    self.graphdef, params = nnx.split(policy)
+    params = jax.tree.map(jnp.copy, params)  # the update donates its state; keep `policy` intact
+    self.tx = optim.make_optimizer(rl)
+    self.schedule = optim.schedule_from_config(rl)
+    self.state: TrainState = create_train_state(params, self.tx, self.mesh)
+    self.rng = jax.random.PRNGKey(config.seed)  # raw uint32[2]: checkpoints as a plain array
+
+    self.with_ref = rl.kl_coef > 0 or bool(rl.track_kl)
+    self.reference_source = reference_source
+    self.ref_params = None
+    if self.with_ref:
+      if reference_params is None:
+        raise ValueError("rl.kl_coef > 0 or rl.track_kl needs the reference policy's params")
+      self.ref_params = (mesh_lib.shard_state(reference_params, self.mesh) if self.mesh is not None
+                         else reference_params)
+
+    self.drafter_graphdef, self.drafter_state, self.drafter_tx = drafter or (None, None, None)
+
+    self.sampling = SamplingParams(temperature=float(config.rollout.temperature),
+                                   top_k=int(config.rollout.top_k), top_p=float(config.rollout.top_p))
+    self.update_cfg = UpdateConfig.from_config(rl, self.sampling.temperature)
+    self.update_step = make_policy_update_step(self.graphdef, self.tx, self.update_cfg, self.state,
+                                               self.mesh, with_ref=self.with_ref)
+    self.logprob_fn = make_logprob_fn(self.graphdef, self.sampling.temperature, self.state.params,
+                                      self.mesh)
+    self.advantage_fn = jax.jit(advantages_lib.get_advantage(rl.advantage))
+    weights = {k: float(v) for k, v in dict(rl.rewards).items()}
+    kwargs = {k: dict(v) for k, v in dict(rl.reward_kwargs).items() if float(weights.get(k, 0.0))}
+    self.reward_fn = rewards_lib.safe_reward(
+        rewards_lib.combine_rewards(weights, kwargs),
+        name="+".join(f"{w:g}*{k}" for k, w in weights.items() if w))
+    self.correct_fn = rewards_lib.safe_reward(rewards_lib.get_reward("verifier"), name="accuracy")
+
+    source = TaskSource(task, rl.num_prompts, seed=config.seed, stream=2,
+                        min_difficulty=rl.min_difficulty)
+    self.prompts = PromptIterator(source, rl.prompts_per_step, seed=config.seed)
+    bound = getattr(task, "max_prompt_len", None)  # static prompt width when the task knows it
+    self.prompt_width = round_up(bound + 1, 8) if isinstance(bound, int) else None
+    self.host = HostState()
+    self.build_rollout()
+
+    self.checkpointer = Checkpointer(os.path.join(workdir, "ckpt_rl"), config.checkpoint.max_to_keep)
+    self.writer = MetricsWriter(workdir, "metrics")
+    self.sample_eval_set = []
+    if rl.sample_eval_every and rl.sample_eval_size:
+      held_out = TaskSource(task, rl.sample_eval_size, seed=config.seed, stream=3,
+                            min_difficulty=rl.min_difficulty)
+      self.sample_eval_set = [held_out[i] for i in range(rl.sample_eval_size)]
+      self.eval_writer = MetricsWriter(workdir, "rl_eval")
+
+  # ---------------------------------------------------------------------------------------------
+  # Rollout wiring: THE one place where the engine and the drafter params for speculative decoding
+  # are built. To turn TLT's speculative rollouts on: pass a SpeculativeDecoder to the engine
+  # (`RolloutEngine(..., speculative=SpeculativeDecoder(...), spec_threshold=...)`), and return
+  # from `rollout_args` the drafter params (`self.drafter_state.params` when a drafter exists,
+  # together with `self.drafter_graphdef`) and the strategy selector (the BEG-MAB bandit).
+  # ---------------------------------------------------------------------------------------------
+
+  def build_rollout(self) -> None:
+    r = self.config.rollout
+    self.engine = RolloutEngine(
+        self.graphdef, self.sampling, eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id,
+        chunk_size=int(r.chunk_size), buckets=tuple(int(b) for b in r.buckets),
+        max_context=self.model_cfg.max_position_embeddings,
+        speculative=None, spec_threshold=0)
+
+  def rollout_args(self) -> dict[str, Any]:
+    """Extra keyword arguments of `engine.generate` for this step (drafter params: None means
+    plain decoding only)."""
+    return {"drafter_params": None}
+
+  # ----------------------------------------------------------------------------- checkpointing
+
+  def _ckpt_tree(self) -> dict:
+    tree = {"policy": self.state, "rng": self.rng}
+    if self.drafter_state is not None:
+      tree["drafter"] = self.drafter_state
+    return tree
+
+  def _meta(self, step: int) -> dict:
+    return {"stage": "rl", "step": int(step), "iterator": self.prompts.get_state(),
+            "host": dataclasses.asdict(self.host),
+            "reference": {"kind": "hf_dir", "path": self.reference_source},
+            "has_drafter": self.drafter_state is not None,
+            "config": json.loads(self.config.to_json_best_effort())}
+
+  def save(self, step: int) -> float:
+    t0 = time.perf_counter()
+    self.checkpointer.save(step, self._ckpt_tree(), self._meta(step))
+    return time.perf_counter() - t0
+
+  def restore(self) -> int:
+    """Restores the newest readable checkpoint (falling back past corrupt ones); returns its step
+    (0 when there is none)."""
+    restored = self.checkpointer.restore_latest(self._ckpt_tree())
+    if restored is None:
+      return 0
+    step, tree, meta = restored
+    self.state, self.rng = tree["policy"], tree["rng"]
+    self.drafter_state = tree.get("drafter")
+    self.prompts.set_state(meta["iterator"])
+    self.host = HostState(**meta["host"])
+    source = meta.get("reference", {}).get("path", "")
+    if (source and self.reference_source
+        and os.path.abspath(source) != os.path.abspath(self.reference_source)):
+      log.warning("the checkpoint's reference policy came from %s, this run's from %s", source,
+                  self.reference_source)
+    log.info("resumed RL from step %d (%s)", step, self.checkpointer.directory)
+    return step
+
+  # ----------------------------------------------------------------------------- one step
+
+  def _score(self, groups, result: RolloutResult, responses: Sequence[str]):
+    """Rewards [P, G] and correctness [B] (verifier), group by group."""
+    g = self.rl.group_size
+    rewards, correct = [], []
+    for start in range(0, len(groups), g):
+      rows = slice(start, start + g)
+      args = (list(responses[rows]), result.finished[rows].tolist(), result.lengths[rows].tolist(),
+              groups[start], self.task)
+      rewards.append(self.reward_fn(*args))
+      correct.append(self.correct_fn(*args))
+    return np.stack(rewards), np.concatenate(correct)
+
+  def _device_batch(self, batch: dict):
+    return mesh_lib.shard_batch(batch, self.mesh) if self.mesh is not None else batch
+
+  def _rollout(self, examples: Sequence, key):
+    """Encodes `examples`' prompts and samples one response each: (prompts, prompt_lens, result,
+    decoded responses)."""
+    width = self.prompt_width or round_up(
+        max(len(self.tokenizer.encode(ex.prompt)) for ex in examples) + 1, 16)
+    prompts, prompt_lens = encode_prompts(examples, self.tokenizer, width)
+    result = self.engine.generate(self.state.params, prompts, prompt_lens,
+                                  int(self.config.rollout.max_new_tokens), key, **self.rollout_args())
+    responses = [_decode(self.tokenizer, result.tokens[i, :result.lengths[i]])
+                 for i in range(len(examples))]
+    return prompts, prompt_lens, result, responses
+
+  def sample_eval(self) -> dict[str, float]:
+    """Accuracy of ONE sample per fixed held-out prompt at the rollout's temperature, always with
+    the same RNG key (common random numbers: two policies are compared on coupled samples)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 10_000_019)
+    _, _, result, responses = self._rollout(self.sample_eval_set, key)
+    correct = [self.correct_fn([y], [f], [n], ex, self.task)[0] for y, f, n, ex in
+               zip(responses, result.finished.tolist(), result.lengths.tolist(), self.sample_eval_set)]
+    return {"eval_accuracy": float(np.mean(correct)),
+            "eval_response_len_mean": float(result.lengths.mean())}
+
+  def train_step(self, step: int) -> tuple[dict, Any, dict]:
+    """Runs RL step `step` (1-based); returns (record, hidden, device batch)."""
+    t_start = time.perf_counter()
+    rl = self.rl
+    groups = repeat_groups(next(self.prompts), rl.group_size)
+    self.rng, key = jax.random.split(self.rng)
+    t0 = time.perf_counter()
+    prompts, prompt_lens, result, responses = self._rollout(groups, key)
+    rollout_time = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    failures_before = self.reward_fn.failures
+    rewards_PxG, correct_B = self._score(groups, result, responses)
+    advantages_B = np.asarray(self.advantage_fn(jnp.asarray(rewards_PxG))).reshape(-1)
+    reward_failures = self.reward_fn.failures - failures_before
+    self.host.reward_failures_total += reward_failures
+    reward_time = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    host_batch = build_update_batch(prompts, prompt_lens, result, advantages_B, rl.length_bucket,
+                                    self.tokenizer.pad_id)
+    sampler_lp = host_batch.pop("sampler_logprobs")
+    batch = self._device_batch(host_batch)
+    sampler_lp = self._device_batch(sampler_lp)
+    args = (batch["tokens"], batch["positions"], batch["response_mask"], sampler_lp)
+    batch["old_logprobs"], gap = self.logprob_fn(self.state.params, *args)
+    if self.with_ref:
+      batch["ref_logprobs"], _ = self.logprob_fn(self.ref_params, *args)
+    gap = jax.device_get(gap)
+    logprob_time = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    self.state, metrics, hidden = self.update_step(self.state, batch)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    update_time = time.perf_counter() - t0
+
+    lengths = result.lengths
+    times = result.stats["time_s"]
+    accept = result.stats.get("spec_accept_len")
+    record = {
+        "step": step,
+        "reward_mean": float(rewards_PxG.mean()), "reward_std": float(rewards_PxG.std()),
+        "accuracy": float(correct_B.mean()),
+        "finished_frac": float(result.finished.mean()),
+        "response_len_mean": float(lengths.mean()), "response_len_max": int(lengths.max()),
+        "accept_len": None if accept is None else float(accept),
+        "advantage_abs_mean": float(np.abs(advantages_B).mean()),
+        "zero_adv_groups": int(np.sum(np.all(
+            np.abs(advantages_B.reshape(rewards_PxG.shape)) < 1e-8, axis=1))),
+        "logprob_gap": float(gap["logprob_gap"]), "logprob_gap_max": float(gap["logprob_gap_max"]),
+        "kl": metrics["kl"] if self.with_ref else None,
+        "entropy": metrics["entropy"], "clip_frac": metrics["clip_frac"],
+        "approx_kl": metrics["approx_kl"], "ratio_mean": metrics["ratio_mean"],
+        "loss": metrics["loss"], "pg_loss": metrics["pg_loss"], "grad_norm": metrics["grad_norm"],
+        "skipped": int(metrics["skipped"]), "reward_failures": int(reward_failures),
+        "lr": float(self.schedule(step - 1)), "update_len": int(host_batch["tokens"].shape[1]),
+        "num_tokens": int(metrics["num_tokens"]),
+        "rollout_time_s": rollout_time, "reward_time_s": reward_time,
+        "logprob_time_s": logprob_time, "update_time_s": update_time,
+        "prefill_time_s": times.get("prefill", 0.0), "decode_time_s": times.get("decode", 0.0),
+        "spec_time_s": times.get("speculative", 0.0), "compact_time_s": times.get("compact", 0.0),
+        "step_time_s": time.perf_counter() - t_start,
+    }
+    return record, hidden, batch
+
+  def on_policy_features(self, batch: dict, hidden_BxLxH) -> None:
+    """Hook for TLT's drafter buffer: `hidden_BxLxH[b, t]` = f_t of the update's own forward.
+
+    In drafter/train.py's convention the drafter batch is tokens = batch["tokens"], hidden =
+    hidden_BxLxH, positions = batch["positions"] and loss_mask[t] = response_mask[t + 1]
+    (f_t's position predicts the next, response, token). Nothing consumes them yet.
+    """
+    del batch, hidden_BxLxH
+
+  def _check_skips(self, step: int, record: dict) -> None:
+    self.host.consecutive_skips = self.host.consecutive_skips + 1 if record["skipped"] else 0
+    if record["skipped"]:
+      log.warning("step %d: non-finite update skipped (loss %s, grad_norm %s); %d in a row", step,
+                  record["loss"], record["grad_norm"], self.host.consecutive_skips)
+    if self.host.consecutive_skips >= self.rl.max_consecutive_skips:
+      raise TrainingDiverged(
+          f"RL stopped at step {step}: {self.host.consecutive_skips} consecutive policy updates had "
+          f"a non-finite loss or gradient norm (last: loss={record['loss']}, "
+          f"grad_norm={record['grad_norm']}) and were skipped (rl.max_consecutive_skips="
+          f"{self.rl.max_consecutive_skips}). The params are those before the first skip; lower "
+          "rl.lr or check the rewards and advantages, then resume from the checkpoint in "
+          f"{self.checkpointer.directory}.")
+
+  # ----------------------------------------------------------------------------- the loop
+
+  def run(self) -> dict[str, Any]:
+    rl = self.rl
+    start = self.restore()
+    self.writer.truncate_after(start)
+    do_eval = bool(self.sample_eval_set)
+    if do_eval:
+      self.eval_writer.truncate_after(start)
+      if start == 0:
+        self.eval_writer.write(0, self.sample_eval())
+    last_saved = start
+    bar = tqdm(total=rl.steps, initial=min(start, rl.steps), desc="rl", dynamic_ncols=True,
+               mininterval=0)
+    try:
+      for step in range(start + 1, rl.steps + 1):
+        record, hidden, batch = self.train_step(step)
+        self.on_policy_features(batch, hidden)
+        self._check_skips(step, record)
+        record["checkpoint_time_s"] = 0.0
+        if step % rl.checkpoint_every == 0 or step == rl.steps:
+          record["checkpoint_time_s"] = self.save(step)
+          last_saved = step
+        record["reward_failures_total"] = self.host.reward_failures_total
+        if do_eval and (step % rl.sample_eval_every == 0 or step == rl.steps):
+          t0 = time.perf_counter()
+          record.update(self.sample_eval())
+          record["sample_eval_time_s"] = time.perf_counter() - t0
+          self.eval_writer.write(step, {k: v for k, v in record.items() if k.startswith("eval_")})
+        self.writer.write(step, record)
+        bar.update(1)
+        accept = record["accept_len"]
+        bar.set_postfix(step=step, reward=f"{record['reward_mean']:.3f}",
+                        acc=f"{record['accuracy']:.3f}", len=f"{record['response_len_mean']:.1f}",
+                        max=record["response_len_max"],
+                        accept="-" if accept is None else f"{accept:.2f}",
+                        t=f"{record['step_time_s']:.1f}s")
+    except TrainingDiverged:
+      if last_saved < int(self.state.step):
+        self.save(int(self.state.step))
+      raise
+    finally:
+      bar.close()
+      self.checkpointer.close()
+      self.writer.close()
+      if do_eval:
+        self.eval_writer.close()
+    return self.finish()
+
+  def finish(self) -> dict[str, Any]:
+    """Plots, the final evaluation and the run summary (idempotent)."""
+    records = read_jsonl(self.writer.path) if os.path.exists(self.writer.path) else []
+    smoothed = with_moving_averages(records, ("reward_mean", "accuracy"), window=5)
+    plot_curves(smoothed, ["reward_mean", "reward_mean_ma5", "accuracy", "accuracy_ma5",
+                           "response_len_mean", "response_len_max", "accept_len"],
+                os.path.join(self.workdir, "rl_curves.png"), "RL", ncols=4)
+    plot_curves(records, ["kl", "entropy", "clip_frac", "logprob_gap", "grad_norm"],
+                os.path.join(self.workdir, "rl_diagnostics.png"), "RL diagnostics", ncols=3)
+    plot_stacked_bars(records, TIME_BREAKDOWN, os.path.join(self.workdir, "rl_time.png"),
+                      "RL step time (s)")
+    eval_path = os.path.join(self.workdir, "rl_eval.jsonl")
+    evals = read_jsonl(eval_path) if os.path.exists(eval_path) else []
+    plot_curves(evals, ["eval_accuracy", "eval_response_len_mean"],
+                os.path.join(self.workdir, "rl_eval.png"), "RL: sampled accuracy on held-out prompts")
+    summary: dict[str, Any] = {"rl_steps": len(records)}
+    if evals:
+      summary["sample_eval"] = {int(r["step"]): round(r["eval_accuracy"], 4) for r in evals}
+    if records:
+      head, tail = records[:5], records[-5:]
+      mean = lambda rs, k: float(np.mean([r[k] for r in rs]))  # noqa: E731
+      summary.update(
+          reward_first5=mean(head, "reward_mean"), reward_last5=mean(tail, "reward_mean"),
+          accuracy_first5=mean(head, "accuracy"), accuracy_last5=mean(tail, "accuracy"),
+          response_len_first5=mean(head, "response_len_mean"),
+          response_len_last5=mean(tail, "response_len_mean"),
+          rl_step_time_mean_s=mean(records, "step_time_s"))
+    if self.evaluate is not None and self.rl.eval_size:
+      summary["final_eval"] = self.evaluate(nnx.merge(self.graphdef, self.state.params))
+    return summary
