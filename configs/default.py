@@ -42,6 +42,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict(dict(
       max_new_tokens=112, chunk_size=16, temperature=1.0, top_p=1.0, top_k=0,
       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),  # active-batch sizes that compile
+      # Speculative decoding of a rollout group's tail once its active batch is <= this (TLT).
+      # (On 2 CPU cores a speculative round beats plain decoding at best at batch 1-2; BEG-MAB
+      # falls back to plain per bucket when it loses, experiments/rollout_speedup.py.)
+      spec_threshold=2, rounds_per_chunk=8,
   ))
 
   # EAGLE drafter warm-up on the SFT policy's own features of SFT traces (before RL).
@@ -73,6 +77,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # Sampled accuracy (rollout temperature) on fixed held-out prompts, before RL and every
       # `sample_eval_every` steps: a trend free of the per-step noise of which prompts were drawn.
       sample_eval_every=5, sample_eval_size=256,
+  ))
+
+  # TLT: the rollout split over `rollout_groups` slices of the mesh's data axis; each group's
+  # tail decoded speculatively (BEG-MAB picks the draft strategy, or plain decoding, per active
+  # batch bucket); the drafter trained in the idle groups' bubbles on the policy's own features.
+  # On CPU, tlt_jax.main gives the process as many fake devices as there are rollout groups.
+  c.tlt = ml_collections.ConfigDict(dict(
+      speculative=True,  # the ONE switch for speculative decoding of rollout tails
+      train_drafter=True,  # the ONE switch for drafter training in the bubbles (adaptive drafter)
+      rollout_groups=2,  # must divide the mesh's data axis
+      single_group="between_steps",  # with rollout_groups=1: "between_steps" or "off"
+      between_steps=4,  # drafter steps after each policy update when there is one group
+      strategies=("d3k1n3", "d4k1n4", "plain"),  # BEG-MAB arms: d<depth>k<topk>n<verify> or plain
+      bandit_epsilon=0.1, bandit_window=16,
+      drafter_lr=3e-4,  # constant, Adam; the warm-up's peak drafter.lr overshoots from a trained drafter
+      drafter_batch_size=8, buffer_capacity=256, buffer_decay=0.5,  # recency weight per RL step
+      max_in_flight=1,  # drafter steps queued at once (the preemption latency at a rollout's end)
+      max_drafter_steps=0,  # cap per rollout (0: as many as the bubbles fit)
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=100, max_to_keep=3))

@@ -42,6 +42,7 @@ def ensure_policy_and_drafter(workdir: str, quick: bool = False, config=None):
   logging.basicConfig(level=logging.WARNING)
   if config is None:
     config = load_config(overrides={"sft.steps": 150} if quick else None)
+  config.stages = "sft,drafter"  # the stages run here (the RL stage's rollout groups need not fit)
   config = config_lib.finalize(config)
   setup = run_lib.build_setup(config, workdir)
   policy = run_lib.run_sft_stage(setup)

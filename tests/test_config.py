@@ -56,6 +56,15 @@ def _set(c, path, value):
     ("rollout.temperature", 0.0, r"config\.rollout\.temperature=0\.0 is not allowed with the 'rl' stage; allowed: a float > 0"),
     ("drafter.warmup_steps", 0, r"config\.drafter\.warmup_steps=0 is not allowed; allowed: a positive int"),
     ("stages", "sft,ppo", r"config\.stages='sft,ppo' is not allowed; allowed: a comma-separated subset of \('sft', 'drafter', 'rl'\)"),
+    ("rollout.spec_threshold", -1, r"config\.rollout\.spec_threshold=-1 is not allowed; allowed: an int >= 0"),
+    ("tlt.between_steps", -1, r"config\.tlt\.between_steps=-1 is not allowed; allowed: an int >= 0"),
+    ("tlt.single_group", "never", r"config\.tlt\.single_group='never' is not allowed; allowed: one of \('between_steps', 'off'\)"),
+    ("tlt.strategies", ("d4k1n9",), r"config\.tlt\.strategies: 'd4k1n9' is not allowed; allowed: num_verify <= depth \* topk"),
+    ("tlt.strategies", ("plain",), r"config\.tlt\.strategies=\('plain',\) is not allowed; allowed: .*at least one not 'plain'"),
+    ("tlt.strategies", ("d4",), r"config\.tlt\.strategies=\('d4',\) is not allowed; allowed: distinct names"),
+    ("tlt.buffer_decay", 0.0, r"config\.tlt\.buffer_decay=0\.0 is not allowed; allowed: a float in \(0, 1\]"),
+    ("tlt.buffer_capacity", 4, r"config\.tlt\.buffer_capacity=4 is not allowed; allowed: an int >= config\.tlt\.drafter_batch_size=8"),
+    ("tlt.rollout_groups", 32, r"config\.tlt\.rollout_groups=32 is not allowed; allowed: at most config\.rl\.prompts_per_step=16"),
 ])
 def test_bad_values_name_key_value_and_allowed(path, value, pattern):
   c = default_config()
@@ -116,4 +125,10 @@ def test_mesh_that_does_not_divide_the_devices():
   with pytest.raises(config_lib.ConfigError,
                      match=r"config\.mesh\.shape=\(-1, 3, 1\) is not allowed: mesh shape \(-1, 3, 1\) "
                            r"does not divide the 8 available devices"):
+    run_lib.build_setup(config_lib.finalize(c), "/nonexistent/never_written")
+  c = default_config()
+  c.mesh.shape = (1, -1, 1)  # data axis 1: no room for 2 rollout groups
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config\.tlt\.rollout_groups=2 rollout groups do not divide the mesh's data "
+                           r"axis \(data=1, .*allowed: a divisor of 1: \[1\]"):
     run_lib.build_setup(config_lib.finalize(c), "/nonexistent/never_written")

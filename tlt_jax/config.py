@@ -103,6 +103,22 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?rollout.top_p", open_unit, "a float in (0, 1] (1 = off)"),
     ("?rollout.top_k", nonneg_int, "an int >= 0 (0 = off)"),
     ("?rollout.buckets", increasing_ints, "a non-empty, strictly increasing tuple of positive ints"),
+    ("?rollout.spec_threshold", nonneg_int,
+     "an int >= 0: a rollout group decodes speculatively once its active batch is <= it (0 = never)"),
+    ("?rollout.rounds_per_chunk", pos_int, "a positive int (speculative rounds per jitted chunk)"),
+    ("?tlt.speculative", is_bool, "True or False"),
+    ("?tlt.train_drafter", is_bool, "True or False"),
+    ("?tlt.rollout_groups", pos_int, "a positive int dividing the mesh's data axis"),
+    ("?tlt.single_group", *one_of(("between_steps", "off"))),
+    ("?tlt.between_steps", nonneg_int, "an int >= 0"),
+    ("?tlt.bandit_epsilon", frac, "a float in [0, 1]"),
+    ("?tlt.bandit_window", pos_int, "a positive int"),
+    ("?tlt.drafter_lr", pos_float, "a float > 0"),
+    ("?tlt.drafter_batch_size", pos_int, "a positive int"),
+    ("?tlt.buffer_capacity", pos_int, "a positive int >= tlt.drafter_batch_size"),
+    ("?tlt.buffer_decay", open_unit, "a float in (0, 1] (1 = no recency preference)"),
+    ("?tlt.max_in_flight", pos_int, "a positive int"),
+    ("?tlt.max_drafter_steps", nonneg_int, "an int >= 0 (0 = no cap)"),
     ("?drafter.warmup_steps", pos_int, "a positive int"),
     ("?drafter.lr", pos_float, "a float > 0"),
     ("?drafter.batch_size", pos_int, "a positive int"),
@@ -210,6 +226,33 @@ def _validate_rl(config) -> None:
   if "rl" in stages(config) and "rollout" in config and not config.rollout.temperature > 0:
     raise ConfigError(f"config.rollout.temperature={config.rollout.temperature!r} is not allowed with the "
                       "'rl' stage; allowed: a float > 0 (RL samples from softmax(logits / T))")
+
+
+@register_validator
+def _validate_tlt(config) -> None:
+  """TLT's draft strategies and its cross-key rules (rollout groups vs prompts, buffer vs batch)."""
+  if "tlt" not in config:
+    return
+  import re
+  t = config.tlt
+  names = tuple(t.strategies) if isinstance(t.strategies, (tuple, list)) else ()
+  bad = [s for s in names if s != "plain" and not re.fullmatch(r"d[1-9]\d*k[1-9]\d*n[1-9]\d*", str(s))]
+  spec = [s for s in names if s != "plain"]
+  if not names or bad or len(set(names)) != len(names) or (t.speculative and not spec):
+    raise ConfigError(f"config.tlt.strategies={t.strategies!r} is not allowed; allowed: distinct names, "
+                      "'plain' or 'd<depth>k<topk>n<num_verify>' (e.g. 'd4k1n4'), at least one not 'plain' "
+                      "when tlt.speculative is on")
+  for s in spec:
+    d, k, n = map(int, re.findall(r"\d+", s))
+    if n > d * k:
+      raise ConfigError(f"config.tlt.strategies: {s!r} is not allowed; allowed: num_verify <= depth * topk")
+  if t.buffer_capacity < t.drafter_batch_size:
+    raise ConfigError(f"config.tlt.buffer_capacity={t.buffer_capacity} is not allowed; allowed: an int >= "
+                      f"config.tlt.drafter_batch_size={t.drafter_batch_size}")
+  if "rl" in config and t.rollout_groups > config.rl.prompts_per_step:
+    raise ConfigError(f"config.tlt.rollout_groups={t.rollout_groups} is not allowed; allowed: at most "
+                      f"config.rl.prompts_per_step={config.rl.prompts_per_step} (each group takes whole "
+                      "prompt groups)")
 
 
 def unknown_key_message(config, dotted: str) -> str | None:

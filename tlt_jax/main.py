@@ -1,10 +1,17 @@
-"""Entry point: python -m tlt_jax.main --config=configs/default.py [--config.a.b=v] --workdir=DIR"""
+"""Entry point: python -m tlt_jax.main --config=configs/default.py [--config.a.b=v] --workdir=DIR
+
+On CPU, TLT's rollout groups need one (fake) device each: unless XLA_FLAGS already sets
+`--xla_force_host_platform_device_count`, this module sets it, before jax is imported, to
+max(tlt.rollout_groups, the product of the fixed mesh.shape entries) (2 for the default). The
+fake devices share the machine's cores.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -47,6 +54,40 @@ def _exit_on_bad_override(argv: list[str], error: Exception):
         file=sys.stderr)
   sys.exit(2)
 
+
+def cpu_devices_needed(argv: list[str]) -> int:
+  """Devices the config's mesh and TLT rollout groups need: max(tlt.rollout_groups, the product
+  of the fixed mesh entries), with `--config.tlt.rollout_groups` / `--config.mesh.shape`
+  overrides applied."""
+  try:
+    config = _config_file_of(argv)
+  except Exception:  # noqa: BLE001 - a broken config file is reported by the flag parser
+    return 1
+  groups = int(config.tlt.rollout_groups) if "tlt" in config else 1
+  shape = tuple(config.mesh.shape) if "mesh" in config else (-1,)
+  for arg in argv[1:]:
+    key, _, value = arg.partition("=")
+    try:
+      if key == "--config.tlt.rollout_groups":
+        groups = int(value)
+      elif key == "--config.mesh.shape":
+        shape = tuple(int(v) for v in value.strip("()[] ").split(",") if v.strip())
+    except ValueError:
+      pass  # reported by the config validation
+  fixed = 1
+  for s in shape:
+    fixed *= s if s > 0 else 1
+  return max(groups, fixed, 1)
+
+
+# On CPU, rollout groups need devices: the host platform gets as many (fake) devices as the config
+# asks for, unless XLA_FLAGS already says how many. It must happen before jax is imported; the
+# flag only concerns the CPU backend (TPU and GPU devices are unaffected).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  _needed = cpu_devices_needed(sys.argv)
+  if _needed > 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={_needed}").strip()
 
 try:  # the default config file is loaded (with the overrides) when the flag is defined
   _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml_collections config file.",

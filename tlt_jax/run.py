@@ -38,6 +38,7 @@ from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rl.trainer import RLTrainer, round_up
 from tlt_jax.rollout.engine import RolloutEngine
 from tlt_jax.rollout.sampling import SamplingParams
+from tlt_jax.tlt.groups import split_mesh
 from tlt_jax.train import optim
 from tlt_jax.train.checkpoint import Checkpointer
 from tlt_jax.train.sft import run_sft
@@ -79,6 +80,11 @@ def build_setup(config, workdir: str) -> Setup:
   except ValueError as e:
     raise config_lib.ConfigError(
         f"config.mesh.shape={tuple(config.mesh.shape)} is not allowed: {e}") from None
+  if "tlt" in config and "rl" in config_lib.stages(config):
+    try:  # rollout groups are slices of the data axis
+      split_mesh(mesh, config.tlt.rollout_groups)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.{e}") from None
   return Setup(config, workdir, task, tokenizer, model_cfg, mesh)
 
 
@@ -236,16 +242,22 @@ def run_drafter_stage(setup: Setup, policy: Transformer):
   return drafter
 
 
+def drafter_bundle(config, drafter):
+  """(graphdef, DrafterTrainState, optimizer) of the warmed-up drafter for the RL stage (its
+  training in TLT's bubbles runs at `tlt.drafter_lr`, constant), or None without a drafter."""
+  if drafter is None:
+    return None
+  lr = config.tlt.drafter_lr if "tlt" in config else config.drafter.lr
+  drafter_tx = optim.make_optimizer(dict(lr=lr, steps=max(config.rl.steps, 1), schedule="constant"))
+  return nnx.graphdef(drafter), init_drafter_train_state(drafter, drafter_tx), drafter_tx
+
+
 def run_rl_stage(setup: Setup, policy: Transformer, drafter=None) -> dict[str, Any]:
   """GRPO/RLOO from `policy` (the SFT model, also the frozen KL reference); resumes from
   `<workdir>/ckpt_rl`."""
   c = setup.config
   reference_params = jax.tree.map(lambda x: x.copy(), nnx.state(policy))
-  bundle = None
-  if drafter is not None:
-    drafter_tx = optim.make_optimizer(dict(lr=c.drafter.lr, steps=max(c.rl.steps, 1),
-                                           schedule="constant"))
-    bundle = (nnx.graphdef(drafter), init_drafter_train_state(drafter, drafter_tx), drafter_tx)
+  bundle = drafter_bundle(c, drafter)
   eval_set = eval_examples(setup, c.rl.eval_size) if c.rl.eval_size else []
 
   def evaluate(model):

@@ -4,17 +4,21 @@ One step, as data flows (see /DESIGN.md, "One RL step"):
 
   prompts  = next(PromptIterator)                          P prompts (checkpointable position)
   groups   = repeat_groups(prompts, G)                     B = P * G rows, group g = rows gG..gG+G-1
-  rollout  = RolloutEngine.generate(params, ...)            tokens, lengths, sampler logprobs
+  rollout  = TLTRuntime.rollout(params, ...)               tokens, lengths, sampler logprobs; the
+                                                           drafter trains in the groups' bubbles
   rewards  = safe(sum_k w_k reward_k(group))               [P, G] on the host, never raises
   A        = advantage(rewards)                            GRPO / RLOO, [P, G] -> [B]
   old, ref = logprob_fn(params | ref_params, batch)        one forward each, no gradient
   state, metrics, hidden = policy_update_step(state, batch)
+  drafter buffer <- hidden of rows the rollout did not buffer (tlt/buffer.py)
   checkpoint every `rl.checkpoint_every` steps and at the end
 
 Everything time-dependent (the loop, timing, checkpoints, logging) lives here; the device work
 is the pure jitted steps of rl/update.py and the rollout engine. The run is a pure function of
 (config, SFT policy): the RNG key and the prompt stream position are checkpointed with the
-params, so a resumed run reproduces an uninterrupted one bitwise.
+params, so a resumed run reproduces an uninterrupted one bitwise, as long as tlt.speculative is
+off: speculative sampling is exact in distribution, but which samples it draws depends on the
+drafter's proposals and the bandit's picks, hence on wall-clock time (tlt/runtime.py).
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rl import advantages as advantages_lib
 from tlt_jax.rl import rewards as rewards_lib
 from tlt_jax.rl.update import UpdateConfig, make_logprob_fn, make_policy_update_step
-from tlt_jax.rollout.engine import RolloutEngine, RolloutResult
+from tlt_jax.rollout.engine import RolloutResult
 from tlt_jax.rollout.sampling import SamplingParams
+from tlt_jax.tlt.runtime import TIMING_FIELDS as TLT_TIMING_FIELDS, TLTRuntime
 from tlt_jax.train import optim
 from tlt_jax.train.checkpoint import Checkpointer
 from tlt_jax.train.state import TrainState, create_train_state
@@ -52,11 +57,15 @@ log = logging.getLogger(__name__)
 # Fields of a metrics record that measure wall-clock time (they differ between identical runs).
 TIMING_FIELDS = ("step_time_s", "rollout_time_s", "reward_time_s", "logprob_time_s", "update_time_s",
                  "checkpoint_time_s", "sample_eval_time_s", "prefill_time_s", "decode_time_s",
-                 "spec_time_s", "compact_time_s")
+                 "spec_time_s", "compact_time_s", "tlt_after_update_s") + TLT_TIMING_FIELDS
 # The time breakdown plotted per step: (record key, label).
 TIME_BREAKDOWN = (("rollout_time_s", "rollout"), ("reward_time_s", "rewards"),
                   ("logprob_time_s", "old/ref logprobs"), ("update_time_s", "update"),
-                  ("checkpoint_time_s", "checkpoint"), ("sample_eval_time_s", "held-out eval"))
+                  ("checkpoint_time_s", "checkpoint"), ("sample_eval_time_s", "held-out eval"),
+                  ("tlt_after_update_s", "drafter buffer / between-step training"))
+# TLT's per-step curves: speculation, the bubbles and the drafter trained in them.
+TLT_CURVES = ("accept_len", "spec_frac", "bubble_s", "bubble_utilisation", "drafter_version",
+              "drafter_loss", "drafter_accuracy", "preempt_wait_s")
 
 
 def with_moving_averages(records: Sequence[dict], keys: Sequence[str], window: int) -> list[dict]:
@@ -208,39 +217,35 @@ class RLTrainer:
       self.eval_writer = MetricsWriter(workdir, "rl_eval")
 
   # ---------------------------------------------------------------------------------------------
-  # Rollout wiring: THE one place where the engine and the drafter params for speculative decoding
-  # are built. To turn TLT's speculative rollouts on: pass a SpeculativeDecoder to the engine
-  # (`RolloutEngine(..., speculative=SpeculativeDecoder(...), spec_threshold=...)`), and return
-  # from `rollout_args` the drafter params (`self.drafter_state.params` when a drafter exists,
-  # together with `self.drafter_graphdef`) and the strategy selector (the BEG-MAB bandit).
+  # Rollout wiring: TLT (tlt/runtime.py) builds the rollout groups over the mesh's data axis, the
+  # engine with its speculative decoder (config tlt.speculative), the BEG-MAB bandit, the drafter
+  # buffer and the drafter trained in the groups' bubbles (tlt.train_drafter), and the host
+  # scheduler that runs every rollout.
   # ---------------------------------------------------------------------------------------------
 
   def build_rollout(self) -> None:
     r = self.config.rollout
-    self.engine = RolloutEngine(
-        self.graphdef, self.sampling, eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id,
-        chunk_size=int(r.chunk_size), buckets=tuple(int(b) for b in r.buckets),
-        max_context=self.model_cfg.max_position_embeddings,
-        speculative=None, spec_threshold=0)
-
-  def rollout_args(self) -> dict[str, Any]:
-    """Extra keyword arguments of `engine.generate` for this step (drafter params: None means
-    plain decoding only)."""
-    return {"drafter_params": None}
+    drafter = None
+    if self.drafter_state is not None:
+      drafter = (self.drafter_graphdef, self.drafter_state, self.drafter_tx)
+    longest = (self.prompt_width or self.model_cfg.max_position_embeddings) + int(r.max_new_tokens)
+    seq_len = min(round_up(longest, 16), round_up(self.model_cfg.max_position_embeddings, 16))
+    self.tlt = TLTRuntime(self.config, self.graphdef, self.model_cfg, self.sampling,
+                          self.tokenizer.eos_ids, self.tokenizer.pad_id, self.mesh, drafter, seq_len)
+    self.engine = self.tlt.engine
 
   # ----------------------------------------------------------------------------- checkpointing
 
   def _ckpt_tree(self) -> dict:
-    tree = {"policy": self.state, "rng": self.rng}
-    if self.drafter_state is not None:
-      tree["drafter"] = self.drafter_state
-    return tree
+    """Arrays: policy + optimizer, RNG, and TLT's drafter + its optimizer and buffer rows."""
+    return {"policy": self.state, "rng": self.rng, **self.tlt.checkpoint_tree()}
 
   def _meta(self, step: int) -> dict:
     return {"stage": "rl", "step": int(step), "iterator": self.prompts.get_state(),
             "host": dataclasses.asdict(self.host),
             "reference": {"kind": "hf_dir", "path": self.reference_source},
             "has_drafter": self.drafter_state is not None,
+            "tlt": self.tlt.checkpoint_meta(),  # drafter version, buffer position, bandit
             "config": json.loads(self.config.to_json_best_effort())}
 
   def save(self, step: int) -> float:
@@ -257,6 +262,7 @@ class RLTrainer:
     step, tree, meta = restored
     self.state, self.rng = tree["policy"], tree["rng"]
     self.drafter_state = tree.get("drafter")
+    self.tlt.restore(tree, meta.get("tlt"))
     self.prompts.set_state(meta["iterator"])
     self.host = HostState(**meta["host"])
     source = meta.get("reference", {}).get("path", "")
@@ -284,23 +290,27 @@ class RLTrainer:
   def _device_batch(self, batch: dict):
     return mesh_lib.shard_batch(batch, self.mesh) if self.mesh is not None else batch
 
-  def _rollout(self, examples: Sequence, key):
-    """Encodes `examples`' prompts and samples one response each: (prompts, prompt_lens, result,
-    decoded responses)."""
+  def _rollout(self, examples: Sequence, key, step: int | None = None):
+    """Encodes `examples`' prompts and samples one response each over the rollout groups:
+    (prompts, prompt_lens, result, decoded responses, TLT account). With `step` (an RL step)
+    the drafter trains in the bubbles and buffers the responses' features; without (an
+    evaluation) it only decodes."""
     width = self.prompt_width or round_up(
         max(len(self.tokenizer.encode(ex.prompt)) for ex in examples) + 1, 16)
     prompts, prompt_lens = encode_prompts(examples, self.tokenizer, width)
-    result = self.engine.generate(self.state.params, prompts, prompt_lens,
-                                  int(self.config.rollout.max_new_tokens), key, **self.rollout_args())
+    train = step is not None
+    result, account = self.tlt.rollout(self.state.params, prompts, prompt_lens,
+                                       int(self.config.rollout.max_new_tokens), key, step=step or 0,
+                                       group_size=self.rl.group_size if train else 1, train=train)
     responses = [_decode(self.tokenizer, result.tokens[i, :result.lengths[i]])
                  for i in range(len(examples))]
-    return prompts, prompt_lens, result, responses
+    return prompts, prompt_lens, result, responses, account
 
   def sample_eval(self) -> dict[str, float]:
     """Accuracy of ONE sample per fixed held-out prompt at the rollout's temperature, always with
     the same RNG key (common random numbers: two policies are compared on coupled samples)."""
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 10_000_019)
-    _, _, result, responses = self._rollout(self.sample_eval_set, key)
+    _, _, result, responses, _ = self._rollout(self.sample_eval_set, key)
     correct = [self.correct_fn([y], [f], [n], ex, self.task)[0] for y, f, n, ex in
                zip(responses, result.finished.tolist(), result.lengths.tolist(), self.sample_eval_set)]
     return {"eval_accuracy": float(np.mean(correct)),
@@ -313,7 +323,8 @@ class RLTrainer:
     groups = repeat_groups(next(self.prompts), rl.group_size)
     self.rng, key = jax.random.split(self.rng)
     t0 = time.perf_counter()
-    prompts, prompt_lens, result, responses = self._rollout(groups, key)
+    prompts, prompt_lens, result, responses, account = self._rollout(groups, key, step)
+    self._buffered_rows = account["buffered_rows"]
     rollout_time = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -369,16 +380,25 @@ class RLTrainer:
         "spec_time_s": times.get("speculative", 0.0), "compact_time_s": times.get("compact", 0.0),
         "step_time_s": time.perf_counter() - t_start,
     }
+    record.update(self.tlt.record(result, account))
     return record, hidden, batch
 
-  def on_policy_features(self, batch: dict, hidden_BxLxH) -> None:
-    """Hook for TLT's drafter buffer: `hidden_BxLxH[b, t]` = f_t of the update's own forward.
+  def on_policy_features(self, step: int, batch: dict, hidden_BxLxH) -> dict:
+    """TLT's drafter buffer takes `hidden_BxLxH[b, t]` = f_t of the update's own forward for the
+    rows the rollout did not already buffer (tlt/buffer.py: tokens = batch["tokens"], loss_mask[t]
+    = response_mask[t + 1]); with one rollout group the drafter then trains between steps.
+    Returns record fields."""
+    return self.tlt.after_update(batch, hidden_BxLxH, self._buffered_rows, step, self.state.params)
 
-    In drafter/train.py's convention the drafter batch is tokens = batch["tokens"], hidden =
-    hidden_BxLxH, positions = batch["positions"] and loss_mask[t] = response_mask[t + 1]
-    (f_t's position predicts the next, response, token). Nothing consumes them yet.
-    """
-    del batch, hidden_BxLxH
+  def step(self, step: int) -> dict:
+    """RL step `step` (1-based) in full: rollout (drafter training in its bubbles), rewards,
+    update, the update's features to the drafter buffer. Returns the metrics record."""
+    record, hidden, batch = self.train_step(step)
+    t0 = time.perf_counter()
+    record.update(self.on_policy_features(step, batch, hidden))
+    record["tlt_after_update_s"] = time.perf_counter() - t0
+    record["step_time_s"] += record["tlt_after_update_s"]
+    return record
 
   def _check_skips(self, step: int, record: dict) -> None:
     self.host.consecutive_skips = self.host.consecutive_skips + 1 if record["skipped"] else 0
@@ -410,8 +430,7 @@ class RLTrainer:
                mininterval=0)
     try:
       for step in range(start + 1, rl.steps + 1):
-        record, hidden, batch = self.train_step(step)
-        self.on_policy_features(batch, hidden)
+        record = self.step(step)
         self._check_skips(step, record)
         record["checkpoint_time_s"] = 0.0
         if step % rl.checkpoint_every == 0 or step == rl.steps:
@@ -454,6 +473,8 @@ class RLTrainer:
                 os.path.join(self.workdir, "rl_diagnostics.png"), "RL diagnostics", ncols=3)
     plot_stacked_bars(records, TIME_BREAKDOWN, os.path.join(self.workdir, "rl_time.png"),
                       "RL step time (s)")
+    plot_curves(records, TLT_CURVES, os.path.join(self.workdir, "rl_tlt.png"),
+                "TLT: speculative tails, bubbles and the drafter trained in them", ncols=4)
     eval_path = os.path.join(self.workdir, "rl_eval.jsonl")
     evals = read_jsonl(eval_path) if os.path.exists(eval_path) else []
     plot_curves(evals, ["eval_accuracy", "eval_response_len_mean"],
@@ -470,6 +491,10 @@ class RLTrainer:
           response_len_first5=mean(head, "response_len_mean"),
           response_len_last5=mean(tail, "response_len_mean"),
           rl_step_time_mean_s=mean(records, "step_time_s"))
+      tlt = {k: [r[k] for r in records if isinstance(r.get(k), (int, float))]
+             for k in ("accept_len", "bubble_utilisation", "spec_frac")}
+      summary["tlt"] = {f"{k}_mean": float(np.mean(v)) for k, v in tlt.items() if v}
+      summary["tlt"]["drafter_version"] = self.tlt.trainer.version if self.tlt.trainer else None
     if self.evaluate is not None and self.rl.eval_size:
       summary["final_eval"] = self.evaluate(nnx.merge(self.graphdef, self.state.params))
     return summary

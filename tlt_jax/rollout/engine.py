@@ -201,11 +201,20 @@ class RolloutEngine:
     return int(-(-cap // 16) * 16)
 
   def start(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
-            rng: jax.Array, drafter_params=None, selector=None) -> "RolloutSession":
+            rng: jax.Array, drafter_params=None, selector=None, *,
+            place_batch: Callable[[np.ndarray], jax.Array] | None = None,
+            collect_features: bool = False) -> "RolloutSession":
     """Prefills and returns a session that decodes chunk by chunk (`session.advance()`); a host
-    scheduler interleaves the sessions of several rollout groups this way."""
+    scheduler interleaves the sessions of several rollout groups this way.
+
+    `place_batch(x)` puts the session's [B, ...] host inputs on devices (e.g. batch-sharded over a
+    rollout group's sub-mesh; default: `jnp.asarray`, which follows the params). With
+    `collect_features` (and a speculative decoder, which keeps the features), every row copied out
+    is also appended to `session.finished_features` as (row, tokens_T, feat_TxD, prompt_len): the
+    target's own features f_t of prompt + response, for the drafter buffer (tlt/buffer.py).
+    """
     return RolloutSession(self, params, prompt_BxP, prompt_len_B, max_new_tokens, rng, drafter_params,
-                          selector)
+                          selector, place_batch=place_batch, collect_features=collect_features)
 
   def generate(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
                rng: jax.Array, drafter_params=None, selector=None) -> RolloutResult:
@@ -230,8 +239,11 @@ class RolloutSession:
   calls (a newly published drafter version)."""
 
   def __init__(self, engine: RolloutEngine, params, prompt_BxP, prompt_len_B, max_new_tokens, rng,
-               drafter_params=None, selector=None):
+               drafter_params=None, selector=None, *, place_batch=None, collect_features=False):
     self.engine, self.params, self.drafter_params, self.selector = engine, params, drafter_params, selector
+    self.collect_features = bool(collect_features) and engine.speculative is not None
+    self.finished_features: list[tuple[int, np.ndarray, np.ndarray, int]] = []
+    put = jnp.asarray if place_batch is None else place_batch
     prompt_BxP = np.asarray(prompt_BxP, np.int32)
     prompt_len_B = np.asarray(prompt_len_B, np.int32)
     n, p = prompt_BxP.shape
@@ -253,8 +265,7 @@ class RolloutSession:
     prompts = np.concatenate([prompt_BxP, np.repeat(prompt_BxP[:1], pad, 0)]) if pad else prompt_BxP
     plens = np.concatenate([prompt_len_B, np.repeat(prompt_len_B[:1], pad)]) if pad else prompt_len_B
     max_new = np.concatenate([max_new_N, np.ones(pad, np.int32)])
-    state = engine._prefill(params, jnp.asarray(prompts), jnp.asarray(plens), jnp.asarray(max_new),
-                            rng, capacity=capacity)
+    state = engine._prefill(params, put(prompts), put(plens), put(max_new), rng, capacity=capacity)
     self.row_ids = np.concatenate([np.arange(n), -np.ones(pad, np.int64)])
     if pad:
       state = state.replace(done_B=state.done_B.at[n:].set(True))
@@ -284,6 +295,7 @@ class RolloutSession:
     idx = np.asarray(rows)
     seq, lp, ng, pl = jax.device_get((st.seq_BxS[idx], st.logprobs_BxM[idx], st.num_gen_B[idx],
                                       st.prompt_len_B[idx]))
+    feat = jax.device_get(st.feat_BxSxD[idx]) if self.collect_features else None
     for j, r in enumerate(rows):
       k = int(ng[j])
       out = seq[j, pl[j]:pl[j] + k]
@@ -291,6 +303,8 @@ class RolloutSession:
       self.logprobs[row_ids[r], :k] = lp[j, :k]
       self.lengths[row_ids[r]] = k
       self.finished[row_ids[r]] = bool(np.isin(out[k - 1], self.engine.eos_ids)) if k else False
+      if feat is not None:  # f_t is valid for t < prompt_len + k - 1 (the last token's is never used)
+        self.finished_features.append((int(row_ids[r]), seq[j, :pl[j] + k], feat[j, :pl[j] + k], int(pl[j])))
 
   def _finish_chunk(self):
     phase, strategy, active, t0, stats = self._in_flight

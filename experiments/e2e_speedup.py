@@ -1,0 +1,169 @@
+"""End-to-end RL speed-up of TLT: the same RL run three ways, side by side.
+
+  plain   no speculative decoding            (tlt.speculative=False, tlt.train_drafter=False)
+  static  speculative tails, frozen drafter  (tlt.speculative=True,  tlt.train_drafter=False)
+  tlt     speculative tails, drafter trained in the rollout groups' bubbles (the default)
+
+All three start from the main job's SFT policy and warmed-up drafter (taken from `--workdir`,
+made there by its `sft` and `drafter` stages when missing), use the same seeds, config, rollout
+groups and number of steps, and run in ONE process with their steps interleaved (step 1 of
+each, then step 2 of each, the order rotating), so that the load of a shared machine drifts over
+all three alike and none always profits from compilations another one left in the cache. Sampling is lossless, so the reward and accuracy curves
+agree in distribution (not sample for sample: speculative sampling draws other random numbers).
+
+  python experiments/e2e_speedup.py [--quick] [--steps N] [--workdir runs/default] [--out DIR]
+
+Prints one JSON line per (variant, step), then one per variant:
+  {"variant", "median_step_s", "median_rollout_s", "speedup_step", "speedup_rollout", ...}
+and writes DIR/e2e_speedup.{jsonl,md,png}. Medians skip the first `--warmup` steps of each
+variant (compilation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Two rollout groups on CPU need two (fake) devices; set before jax is imported.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.common import enable_compile_cache, ensure_policy_and_drafter, load_config  # noqa: E402
+
+VARIANTS = {
+    "plain": {"tlt.speculative": False, "tlt.train_drafter": False},
+    "static": {"tlt.speculative": True, "tlt.train_drafter": False},
+    "tlt": {"tlt.speculative": True, "tlt.train_drafter": True},
+}
+
+
+def build_trainer(name: str, overrides: dict, setup, policy, drafter, workdir: str):
+  import jax
+  from flax import nnx
+
+  from tlt_jax import config as config_lib
+  from tlt_jax.rl.trainer import RLTrainer
+  from tlt_jax.run import drafter_bundle
+
+  config = config_lib.finalize(load_config(overrides=overrides))
+  reference = jax.tree.map(lambda x: x.copy(), nnx.state(policy))
+  return RLTrainer(config, setup.task, setup.tokenizer, policy, os.path.join(workdir, name),
+                   mesh=setup.mesh, reference_params=reference, drafter=drafter_bundle(config, drafter))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--workdir", default="runs/default", help="main-job workdir holding sft/ and drafter/")
+  ap.add_argument("--out", default="experiments/results/e2e_speedup")
+  ap.add_argument("--steps", type=int, default=0, help="RL steps per variant (default: the config's rl.steps)")
+  ap.add_argument("--quick", action="store_true", help="8 steps per variant")
+  ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the medians (compiles)")
+  ap.add_argument("--variants", default="plain,static,tlt")
+  ap.add_argument("--set", action="append", default=[], help="extra config override key=value (all variants)")
+  args = ap.parse_args(argv)
+  enable_compile_cache()
+
+  import jax
+
+  from tlt_jax.utils.metrics import markdown_table
+
+  base = load_config()
+  steps = args.steps or (8 if args.quick else int(base.rl.steps))
+  common = {"rl.steps": steps, "rl.eval_size": 0, "rl.sample_eval_every": 0}
+  for kv in args.set:
+    key, value = kv.split("=", 1)
+    common[key] = json.loads(value) if value[:1] in "[{0123456789-tfn" else value
+  setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick)
+  names = args.variants.split(",")
+  os.makedirs(args.out, exist_ok=True)
+  trainers = {n: build_trainer(n, {**common, **VARIANTS[n]}, setup, policy, drafter, args.out) for n in names}
+  print(json.dumps({"devices": len(jax.devices()), "mesh": dict(setup.mesh.shape),
+                    "rollout_groups": int(base.tlt.rollout_groups), "steps": steps}), flush=True)
+
+  records = {n: [] for n in names}
+  keep = ("step", "step_time_s", "rollout_time_s", "update_time_s", "logprob_time_s", "reward_mean",
+          "accuracy", "response_len_mean", "response_len_max", "accept_len", "spec_frac", "bubble_s",
+          "bubble_utilisation", "drafter_steps", "drafter_version", "idle_group_s", "drafter_train_s",
+          "preempt_wait_s")
+  t_start = time.perf_counter()
+  with open(os.path.join(args.out, "e2e_speedup.jsonl"), "w") as out:
+    for step in range(1, steps + 1):
+      for n in names[(step - 1) % len(names):] + names[:(step - 1) % len(names)]:  # rotate who goes first
+        record = trainers[n].step(step)
+        rec = {"variant": n, **{k: record.get(k) for k in keep}}
+        records[n].append(rec)
+        out.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+  elapsed = time.perf_counter() - t_start
+
+  summary = summarise(records, names, args.warmup)
+  for row in summary:
+    print(json.dumps(row), flush=True)
+  write_report(args, summary, records, names, steps, elapsed)
+  plot(records, names, os.path.join(args.out, "e2e_speedup.png"))
+
+
+def summarise(records, names, warmup):
+  med = lambda n, k: float(np.median([r[k] for r in records[n][warmup:] if r[k] is not None] or [np.nan]))  # noqa: E731
+  mean = lambda n, k: float(np.mean([r[k] for r in records[n] if isinstance(r[k], (int, float))] or [np.nan]))  # noqa: E731
+  base = names[0]
+  rows = []
+  for n in names:
+    step_s, roll_s = med(n, "step_time_s"), med(n, "rollout_time_s")
+    rows.append(dict(
+        variant=n, median_step_s=step_s, median_rollout_s=roll_s,
+        speedup_step=med(base, "step_time_s") / step_s, speedup_rollout=med(base, "rollout_time_s") / roll_s,
+        rollout_frac=roll_s / step_s, amdahl_bound=1.0 / max(1.0 - roll_s / step_s, 1e-9),
+        reward_mean=mean(n, "reward_mean"), accuracy=mean(n, "accuracy"),
+        accept_len=mean(n, "accept_len"), spec_frac=mean(n, "spec_frac"),
+        bubble_s=mean(n, "bubble_s"), bubble_utilisation=mean(n, "bubble_utilisation"),
+        drafter_steps=sum(r["drafter_steps"] or 0 for r in records[n]),
+        preempt_wait_s=mean(n, "preempt_wait_s")))
+  return rows
+
+
+def write_report(args, summary, records, names, steps, elapsed):
+  from tlt_jax.utils.metrics import markdown_table
+
+  cols = ["variant", "median_step_s", "median_rollout_s", "speedup_step", "speedup_rollout", "rollout_frac",
+          "amdahl_bound", "reward_mean", "accuracy", "accept_len", "spec_frac", "bubble_s",
+          "bubble_utilisation", "drafter_steps", "preempt_wait_s"]
+  md = ["# End-to-end RL speed-up of TLT (interleaved, one process)\n",
+        f"Policy/drafter from `{args.workdir}`; {steps} RL steps per variant, medians over steps "
+        f"> {args.warmup}; {elapsed:.0f} s in all. speedup_* are over `{names[0]}`; amdahl_bound = "
+        "1 / (1 - rollout share of the step): the most any rollout speed-up can give end to end.\n",
+        markdown_table(summary, cols)]
+  with open(os.path.join(args.out, "e2e_speedup.md"), "w") as f:
+    f.write("\n".join(md))
+
+
+def plot(records, names, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  panels = [("step_time_s", "step time (s)"), ("rollout_time_s", "rollout time (s)"),
+            ("reward_mean", "reward (mean over the batch)"), ("accuracy", "accuracy (verifier)")]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+  for ax, (key, title) in zip(axes, panels):
+    for n in names:
+      pts = [(r["step"], r[key]) for r in records[n] if isinstance(r.get(key), (int, float))]
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=n, alpha=0.85)
+    ax.set_title(title)
+    ax.set_xlabel("RL step")
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()

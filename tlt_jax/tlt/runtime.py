@@ -1,0 +1,190 @@
+"""TLT for one RL run, wired from the config: rollout groups, the engine with its speculative
+decoder, the BEG-MAB bandit, the drafter buffer and trainer, the host scheduler, and the state of
+all of them that a checkpoint carries.
+
+Two switches (config `tlt`):
+  speculative     decode each rollout group's tail (active batch <= rollout.spec_threshold)
+                  speculatively, strategy per chunk from the BEG-MAB bandit (plain decoding is
+                  one of its arms when `tlt.strategies` lists "plain");
+  train_drafter   train the drafter on the policy's own features in the idle groups' bubbles
+                  (tlt/scheduler.py), publishing versions that later chunks pick up.
+Off/off is plain decoding over the rollout groups (the baseline); on/off is a static drafter.
+
+Determinism: without speculation a run is a pure function of its config. With it, every rollout
+is an exact sample of the policy, but WHICH sample depends on the drafter's proposals and the
+bandit's picks, and those depend on wall-clock time (bubble lengths, measured throughput): runs
+agree in distribution, not bitwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from tlt_jax.drafter.train import DrafterTrainState, make_drafter_train_step
+from tlt_jax.parallel import mesh as mesh_lib
+from tlt_jax.rollout.engine import PLAIN, RolloutEngine, RolloutResult
+from tlt_jax.rollout.sampling import SamplingParams
+from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
+from tlt_jax.tlt.bandit import BegMab
+from tlt_jax.tlt.buffer import DrafterBuffer
+from tlt_jax.tlt.groups import split_mesh
+from tlt_jax.tlt.scheduler import DrafterTrainer, HostScheduler, target_head
+
+log = logging.getLogger(__name__)
+
+# Record fields whose values depend on wall-clock time (they differ between identical runs).
+TIMING_FIELDS = ("bubble_s", "bubble_utilisation", "drafter_train_s", "idle_group_s", "decode_group_s",
+                 "preempt_wait_s", "drafter_steps", "drafter_version", "drafter_version_min",
+                 "drafter_loss", "drafter_accuracy", "spec_frac", "spec_chunks", "accept_len")
+
+
+def parse_arms(names: Sequence[str]) -> list[tuple[int, int, int]]:
+  """Bandit arms from names: "plain" (PLAIN = (0, 0, 0)) or "d<depth>k<topk>n<num_verify>"."""
+  return [PLAIN if str(s).strip() == "plain" else tuple(Strategy.parse(s)) for s in names]
+
+
+class TLTRuntime:
+  """TLT's rollout side of one RL run (see the module docstring).
+
+  Args:
+    config: the run config (sections `rollout`, `tlt`, `seed`).
+    graphdef: the policy's graphdef; model_cfg its ModelConfig.
+    sampling: the rollout's SamplingParams; eos_ids / pad_id the tokenizer's.
+    mesh: the run's mesh (None: one device); its `data` axis is split into the rollout groups.
+    drafter: (graphdef, DrafterTrainState, optax optimizer) of the warmed-up drafter, or None.
+    seq_len: the drafter buffer's row length (>= prompt width + max_new_tokens).
+  """
+
+  def __init__(self, config, graphdef, model_cfg, sampling: SamplingParams, eos_ids: Sequence[int],
+               pad_id: int, mesh: Mesh | None, drafter: tuple[Any, DrafterTrainState, Any] | None,
+               seq_len: int):
+    r, t = config.rollout, config.tlt
+    self.graphdef = graphdef
+    if mesh is None:
+      mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+    self.groups = split_mesh(mesh, int(t.rollout_groups))
+    self.speculative = bool(t.speculative) and drafter is not None
+    self.train_drafter = bool(t.train_drafter) and drafter is not None
+    if drafter is None and (t.speculative or t.train_drafter):
+      log.warning("no drafter (run the 'drafter' stage first): speculative decoding and drafter "
+                  "training are off")
+    arms = parse_arms(t.strategies)
+    decoder = None
+    if self.speculative:
+      decoder = SpeculativeDecoder(graphdef, drafter[0], sampling, tuple(eos_ids),
+                                   strategies=[Strategy(*a) for a in arms if a != PLAIN],
+                                   rounds_per_chunk=int(r.rounds_per_chunk))
+    self.engine = RolloutEngine(
+        graphdef, sampling, eos_ids=tuple(eos_ids), pad_id=pad_id, chunk_size=int(r.chunk_size),
+        buckets=tuple(int(b) for b in r.buckets), max_context=model_cfg.max_position_embeddings,
+        speculative=decoder, spec_threshold=int(r.spec_threshold) if decoder is not None else 0)
+    self.bandit = None
+    if self.speculative:
+      buckets = tuple(b for b in self.engine.buckets if b <= int(r.spec_threshold)) or (int(r.spec_threshold),)
+      self.bandit = BegMab(arms, buckets=buckets, epsilon=float(t.bandit_epsilon),
+                           window=int(t.bandit_window), seed=int(config.seed))
+    self.buffer, self.trainer, static = None, None, None
+    self.drafter_state = None if drafter is None else drafter[1]
+    if self.train_drafter:
+      dgraph, state, tx = drafter
+      self.buffer = DrafterBuffer(int(t.buffer_capacity), int(seq_len), model_cfg.hidden_size,
+                                  decay=float(t.buffer_decay), seed=int(config.seed), pad_id=pad_id)
+      self.trainer = DrafterTrainer(lambda mesh: make_drafter_train_step(dgraph, tx, model_cfg, mesh=mesh),
+                                    state, self.groups, self.buffer, int(t.drafter_batch_size))
+    elif self.speculative:
+      static = drafter[1].params
+    self.scheduler = HostScheduler(
+        self.engine, self.groups, trainer=self.trainer, drafter_params=static, selector=self.bandit,
+        single_group=str(t.single_group), between_steps=int(t.between_steps),
+        max_in_flight=int(t.max_in_flight), max_train_steps=int(t.max_drafter_steps))
+
+  # ----------------------------------------------------------------------------- one step
+
+  def rollout(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
+              rng: jax.Array, *, step: int = 0, group_size: int = 1,
+              train: bool = True) -> tuple[RolloutResult, dict[str, Any]]:
+    """A rollout over the groups, the drafter trained in their bubbles (HostScheduler.rollout;
+    `train=False` for evaluations: no buffering, no training)."""
+    return self.scheduler.rollout(params, prompt_BxP, prompt_len_B, max_new_tokens, rng, step=step,
+                                  group_size=group_size, train=train)
+
+  def after_update(self, batch: Mapping[str, Any], hidden_BxLxH, buffered_rows: np.ndarray, step: int,
+                   next_params) -> dict[str, Any]:
+    """After the policy update: the update's own features of the rows the rollout did not buffer
+    (source 2 of tlt/buffer.py), then, with one rollout group, drafter training between steps
+    against the updated policy's head. Returns record fields."""
+    if self.trainer is None:
+      return {}
+    rows = np.flatnonzero(~np.asarray(buffered_rows, bool))
+    if rows.size:
+      tokens, mask, hidden = jax.device_get((batch["tokens"], batch["response_mask"], hidden_BxLxH))
+      self.buffer.add_update_batch(tokens, hidden, mask, step, rows=rows)
+    out = self.scheduler.train_between_steps(target_head(self.graphdef, next_params))
+    record = {"buffer_rows": len(self.buffer)}
+    if out["drafter_steps"]:
+      record.update(between_steps_train_s=out["train_s"], between_steps_drafter_steps=out["drafter_steps"],
+                    drafter_version=out["drafter_version"])
+    return record
+
+  @staticmethod
+  def record(result: RolloutResult, account: Mapping[str, Any]) -> dict[str, Any]:
+    """The step's TLT fields for the metrics record (group-seconds summed over the groups)."""
+    spec = result.stats.get("spec_chunks") or []
+    spec_tokens = sum(c["tokens"] for c in spec)
+    used = account.get("drafter_versions_used") or []
+    return {
+        "rollout_groups": account["num_groups"], "decode_group_s": account["decode_s"],
+        "drafter_train_s": account["train_s"], "idle_group_s": account["idle_s"],
+        "bubble_s": account["bubble_s"], "bubble_utilisation": account["bubble_utilisation"],
+        "preempt_wait_s": account["preempt_wait_s"], "drafter_steps": account["drafter_steps"],
+        "drafter_version": account["drafter_version"],
+        "drafter_version_min": min(used) if used else None,
+        "drafter_loss": account.get("drafter_loss"), "drafter_accuracy": account.get("drafter_accuracy"),
+        "spec_chunks": len(spec), "spec_frac": spec_tokens / max(int(result.lengths.sum()), 1),
+    }
+
+  # ----------------------------------------------------------------------------- checkpointing
+
+  def checkpoint_tree(self) -> dict[str, Any]:
+    """Arrays for the run's checkpoint: the drafter's train state (params + optimizer) and the
+    buffer's rows."""
+    tree = {}
+    state = self.trainer.state if self.trainer is not None else self.drafter_state
+    if state is not None:
+      tree["drafter"] = state
+    if self.buffer is not None:
+      tree["drafter_buffer"] = self.buffer.state_dict()["arrays"]
+    return tree
+
+  def checkpoint_meta(self) -> dict[str, Any]:
+    """JSON for the run's checkpoint: drafter version, buffer position and bandit statistics."""
+    meta: dict[str, Any] = {"speculative": self.speculative, "train_drafter": self.train_drafter}
+    if self.trainer is not None:
+      meta["drafter_version"] = self.trainer.version
+    if self.buffer is not None:
+      meta["buffer"] = self.buffer.state_dict()["meta"]
+    if self.bandit is not None:
+      meta["bandit"] = self.bandit.state_dict()
+    return meta
+
+  def restore(self, tree: Mapping[str, Any], meta: Mapping[str, Any] | None) -> None:
+    """Restores what `checkpoint_tree` / `checkpoint_meta` saved (parts the checkpoint lacks,
+    e.g. from a run with TLT off, keep their fresh values)."""
+    meta = meta or {}
+    if "drafter" in tree:
+      if self.trainer is not None:
+        self.trainer.restore(tree["drafter"], int(meta.get("drafter_version", 0)))
+      else:
+        self.drafter_state = tree["drafter"]
+        if self.speculative:
+          self.scheduler.set_static_drafter(self.drafter_state.params)
+    if self.buffer is not None and "drafter_buffer" in tree and "buffer" in meta:
+      self.buffer.load_state_dict({"arrays": tree["drafter_buffer"], "meta": meta["buffer"]})
+    if self.bandit is not None and "bandit" in meta:
+      self.bandit.load_state_dict(meta["bandit"])

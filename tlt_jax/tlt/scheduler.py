@@ -1,0 +1,481 @@
+"""The host scheduler: it owns time during a rollout, and trains the drafter in the bubbles.
+
+TLT (Hu et al., 2025, "Taming the Long Tail"): a step's rollout is split over R rollout groups
+(tlt/groups.py). Groups finish at different times; a group whose sequences have all finished is
+IDLE until the last one finishes. The scheduler fills that bubble with drafter training:
+
+  loop, one tick per pass, on ONE host thread (JAX async dispatch keeps every group busy):
+    for each decoding group g:  session_g.drafter_params <- newest published drafter
+                                session_g.advance()       (wait g's chunk, dispatch g's next)
+                                finished rows -> drafter buffer (their features, tlt/buffer.py)
+    drafter: completed train steps are published; while some group still decodes and some are
+             idle, keep up to `max_in_flight` `drafter_train_step`s queued on the idle groups'
+             devices (data-parallel over them), batches drawn from the buffer
+  when the last group finishes: no new train step is dispatched (preemption at a step boundary);
+  the queued ones complete and are published, and the rollout returns.
+
+Atomic publication. A train step never mutates params that a rollout reads: after dispatching
+step k the trainer dispatches a copy of its params (the step donates its input state, so the
+next step cannot overwrite the copy), and once that copy is ready it is placed on every group
+and published as ONE immutable `PublishedDrafter(version, params_per_group)`, swapped in with a
+single assignment. The version grows by exactly one per completed step. Sessions pick the
+newest version up at their next chunk (the drafter's KV cache of earlier tokens keeps the
+older version's entries; acceptance is target-only, so this costs accept length, never
+correctness). A preempted step is never half-published: it either completed (and is published)
+or was never dispatched.
+
+Accounting (per group, host clock, exact sums): a group is DECODING from the rollout's start
+(prefill included) until its session is done, TRAINING while a drafter step it takes part in is
+queued or running, IDLE otherwise; decode + train + idle = the rollout's wall time, per group.
+The bubble is the idle time there was before training filled it: Σ_g (end - done_g);
+bubble utilisation = Σ train / Σ bubble. Times are observed at tick granularity (a chunk's
+time): a train step's completion is noticed at the next tick.
+
+What "idle" means on a CPU: the groups are fake devices over the same cores, so an idle group's
+"device" is not free compute: its training runs on cores the decoding group could have used.
+A small-batch tail decodes on about one core, which leaves roughly one core of two for
+training; on accelerators an idle group's chips are truly free.
+
+With R = 1 nothing is ever idle: `single_group` = "between_steps" trains `between_steps`
+drafter steps after each policy update (`train_between_steps`), "off" never trains.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tlt_jax.drafter.train import (DrafterTrainState, TargetHead, drafter_state_shardings,
+                                   target_head_shardings)
+from tlt_jax.parallel import mesh as mesh_lib
+from tlt_jax.rollout.engine import RolloutResult
+from tlt_jax.tlt.buffer import DrafterBuffer
+from tlt_jax.tlt.groups import RolloutGroup, split_rows, union_mesh
+
+SINGLE_GROUP_MODES = ("between_steps", "off")
+PHASES = ("decode", "train", "idle")
+
+
+def target_head(graphdef, params) -> TargetHead:
+  """The frozen embedding / LM head the drafter trains against: the current policy's."""
+  return TargetHead.from_target(nnx.merge(graphdef, params))
+
+
+# ------------------------------------------------------------------------------ drafter training
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishedDrafter:
+  """A completed drafter version (immutable): `params[g]` is placed on rollout group g."""
+
+  version: int
+  params: tuple[Any, ...]
+
+
+def _same_devices(a: Mesh | None, b: Mesh) -> bool:
+  return a is not None and a.devices.shape == b.devices.shape and bool(np.all(a.devices == b.devices))
+
+
+class DrafterTrainer:
+  """The drafter's train state and jitted `drafter_train_step`, with versioned publication.
+
+  Args:
+    make_step: `mesh -> drafter_train_step(state, head, batch) -> (state, metrics)`, jitted with
+      explicit shardings on that mesh and donating the state (drafter/train.py's
+      `make_drafter_train_step(..., mesh=mesh)`); built once per mesh the drafter trains on.
+    state: the DrafterTrainState.
+    groups: the rollout groups (each published version is placed on every one).
+    buffer: the DrafterBuffer batches are drawn from.
+    batch_size: rows per drafter step.
+    version: the version of `state.params` (restored from a checkpoint, else 0).
+  """
+
+  def __init__(self, make_step: Callable[[Mesh], Callable], state: DrafterTrainState,
+               groups: Sequence[RolloutGroup], buffer: DrafterBuffer, batch_size: int, *,
+               version: int = 0):
+    self.make_step, self.groups, self.buffer = make_step, tuple(groups), buffer
+    self.batch_size = int(batch_size)
+    self.state = state
+    self._steps: dict[tuple, Callable] = {}  # device ids of a mesh -> its jitted step
+    self._mesh: Mesh | None = None  # where `state` lives (None: wherever it was given)
+    self._head = None  # (source head, mesh, placed head)
+    self._queue: collections.deque = collections.deque()  # (snapshot, metrics) in dispatch order
+    self.published = self._publication(version, self._snapshot(state.params))
+
+  @staticmethod
+  def _snapshot(params):
+    """A copy that no later (donating) train step can touch."""
+    return jax.tree.map(jnp.copy, params)
+
+  def _publication(self, version: int, params) -> PublishedDrafter:
+    return PublishedDrafter(int(version), tuple(g.replicate(params) for g in self.groups))
+
+  @property
+  def version(self) -> int:
+    return self.published.version
+
+  def restore(self, state: DrafterTrainState, version: int) -> None:
+    """Continues from a checkpointed train state whose params are drafter `version`."""
+    if self._queue:
+      raise RuntimeError("DrafterTrainer.restore with train steps in flight")
+    self.state, self._mesh, self._head = state, None, None
+    self.published = self._publication(version, self._snapshot(state.params))
+
+  @property
+  def in_flight(self) -> int:
+    return len(self._queue)
+
+  def batch_shards(self, mesh: Mesh) -> int:
+    """How many ways a drafter batch is split on `mesh` (its data x fsdp devices)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def place(self, mesh: Mesh) -> None:
+    """Moves the train state onto `mesh` (params and moments by their logical axes, the training
+    layout), e.g. the devices of the idle groups."""
+    if not _same_devices(self._mesh, mesh):
+      self.state = jax.device_put(self.state, drafter_state_shardings(self.state, mesh))
+      self._mesh = mesh
+
+  def dispatch(self, mesh: Mesh, head: TargetHead) -> None:
+    """Queues one train step (and the copy of its params) on `mesh`; returns without waiting."""
+    key = tuple(d.id for d in mesh.devices.flat)
+    if key not in self._steps:
+      self._steps[key] = self.make_step(mesh)
+    self.place(mesh)
+    if self._head is None or self._head[0] is not head or not _same_devices(self._head[1], mesh):
+      sharding = (target_head_shardings(head.cfg, mesh) if isinstance(head, TargetHead)
+                  else NamedSharding(mesh, P()))
+      self._head = (head, mesh, jax.device_put(head, sharding))
+    batch = jax.device_put(self.buffer.sample(self.batch_size), mesh_lib.batch_sharding(mesh, 1))
+    self.state, metrics = self._steps[key](self.state, self._head[2], batch)
+    self._queue.append((self._snapshot(self.state.params), metrics))
+
+  def oldest_ready(self) -> bool:
+    return bool(self._queue) and all(x.is_ready() for x in jax.tree.leaves(self._queue[0][0]))
+
+  def complete_one(self) -> dict[str, float]:
+    """Waits for the oldest queued step, publishes it as version + 1; returns its metrics."""
+    snapshot, metrics = self._queue.popleft()
+    jax.block_until_ready(snapshot)
+    self.published = self._publication(self.published.version + 1, snapshot)  # the atomic swap
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  def complete_ready(self) -> list[dict[str, float]]:
+    out = []
+    while self.oldest_ready():
+      out.append(self.complete_one())
+    return out
+
+  def complete_all(self) -> list[dict[str, float]]:
+    return [self.complete_one() for _ in range(len(self._queue))]
+
+
+# ------------------------------------------------------------------------------ accounting
+
+
+class Timeline:
+  """Per-group phase clock: `set(g, phase, t)` closes g's current phase at t and opens `phase`;
+  `close(t)` ends all. Each group's phase totals then sum to (close - start) exactly."""
+
+  def __init__(self, num_groups: int, t0: float, phases: Sequence[str]):
+    self.t0 = t0
+    self.totals = [dict.fromkeys(PHASES, 0.0) for _ in range(num_groups)]
+    self.current = [(p, t0) for p in phases]
+
+  def set(self, g: int, phase: str, t: float) -> None:
+    old, since = self.current[g]
+    self.totals[g][old] += t - since
+    self.current[g] = (phase, t)
+
+  def phase(self, g: int) -> str:
+    return self.current[g][0]
+
+  def close(self, t: float) -> None:
+    for g in range(len(self.current)):
+      self.set(g, self.current[g][0], t)
+
+
+# ------------------------------------------------------------------------------ the scheduler
+
+
+class HostScheduler:
+  """Runs a step's rollout over the rollout groups and trains the drafter in their bubbles.
+
+  Args:
+    engine: the RolloutEngine (its speculative decoder, if any, decodes each group's tail once its
+      active batch is <= engine.spec_threshold).
+    groups: the rollout groups (tlt/groups.split_mesh).
+    trainer: the DrafterTrainer, or None (no drafter training, and the engine's drafter params
+      come from `drafter_params`).
+    drafter_params: a static drafter (used when `trainer` is None); None and no trainer: plain.
+    selector: the strategy selector of every group's speculative chunks (BEG-MAB, shared).
+    train_in_bubbles: train in idle groups' bubbles (needs a trainer and R > 1).
+    single_group: with R = 1, "between_steps" or "off" (see `train_between_steps`).
+    between_steps: drafter steps per `train_between_steps` call.
+    max_in_flight: drafter steps queued at once (2 keeps the device fed between polls).
+    max_train_steps: cap on drafter steps per rollout (0: as many as the bubbles fit).
+    clock: the time source (a fake one in tests).
+    start_session: `(group, params, prompts, prompt_lens, max_new, rng, drafter_params) -> session`;
+      default `engine.start` on the group's devices. A session has `advance()`, `result()`,
+      `drafter_params` and `finished_features`.
+  """
+
+  def __init__(self, engine, groups: Sequence[RolloutGroup], *, trainer: DrafterTrainer | None = None,
+               drafter_params=None, selector=None, train_in_bubbles: bool = True,
+               single_group: str = "between_steps", between_steps: int = 0, max_in_flight: int = 2,
+               max_train_steps: int = 0, clock: Callable[[], float] = time.perf_counter,
+               start_session: Callable | None = None):
+    if single_group not in SINGLE_GROUP_MODES:
+      raise ValueError(f"tlt.single_group={single_group!r} is not allowed; allowed: one of {SINGLE_GROUP_MODES}")
+    if max_in_flight < 1:
+      raise ValueError(f"max_in_flight={max_in_flight}; must be >= 1")
+    self.engine, self.groups, self.trainer, self.selector = engine, list(groups), trainer, selector
+    self.static_drafter = None
+    if drafter_params is not None:
+      self.set_static_drafter(drafter_params)
+    self.train_in_bubbles = bool(train_in_bubbles) and trainer is not None and len(self.groups) > 1
+    self.single_group, self.between_steps = single_group, int(between_steps)
+    self.max_in_flight, self.max_train_steps = int(max_in_flight), int(max_train_steps)
+    self.clock = clock
+    self._start_session = start_session or self._engine_session
+    self.collect_features = trainer is not None
+    self._collect_now = self.collect_features
+
+  def set_static_drafter(self, params) -> None:
+    """The drafter of every speculative chunk when there is no trainer (e.g. after a restore)."""
+    self.static_drafter = tuple(g.replicate(params) for g in self.groups)
+
+  # --- sessions ----------------------------------------------------------------------------
+
+  def _engine_session(self, group: RolloutGroup, params, prompt_BxP, prompt_len_B, max_new_B, rng,
+                      drafter_params):
+    return self.engine.start(params, prompt_BxP, prompt_len_B, max_new_B, rng, drafter_params,
+                             self.selector, place_batch=group.place_batch,
+                             collect_features=self._collect_now)
+
+  def _drafter_for(self, g: int):
+    if self.trainer is not None:
+      pub = self.trainer.published
+      return pub.version, pub.params[g]
+    if self.static_drafter is not None:
+      return 0, self.static_drafter[g]
+    return None, None
+
+  def _train_groups(self, idle: Sequence[int]) -> list[int]:
+    """The idle groups the drafter trains on, data-parallel: the most (first) of them whose batch
+    split divides the drafter batch (the others stay idle)."""
+    for k in range(len(idle), 0, -1):
+      mesh = union_mesh([self.groups[g] for g in idle[:k]])
+      if self.trainer.batch_size % self.trainer.batch_shards(mesh) == 0:
+        return list(idle[:k])
+    raise ValueError(f"tlt.drafter_batch_size={self.trainer.batch_size} is not divisible by one rollout "
+                     f"group's batch shards ({self.trainer.batch_shards(self.groups[idle[0]].mesh)})")
+
+  # --- one rollout -------------------------------------------------------------------------
+
+  def rollout(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
+              rng: jax.Array, *, step: int = 0, group_size: int = 1, head: TargetHead | None = None,
+              train: bool = True) -> tuple[RolloutResult, dict[str, Any]]:
+    """Generates for every row (as RolloutEngine.generate), rows split over the groups by whole
+    prompt groups of `group_size`. With `train` (and a trainer), finished rows' features go to
+    the trainer's buffer (tagged with RL `step`) and the drafter trains in the bubbles against
+    `head` (default: the head of `params`); `train=False` only decodes (e.g. an evaluation).
+
+    Returns (result, account): result merged in the input row order; account = the step's
+    accounting (module docstring) with per-group entries, drafter versions used, accept length
+    and `buffered_rows` (the rows whose features went to the buffer).
+    """
+    clock, trainer, num_groups = self.clock, self.trainer, len(self.groups)
+    t0 = clock()
+    n = len(prompt_BxP)
+    rows = split_rows(n, group_size, num_groups)
+    max_new_N = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (n,))
+    training = self.train_in_bubbles and train
+    self._collect_now = self.collect_features and train
+    if training and head is None:
+      head = target_head(self.engine.graphdef, params)
+    timeline = Timeline(num_groups, t0, ["decode" if len(r) else "idle" for r in rows])
+    sessions: list[Any] = [None] * num_groups
+    results: list[RolloutResult | None] = [None] * num_groups
+    done_at = [t0 if not len(r) else None for r in rows]
+    versions_used: set[int] = set()  # drafter versions of the speculative chunks
+    dispatched: list[int | None] = [None] * num_groups  # version given to each group's chunk in flight
+    buffered = np.zeros((n,), bool)
+    train_metrics: list[dict] = []
+    steps_dispatched = 0
+    train_groups: list[int] = []  # the groups the queued train steps run on
+
+    def drain_features(g):
+      s = sessions[g]
+      feats = getattr(s, "finished_features", None)
+      if not feats:
+        return
+      if trainer is not None and train:
+        trainer.buffer.add_sequences([(tok, feat, plen) for _, tok, feat, plen in feats], step)
+        buffered[rows[g][[r for r, _, _, _ in feats]]] = True
+      feats.clear()
+
+    def advance(g) -> bool:
+      s = sessions[g]
+      version, dparams = self._drafter_for(g)
+      if dparams is not None:
+        s.drafter_params = dparams
+      chunks = getattr(s, "chunks", ())
+      seen = len(chunks)
+      more = s.advance()
+      # the chunk that just finished was dispatched by the previous call, with that call's version
+      if any(c.get("strategy") is not None for c in chunks[seen:]) and dispatched[g] is not None:
+        versions_used.add(dispatched[g])
+      dispatched[g] = version
+      drain_features(g)
+      if not more:
+        results[g] = s.result()
+        done_at[g] = clock()
+        timeline.set(g, "idle", done_at[g])
+      return more
+
+    def train_tick():
+      """Publishes completed drafter steps; keeps the queue full on the idle groups' devices."""
+      nonlocal train_groups, steps_dispatched
+      now = clock()
+      done = trainer.complete_ready()
+      train_metrics.extend(done)
+      if done and not trainer.in_flight:
+        for g in train_groups:
+          timeline.set(g, "idle", now)
+        train_groups = []
+      idle = [g for g in range(num_groups) if done_at[g] is not None]
+      if not (active and idle) or len(trainer.buffer) < trainer.batch_size:
+        return
+      idle = self._train_groups(idle)
+      if trainer.in_flight and set(idle) != set(train_groups):
+        return  # more groups went idle: they join once the queue drains
+      mesh = union_mesh([self.groups[g] for g in idle])
+      while trainer.in_flight < self.max_in_flight and not (
+          self.max_train_steps and steps_dispatched >= self.max_train_steps):
+        trainer.dispatch(mesh, head)
+        steps_dispatched += 1
+      if trainer.in_flight:
+        for g in idle:
+          if timeline.phase(g) != "train":
+            timeline.set(g, "train", now)
+        train_groups = idle
+
+    active = []
+    for g, group in enumerate(self.groups):  # each group's prefill overlaps the others' first chunks
+      if not len(rows[g]):
+        continue
+      r = rows[g]
+      _, dparams = self._drafter_for(g)
+      sessions[g] = self._start_session(group, group.replicate(params), prompt_BxP[r], prompt_len_B[r],
+                                        max_new_N[r], group.replicate(jax.random.fold_in(rng, g)), dparams)
+      if advance(g):
+        active.append(g)
+
+    while active:
+      for g in list(active):
+        if training:  # poll before every wait, so that each chunk gets the newest drafter
+          train_tick()
+        if not advance(g):
+          active.remove(g)
+
+    t_last = max(d for d in done_at if d is not None) if any(d is not None for d in done_at) else t0
+    if training and trainer.in_flight:  # preemption: finish (and publish) the queued steps
+      train_metrics += trainer.complete_all()
+    t_end = clock()
+    for g in train_groups:
+      timeline.set(g, "idle", t_end)
+    timeline.close(t_end)
+
+    result = merge_results([results[g] for g in range(num_groups)], rows, n,
+                           getattr(self.engine, "pad_id", 0))
+    account = self._account(timeline, done_at, t0, t_last, t_end, train_metrics, versions_used, result)
+    account["buffered_rows"] = buffered
+    return result, account
+
+  def _account(self, timeline: Timeline, done_at, t0, t_last, t_end, train_metrics, versions_used,
+               result: RolloutResult) -> dict[str, Any]:
+    wall = t_end - t0
+    per_group = []
+    for g, tot in enumerate(timeline.totals):
+      per_group.append(dict(decode_s=tot["decode"], train_s=tot["train"], idle_s=tot["idle"],
+                            bubble_s=t_end - done_at[g], done_s=done_at[g] - t0))
+    bubble = sum(p["bubble_s"] for p in per_group)
+    train = sum(p["train_s"] for p in per_group)
+    account = dict(
+        wall_s=wall, groups=per_group, num_groups=len(per_group),
+        decode_s=sum(p["decode_s"] for p in per_group), train_s=train,
+        idle_s=sum(p["idle_s"] for p in per_group), bubble_s=bubble,
+        bubble_utilisation=(train / bubble) if bubble > 0 else None,
+        preempt_wait_s=t_end - t_last, drafter_steps=len(train_metrics),
+        drafter_version=None if self.trainer is None else self.trainer.version,
+        drafter_versions_used=sorted(versions_used),
+        accept_len=result.stats.get("spec_accept_len"))
+    if train_metrics:
+      for k in ("loss", "accuracy"):
+        if k in train_metrics[0]:
+          account[f"drafter_{k}"] = float(np.mean([m[k] for m in train_metrics]))
+    return account
+
+  # --- between steps (R = 1) ---------------------------------------------------------------
+
+  def train_between_steps(self, head: TargetHead, num_steps: int | None = None) -> dict[str, Any]:
+    """With one rollout group (`single_group="between_steps"`): `num_steps` (default
+    `between_steps`) drafter steps on all groups' devices, synchronously, after the policy update.
+    Returns {train_s, drafter_steps, drafter_version}; nothing runs when the mode is "off", with
+    several groups (they train in bubbles), or with too few buffered rows."""
+    trainer = self.trainer
+    num_steps = self.between_steps if num_steps is None else int(num_steps)
+    if (trainer is None or len(self.groups) > 1 or self.single_group != "between_steps"
+        or num_steps <= 0 or len(trainer.buffer) < trainer.batch_size):
+      return {"train_s": 0.0, "drafter_steps": 0,
+              "drafter_version": None if trainer is None else trainer.version}
+    t0 = self.clock()
+    mesh = union_mesh([self.groups[g] for g in self._train_groups(list(range(len(self.groups))))])
+    metrics = []
+    for _ in range(num_steps):
+      if trainer.in_flight >= self.max_in_flight:
+        metrics.append(trainer.complete_one())
+      trainer.dispatch(mesh, head)
+    metrics += trainer.complete_all()
+    out = {"train_s": self.clock() - t0, "drafter_steps": len(metrics), "drafter_version": trainer.version}
+    if metrics:
+      out["drafter_loss"] = float(np.mean([m["loss"] for m in metrics]))
+    return out
+
+
+def merge_results(results: Sequence[RolloutResult | None], rows: Sequence[np.ndarray], n: int,
+                  pad_id: int = 0) -> RolloutResult:
+  """The groups' results in the original row order. Statistics: times per phase summed over
+  groups (group-seconds, not wall), accept length pooled over every speculative chunk, and each
+  group's active-batch trace."""
+  present = [(r, idx) for r, idx in zip(results, rows) if r is not None]
+  width = max(r.tokens.shape[1] for r, _ in present)
+  tokens = np.full((n, width), pad_id, np.int32)
+  logprobs = np.zeros((n, width), np.float32)
+  lengths = np.zeros((n,), np.int32)
+  finished = np.zeros((n,), bool)
+  for r, idx in present:
+    w = r.tokens.shape[1]
+    tokens[idx, :w], logprobs[idx, :w] = r.tokens, r.logprobs
+    lengths[idx], finished[idx] = r.lengths, r.finished
+  times: dict[str, float] = {}
+  for r, _ in present:
+    for k, v in r.stats["time_s"].items():
+      times[k] = times.get(k, 0.0) + float(v)
+  chunks = [dict(c, group=g) for g, (r, _) in enumerate(present) for c in r.stats["chunks"]]
+  spec = [c for c in chunks if c["strategy"] is not None]
+  row_rounds = sum(c["row_rounds"] for c in spec)
+  stats = dict(time_s=times, num_tokens=int(lengths.sum()),
+               spec_accept_len=(sum(c["tokens"] for c in spec) / row_rounds) if row_rounds else None,
+               chunks=chunks, spec_chunks=spec,
+               active_trace=[r.stats["active_trace"] for r, _ in present])
+  return RolloutResult(tokens, lengths, logprobs, finished, stats)
