@@ -31,9 +31,10 @@ from tlt_jax import config as config_lib, run as run_lib
 workdir = tempfile.mkdtemp(prefix='tlt_quickstart_')
 config = load_config(overrides={
     'model.num_layers': 2, 'model.hidden_size': 64, 'model.intermediate_size': 128,
-    'task.max_digits': 3, 'sft.steps': 60, 'sft.batch_size': 16, 'sft.max_len': 64,
+    'task.max_digits': 3, 'sft.steps': 60, 'sft.batch_size': 16, 'sft.max_len': 96,
     'sft.eval_every': 60, 'sft.eval_size': 64, 'sft.log_every': 20,
     'drafter.warmup_steps': 60, 'drafter.num_batches': 8, 'drafter.batch_size': 16, 'drafter.log_every': 30,
+    'tlt.rollout_groups': 1,  # one device here; TLT's groups need one each
 })
 config = config_lib.finalize(config)
 setup = run_lib.build_setup(config, workdir)
