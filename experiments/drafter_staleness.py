@@ -79,7 +79,7 @@ def main(argv=None):
     overrides[key] = json.loads(value) if value[:1] in "[{0123456789-tfn" else value
   setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick)
   os.makedirs(args.out, exist_ok=True)
-  trainer = build_trainer("tlt", overrides, setup, policy, drafter, args.out)
+  trainer = build_trainer("tlt", overrides, setup, policy, drafter, os.path.join(args.workdir, "drafter_staleness"))
 
   tok = setup.tokenizer
   graphdef = nnx.graphdef(policy)
@@ -118,12 +118,15 @@ def main(argv=None):
         out.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
   elapsed = time.perf_counter() - t0
+  sched = trainer.tlt.scheduler
+  mode = ("in the rollout groups' bubbles" if sched.train_in_bubbles else
+          f"between RL steps ({sched.between_steps} drafter steps after each update, one rollout group)")
 
   md = ["# Drafter staleness: accept length over RL steps\n",
         f"Strategy {strategy.name}, {args.probe_prompts} fixed probe prompts x {args.probe_repeats} keys, "
         f"max_new {args.max_new}, temperature {trainer.sampling.temperature}; {steps} RL steps "
         f"(overrides {overrides}); {elapsed:.0f} s. `frozen` = the warmed-up drafter, `adaptive` = "
-        "TLT's drafter as trained in the bubbles so far (version = completed drafter steps).\n",
+        f"TLT's drafter as trained so far {mode} (version = completed drafter steps).\n",
         markdown_table(rows, ["step", "frozen", "adaptive", "drafter_version", "buffer_rows", "reward_mean"])]
   with open(os.path.join(args.out, "drafter_staleness.md"), "w") as f:
     f.write("\n".join(md))

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 # Record fields whose values depend on wall-clock time (they differ between identical runs).
 TIMING_FIELDS = ("bubble_s", "bubble_utilisation", "drafter_train_s", "idle_group_s", "decode_group_s",
                  "preempt_wait_s", "drafter_steps", "drafter_version", "drafter_version_min",
-                 "drafter_loss", "drafter_accuracy", "spec_frac", "spec_chunks", "accept_len")
+                 "drafter_loss", "drafter_accuracy", "spec_frac", "spec_chunks", "accept_len",
+                 "between_steps_train_s", "between_steps_drafter_steps")
 
 
 def parse_arms(names: Sequence[str]) -> list[tuple[int, int, int]]:
@@ -66,6 +67,7 @@ class TLTRuntime:
                seq_len: int):
     r, t = config.rollout, config.tlt
     self.graphdef = graphdef
+    self.spec_threshold = int(r.spec_threshold)
     if mesh is None:
       mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
     self.groups = split_mesh(mesh, int(t.rollout_groups))
@@ -132,11 +134,14 @@ class TLTRuntime:
                     drafter_version=out["drafter_version"])
     return record
 
-  @staticmethod
-  def record(result: RolloutResult, account: Mapping[str, Any]) -> dict[str, Any]:
-    """The step's TLT fields for the metrics record (group-seconds summed over the groups)."""
+  def record(self, result: RolloutResult, account: Mapping[str, Any]) -> dict[str, Any]:
+    """The step's TLT fields for the metrics record (group-seconds summed over the groups).
+    tail_frac: share of the tokens decoded at an active batch <= rollout.spec_threshold (where
+    speculation may run); spec_frac: share decoded speculatively."""
     spec = result.stats.get("spec_chunks") or []
     spec_tokens = sum(c["tokens"] for c in spec)
+    tail_tokens = sum(c["tokens"] for c in result.stats.get("chunks") or []
+                      if c["batch"] <= self.spec_threshold)
     used = account.get("drafter_versions_used") or []
     return {
         "rollout_groups": account["num_groups"], "decode_group_s": account["decode_s"],
@@ -147,6 +152,7 @@ class TLTRuntime:
         "drafter_version_min": min(used) if used else None,
         "drafter_loss": account.get("drafter_loss"), "drafter_accuracy": account.get("drafter_accuracy"),
         "spec_chunks": len(spec), "spec_frac": spec_tokens / max(int(result.lengths.sum()), 1),
+        "tail_frac": tail_tokens / max(int(result.lengths.sum()), 1),
     }
 
   # ----------------------------------------------------------------------------- checkpointing
