@@ -34,19 +34,6 @@ from experiments.common import enable_compile_cache, ensure_policy_and_drafter, 
 from experiments.e2e_speedup import build_trainer  # noqa: E402
 
 
-class Fixed:
-  """A selector that always answers one strategy."""
-
-  def __init__(self, strategy):
-    self.strategy = strategy
-
-  def select(self, batch):
-    return self.strategy
-
-  def update(self, *args):
-    pass
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--workdir", default="runs/default", help="main-job workdir holding sft/ and drafter/")
@@ -65,7 +52,7 @@ def main(argv=None):
   import jax
   from flax import nnx
 
-  from tlt_jax.rollout.engine import RolloutEngine
+  from tlt_jax.rollout.engine import FixedSelector, RolloutEngine
   from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
   from tlt_jax.utils.metrics import markdown_table
 
@@ -97,7 +84,7 @@ def main(argv=None):
     lens = []
     for k in range(args.probe_repeats):
       res = probe.generate(params, prompts, plens, args.max_new, group.replicate(jax.random.key(1000 + k)),
-                           drafter_params=dparams, selector=Fixed(strategy))
+                           drafter_params=dparams, selector=FixedSelector(strategy))
       lens.append(res.stats["spec_accept_len"])
     return float(np.mean(lens))
 

@@ -49,7 +49,7 @@ def main(argv=None):
   import jax
   from flax import nnx
 
-  from tlt_jax.rollout.engine import PLAIN, RolloutEngine
+  from tlt_jax.rollout.engine import PLAIN, FixedSelector, RolloutEngine
   from tlt_jax.rollout.sampling import SamplingParams
   from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
   from tlt_jax.tlt.bandit import BegMab
@@ -69,16 +69,6 @@ def main(argv=None):
                        max_context=policy.cfg.max_position_embeddings, speculative=decoder,
                        spec_threshold=1 << 30)
 
-  class Fixed:
-    def __init__(self, s):
-      self.s = s
-
-    def select(self, b):
-      return self.s
-
-    def update(self, *a):
-      pass
-
   def tok_s(result):
     t = result.stats["time_s"]
     return result.stats["num_tokens"] / (t["decode"] + t["speculative"]), result.stats["spec_accept_len"]
@@ -94,7 +84,7 @@ def main(argv=None):
     run_plain(0)  # compile
     plain_runs = []
     for s in strategies:
-      sel = Fixed(s)
+      sel = FixedSelector(s)
       spec.generate(params, prompts, plens, args.max_new, jax.random.key(0), drafter_params=dparams, selector=sel)
       p_rates, s_rates, accepts = [], [], []
       for _ in range(args.repeats):

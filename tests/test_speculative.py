@@ -12,7 +12,7 @@ from flax import nnx
 from scipy.stats import chi2_contingency
 
 from tests.spec_fixtures import EOS, copying_drafter, nearly_context_free_target, random_drafter, target_config
-from tlt_jax.rollout.engine import RolloutEngine
+from tlt_jax.rollout.engine import FixedSelector, RolloutEngine
 from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs
 from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
 
@@ -36,19 +36,6 @@ def prompts():
   for i in range(n):
     toks[i, plen[i]:] = 0
   return toks, plen
-
-
-class Fixed:
-  """A selector that always answers one strategy."""
-
-  def __init__(self, strategy):
-    self.strategy = strategy
-
-  def select(self, batch):
-    return self.strategy
-
-  def update(self, *args):
-    pass
 
 
 _ENGINES = {}
@@ -76,7 +63,7 @@ def test_greedy_equals_plain_greedy(models, prompts, drafter):
   accept = []
   for strategy in STRATEGIES:
     out = spec.generate(params, *prompts, 40, jax.random.key(0), drafter_params=models[drafter][1],
-                        selector=Fixed(strategy))
+                        selector=FixedSelector(strategy))
     np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=str(strategy))
     np.testing.assert_array_equal(out.lengths, ref.lengths)
     np.testing.assert_array_equal(out.finished, ref.finished)
@@ -96,7 +83,7 @@ def test_spec_switches_on_below_threshold_with_compaction(models, prompts):
   toks, plen = prompts
   max_new = np.array([3, 5, 30, 8, 24, 2])  # rows finish at different times
   out = spec.generate(params, toks, plen, max_new, jax.random.key(0), drafter_params=models["good"][1],
-                      selector=Fixed(STRATEGIES[1]))
+                      selector=FixedSelector(STRATEGIES[1]))
   assert out.stats["spec_chunks"], "speculation never switched on"
   assert out.stats["active_trace"][0] == 6 and min(out.stats["active_trace"]) <= 2
   full = _engines(models, sp)[0].generate(params, toks, plen, 30, jax.random.key(0))
@@ -136,7 +123,7 @@ def test_sampling_distribution_matches_plain(models, prompts, drafter, strategy)
   n = 1024
   a = _sample_counts(plain, params, prompt, length, n, 3, jax.random.key(11))
   b = _sample_counts(spec, params, prompt, length, n, 3, jax.random.key(12), drafter_params=models[drafter][1],
-                     selector=Fixed(strategy))
+                     selector=FixedSelector(strategy))
   for name, fa, fb in [("t1", a[:, 0], b[:, 0]), ("t2", a[:, 1], b[:, 1]),
                        ("seq", [tuple(r) for r in a], [tuple(r) for r in b])]:
     assert len(set(fa)) > 1 or name == "t1"

@@ -34,6 +34,19 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 PLAIN = (0, 0, 0)  # the "strategy" of a plain decoding chunk
 
 
+class FixedSelector:
+  """A strategy selector that always answers `strategy` (the bandit's interface, no learning)."""
+
+  def __init__(self, strategy):
+    self.strategy = strategy
+
+  def select(self, batch_size):
+    return self.strategy
+
+  def update(self, *outcome):
+    pass
+
+
 @flax.struct.dataclass
 class DecodeState:
   cache: KVCache
