@@ -69,7 +69,10 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the medians (compiles)")
   ap.add_argument("--variants", default="plain,static,tlt")
   ap.add_argument("--set", action="append", default=[], help="extra config override key=value (all variants)")
+  ap.add_argument("--report_only", action="store_true", help="rebuild the table and plot from DIR's jsonl")
   args = ap.parse_args(argv)
+  if args.report_only:
+    return report_from_jsonl(args)
   enable_compile_cache()
 
   import jax
@@ -113,6 +116,21 @@ def main(argv=None):
   plot(records, names, os.path.join(args.out, "e2e_speedup.png"))
 
 
+def report_from_jsonl(args):
+  records: dict[str, list] = {}
+  with open(os.path.join(args.out, "e2e_speedup.jsonl")) as f:
+    for line in f:
+      rec = json.loads(line)
+      records.setdefault(rec["variant"], []).append(rec)
+  names = [n for n in args.variants.split(",") if n in records]
+  summary = summarise(records, names, args.warmup)
+  for row in summary:
+    print(json.dumps(row), flush=True)
+  steps = len(records[names[0]])
+  write_report(args, summary, records, names, steps, float("nan"))
+  plot(records, names, os.path.join(args.out, "e2e_speedup.png"))
+
+
 def summarise(records, names, warmup):
   med = lambda n, k: float(np.median([r[k] for r in records[n][warmup:] if r[k] is not None] or [np.nan]))  # noqa: E731
   mean = lambda n, k: float(np.mean([r[k] for r in records[n] if isinstance(r[k], (int, float))] or [np.nan]))  # noqa: E731
@@ -138,9 +156,10 @@ def write_report(args, summary, records, names, steps, elapsed):
   cols = ["variant", "median_step_s", "median_rollout_s", "speedup_step", "speedup_rollout", "rollout_frac",
           "amdahl_bound", "reward_mean", "accuracy", "accept_len", "tail_frac", "spec_frac", "bubble_s",
           "bubble_utilisation", "drafter_steps", "preempt_wait_s"]
+  extra = f" Overrides: {args.set}." if args.set else ""
   md = ["# End-to-end RL speed-up of TLT (interleaved, one process)\n",
         f"Policy/drafter from `{args.workdir}`; {steps} RL steps per variant, medians over steps "
-        f"> {args.warmup}; {elapsed:.0f} s in all. speedup_* are over `{names[0]}`; amdahl_bound = "
+        f"> {args.warmup}; {elapsed:.0f} s in all.{extra} speedup_* are over `{names[0]}`; amdahl_bound = "
         "1 / (1 - rollout share of the step): the most any rollout speed-up can give end to end.\n",
         markdown_table(summary, cols), limits(summary, names)]
   with open(os.path.join(args.out, "e2e_speedup.md"), "w") as f:
@@ -160,9 +179,9 @@ def limits(summary, names) -> str:
   for n in names[1:]:
     r = row[n]
     lines.append(f"- `{n}`: {100 * r['tail_frac']:.1f}% of the tokens are decoded at an active batch <= "
-                 f"rollout.spec_threshold (the tail where speculation may run), {100 * r['spec_frac']:.1f}% "
-                 f"speculatively (mean accept length {r['accept_len']:.2f}): BEG-MAB keeps plain decoding "
-                 "in the buckets where a speculative round commits fewer tokens per second.")
+                 f"rollout.spec_threshold (the tail where speculation may run; BEG-MAB picks speculation or "
+                 f"plain decoding there), {100 * r['spec_frac']:.1f}% speculatively, at a mean accept length "
+                 f"of {r['accept_len']:.2f} tokens per round.")
     if r["drafter_steps"]:
       lines.append(f"- `{n}`: {r['drafter_steps']} drafter steps in the bubbles, bubble utilisation "
                    f"{r['bubble_utilisation']:.2f}, preemption wait {1000 * r['preempt_wait_s']:.1f} ms per step.")

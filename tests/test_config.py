@@ -132,3 +132,17 @@ def test_mesh_that_does_not_divide_the_devices():
                      match=r"config\.tlt\.rollout_groups=2 rollout groups do not divide the mesh's data "
                            r"axis \(data=1, .*allowed: a divisor of 1: \[1\]"):
     run_lib.build_setup(config_lib.finalize(c), "/nonexistent/never_written")
+
+
+def test_main_gives_the_cpu_one_device_per_rollout_group():
+  """tlt_jax.main sets the CPU device count (before jax is imported) unless XLA_FLAGS has one."""
+  code = ("import os, sys; sys.argv = ['main', *sys.argv[1:]]; import tlt_jax.main; import jax; "
+          "print(os.environ.get('XLA_FLAGS'), jax.device_count())")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  run = lambda *args, env=env: subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,  # noqa: E731
+                                              capture_output=True, text=True, timeout=120)
+  assert run("--config.tlt.rollout_groups=4").stdout.split() == ["--xla_force_host_platform_device_count=4", "4"]
+  assert run().stdout.split()[-1] == "2"  # the default: 2 rollout groups
+  mine = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+  assert run("--config.tlt.rollout_groups=4", env=mine).stdout.split()[-1] == "3"

@@ -300,6 +300,12 @@ class RolloutSession:
   def num_active(self) -> int:
     return 0 if self.is_done else int(self.trace[-1]) if self.trace else len(self.row_ids)
 
+  def chunk_ready(self) -> bool:
+    """True when `advance()` will not wait: no chunk in flight, or its statistics (its last
+    outputs) are ready. A scheduler of several sessions advances the ready ones first, so that a
+    chunk's measured time (the selector's score) is its own, not a wait on another session's."""
+    return self._in_flight is None or all(x.is_ready() for x in self._in_flight[4])
+
   def _copy_out(self, rows):
     st, row_ids = self.state, self.row_ids
     rows = [r for r in rows if row_ids[r] >= 0]

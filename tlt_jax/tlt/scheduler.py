@@ -4,9 +4,11 @@ TLT (Hu et al., 2025, "Taming the Long Tail"): a step's rollout is split over R 
 (tlt/groups.py). Groups finish at different times; a group whose sequences have all finished is
 IDLE until the last one finishes. The scheduler fills that bubble with drafter training:
 
-  loop, one tick per pass, on ONE host thread (JAX async dispatch keeps every group busy):
-    for each decoding group g:  session_g.drafter_params <- newest published drafter
-                                session_g.advance()       (wait g's chunk, dispatch g's next)
+  loop on ONE host thread (JAX async dispatch keeps every group busy; every group always has a
+  chunk in flight, and the host polls which one is done):
+    for each decoding group g whose chunk is done:
+                                session_g.drafter_params <- newest published drafter
+                                session_g.advance()       (collect g's chunk, dispatch g's next)
                                 finished rows -> drafter buffer (their features, tlt/buffer.py)
     drafter: completed train steps are published; while some group still decodes and some are
              idle, keep up to `max_in_flight` `drafter_train_step`s queued on the idle groups'
@@ -28,8 +30,9 @@ Accounting (per group, host clock, exact sums): a group is DECODING from the rol
 (prefill included) until its session is done, TRAINING while a drafter step it takes part in is
 queued or running, IDLE otherwise; decode + train + idle = the rollout's wall time, per group.
 The bubble is the idle time there was before training filled it: Σ_g (end - done_g);
-bubble utilisation = Σ train / Σ bubble. Times are observed at tick granularity (a chunk's
-time): a train step's completion is noticed at the next tick.
+bubble utilisation = Σ train / Σ bubble. Times are observed when the host notices them: a
+train step's completion at the next poll (every `poll_s` while all groups decode, or at the
+next chunk boundary), so "train" may include a little idle time.
 
 What "idle" means on a CPU: the groups are fake devices over the same cores, so an idle group's
 "device" is not free compute: its training runs on cores the decoding group could have used.
@@ -222,6 +225,7 @@ class HostScheduler:
     between_steps: drafter steps per `train_between_steps` call.
     max_in_flight: drafter steps queued at once (2 keeps the device fed between polls).
     max_train_steps: cap on drafter steps per rollout (0: as many as the bubbles fit).
+    poll_s: sleep between polls while every group's chunk is still running.
     clock: the time source (a fake one in tests).
     start_session: `(group, params, prompts, prompt_lens, max_new, rng, drafter_params) -> session`;
       default `engine.start` on the group's devices. A session has `advance()`, `result()`,
@@ -231,8 +235,8 @@ class HostScheduler:
   def __init__(self, engine, groups: Sequence[RolloutGroup], *, trainer: DrafterTrainer | None = None,
                drafter_params=None, selector=None, train_in_bubbles: bool = True,
                single_group: str = "between_steps", between_steps: int = 0, max_in_flight: int = 2,
-               max_train_steps: int = 0, clock: Callable[[], float] = time.perf_counter,
-               start_session: Callable | None = None):
+               max_train_steps: int = 0, poll_s: float = 2e-4,
+               clock: Callable[[], float] = time.perf_counter, start_session: Callable | None = None):
     if single_group not in SINGLE_GROUP_MODES:
       raise ValueError(f"tlt.single_group={single_group!r} is not allowed; allowed: one of {SINGLE_GROUP_MODES}")
     if max_in_flight < 1:
@@ -244,7 +248,7 @@ class HostScheduler:
     self.train_in_bubbles = bool(train_in_bubbles) and trainer is not None and len(self.groups) > 1
     self.single_group, self.between_steps = single_group, int(between_steps)
     self.max_in_flight, self.max_train_steps = int(max_in_flight), int(max_train_steps)
-    self.clock = clock
+    self.clock, self.poll_s = clock, float(poll_s)
     self._start_session = start_session or self._engine_session
     self.collect_features = trainer is not None
     self._collect_now = self.collect_features
@@ -381,8 +385,17 @@ class HostScheduler:
         active.append(g)
 
     while active:
-      for g in list(active):
-        if training:  # poll before every wait, so that each chunk gets the newest drafter
+      # Advance the groups whose chunk is done (a session without `chunk_ready` counts as ready),
+      # so that each chunk's time is its own and a finished group goes idle at once; poll the
+      # drafter before each, so that every chunk gets the newest version.
+      ready = [g for g in active if getattr(sessions[g], "chunk_ready", lambda: True)()]
+      if not ready:
+        if training:
+          train_tick()
+        time.sleep(self.poll_s)
+        continue
+      for g in ready:
+        if training:
           train_tick()
         if not advance(g):
           active.remove(g)
