@@ -70,7 +70,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       lr=5e-5, schedule="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
       micro_batches=1,
       max_consecutive_skips=3,  # stop after this many non-finite (skipped) updates in a row
-      length_bucket=32,  # update batches are cut to a multiple of this many tokens (fewer compiles)
+      # Sequence packing: the update's rows hold several whole (prompt + response) sequences
+      # (rl/packing.py), so a long-tailed batch is not padded to its longest response.
+      pack=True, pack_rows_multiple=8,  # packed row count: a multiple of this (fewer compiles)
+      length_bucket=32,  # update rows (unpacked) are cut to a multiple of this many tokens
       track_kl=True,  # log k3 KL to the SFT policy even when kl_coef = 0 (costs one forward)
       checkpoint_every=10,
       eval_size=256,  # greedy accuracy of the final policy on SFT's eval set (0: off)

@@ -140,6 +140,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?rl.micro_batches", pos_int, "a positive int dividing rl.prompts_per_step * rl.group_size"),
     ("?rl.max_consecutive_skips", pos_int, "a positive int"),
     ("?rl.length_bucket", pos_int, "a positive int"),
+    ("?rl.pack", is_bool, "True or False"),
+    ("?rl.pack_rows_multiple", pos_int, "a positive int"),
     ("?rl.track_kl", is_bool, "True or False"),
     ("?rl.checkpoint_every", pos_int, "a positive int"),
     ("?rl.eval_size", nonneg_int, "an int >= 0 (0 = no final evaluation)"),

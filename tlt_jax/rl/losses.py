@@ -64,15 +64,55 @@ def masked_aggregate(x_BxT: Array, mask_BxT: Array, aggregation: str = "token") 
   return jnp.sum(per_seq_B * has_tokens_B) / jnp.maximum(jnp.sum(has_tokens_B), 1.0)
 
 
-def ppo_clip_loss(logp_new_BxT: Array, logp_old_BxT: Array, adv_B: Array, mask_BxT: Array,
+def aggregation_weights(mask_BxT: Array, segment_ids_BxT: Array | None = None,
+                        aggregation: str = "token") -> Array:
+  """Per-token weights w with loss = sum_{b,t} w l = masked_aggregate(l, mask, aggregation), for
+  rows that may hold several sequences (packed: `segment_ids` 1, 2, ... per sequence, 0 on
+  padding; None: one sequence per row).
+
+  "token":    w = m / sum(m)
+  "sequence": w = m / (tokens of its sequence * sequences with >= 1 token)
+  The weights sum to 1 over the batch (0 everywhere when no token counts). Because they are
+  normalised over the WHOLE batch, the loss of any split into micro-batches is the sum of the
+  parts' sum_{b,t} w l: micro-batching needs no rescaling.
+  """
+  if aggregation not in AGGREGATIONS:
+    raise ValueError(f"aggregation={aggregation!r}; allowed: {AGGREGATIONS}")
+  m = mask_BxT.astype(jnp.float32)
+  if aggregation == "token":
+    return m / jnp.maximum(jnp.sum(m), 1.0)
+  per_token = _per_sequence_unit(m, segment_ids_BxT)
+  return per_token / jnp.maximum(jnp.sum(per_token), 1.0)  # sum(per_token) = sequences
+
+
+def _per_sequence_unit(m_BxT: Array, segment_ids_BxT: Array | None) -> Array:
+  """m / (masked tokens of the token's sequence): each sequence's tokens sum to 1."""
+  if segment_ids_BxT is None:
+    seq_tokens_BxT = jnp.broadcast_to(jnp.sum(m_BxT, axis=-1, keepdims=True), m_BxT.shape)
+  else:  # tokens of the sequence each token belongs to, within its row
+    same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    seq_tokens_BxT = jnp.einsum("bts,bs->bt", same_BxTxT.astype(jnp.float32), m_BxT)
+  return m_BxT / jnp.maximum(seq_tokens_BxT, 1.0)
+
+
+def num_sequences(mask_BxT: Array, segment_ids_BxT: Array | None = None) -> Array:
+  """Sequences (segments of rows) with >= 1 masked token, as a float32 scalar."""
+  return jnp.round(jnp.sum(_per_sequence_unit(mask_BxT.astype(jnp.float32), segment_ids_BxT)))
+
+
+def ppo_clip_loss(logp_new_BxT: Array, logp_old_BxT: Array, adv: Array, mask_BxT: Array,
                   clip_eps: float = 0.2, clip_eps_high: float | None = None,
                   aggregation: str = "token", logp_ref_BxT: Array | None = None,
-                  kl_coef: float = 0.0) -> tuple[Array, dict[str, Array]]:
+                  kl_coef: float = 0.0, weights_BxT: Array | None = None) -> tuple[Array, dict[str, Array]]:
   """PPO-clip policy loss, aggregated over response tokens.
 
     rho_t  = exp(logp_new_t - logp_old_t)
     l_t    = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A)  [+ kl_coef * k3_t]
-    loss   = masked_aggregate(l, mask, aggregation)
+    loss   = masked_aggregate(l, mask, aggregation)    or, with `weights_BxT`, sum_{b,t} w l
+
+  `adv` is one advantage per row [B] or per token [B, T] (packed rows hold several sequences).
+  `weights_BxT` (`aggregation_weights`, possibly of a larger batch this is a part of) replace
+  the aggregation; they must be 0 where mask is 0.
 
   Schulman et al. (2017), "Proximal Policy Optimization Algorithms"; the sequence advantage A is
   shared by all tokens of a response as in GRPO (Shao et al., 2024). eps_high = clip_eps_high
@@ -88,7 +128,14 @@ def ppo_clip_loss(logp_new_BxT: Array, logp_old_BxT: Array, adv_B: Array, mask_B
   eps_low = clip_eps
   eps_high = clip_eps if clip_eps_high is None else clip_eps_high
   valid_BxT = mask_BxT > 0
-  adv_Bx1 = jax.lax.stop_gradient(adv_B.astype(jnp.float32))[:, None]
+  adv_Bx1 = jax.lax.stop_gradient(adv.astype(jnp.float32))
+  adv_Bx1 = adv_Bx1[:, None] if adv_Bx1.ndim == 1 else jnp.where(valid_BxT, adv_Bx1, 0.0)
+
+  def aggregate(x_BxT):
+    if weights_BxT is None:
+      return masked_aggregate(x_BxT, mask_BxT, aggregation)
+    return jnp.sum(weights_BxT * jnp.where(valid_BxT, x_BxT, 0.0))
+
   log_ratio_BxT = jnp.where(
       valid_BxT,
       logp_new_BxT.astype(jnp.float32) - jax.lax.stop_gradient(logp_old_BxT.astype(jnp.float32)),
@@ -99,7 +146,7 @@ def ppo_clip_loss(logp_new_BxT: Array, logp_old_BxT: Array, adv_B: Array, mask_B
   clipped_obj_BxT = clipped_BxT * adv_Bx1
   pg_loss_BxT = -jnp.minimum(unclipped_obj_BxT, clipped_obj_BxT)
 
-  pg_loss = masked_aggregate(pg_loss_BxT, mask_BxT, aggregation)
+  pg_loss = aggregate(pg_loss_BxT)
   loss = pg_loss
 
   def token_mean(x_BxT):
@@ -119,7 +166,7 @@ def ppo_clip_loss(logp_new_BxT: Array, logp_old_BxT: Array, adv_B: Array, mask_B
     safe_new_BxT = jnp.where(valid_BxT, logp_new_BxT.astype(jnp.float32), 0.0)
     safe_ref_BxT = jnp.where(valid_BxT, jax.lax.stop_gradient(logp_ref_BxT), 0.0)
     kl_BxT = kl_k3(safe_new_BxT, safe_ref_BxT)
-    kl_ref = masked_aggregate(kl_BxT, mask_BxT, aggregation)
+    kl_ref = aggregate(kl_BxT)
     metrics["kl_ref"] = kl_ref
     loss = loss + kl_coef * kl_ref
   return loss, metrics

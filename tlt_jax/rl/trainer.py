@@ -43,6 +43,7 @@ from tlt_jax.drafter.train import DrafterTrainState
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rl import advantages as advantages_lib
 from tlt_jax.rl import rewards as rewards_lib
+from tlt_jax.rl.packing import pack_sequences, unpack
 from tlt_jax.rl.update import UpdateConfig, make_logprob_fn, make_policy_update_step
 from tlt_jax.rollout.engine import RolloutResult
 from tlt_jax.rollout.sampling import SamplingParams
@@ -94,9 +95,11 @@ def round_up(n: int, multiple: int) -> int:
 def build_update_batch(prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, result: RolloutResult,
                        advantages_B: np.ndarray, length_bucket: int,
                        pad_id: int) -> dict[str, np.ndarray]:
-  """Host batch of `policy_update_step` (see rl/update.py): row b = prompt + response, right
-  padded to L = round_up(max_b(prompt_len_b + len_b), length_bucket), plus the sampler's
-  log-probs at the response positions (`sampler_logprobs`, aligned like the rest)."""
+  """Host batch of `policy_update_step` (see rl/update.py), one sequence per row: row b =
+  prompt + response, right padded to L = round_up(max_b(prompt_len_b + len_b), length_bucket)
+  (segment id 1 on the sequence, 0 on padding; its advantage on every token), plus the
+  sampler's log-probs at the response positions (`sampler_logprobs`, aligned like the rest).
+  rl/packing.pack_sequences turns it into packed rows."""
   b = prompt_BxP.shape[0]
   total_B = prompt_len_B + result.lengths
   length = max(round_up(int(total_B.max()), length_bucket), 2)
@@ -111,10 +114,12 @@ def build_update_batch(prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, result:
   tokens = np.where(in_prompt, prompt_padded,
                     np.where(in_resp, np.take_along_axis(result.tokens, gather, 1), pad_id))
   sampler_lp = np.where(in_resp, np.take_along_axis(result.logprobs, gather, 1), 0.0)
+  in_seq = t_BxL < total_B[:, None]
   return {"tokens": tokens.astype(np.int32),
           "positions": np.ascontiguousarray(t_BxL, np.int32),
+          "segment_ids": in_seq.astype(np.int32),
           "response_mask": in_resp.astype(np.float32),
-          "advantages": np.asarray(advantages_B, np.float32),
+          "advantages": np.where(in_seq, np.asarray(advantages_B, np.float32)[:, None], 0.0).astype(np.float32),
           "sampler_logprobs": sampler_lp.astype(np.float32)}
 
 
@@ -157,8 +162,10 @@ class RLTrainer:
     self.evaluate = evaluate
     rl = self.rl
     self.batch_size = rl.prompts_per_step * rl.group_size
-    if self.mesh is not None:
-      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"] if self.mesh is not None else 1
+    # Packed update batches have a multiple of this many rows (whole micro-batches per shard).
+    self.pack_rows_multiple = int(np.lcm(int(rl.get("pack_rows_multiple", 8)), rl.micro_batches * shards))
+    if self.mesh is not None and not rl.get("pack", False):
       if (self.batch_size // rl.micro_batches) % shards:
         raise ValueError(
             f"rl.prompts_per_step * rl.group_size / rl.micro_batches = "
@@ -232,6 +239,8 @@ class RLTrainer:
     seq_len = min(round_up(longest, 16), round_up(self.model_cfg.max_position_embeddings, 16))
     self.tlt = TLTRuntime(self.config, self.graphdef, self.model_cfg, self.sampling,
                           self.tokenizer.eos_ids, self.tokenizer.pad_id, self.mesh, drafter, seq_len)
+    # Packed update rows hold the longest possible sequence (prompt width + max_new_tokens).
+    self.pack_len = round_up(seq_len, self.rl.length_bucket)
     self.engine = self.tlt.engine
 
   # ----------------------------------------------------------------------------- checkpointing
@@ -338,10 +347,15 @@ class RLTrainer:
     t0 = time.perf_counter()
     host_batch = build_update_batch(prompts, prompt_lens, result, advantages_B, rl.length_bucket,
                                     self.tokenizer.pad_id)
+    self._rows, self._pack_index = host_batch, None
+    if rl.get("pack", False):
+      host_batch, self._pack_index = pack_sequences(host_batch, prompt_lens + result.lengths,
+                                                    self.pack_len, self.pack_rows_multiple)
+    host_batch = dict(host_batch)
     sampler_lp = host_batch.pop("sampler_logprobs")
     batch = self._device_batch(host_batch)
     sampler_lp = self._device_batch(sampler_lp)
-    args = (batch["tokens"], batch["positions"], batch["response_mask"], sampler_lp)
+    args = (batch["tokens"], batch["positions"], batch["segment_ids"], batch["response_mask"], sampler_lp)
     batch["old_logprobs"], gap = self.logprob_fn(self.state.params, *args)
     if self.with_ref:
       batch["ref_logprobs"], _ = self.logprob_fn(self.ref_params, *args)
@@ -373,6 +387,8 @@ class RLTrainer:
         "loss": metrics["loss"], "pg_loss": metrics["pg_loss"], "grad_norm": metrics["grad_norm"],
         "skipped": int(metrics["skipped"]), "reward_failures": int(reward_failures),
         "lr": float(self.schedule(step - 1)), "update_len": int(host_batch["tokens"].shape[1]),
+        "update_rows": int(host_batch["tokens"].shape[0]),
+        "update_fill": float(np.mean(host_batch["segment_ids"] > 0)),
         "num_tokens": int(metrics["num_tokens"]),
         "rollout_time_s": rollout_time, "reward_time_s": reward_time,
         "logprob_time_s": logprob_time, "update_time_s": update_time,
@@ -387,7 +403,10 @@ class RLTrainer:
     """TLT's drafter buffer takes `hidden_BxLxH[b, t]` = f_t of the update's own forward for the
     rows the rollout did not already buffer (tlt/buffer.py: tokens = batch["tokens"], loss_mask[t]
     = response_mask[t + 1]); with one rollout group the drafter then trains between steps.
-    Returns record fields."""
+    Packed batches are unpacked first (rl/packing.py). Returns record fields."""
+    if self.tlt.trainer is not None and self._pack_index is not None:
+      hidden_BxLxH = unpack(np.asarray(jax.device_get(hidden_BxLxH)), self._pack_index)
+      batch = self._rows
     return self.tlt.after_update(batch, hidden_BxLxH, self._buffered_rows, step, self.state.params)
 
   def step(self, step: int) -> dict:

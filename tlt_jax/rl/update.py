@@ -1,26 +1,29 @@
 """The policy update: a pure, jitted, sharded PPO-clip step over one rollout batch.
 
-Batch (one row per response; every [B, L] array is aligned with `tokens`, right-padded):
-  tokens         [B, L] int32    BOS + prompt + response (+ PAD)
-  positions      [B, L] int32    RoPE positions (arange(L) for unpacked rows)
-  response_mask  [B, L] float32  1 on generated tokens (EOS included), 0 on prompt and padding
-  advantages     [B]    float32  one advantage per response (GRPO/RLOO, rl/advantages.py)
-  old_logprobs   [B, L] float32  log pi_old(tokens[t] | tokens[<t]) where response_mask = 1
-  ref_logprobs   [B, L] float32  optional, the same under the frozen reference policy
+Batch (every array [B, L], aligned with `tokens`; a row holds one sequence, or several when
+packed, see rl/packing.py):
+  tokens         int32    BOS + prompt + response (+ the next sequences of a packed row) (+ PAD)
+  positions      int32    RoPE positions, restarting at 0 with every sequence
+  segment_ids    int32    1, 2, ... per sequence of the row, 0 on padding; attention stays
+                          within a sequence (data/batching.segment_mask)
+  response_mask  float32  1 on generated tokens (EOS included), 0 on prompt and padding
+  advantages     float32  the advantage of the token's response (GRPO/RLOO, rl/advantages.py)
+  old_logprobs   float32  log pi_old(tokens[t] | its sequence before t) where response_mask = 1
+  ref_logprobs   float32  optional, the same under the frozen reference policy
 
 Token t is predicted by logits[t - 1]; `token_logprobs_aligned` puts log pi(tokens[t]) at index t
-(0 at t = 0, which is never a response token), so every quantity shares `response_mask`.
+(0 at t = 0, which is never a response token; at a packed sequence's first token, its BOS, the
+value belongs to the previous sequence and is masked), so every quantity shares `response_mask`.
 
 Loss (rl/losses.ppo_clip_loss; Schulman et al. 2017, with GRPO's sequence advantages, Shao et
 al. 2024):
   rho_t = exp(log pi_theta(y_t) - log pi_old(y_t))
   l_t   = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + kl_coef * k3(pi_theta, pi_ref)_t
   loss  = sum_t m_t l_t / sum_t m_t                         (aggregation "token", DAPO)
-        = mean_b [sum_t m_bt l_bt / sum_t m_bt]              (aggregation "sequence", GRPO)
-
-Micro-batches: each micro-batch's loss is rescaled by (its count) / (FULL-batch count) of the
-aggregation's units (tokens or non-empty sequences), so that the accumulated loss and gradient
-equal the full-batch ones (train/state.accumulate_gradients).
+        = mean_seq [sum_{t in seq} m_t l_t / sum_{t in seq} m_t]   ("sequence", GRPO)
+written as loss = sum_t w_t l_t with weights normalised over the FULL batch
+(losses.aggregation_weights, from response_mask and segment_ids), so that micro-batches
+(gradient accumulation) sum to exactly the full-batch loss and gradient.
 
 Non-finite guard: when the loss or the gradient norm is not finite the update is dropped
 inside the jitted step (params and optimizer state pass through unchanged, via jnp.where) and
@@ -40,12 +43,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tlt_jax.parallel import mesh as mesh_lib
-from tlt_jax.rl.losses import AGGREGATIONS, entropy_from_logits, masked_aggregate, ppo_clip_loss
+from tlt_jax.data.batching import segment_mask
+from tlt_jax.rl.losses import (AGGREGATIONS, aggregation_weights, entropy_from_logits, masked_aggregate,
+                               num_sequences, ppo_clip_loss)
 from tlt_jax.train.state import TrainState, accumulate_gradients, jit_step, shardings_of
 
 Array = jax.Array
 
-BATCH_KEYS_2D = ("tokens", "positions", "response_mask", "old_logprobs")
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "response_mask", "advantages", "old_logprobs")
 # ppo_clip_loss metrics that are token means (summed over micro-batches with token weights).
 _TOKEN_MEAN_METRICS = ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean")
 
@@ -103,20 +108,14 @@ def token_logprobs_aligned(logits_BxLxV: Array, tokens_BxL: Array,
 
 
 def policy_forward(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxL: Array,
-                   positions_BxL: Array, temperature: float):
-  """One uncached forward: (logp_BxL, entropy_BxL, hidden_BxLxH), see `token_logprobs_aligned`;
-  hidden is the final normed hidden state f_t (EAGLE's feature)."""
-  logits_BxLxV, hidden_BxLxH, _ = nnx.merge(graphdef, params)(tokens_BxL, positions_BxL)
+                   positions_BxL: Array, segment_ids_BxL: Array, temperature: float):
+  """One uncached forward, attention within each sequence (segment) of a row:
+  (logp_BxL, entropy_BxL, hidden_BxLxH), see `token_logprobs_aligned`; hidden is the final
+  normed hidden state f_t (EAGLE's feature)."""
+  logits_BxLxV, hidden_BxLxH, _ = nnx.merge(graphdef, params)(
+      tokens_BxL, positions_BxL, attn_mask_BxTxT=segment_mask(segment_ids_BxL))
   logp_BxL, entropy_BxL = token_logprobs_aligned(logits_BxLxV, tokens_BxL, temperature)
   return logp_BxL, entropy_BxL, hidden_BxLxH
-
-
-def _unit_count(mask_BxL: Array, aggregation: str) -> Array:
-  """The denominator of `masked_aggregate`: response tokens, or sequences with >= 1 of them."""
-  m = mask_BxL.astype(jnp.float32)
-  if aggregation == "token":
-    return jnp.sum(m)
-  return jnp.sum((jnp.sum(m, axis=-1) > 0).astype(jnp.float32))
 
 
 def policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
@@ -130,25 +129,23 @@ def policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
   """
   mask_full = batch["response_mask"].astype(jnp.float32)
   tokens_full = jnp.maximum(jnp.sum(mask_full), 1.0)
-  units_full = jnp.maximum(_unit_count(mask_full, cfg.aggregation), 1.0)
   has_ref = "ref_logprobs" in batch
+  batch = dict(batch, loss_weights=aggregation_weights(mask_full, batch["segment_ids"], cfg.aggregation))
 
   def loss_fn(params, mb):
     mask = mb["response_mask"].astype(jnp.float32)
     logp, entropy, hidden = policy_forward(graphdef, params, mb["tokens"], mb["positions"],
-                                           cfg.temperature)
+                                           mb["segment_ids"], cfg.temperature)
     loss, m = ppo_clip_loss(logp, mb["old_logprobs"], mb["advantages"], mask,
                             clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
-                            aggregation=cfg.aggregation,
                             logp_ref_BxT=mb["ref_logprobs"] if has_ref else None,
-                            kl_coef=cfg.kl_coef)
-    w_units = _unit_count(mask, cfg.aggregation) / units_full  # full-batch normalisation
-    w_tokens = jnp.sum(mask) / tokens_full
+                            kl_coef=cfg.kl_coef, weights_BxT=mb["loss_weights"])
+    w_tokens = jnp.sum(mask) / tokens_full  # token means: full-batch normalisation
     aux = {k: m[k] * w_tokens for k in _TOKEN_MEAN_METRICS}
-    aux["pg_loss"] = m["pg_loss"] * w_units
-    aux["kl"] = m["kl_ref"] * w_units if has_ref else jnp.zeros((), jnp.float32)
+    aux["pg_loss"] = m["pg_loss"]  # already a part of the full-batch weighted sum
+    aux["kl"] = m["kl_ref"] if has_ref else jnp.zeros((), jnp.float32)
     aux["entropy"] = masked_aggregate(entropy, mask, "token") * w_tokens
-    return loss * w_units, (aux, hidden)
+    return loss, (aux, hidden)
 
   (loss, (aux, hidden)), grads = accumulate_gradients(loss_fn, state.params, batch,
                                                       cfg.micro_batches, has_outputs=True)
@@ -161,16 +158,14 @@ def policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
                          opt_state=jax.tree.map(keep, opt_state, state.opt_state))
   metrics = dict(aux, loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32),
                  num_tokens=jnp.sum(mask_full),
-                 num_sequences=jnp.sum((jnp.sum(mask_full, -1) > 0).astype(jnp.float32)))
+                 num_sequences=num_sequences(mask_full, batch["segment_ids"]))
   return new_state, metrics, hidden
 
 
 def update_batch_shardings(mesh: Mesh, with_ref: bool, rules=mesh_lib.TRAIN_RULES) -> dict:
   """NamedShardings of an update batch: every array split over 'batch' on its leading dim."""
-  keys = BATCH_KEYS_2D + (("ref_logprobs",) if with_ref else ())
-  shardings = {k: mesh_lib.batch_sharding(mesh, 2, rules) for k in keys}
-  shardings["advantages"] = mesh_lib.batch_sharding(mesh, 1, rules)
-  return shardings
+  keys = BATCH_KEYS + (("ref_logprobs",) if with_ref else ())
+  return {k: mesh_lib.batch_sharding(mesh, 2, rules) for k in keys}
 
 
 def make_policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
@@ -206,19 +201,21 @@ def logprob_gap_metrics(sampler_BxL: Array, recomputed_BxL: Array, mask_BxL: Arr
 
 def make_logprob_fn(graphdef: nnx.GraphDef, temperature: float, params_like: Any = None,
                     mesh: Mesh | None = None):
-  """Jitted `(params, tokens, positions, response_mask, sampler_logprobs) -> (logp_BxL, metrics)`:
+  """Jitted `(params, tokens, positions, segment_ids, response_mask, sampler_logprobs) ->
+  (logp_BxL, metrics)`:
   a forward without gradients that recomputes log-probs (old ones before the update, or the
   reference policy's) and their gap to the sampler's (`logprob_gap_metrics`).
 
   With `mesh`, params keep the shardings of `params_like` and the batch is split over 'batch'.
   """
 
-  def fn(params, tokens_BxL, positions_BxL, mask_BxL, sampler_BxL):
-    logp_BxL, _, _ = policy_forward(graphdef, params, tokens_BxL, positions_BxL, temperature)
+  def fn(params, tokens_BxL, positions_BxL, segment_ids_BxL, mask_BxL, sampler_BxL):
+    logp_BxL, _, _ = policy_forward(graphdef, params, tokens_BxL, positions_BxL, segment_ids_BxL,
+                                    temperature)
     return logp_BxL, logprob_gap_metrics(sampler_BxL, logp_BxL, mask_BxL)
 
   if mesh is None:
     return jax.jit(fn)
   b2 = mesh_lib.batch_sharding(mesh, 2)
-  return jax.jit(fn, in_shardings=(shardings_of(params_like), b2, b2, b2, b2),
+  return jax.jit(fn, in_shardings=(shardings_of(params_like), b2, b2, b2, b2, b2),
                  out_shardings=(b2, mesh_lib.replicated(mesh)))
