@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 TIMING_FIELDS = ("bubble_s", "bubble_utilisation", "drafter_train_s", "idle_group_s", "decode_group_s",
                  "preempt_wait_s", "drafter_steps", "drafter_version", "drafter_version_min",
                  "drafter_loss", "drafter_accuracy", "spec_frac", "spec_chunks", "accept_len",
-                 "between_steps_train_s", "between_steps_drafter_steps")
+                 "between_steps_train_s", "between_steps_drafter_steps", "tail_time_frac")
 
 
 def parse_arms(names: Sequence[str]) -> list[tuple[int, int, int]]:
@@ -137,11 +137,14 @@ class TLTRuntime:
   def record(self, result: RolloutResult, account: Mapping[str, Any]) -> dict[str, Any]:
     """The step's TLT fields for the metrics record (group-seconds summed over the groups).
     tail_frac: share of the tokens decoded at an active batch <= rollout.spec_threshold (where
-    speculation may run); spec_frac: share decoded speculatively."""
+    speculation may run); tail_time_frac: the share of the groups' chunk time spent there;
+    spec_frac: share of the tokens decoded speculatively."""
     spec = result.stats.get("spec_chunks") or []
     spec_tokens = sum(c["tokens"] for c in spec)
-    tail_tokens = sum(c["tokens"] for c in result.stats.get("chunks") or []
-                      if c["batch"] <= self.spec_threshold)
+    chunks = result.stats.get("chunks") or []
+    tail = [c for c in chunks if c["batch"] <= self.spec_threshold]
+    tail_tokens = sum(c["tokens"] for c in tail)
+    chunk_time = sum(c["time_s"] for c in chunks)
     used = account.get("drafter_versions_used") or []
     return {
         "rollout_groups": account["num_groups"], "decode_group_s": account["decode_s"],
@@ -153,6 +156,7 @@ class TLTRuntime:
         "drafter_loss": account.get("drafter_loss"), "drafter_accuracy": account.get("drafter_accuracy"),
         "spec_chunks": len(spec), "spec_frac": spec_tokens / max(int(result.lengths.sum()), 1),
         "tail_frac": tail_tokens / max(int(result.lengths.sum()), 1),
+        "tail_time_frac": sum(c["time_s"] for c in tail) / chunk_time if chunk_time > 0 else 0.0,
     }
 
   # ----------------------------------------------------------------------------- checkpointing
