@@ -100,6 +100,7 @@ def main(argv=None):
         row = dict(step=step, frozen=accept_len(params, frozen), adaptive=accept_len(params, pub.params[0]),
                    drafter_version=pub.version,
                    reward_mean=None if not step else record.get("reward_mean"),
+                   response_len_mean=None if not step else record.get("response_len_mean"),
                    buffer_rows=len(trainer.tlt.buffer))
         rows.append(row)
         out.write(json.dumps(row) + "\n")
@@ -114,7 +115,8 @@ def main(argv=None):
         f"max_new {args.max_new}, temperature {trainer.sampling.temperature}; {steps} RL steps "
         f"(overrides {overrides}); {elapsed:.0f} s. `frozen` = the warmed-up drafter, `adaptive` = "
         f"TLT's drafter as trained so far {mode} (version = completed drafter steps).\n",
-        markdown_table(rows, ["step", "frozen", "adaptive", "drafter_version", "buffer_rows", "reward_mean"])]
+        markdown_table(rows, ["step", "frozen", "adaptive", "drafter_version", "buffer_rows", "reward_mean",
+                              "response_len_mean"])]
   with open(os.path.join(args.out, "drafter_staleness.md"), "w") as f:
     f.write("\n".join(md))
   plot(rows, os.path.join(args.out, "drafter_staleness.png"), strategy.name)
