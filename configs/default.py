@@ -50,8 +50,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # EAGLE drafter warm-up on the SFT policy's own features of SFT traces (before RL).
   c.drafter = ml_collections.ConfigDict(dict(
-      warmup_steps=200, lr=3e-3, batch_size=32, num_batches=16,  # features of 16 batches, cycled
-      log_every=50,
+      # 600 steps over the features of 64 batches (~1 min on 2 cores): teacher-forced accuracy
+      # 0.94 and accept length 3.1 (d4 chain, T=1), against 0.82 and 2.3 for 200 steps on 16.
+      warmup_steps=600, lr=3e-3, batch_size=32, num_batches=64,
+      log_every=100,
   ))
 
   # RL: GRPO on the task's verifier (+ a small format reward), PPO-clip, no KL by default.
