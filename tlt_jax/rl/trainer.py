@@ -65,7 +65,7 @@ TIME_BREAKDOWN = (("rollout_time_s", "rollout"), ("reward_time_s", "rewards"),
                   ("checkpoint_time_s", "checkpoint"), ("sample_eval_time_s", "held-out eval"),
                   ("tlt_after_update_s", "drafter buffer / between-step training"))
 # TLT's per-step curves: speculation, the bubbles and the drafter trained in them.
-TLT_CURVES = ("accept_len", "tail_frac", "spec_frac", "bubble_s", "bubble_utilisation", "drafter_version",
+TLT_CURVES = ("accept_len", "tail_frac", "tail_time_frac", "spec_frac", "bubble_s", "bubble_utilisation", "drafter_version",
               "drafter_loss", "drafter_accuracy", "preempt_wait_s")
 
 
