@@ -8,15 +8,9 @@ import os
 
 import numpy as np
 
+from tlt_jax.utils.compile_cache import enable_compile_cache  # noqa: F401  (re-exported for the experiments)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def enable_compile_cache(path: str | None = None) -> None:
-  """Persists XLA compilations across runs (a re-run skips most compile time)."""
-  import jax
-  path = path or os.environ.get("TLT_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tlt_jax_xla"))
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def load_config(path: str = "configs/default.py", overrides: dict | None = None):

@@ -4,6 +4,9 @@ On CPU, TLT's rollout groups need one (fake) device each: unless XLA_FLAGS alrea
 `--xla_force_host_platform_device_count`, this module sets it, before jax is imported, to
 max(tlt.rollout_groups, the product of the fixed mesh.shape entries) (2 for the default). The
 fake devices share the machine's cores.
+
+TLT_COMPILE_CACHE=<dir> in the environment turns on JAX's persistent compilation cache there
+(tlt_jax/utils/compile_cache.py): a second run skips most of the ~100 s of compiles.
 """
 
 from __future__ import annotations
@@ -111,6 +114,9 @@ def main(argv):
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from tlt_jax.parallel.mesh import maybe_initialize_distributed
+  from tlt_jax.utils import compile_cache
+  if os.environ.get(compile_cache.ENV_VAR):  # opt-in: re-runs skip most compile time
+    logging.info("persistent compilation cache in %s", compile_cache.enable_compile_cache())
   maybe_initialize_distributed()
   from tlt_jax import run as run_lib
   from tlt_jax.rl.trainer import TrainingDiverged
