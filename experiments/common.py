@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 
@@ -11,6 +12,16 @@ import numpy as np
 from tlt_jax.utils.compile_cache import enable_compile_cache  # noqa: F401  (re-exported for the experiments)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_overrides(pairs) -> dict:
+  """`--set key=value` strings -> {key: value}; a value that looks like JSON (a number, list,
+  dict, true/false/null) is parsed as JSON, anything else stays a string."""
+  out = {}
+  for kv in pairs:
+    key, value = kv.split("=", 1)
+    out[key] = json.loads(value) if value[:1] in "[{0123456789-tfn" else value
+  return out
 
 
 def load_config(path: str = "configs/default.py", overrides: dict | None = None):

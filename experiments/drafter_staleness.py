@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import enable_compile_cache, ensure_policy_and_drafter, hard_prompts, load_config  # noqa: E402
+from experiments.common import enable_compile_cache, ensure_policy_and_drafter, hard_prompts, load_config, parse_overrides  # noqa: E402
 from experiments.e2e_speedup import build_trainer  # noqa: E402
 
 
@@ -61,9 +61,7 @@ def main(argv=None):
   every = args.probe_every or (2 if args.quick else max(1, steps // 8))
   overrides = {"rl.steps": steps, "rl.eval_size": 0, "rl.sample_eval_every": 0,
                "tlt.speculative": True, "tlt.train_drafter": True}
-  for kv in args.set:
-    key, value = kv.split("=", 1)
-    overrides[key] = json.loads(value) if value[:1] in "[{0123456789-tfn" else value
+  overrides.update(parse_overrides(args.set))
   setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick)
   os.makedirs(args.out, exist_ok=True)
   trainer = build_trainer("tlt", overrides, setup, policy, drafter, os.path.join(args.workdir, "drafter_staleness"))

@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import enable_compile_cache, ensure_policy_and_drafter, load_config  # noqa: E402
+from experiments.common import enable_compile_cache, ensure_policy_and_drafter, load_config, parse_overrides  # noqa: E402
 
 VARIANTS = {
     "plain": {"tlt.speculative": False, "tlt.train_drafter": False},
@@ -82,9 +82,7 @@ def main(argv=None):
   base = load_config()
   steps = args.steps or (8 if args.quick else int(base.rl.steps))
   common = {"rl.steps": steps, "rl.eval_size": 0, "rl.sample_eval_every": 0}
-  for kv in args.set:
-    key, value = kv.split("=", 1)
-    common[key] = json.loads(value) if value[:1] in "[{0123456789-tfn" else value
+  common.update(parse_overrides(args.set))
   setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick)
   names = args.variants.split(",")
   os.makedirs(args.out, exist_ok=True)

@@ -26,6 +26,11 @@ def _bos(tokenizer: Tokenizer) -> list[int]:
   return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
 
 
+def _encode_sft_example(ex: Example, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+  """(BOS + prompt, trace + EOS) token ids of one SFT example."""
+  return _bos(tokenizer) + tokenizer.encode(ex.prompt), tokenizer.encode(ex.trace) + [tokenizer.eos_id]
+
+
 def make_sft_batch(examples: Sequence[Example], tokenizer: Tokenizer, max_len: int) -> dict[str, np.ndarray]:
   """Right-padded SFT batch; see the module docstring for the alignment.
 
@@ -39,8 +44,7 @@ def make_sft_batch(examples: Sequence[Example], tokenizer: Tokenizer, max_len: i
   prompt_lens = np.zeros((b,), np.int32)
   lengths = np.zeros((b,), np.int32)
   for row, ex in enumerate(examples):
-    prompt = _bos(tokenizer) + tokenizer.encode(ex.prompt)
-    target = tokenizer.encode(ex.trace) + [tokenizer.eos_id]
+    prompt, target = _encode_sft_example(ex, tokenizer)
     n = len(prompt) + len(target)
     if n > max_len:
       raise ValueError(f"make_sft_batch: example with prompt id {ex.prompt_id} has {n} tokens "
@@ -92,8 +96,7 @@ def pack_sft_batch(sample_fn, tokenizer: Tokenizer, rows: int, row_len: int) -> 
   row, col, seg = 0, 0, 0
   while row < rows:
     ex = sample_fn()
-    prompt = _bos(tokenizer) + tokenizer.encode(ex.prompt)
-    target = tokenizer.encode(ex.trace) + [tokenizer.eos_id]
+    prompt, target = _encode_sft_example(ex, tokenizer)
     n = len(prompt) + len(target)
     if n > row_len:
       raise ValueError(f"pack_sft_batch: example with prompt id {ex.prompt_id} has {n} tokens, "

@@ -165,7 +165,8 @@ class RLTrainer:
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"] if self.mesh is not None else 1
     # Packed update batches have a multiple of this many rows (whole micro-batches per shard).
     self.pack_rows_multiple = int(np.lcm(int(rl.get("pack_rows_multiple", 8)), rl.micro_batches * shards))
-    if self.mesh is not None and not rl.get("pack", False):
+    self.pack = bool(rl.get("pack", False))
+    if self.mesh is not None and not self.pack:
       if (self.batch_size // rl.micro_batches) % shards:
         raise ValueError(
             f"rl.prompts_per_step * rl.group_size / rl.micro_batches = "
@@ -348,7 +349,7 @@ class RLTrainer:
     host_batch = build_update_batch(prompts, prompt_lens, result, advantages_B, rl.length_bucket,
                                     self.tokenizer.pad_id)
     self._rows, self._pack_index = host_batch, None
-    if rl.get("pack", False):
+    if self.pack:
       host_batch, self._pack_index = pack_sequences(host_batch, prompt_lens + result.lengths,
                                                     self.pack_len, self.pack_rows_multiple)
     host_batch = dict(host_batch)
