@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.parallel.mesh import SAMPLE_RULES, TRAIN_RULES, logical_to_spec, make_mesh
 from tests.tiny import VOCAB, random_state, tiny_config
+from tests.numerics import assert_close
 
 
 def test_eight_fake_devices():
@@ -144,5 +145,5 @@ def test_sharded_forward_equals_single_device(reference, shape, rules_name):
 
   logits, hidden = jax.jit(forward)(sharded_params, sharded_tokens)
   assert logits.sharding.mesh.shape == mesh.shape
-  np.testing.assert_allclose(logits, ref_logits, atol=2e-5, rtol=0)
-  np.testing.assert_allclose(hidden, ref_hidden, atol=2e-5, rtol=0)
+  assert_close(logits, ref_logits)
+  assert_close(hidden, ref_hidden)

@@ -17,8 +17,8 @@ from tlt_jax.models.config import ModelConfig, RopeScaling
 from tlt_jax.models.transformer import KVCache, init_model, rope_inv_freq
 from tlt_jax.parallel.mesh import TRAIN_RULES
 from tests.tiny import VOCAB, cast_params, random_state, tiny_config
+from tests.numerics import assert_close
 
-ATOL = 1e-5
 
 
 # ----------------------------------------------------------------------------- numpy reference
@@ -115,17 +115,17 @@ def test_forward_matches_numpy_reference(case):
   for b in range(2):
     ref_logits, ref_hidden = np_forward(cfg, params, tokens[b], positions[b])
     assert np.abs(ref_logits).max() > 1.0  # O(1) logits: the tolerance is meaningful
-    np.testing.assert_allclose(logits[b], ref_logits, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(hidden[b], ref_hidden, atol=ATOL, rtol=0)
+    assert_close(logits[b], ref_logits)
+    assert_close(hidden[b], ref_hidden)
 
   # The head: embed^T when tied, lm_head when not (and then not embed^T).
   pure = nnx.to_pure_dict(params)
   embed = np.asarray(pure["embed_tokens"], np.float64)
   hidden64 = np.asarray(hidden, np.float64)
   if cfg.tie_word_embeddings:
-    np.testing.assert_allclose(logits, hidden64 @ embed.T, atol=ATOL, rtol=0)
+    assert_close(logits, hidden64 @ embed.T)
   else:
-    np.testing.assert_allclose(logits, hidden64 @ np.asarray(pure["lm_head"], np.float64), atol=ATOL, rtol=0)
+    assert_close(logits, hidden64 @ np.asarray(pure["lm_head"], np.float64))
     assert np.abs(np.asarray(logits) - hidden64 @ embed.T).max() > 0.1
 
   # The reference's power: swapping the kv heads (a wrong query-to-kv grouping) moves the logits.
@@ -137,7 +137,7 @@ def test_forward_matches_numpy_reference(case):
         kern = layer["self_attn"][proj]["kernel"]
         layer["self_attn"][proj]["kernel"] = kern.reshape(-1, cfg.num_kv_heads, cfg.head_dim)[:, ::-1].reshape(-1, kd)
     wrong = np_forward(cfg, swapped, tokens[0], positions[0])[0]
-    assert np.abs(np.asarray(logits[0]) - wrong).max() > 100 * ATOL
+    assert np.abs(np.asarray(logits[0]) - wrong).max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -197,13 +197,13 @@ def test_padded_prefill_then_cached_decode_matches_uncached_forward(tiny):
 
   for b, n in enumerate(lens):
     ref_logits, ref_hidden = uncached(seqs[b])
-    np.testing.assert_allclose(ref_logits, np_forward(cfg, params, seqs[b], np.arange(n + 2))[0], atol=ATOL)
-    np.testing.assert_allclose(prefill_logits[b, :n], ref_logits[:n], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(prefill_hidden[b, :n], ref_hidden[:n], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(d1_logits[b, 0], ref_logits[n], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(d1_hidden[b, 0], ref_hidden[n], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(d2_logits[b, 0], ref_logits[n + 1], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(d2_hidden[b, 0], ref_hidden[n + 1], atol=ATOL, rtol=0)
+    assert_close(ref_logits, np_forward(cfg, params, seqs[b], np.arange(n + 2))[0])
+    assert_close(prefill_logits[b, :n], ref_logits[:n])
+    assert_close(prefill_hidden[b, :n], ref_hidden[:n])
+    assert_close(d1_logits[b, 0], ref_logits[n])
+    assert_close(d1_hidden[b, 0], ref_hidden[n])
+    assert_close(d2_logits[b, 0], ref_logits[n + 1])
+    assert_close(d2_hidden[b, 0], ref_hidden[n + 1])
 
 
 def test_tree_masked_decode_matches_each_branch_decoded_alone(tiny):
@@ -231,15 +231,15 @@ def test_tree_masked_decode_matches_each_branch_decoded_alone(tiny):
   branch_pos = lens[:, None] + np.arange(2, dtype=np.int32)
   for cols, branch in ((slice(0, 2), branch_a), (slice(2, 4), branch_b)):
     ref_logits, ref_hidden, _ = cached(params, branch, branch_pos, prefix_cache, None)
-    np.testing.assert_allclose(tree_logits[:, cols], ref_logits, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(tree_hidden[:, cols], ref_hidden, atol=ATOL, rtol=0)
+    assert_close(tree_logits[:, cols], ref_logits)
+    assert_close(tree_hidden[:, cols], ref_hidden)
     for b, n in enumerate(lens):
       full_logits, _ = uncached(np.concatenate([prompts[b], branch[b]]))
-      np.testing.assert_allclose(tree_logits[b, cols], full_logits[n:], atol=ATOL, rtol=0)
+      assert_close(tree_logits[b, cols], full_logits[n:])
   # The mask matters: the same nodes under a plain causal mask give different b-branch logits.
   causal = np.broadcast_to(np.tril(np.ones((4, 4), bool)), (3, 4, 4))
   causal_logits, _, _ = cached(params, tree_tokens, tree_positions, prefix_cache, causal)
-  np.testing.assert_allclose(causal_logits[:, :2], tree_logits[:, :2], atol=ATOL)
+  assert_close(causal_logits[:, :2], tree_logits[:, :2])
   assert np.abs(causal_logits[:, 2:] - tree_logits[:, 2:]).max() > 1e-2
 
 

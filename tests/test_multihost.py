@@ -13,6 +13,7 @@ from flax import nnx
 
 from tests import multihost_worker as worker
 from tests.tiny import random_state, tiny_config
+from tests.numerics import assert_close
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120
@@ -63,5 +64,5 @@ def test_two_process_sharded_forward_equals_single_process(tmp_path):
     name = "x".join(map(str, shape))
     for r in results:  # both processes gather the same global arrays
       assert r[f"logits_{name}"].shape == (worker.BATCH, worker.LENGTH, cfg.vocab_size)
-      np.testing.assert_allclose(r[f"logits_{name}"], ref_logits, atol=2e-5, rtol=0)
-      np.testing.assert_allclose(r[f"hidden_{name}"], ref_hidden, atol=2e-5, rtol=0)
+      assert_close(r[f"logits_{name}"], ref_logits)
+      assert_close(r[f"hidden_{name}"], ref_hidden)

@@ -16,6 +16,7 @@ from tlt_jax.rl.packing import first_fit_decreasing, pack_sequences, unpack
 from tlt_jax.rl.update import UpdateConfig, make_logprob_fn, make_policy_update_step
 from tlt_jax.train import optim
 from tlt_jax.train.state import create_train_state
+from tests.numerics import assert_close
 
 CFG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, tie_word_embeddings=False)
@@ -74,7 +75,7 @@ def _run(cfg, mesh=None, batch=None, tx=SGD):
 
 
 def _assert_close(a, b, rtol=2e-5, atol=2e-6):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+  assert_close(b, a, rtol=rtol, atol=atol)
 
 
 @functools.cache
