@@ -11,7 +11,8 @@ is its length in tokens, and `task.verify(response, example) -> bool` checks the
 Hyper-parameters are keyword-only and bound by `get_reward(name, **kwargs)`.
 
 Rewards run on the host, on untrusted model output: wrap the final reward in `safe_reward` so
-that one failing group scores zeros and the run goes on.
+that one failing group scores zeros and the run goes on (a `RewardConfigError`, a reward that
+cannot work with the task at all, still stops the run).
 """
 
 from __future__ import annotations
@@ -95,6 +96,30 @@ def format_reward(responses, finished, lengths, example, task) -> np.ndarray:
                    for r, f in zip(responses, finished)], np.float32)
 
 
+class RewardConfigError(TypeError):
+  """A reward that cannot work with the task at all (a configuration error, not a bad response):
+  `SafeReward` lets it through instead of scoring zeros."""
+
+
+@register_reward("partial_credit")
+def partial_credit_reward(responses, finished, lengths, example, task) -> np.ndarray:
+  """r_i = 1[finished_i] * task.partial_credit(y_i, example), clipped to [0, 1].
+
+  Generic partial credit: the task says how much of the answer is right (for ZebraLogic grids,
+  the fraction of cells right: "cell accuracy", Lin et al. 2025). A truncated response scores 0.
+  Raises RewardConfigError when the task has no `partial_credit` method (tasks/base.py).
+  """
+  del lengths
+  credit = getattr(task, "partial_credit", None)
+  if not callable(credit):
+    raise RewardConfigError(
+        f"reward 'partial_credit' needs a task with a partial_credit(response, example) method; "
+        f"task {getattr(task, 'name', type(task).__name__)!r} has none (use rl.rewards.partial_credit=0 "
+        "or a task that defines it, e.g. 'zebra')")
+  return np.array([float(np.clip(credit(r, example), 0.0, 1.0)) if f else 0.0
+                   for r, f in zip(responses, finished)], np.float32)
+
+
 def combine_rewards(specs: Mapping[str, float],
                     kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> RewardFn:
   """r_i = sum_name weight_name * reward_name(group)_i.
@@ -162,6 +187,8 @@ class SafeReward:
       if not np.all(np.isfinite(rewards)):
         raise ValueError(f"returned non-finite rewards {rewards.tolist()}")
       return rewards
+    except RewardConfigError:
+      raise
     except Exception as e:  # noqa: BLE001 -- any failure of untrusted scoring code
       self.failures += 1
       pid = prompt_id(example)

@@ -5,6 +5,11 @@ A task turns randomness into problems and checks answers:
   * `extract_answer(response) -> str | None` pulls the final answer out of a model response;
   * `verify(response, example) -> bool` is `extract_answer` followed by the task's comparison;
   * `charset` lists every character a prompt or trace may contain (for `CharTokenizer`).
+
+Optional:
+  * `partial_credit(response, example) -> float` in [0, 1]: how much of the answer is right (e.g.
+    the fraction of a logic grid's cells, tasks/zebra.py). The `partial_credit` reward
+    (rl/rewards.py) calls it; a task without it cannot use that reward.
 """
 
 from __future__ import annotations
@@ -80,6 +85,12 @@ def register_task(name: str):
     return cls
 
   return wrap
+
+
+def task_options(name: str) -> list[str]:
+  """The options (constructor keywords) of the task registered as `name`."""
+  params = inspect.signature(_TASKS.get(name)).parameters
+  return sorted(p for p, v in params.items() if v.kind is not inspect.Parameter.VAR_KEYWORD)
 
 
 def get_task(name: str, **kwargs: Any) -> Task:

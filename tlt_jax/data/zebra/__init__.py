@@ -1,0 +1,1 @@
+"""ZebraLogic logic-grid puzzles: generator, solvers, renderings and benchmark splits."""
