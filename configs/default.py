@@ -8,7 +8,15 @@ Override any key: --config.sft.steps=100 --config.model.num_layers=4
 import ml_collections
 
 
+SIZES = ("", "tiny")
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """The default run; `configs/default.py:tiny` is a seconds-scale variant for tests and notebooks
+  (a 2-layer d=32 policy on up to 3-digit sums, few steps, one rollout bucket)."""
+  if arg not in SIZES:
+    raise ValueError(f"configs/default.py:{arg}: unknown argument {arg!r}; allowed: {SIZES[1:]} "
+                     "(or none, for the default)")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages = "sft,drafter,rl"  # comma-separated subset, in order, of: sft, drafter, rl
@@ -25,6 +33,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.tokenizer = "char"  # "char" (the task's charset) or a tokenizer.json path / dir
   c.task = ml_collections.ConfigDict(dict(name="arith", max_digits=8, alpha=1.5, p_recheck=0.5))
+  # A record the run cannot use (a prompt too long for the context, an unparsable file line):
+  # "skip" it with a counted warning, or "error" to stop.
+  c.data = ml_collections.ConfigDict(dict(on_bad_record="skip"))
 
   # Mesh ('data', 'fsdp', 'tensor'); -1 fills the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
@@ -104,6 +115,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=100, max_to_keep=3))
 
-  if arg:
-    raise ValueError(f"configs/default.py takes no argument, got {arg!r}")
+  if arg == "tiny":
+    c.model.update(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2,
+                   max_position_embeddings=128)
+    c.task.max_digits = 3
+    c.sft.update(steps=40, batch_size=8, max_len=96, warmup_steps=4, eval_every=40, eval_size=8,
+                 log_every=20)
+    c.eval.max_new_tokens = 48
+    c.drafter.update(warmup_steps=4, batch_size=4, num_batches=2, log_every=2)
+    c.rollout.update(max_new_tokens=48, buckets=(8,))  # few shapes: few compiles
+    c.rl.update(length_bucket=64, steps=4, prompts_per_step=2, group_size=4, lr=3e-3,
+                checkpoint_every=1, eval_size=0, sample_eval_every=2, sample_eval_size=8)
   return c

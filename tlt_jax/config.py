@@ -12,9 +12,7 @@ from typing import Any, Callable, Iterable
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A bad config key or value. The message names the key, the value and what is allowed."""
+from tlt_jax.errors import ConfigError  # noqa: F401  (re-exported: config_lib.ConfigError)
 
 
 def _get(config, path: str):
@@ -73,6 +71,8 @@ def one_of(options: Iterable[str]):
   options = tuple(options)
   return (lambda v: v in options), f"one of {options}"
 
+
+BAD_RECORD_POLICIES = ("skip", "error")
 
 # (path, predicate, description of what is allowed); a path absent from a config is skipped
 # only when marked optional by a leading '?'.
@@ -148,9 +148,14 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?rl.sample_eval_every", nonneg_int, "an int >= 0 (0 = off)"),
     ("?rl.sample_eval_size", nonneg_int, "an int >= 0 (0 = off)"),
     ("?checkpoint.max_to_keep", pos_int, "a positive int"),
+    ("?data.on_bad_record", *one_of(BAD_RECORD_POLICIES)),
 ]
 
 STAGES = ("sft", "drafter", "rl")
+
+
+def divisors(n: int) -> list[int]:
+  return [d for d in range(1, int(n) + 1) if n % d == 0]
 _extra_validators: list[Callable[[ml_collections.ConfigDict], None]] = []
 
 
@@ -173,11 +178,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config, path, ok, allowed)
   m = config.model
   if m.num_heads % m.num_kv_heads:
-    raise ConfigError(f"config.model.num_kv_heads={m.num_kv_heads} must divide "
-                      f"config.model.num_heads={m.num_heads}")
+    raise ConfigError(f"config.model.num_kv_heads={m.num_kv_heads} is not allowed; allowed: a divisor of "
+                      f"config.model.num_heads={m.num_heads}: {divisors(m.num_heads)}")
   if "sft" in config and config.sft.batch_size % config.sft.micro_batches:
-    raise ConfigError(f"config.sft.micro_batches={config.sft.micro_batches} must divide "
-                      f"config.sft.batch_size={config.sft.batch_size}")
+    raise ConfigError(f"config.sft.micro_batches={config.sft.micro_batches} is not allowed; allowed: a "
+                      f"divisor of config.sft.batch_size={config.sft.batch_size}: "
+                      f"{divisors(config.sft.batch_size)}")
   stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
   bad = [s for s in stages if s not in STAGES]
   if bad or not stages:
@@ -187,20 +193,65 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fn(config)
 
 
+def _check_schedule(config, section: str) -> None:
+  """The section's learning-rate schedule (name, warmup vs steps, options) builds."""
+  from tlt_jax.train import optim  # imported late (it imports jax)
+  c = config[section]
+  if c.schedule not in optim.registered_schedules():
+    raise ConfigError(f"config.{section}.schedule={c.schedule!r} is not allowed; allowed: one of "
+                      f"{tuple(optim.registered_schedules())}")
+  if c.steps > 0 and not 0 <= c.warmup_steps <= c.steps:
+    raise ConfigError(f"config.{section}.warmup_steps={c.warmup_steps} is not allowed with "
+                      f"config.{section}.steps={c.steps}; allowed: an int in [0, {c.steps}]")
+  if c.steps > 0:
+    try:
+      optim.schedule_from_config(c)
+    except ValueError as e:
+      raise ConfigError(f"config.{section} (schedule {c.schedule!r}) is not allowed: {e}") from None
+
+
+@register_validator
+def _validate_sft(config) -> None:
+  if "sft" in config and "schedule" in config.sft:
+    _check_schedule(config, "sft")
+
+
+@register_validator
+def _validate_task(config) -> None:
+  """The task exists and takes the config's options (it is built here, before any work)."""
+  if "task" not in config:
+    return
+  build_task(config)
+
+
+def build_task(config):
+  """The task of `config.task` (name + options); ConfigError naming the key for a bad name or
+  option."""
+  from tlt_jax.data import tasks  # the registry; imported late
+  from tlt_jax.errors import DataError
+  options = {k: v for k, v in config.task.items() if k != "name"}
+  name = config.task.name
+  if name not in tasks.registered_tasks():
+    raise ConfigError(f"config.task.name={name!r} is not allowed; allowed: one of "
+                      f"{tuple(tasks.registered_tasks())}")
+  if "data" in config and "on_bad_record" in tasks.task_options(name) and "on_bad_record" not in options:
+    options["on_bad_record"] = config.data.on_bad_record  # tasks that read record files
+  try:
+    return tasks.get_task(name, **options)
+  except DataError as e:
+    raise ConfigError(f"config.task ({name}): {e}") from None
+  except (ValueError, TypeError, OSError) as e:
+    raise ConfigError(f"config.task={dict(config.task)} is not allowed: {e}") from None
+
+
 @register_validator
 def _validate_rl(config) -> None:
   """Names the config chooses from registries (schedules, advantages, rewards) and cross-key rules."""
   if "rl" not in config:
     return
   from tlt_jax.rl import advantages, rewards  # registries; imported late (they import jax)
-  from tlt_jax.train import optim
   rl = config.rl
-  if rl.schedule not in optim.registered_schedules():
-    raise ConfigError(f"config.rl.schedule={rl.schedule!r} is not allowed; allowed: one of "
-                      f"{tuple(optim.registered_schedules())}")
-  if rl.warmup_steps > max(rl.steps, 1):
-    raise ConfigError(f"config.rl.warmup_steps={rl.warmup_steps} is not allowed; allowed: an int in "
-                      f"[0, config.rl.steps={rl.steps}]")
+  _check_schedule(config, "rl")
   if rl.advantage not in advantages.registered_advantages():
     raise ConfigError(f"config.rl.advantage={rl.advantage!r} is not allowed; allowed: one of "
                       f"{tuple(advantages.registered_advantages())}")

@@ -26,8 +26,8 @@ import numpy as np
 from flax import nnx
 
 from tlt_jax import config as config_lib
-from tlt_jax.data.batching import encode_prompts, make_sft_batch, pack_sft_batch
-from tlt_jax.data.tasks import get_task
+from tlt_jax.data.batching import encode_prompts, make_sft_batch, pack_sft_batch, prompt_check
+from tlt_jax.data.sources import describe_task
 from tlt_jax.data.tokenizer import CharTokenizer, load_tokenizer
 from tlt_jax.drafter import (collect_target_features, init_drafter, init_drafter_train_state,
                              load_drafter, save_drafter, warmup_drafter)
@@ -35,7 +35,8 @@ from tlt_jax.models import hf
 from tlt_jax.models.config import ModelConfig
 from tlt_jax.models.transformer import Transformer
 from tlt_jax.parallel import mesh as mesh_lib
-from tlt_jax.rl.trainer import RLTrainer, round_up
+from tlt_jax.errors import CheckpointError, DataError
+from tlt_jax.rl.trainer import RLTrainer, rl_prompt_sources, round_up
 from tlt_jax.rollout.engine import RolloutEngine
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.tlt.groups import split_mesh
@@ -43,6 +44,7 @@ from tlt_jax.train import optim
 from tlt_jax.train.checkpoint import Checkpointer
 from tlt_jax.train.sft import run_sft
 from tlt_jax.train.state import TrainState, create_train_state
+from tlt_jax.utils.console import compact, say, track
 from tlt_jax.utils.metrics import MetricsWriter, plot_curves, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -58,34 +60,84 @@ class Setup:
   mesh: Any
 
 
+def check_workdir(workdir: str) -> None:
+  """The workdir is a directory, or can be made one: ConfigError otherwise (nothing is created)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"--workdir={workdir!r} is an existing file; allowed: a directory (new, "
+                                 "or the workdir of a run to resume)")
+  parent = os.path.abspath(workdir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f"--workdir={workdir!r} cannot be written: {parent!r} is not a writable "
+                                 "directory; allowed: a path under a writable directory")
+
+
 def build_setup(config, workdir: str) -> Setup:
-  task_kwargs = {k: v for k, v in config.task.items() if k != "name"}
-  task = get_task(config.task.name, **task_kwargs)
+  """Everything a run needs before any work, checked: the workdir, the task and its data, the
+  tokenizer, the model (or the `init_from` checkpoint's files), the mesh against the devices, the
+  rollout groups, and the RL prompts against the context. Any problem raises ConfigError (one
+  line naming the key, the value and what is allowed); nothing is written."""
+  check_workdir(workdir)
+  task = config_lib.build_task(config)
   if config.tokenizer == "char":
     tokenizer = CharTokenizer(task.charset)
   else:
-    tokenizer = load_tokenizer(config.tokenizer)
+    try:
+      tokenizer = load_tokenizer(config.tokenizer)
+    except (OSError, ValueError) as e:
+      raise config_lib.ConfigError(f"config.tokenizer={config.tokenizer!r} is not usable: {e}") from None
   mdict = dict(config.model)
   if config.init_from:
-    model_cfg = hf.config_from_hf(json.load(open(os.path.join(config.init_from, "config.json"))))
+    try:
+      model_cfg = hf.check_checkpoint(config.init_from)
+    except CheckpointError as e:
+      raise config_lib.ConfigError(f"config.init_from={config.init_from!r} is not usable: {e}") from None
   else:
     if mdict["vocab_size"] == 0:
       mdict["vocab_size"] = tokenizer.vocab_size
     model_cfg = ModelConfig.from_dict(mdict)
   if model_cfg.vocab_size < tokenizer.vocab_size:
-    raise config_lib.ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
-                                 f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+    raise config_lib.ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} is not allowed with this "
+                                 f"tokenizer; allowed: 0 (from the tokenizer) or >= its vocabulary "
+                                 f"({tokenizer.vocab_size})")
   try:
     mesh = mesh_lib.make_mesh(tuple(config.mesh.shape))
   except ValueError as e:
     raise config_lib.ConfigError(
         f"config.mesh.shape={tuple(config.mesh.shape)} is not allowed: {e}") from None
-  if "tlt" in config and "rl" in config_lib.stages(config):
+  stages = config_lib.stages(config)
+  if "tlt" in config and "rl" in stages:
     try:  # rollout groups are slices of the data axis
       split_mesh(mesh, config.tlt.rollout_groups)
     except ValueError as e:
       raise config_lib.ConfigError(f"config.{e}") from None
+  if "rl" in stages:
+    _check_rl_inputs(config, task, tokenizer, model_cfg, mesh)
   return Setup(config, workdir, task, tokenizer, model_cfg, mesh)
+
+
+def _check_rl_inputs(config, task, tokenizer, model_cfg: ModelConfig, mesh) -> None:
+  """The RL stage's batch shards over the mesh, and its prompt sources yield usable prompts."""
+  rl = config.rl
+  context = model_cfg.max_position_embeddings
+  if config.rollout.max_new_tokens >= context:
+    raise config_lib.ConfigError(f"config.rollout.max_new_tokens={config.rollout.max_new_tokens} is not "
+                                 f"allowed; allowed: an int < model.max_position_embeddings={context} "
+                                 "(the prompt needs room too)")
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = rl.prompts_per_step * rl.group_size // rl.micro_batches
+  if not rl.get("pack", False) and mesh.size > 1 and rows % shards:
+    raise config_lib.ConfigError(
+        f"config.rl.micro_batches={rl.micro_batches} is not allowed: a micro-batch of {rows} rows "
+        f"(rl.prompts_per_step * rl.group_size / rl.micro_batches) does not divide over the mesh's "
+        f"data * fsdp = {shards} batch shards; allowed: rows a multiple of {shards}, or rl.pack=True")
+  sources = [s for s in rl_prompt_sources(config, task, tokenizer, context) if s is not None]
+  try:
+    for source in sources:  # a file task reads its records here; a bad file fails now, not later
+      source[0]
+  except (DataError, OSError) as e:
+    raise config_lib.ConfigError(f"config.task ({describe_task(task)}) cannot feed the RL stage: {e}") from None
 
 
 def build_policy(setup: Setup) -> Transformer:
@@ -107,8 +159,19 @@ def sft_batches(setup: Setup):
 
 
 def eval_examples(setup: Setup, n: int, seed_offset: int = 7):
+  """n fixed held-out examples: task draws whose prompts fit the context beside the evaluation's
+  `eval.max_new_tokens` (others are skipped)."""
   rng = np.random.default_rng([setup.config.seed, seed_offset])
-  return [setup.task.sample(rng).with_id(i) for i in range(n)]
+  unusable = prompt_check(setup.tokenizer, setup.model_cfg.max_position_embeddings,
+                          setup.config.eval.max_new_tokens)
+  examples = []
+  for _ in range(100 * n):
+    if len(examples) == n:
+      break
+    example = setup.task.sample(rng)
+    if unusable(example) is None:
+      examples.append(example.with_id(len(examples)))
+  return examples
 
 
 def evaluate_accuracy(model: Transformer, setup: Setup, examples, max_new_tokens: int,
@@ -119,8 +182,9 @@ def evaluate_accuracy(model: Transformer, setup: Setup, examples, max_new_tokens
                          pad_id=setup.tokenizer.pad_id, chunk_size=chunk_size,
                          max_context=setup.model_cfg.max_position_embeddings)
   correct, lengths, by_diff = [], [], {}
-  max_prompt = max(len(e.prompt) for e in examples) + 1
-  for i in range(0, len(examples), batch_size):
+  max_prompt = max(len(setup.tokenizer.encode(e.prompt)) for e in examples) + 1
+  for i in track(range(0, len(examples), batch_size), "eval", unit="batch",
+                 total=-(-len(examples) // batch_size)):
     chunk = examples[i:i + batch_size]
     prompts, plens = encode_prompts(chunk, setup.tokenizer, max_prompt)
     res = engine.generate(params, prompts, plens, max_new_tokens, jax.random.key(0))
@@ -169,8 +233,8 @@ def run_sft_stage(setup: Setup) -> Transformer:
 
   def on_log(step, m):
     writer.write(step, m)
-    print(json.dumps({"stage": "sft", **{k: (round(v, 4) if isinstance(v, float) else v)
-                                         for k, v in m.items()}}), flush=True)
+    say(compact("sft", m, ("loss", "token_acc", "grad_norm", "accuracy", "response_len_mean",
+                           "time_s"), total=c.sft.steps))
 
   model, state, _ = run_sft(model, tx, sft_batches(setup), c.sft.steps, mesh=mesh,
                             micro_batches=c.sft.micro_batches, log_every=c.sft.log_every,
@@ -204,7 +268,7 @@ def drafter_batches(setup: Setup, target: Transformer):
   c = setup.config.drafter
   rng = np.random.default_rng([setup.config.seed, 3])
   pool = []
-  for _ in range(c.num_batches):
+  for _ in track(range(c.num_batches), "features", unit="batch"):
     examples = [setup.task.sample(rng) for _ in range(c.batch_size)]
     longest = max(len(setup.tokenizer.encode(e.prompt)) + len(setup.tokenizer.encode(e.trace)) + 2
                   for e in examples)
@@ -229,12 +293,13 @@ def run_drafter_stage(setup: Setup, policy: Transformer):
                                  warmup_steps=min(20, c.warmup_steps - 1), final_lr=0.1 * c.lr))
   writer = MetricsWriter(setup.workdir, "drafter")
   writer.truncate_after(0)
-  drafter, history = warmup_drafter(policy, drafter, drafter_batches(setup, policy), c.warmup_steps,
-                                    tx, log_every=c.log_every)
-  for record in history:
+
+  def on_log(record):
     writer.write(record["step"], record)
-    print(json.dumps({"stage": "drafter", **{k: round(v, 4) if isinstance(v, float) else v
-                                             for k, v in record.items()}}), flush=True)
+    say(compact("drafter", record, ("loss", "smooth_l1", "ce", "accuracy"), total=c.warmup_steps))
+
+  drafter, history = warmup_drafter(policy, drafter, drafter_batches(setup, policy), c.warmup_steps,
+                                    tx, log_every=c.log_every, on_log=on_log)
   writer.close()
   save_drafter(drafter, out_dir, c.warmup_steps,
                {"stage": "drafter", "steps": c.warmup_steps, "final": history[-1] if history else {},
@@ -271,30 +336,85 @@ def run_rl_stage(setup: Setup, policy: Transformer, drafter=None) -> dict[str, A
   return trainer.run()
 
 
+class Interrupted(Exception):
+  """SIGINT (Ctrl-C) during a stage: what was saved stays, and the same command resumes."""
+
+  def __init__(self, stage: str, workdir: str):
+    self.stage, self.workdir = stage, workdir
+    resume = {"sft": f"SFT resumes from its last checkpoint in {os.path.join(workdir, 'ckpt_sft')}",
+              "drafter": "the drafter warm-up restarts (it takes about a minute)",
+              "rl": f"RL resumes from its last checkpoint in {os.path.join(workdir, 'ckpt_rl')}"}[stage]
+    super().__init__(f"interrupted during the {stage} stage; everything saved in {workdir} is kept. "
+                     f"Rerun the same command to continue: {resume}.")
+
+
+def write_config(config, workdir: str) -> None:
+  """`<workdir>/config.json`, written atomically; a different earlier one is kept as
+  `config.<k>.json` (a run's record of how it was made is never lost)."""
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old == text:
+      return
+    k = 1
+    while os.path.exists(os.path.join(workdir, f"config.{k}.json")):
+      k += 1
+    os.replace(path, os.path.join(workdir, f"config.{k}.json"))
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def describe_outputs(config, workdir: str) -> str:
+  """Where a run's outputs go, for the first lines of the console."""
+  stages = config_lib.stages(config)
+  parts = [f"outputs in {workdir}/:"]
+  if "sft" in stages:
+    parts.append("sft/ (policy, HF safetensors), ckpt_sft/, sft.jsonl, sft.png")
+  if "drafter" in stages:
+    parts.append("drafter/ (orbax), drafter.jsonl")
+  if "rl" in stages:
+    parts.append("ckpt_rl/ (orbax), metrics.jsonl, rl_eval.jsonl, rl_*.png")
+  parts.append(f"summary.json; TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tb')}")
+  return " ".join(parts[:1]) + " " + "; ".join(parts[1:])
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the configured stages; returns a summary dict."""
+  """Runs the configured stages; returns a summary dict.
+
+  Every input is checked first (`config_lib.finalize`, `build_setup`); only then is anything
+  written to `workdir`. Ctrl-C in a stage raises `Interrupted` once the stage's own clean-up
+  (closing checkpoints and metrics) is done.
+  """
   config = config_lib.finalize(config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
   setup = build_setup(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  write_config(config, workdir)
+  say(describe_outputs(config, workdir))
   summary: dict[str, Any] = {"workdir": workdir, "params": setup.model_cfg.num_params}
   t0 = time.perf_counter()
   model, drafter = None, None
   for stage in config_lib.stages(config):
     t_stage = time.perf_counter()
-    if stage == "sft":
-      model = run_sft_stage(setup)
-    elif stage == "drafter":
-      model = model or load_policy(setup)
-      drafter = run_drafter_stage(setup, model)
-    elif stage == "rl":
-      model = model or load_policy(setup)
-      if drafter is None:  # a drafter made earlier on this workdir joins the RL state
-        loaded = load_drafter(os.path.join(workdir, "drafter"), model.cfg)
-        drafter = loaded[0] if loaded is not None else None
-      summary["rl"] = run_rl_stage(setup, model, drafter)
+    try:
+      if stage == "sft":
+        model = run_sft_stage(setup)
+      elif stage == "drafter":
+        model = model or load_policy(setup)
+        drafter = run_drafter_stage(setup, model)
+      elif stage == "rl":
+        model = model or load_policy(setup)
+        if drafter is None:  # a drafter made earlier on this workdir joins the RL state
+          loaded = load_drafter(os.path.join(workdir, "drafter"), model.cfg)
+          drafter = loaded[0] if loaded is not None else None
+        summary["rl"] = run_rl_stage(setup, model, drafter)
+    except KeyboardInterrupt:
+      raise Interrupted(stage, workdir) from None
     summary[f"{stage}_time_s"] = time.perf_counter() - t_stage
+    say(f"{stage} stage done in {summary[f'{stage}_time_s']:.0f} s")
   summary["total_time_s"] = time.perf_counter() - t0
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)

@@ -79,6 +79,25 @@ def encode_prompts(examples: Sequence[Example], tokenizer: Tokenizer, max_prompt
   return tokens, lengths
 
 
+def prompt_check(tokenizer: Tokenizer, context: int, max_new_tokens: int):
+  """`unusable(example) -> str | None` for data sources: why a prompt cannot be rolled out —
+  the tokenizer cannot encode it, or BOS + prompt + `max_new_tokens` exceed the model's
+  `context` — or None when it can."""
+  limit = int(context) - int(max_new_tokens)
+
+  def unusable(example: Example) -> str | None:
+    try:
+      n = len(_bos(tokenizer)) + len(tokenizer.encode(example.prompt))
+    except ValueError as e:
+      return f"prompt cannot be tokenized: {e}"
+    if n > limit:
+      return (f"prompt of {n} tokens (BOS included) is over the {limit} that fit: "
+              f"model.max_position_embeddings={context} - rollout.max_new_tokens={max_new_tokens}")
+    return None
+
+  return unusable
+
+
 def pack_sft_batch(sample_fn, tokenizer: Tokenizer, rows: int, row_len: int) -> dict[str, np.ndarray]:
   """Packs examples drawn from `sample_fn()` into `rows` rows of `row_len` tokens.
 

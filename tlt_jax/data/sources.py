@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,6 +25,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tlt_jax.data.tasks import Example, FileTask, Task, get_task
+from tlt_jax.errors import DataError
+
+log = logging.getLogger(__name__)
 
 QUESTION_FIELDS = ("question", "problem")
 ANSWER_FIELDS = ("answer", "solution")
@@ -50,16 +54,27 @@ class TaskSource:
   meta["difficulty"] >= min_difficulty (rejection sampling, still random-access and
   deterministic): e.g. RL prompts without the trivial ones, whose groups are all correct and
   carry no learning signal. At most `max_tries` draws are made per index.
+
+  `unusable(example) -> str | None` names why the run cannot use an example (e.g. a prompt too
+  long for the context; see `data.batching.prompt_check`). With on_bad_record="skip" such
+  an example is skipped like a too-easy one, counted in `skipped` and logged; the draws stay a
+  pure function of the index, so a resumed run skips the same ones again. With "error" it raises
+  DataError naming the example.
   """
 
   def __init__(self, task: Task | str, num_examples: int, seed: int = 0, stream: int = 0,
                task_kwargs: Mapping[str, Any] | None = None, min_difficulty: int = 0,
-               max_tries: int = 1000):
+               max_tries: int = 1000, unusable: Callable[[Example], str | None] | None = None,
+               on_bad_record: str = "skip"):
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
       raise ValueError(f"TaskSource: num_examples={num_examples!r} must be a positive int")
+    if on_bad_record not in ("skip", "error"):
+      raise ValueError(f"TaskSource: on_bad_record={on_bad_record!r}; allowed: 'skip' or 'error'")
     self.task = _as_task(task, task_kwargs)
     self.num_examples, self.seed, self.stream = num_examples, int(seed), int(stream)
     self.min_difficulty, self.max_tries = int(min_difficulty), int(max_tries)
+    self.unusable, self.on_bad_record = unusable, on_bad_record
+    self.skipped = 0  # unusable examples skipped so far (this process)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -69,17 +84,47 @@ class TaskSource:
     if not 0 <= i < self.num_examples:
       raise IndexError(f"TaskSource index {i} out of range [0, {self.num_examples})")
     rng = np.random.default_rng([self.seed, self.stream, i])
+    difficulties, unusable = set(), 0
     for _ in range(self.max_tries):
       example = self.task.sample(rng)
-      if example.meta.get("difficulty", 0) >= self.min_difficulty:
+      difficulty = example.meta.get("difficulty", 0)
+      difficulties.add(difficulty)
+      if difficulty < self.min_difficulty:
+        continue
+      problem = self.unusable(example) if self.unusable is not None else None
+      if problem is None:
         return example.with_id(i)
-    raise ValueError(f"TaskSource: no example of difficulty >= {self.min_difficulty} in "
-                     f"{self.max_tries} draws of task {self.task!r} (index {i})")
+      where = f"{describe_task(self.task)}, {_example_name(example)}"
+      if self.on_bad_record == "error":
+        raise DataError(f"{where}: {problem} (data.on_bad_record='error'; allowed: 'skip' to skip "
+                        "such records with a warning)")
+      unusable += 1
+      self.skipped += 1
+      if self.skipped <= 5 or self.skipped % 100 == 0:
+        log.warning("skipped %s: %s (%d skipped so far; data.on_bad_record='skip')", where, problem,
+                    self.skipped)
+    found = sorted(difficulties)
+    raise DataError(
+        f"{describe_task(self.task)}: no usable example in {self.max_tries} draws (index {i}): "
+        f"{unusable} were unusable, and min_difficulty={self.min_difficulty} while the difficulties "
+        f"drawn range over {found[0] if found else '-'}..{found[-1] if found else '-'}; allowed: a "
+        f"min_difficulty <= {found[-1] if found else 0} (config.rl.min_difficulty)")
 
   def __repr__(self) -> str:
     extra = f", min_difficulty={self.min_difficulty}" if self.min_difficulty else ""
     return (f"TaskSource({self.task!r}, num_examples={self.num_examples}, seed={self.seed}, "
             f"stream={self.stream}{extra})")
+
+
+def describe_task(task: Task) -> str:
+  """'task arith' or 'task gsm8k (data.jsonl)': the name, and the file a file task reads."""
+  path = getattr(task, "path", None)
+  return f"task {task.name}" + (f" ({path})" if path else "")
+
+
+def _example_name(example: Example) -> str:
+  index = example.meta.get("source_index")
+  return f"record {index}" if index is not None and index >= 0 else f"a drawn example ({example.prompt[:30]!r}...)"
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -228,12 +273,12 @@ def _pick_field(available: Sequence[str], explicit: str | None, aliases: Sequenc
                 where: str) -> str:
   if explicit is not None:
     if explicit not in available:
-      raise ValueError(f"{where}: {role} field {explicit!r} is missing; fields present: {sorted(available)}")
+      raise DataError(f"{where}: {role} field {explicit!r} is missing; fields present: {sorted(available)}")
     return explicit
   for name in aliases:
     if name in available:
       return name
-  raise ValueError(f"{where}: no {role} field; allowed names: {tuple(aliases)} (or pass "
+  raise DataError(f"{where}: no {role} field; allowed names: {tuple(aliases)} (or pass "
                    f"{role}_field=...); fields present: {sorted(available)}")
 
 
@@ -242,7 +287,7 @@ def _field_text(value, field: str, where: str) -> str:
     return value
   if isinstance(value, (int, float)) and not isinstance(value, bool):
     return str(value)
-  raise ValueError(f"{where}: field {field!r} must be a string or a number, got {type(value).__name__} "
+  raise DataError(f"{where}: field {field!r} must be a string or a number, got {type(value).__name__} "
                    f"({value!r:.40})")
 
 
@@ -254,57 +299,92 @@ def _record(row: Mapping, qf: str, af: str, where: str) -> dict:
   return out
 
 
-def load_jsonl(path: str, question_field: str | None = None, answer_field: str | None = None) -> list[dict]:
+def _report_skipped(path: str, skipped: list[str], total: int) -> None:
+  if skipped:
+    log.warning("skipped %d of %d records of %s (data.on_bad_record='skip'; 'error' stops instead): %s%s",
+                len(skipped), total, path, "; ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+
+
+def load_jsonl(path: str, question_field: str | None = None, answer_field: str | None = None,
+               on_bad_record: str = "error") -> list[dict]:
   """Reads question/answer records, one JSON object a line (blank lines skipped).
 
   Fields: `question_field` / `answer_field`, else the first present of QUESTION_FIELDS
   ("question", "problem") / ANSWER_FIELDS ("answer", "solution"). Returns dicts
-  {"question", "answer"} (+ "level" when present). Errors name the file, the line and the field.
+  {"question", "answer"} (+ "level" when present). Errors (DataError) name the file, the line
+  and the field. With on_bad_record="skip" an unusable line (invalid JSON, missing or non-text
+  field) is skipped, counted and logged instead; a file with no usable record still raises.
   """
   path = _check_file(path, JSONL_SUFFIXES, "JSONL")
-  records = []
-  with open(path, encoding="utf-8") as f:
+  records, skipped, total = [], [], 0
+  with open(path, encoding="utf-8", errors="replace") as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue
+      total += 1
       where = f"{path}, line {lineno}"
       try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object with question/answer fields, got {type(row).__name__}")
-      qf = _pick_field(list(row), question_field, QUESTION_FIELDS, "question", where)
-      af = _pick_field(list(row), answer_field, ANSWER_FIELDS, "answer", where)
-      records.append(_record(row, qf, af, where))
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+          raise DataError(f"{where}: expected a JSON object with question/answer fields, got {type(row).__name__}")
+        qf = _pick_field(list(row), question_field, QUESTION_FIELDS, "question", where)
+        af = _pick_field(list(row), answer_field, ANSWER_FIELDS, "answer", where)
+        records.append(_record(row, qf, af, where))
+      except DataError as e:
+        if on_bad_record == "error":
+          raise
+        skipped.append(str(e).replace(f"{path}, ", ""))
   if not records:
-    raise ValueError(f"JSONL file {path!r} holds no records")
+    raise DataError(f"JSONL file {path!r} holds no usable records ({total} lines with text, "
+                    f"{len(skipped)} unusable); allowed: one JSON object a line with question and "
+                    "answer fields")
+  _report_skipped(path, skipped, total)
   return records
 
 
-def load_parquet(path: str, question_field: str | None = None, answer_field: str | None = None) -> list[dict]:
-  """Reads question/answer records from a parquet file (pyarrow); same fields and errors as
-  `load_jsonl`, with rows counted from 0."""
+def load_parquet(path: str, question_field: str | None = None, answer_field: str | None = None,
+                 on_bad_record: str = "error") -> list[dict]:
+  """Reads question/answer records from a parquet file (pyarrow); same fields, errors and
+  `on_bad_record` as `load_jsonl`, with rows counted from 0."""
+  import pyarrow
   import pyarrow.parquet as pq
 
   path = _check_file(path, PARQUET_SUFFIXES, "parquet")
-  names = pq.read_schema(path).names
+  try:
+    names = pq.read_schema(path).names
+  except (pyarrow.ArrowException, OSError) as e:
+    raise DataError(f"parquet file {path!r} is unreadable ({type(e).__name__}: {e}); allowed: a parquet "
+                    "file with question and answer columns") from None
   qf = _pick_field(names, question_field, QUESTION_FIELDS, "question", f"{path}, columns")
   af = _pick_field(names, answer_field, ANSWER_FIELDS, "answer", f"{path}, columns")
   columns = [qf, af] + [c for c in EXTRA_FIELDS if c in names and c not in (qf, af)]
   rows = pq.read_table(path, columns=columns).to_pylist()
-  if not rows:
-    raise ValueError(f"parquet file {path!r} holds no rows")
-  return [_record(row, qf, af, f"{path}, row {i}") for i, row in enumerate(rows)]
+  records, skipped = [], []
+  for i, row in enumerate(rows):
+    try:
+      records.append(_record(row, qf, af, f"{path}, row {i}"))
+    except DataError as e:
+      if on_bad_record == "error":
+        raise
+      skipped.append(str(e).replace(f"{path}, ", ""))
+  if not records:
+    raise DataError(f"parquet file {path!r} holds no usable rows ({len(rows)} rows, {len(skipped)} "
+                    "unusable); allowed: rows with text question and answer columns")
+  _report_skipped(path, skipped, len(rows))
+  return records
 
 
-def load_qa_file(path: str, question_field: str | None = None, answer_field: str | None = None) -> list[dict]:
+def load_qa_file(path: str, question_field: str | None = None, answer_field: str | None = None,
+                 on_bad_record: str = "error") -> list[dict]:
   """`load_jsonl` or `load_parquet`, chosen by the file's extension."""
   path = os.fspath(path)
   if path.endswith(JSONL_SUFFIXES):
-    return load_jsonl(path, question_field, answer_field)
+    return load_jsonl(path, question_field, answer_field, on_bad_record)
   if path.endswith(PARQUET_SUFFIXES):
-    return load_parquet(path, question_field, answer_field)
+    return load_parquet(path, question_field, answer_field, on_bad_record)
   if not os.path.exists(path):
     raise FileNotFoundError(f"question/answer file {path!r} does not exist")
   raise ValueError(f"question/answer file {path!r}: unsupported extension; allowed: "

@@ -26,7 +26,6 @@ The head (and embedding) are the target's, frozen: gradients reach the drafter's
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -214,14 +213,17 @@ def collect_target_features(target: Transformer, tokens_BxL: Array,
 
 def warmup_drafter(target: Transformer, drafter: EagleDrafter, batches_iter: Iterable[Batch],
                    steps: int, optimizer: optax.GradientTransformation, log_every: int = 50,
-                   mesh: Mesh | None = None):
+                   mesh: Mesh | None = None, on_log: Callable[[dict], None] | None = None,
+                   show_progress: bool = True):
   """Offline warm-up on the target's own features of SFT / rollout token batches.
 
   Each batch holds `tokens` and `loss_mask` (optionally `positions` and precomputed `hidden`;
   when absent, `hidden` comes from `collect_target_features`). Runs `steps` train steps, updates
   `drafter` in place and returns (drafter, history), history being the metrics (as floats, with
-  `step`) every `log_every` steps and at the last one.
+  `step`) every `log_every` steps and at the last one; each is also passed to `on_log`. A
+  progress bar ("drafter") shows the latest loss and accuracy.
   """
+  from tlt_jax.utils.console import progress
   check_compatible(drafter, target.cfg)
   graphdef = nnx.graphdef(drafter)
   train_step = make_drafter_train_step(graphdef, optimizer, target.cfg, mesh=mesh)
@@ -232,6 +234,7 @@ def warmup_drafter(target: Transformer, drafter: EagleDrafter, batches_iter: Ite
     head = jax.device_put(head, target_head_shardings(target.cfg, mesh))
   it: Iterator[Batch] = iter(batches_iter)
   history = []
+  bar = progress(steps, "drafter") if show_progress else None
   for i in range(1, steps + 1):
     batch = dict(next(it))
     if "hidden" not in batch:
@@ -239,11 +242,17 @@ def warmup_drafter(target: Transformer, drafter: EagleDrafter, batches_iter: Ite
     if mesh is not None:
       batch = jax.device_put(batch, batch_sharding(mesh, 1))
     state, metrics = train_step(state, head, batch)
+    if bar is not None:
+      bar.update(1)
     if i % log_every == 0 or i == steps:
       record = {"step": i, **{k: float(v) for k, v in metrics.items()}}
       history.append(record)
-      logging.info("drafter warm-up step %d: loss %.4f  smooth_l1 %.4f  ce %.4f  acc %.3f", i,
-                   record["loss"], record["smooth_l1"], record["ce"], record["accuracy"])
+      if bar is not None:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+      if on_log is not None:
+        on_log(record)
+  if bar is not None:
+    bar.close()
   nnx.update(drafter, state.params)
   return drafter, history
 

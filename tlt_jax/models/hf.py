@@ -39,6 +39,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from tlt_jax.errors import CheckpointError
 from tlt_jax.models.config import ROPE_TYPES, ModelConfig, RopeScaling, to_dtype
 from tlt_jax.models.transformer import Transformer
 from tlt_jax.parallel.mesh import TRAIN_RULES, logical_to_spec
@@ -254,17 +255,20 @@ class _CheckpointReader:
   def __init__(self, path: pathlib.Path):
     index_file, single_file = path / INDEX_NAME, path / WEIGHTS_NAME
     if index_file.exists():
-      weight_map = json.loads(index_file.read_text())["weight_map"]
+      weight_map = _read_json(index_file, "safetensors index").get("weight_map")
+      if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_file}: no 'weight_map' of tensor name -> shard file; allowed: a "
+                              "safetensors index as transformers writes it")
       files = sorted(set(weight_map.values()))
       missing = [f for f in files if not (path / f).exists()]
       if missing:
-        raise FileNotFoundError(f"{index_file} lists shard files that do not exist: {missing}")
+        raise CheckpointError(f"{index_file} lists shard files that do not exist: {missing}")
       self.source = str(index_file)
     elif single_file.exists():
       files = [WEIGHTS_NAME]
       self.source = str(single_file)
     else:
-      raise FileNotFoundError(f"no weights in {path}: expected {WEIGHTS_NAME} or {INDEX_NAME}")
+      raise CheckpointError(f"no weights in {path}: expected {WEIGHTS_NAME} or {INDEX_NAME}")
     self.path = path
     # name -> (file, header entry, absolute data start). Headers are tiny; the data stays on disk.
     self.entries: dict[str, tuple[str, dict, int]] = {}
@@ -292,9 +296,13 @@ class _CheckpointReader:
         fh.seek(data_start + begin)
         buf = fh.read(end - begin)
       return np.frombuffer(buf, ml_dtypes.bfloat16).reshape(info["shape"])
-    if file not in self._handles:
-      self._handles[file] = safetensors.safe_open(str(self.path / file), framework="numpy")
-    return self._handles[file].get_tensor(name)
+    try:
+      if file not in self._handles:
+        self._handles[file] = safetensors.safe_open(str(self.path / file), framework="numpy")
+      return self._handles[file].get_tensor(name)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError and others
+      raise CheckpointError(f"{self.path / file}: tensor {name!r} is unreadable ({type(e).__name__}: "
+                            f"{e}); the file is corrupt or truncated") from None
 
   def close(self):
     self._handles.clear()
@@ -306,12 +314,57 @@ class _CheckpointReader:
     self.close()
 
 
+def _read_json(file: pathlib.Path, what: str) -> dict:
+  """A JSON object from `file`; CheckpointError naming the file and what is wrong otherwise."""
+  try:
+    value = json.loads(file.read_text(encoding="utf-8"))
+  except UnicodeDecodeError as e:
+    raise CheckpointError(f"{file}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{file}: {what} is not valid JSON ({e.msg} at line {e.lineno}, column "
+                          f"{e.colno})") from None
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{file}: {what} must be a JSON object, got {type(value).__name__}")
+  return value
+
+
 def _read_header(file: pathlib.Path) -> tuple[dict, int]:
-  """The safetensors JSON header (without `__metadata__`) and the byte offset where data starts."""
+  """The safetensors JSON header (without `__metadata__`) and the byte offset where data starts.
+
+  A safetensors file is: 8 bytes little-endian header length n, n bytes of JSON header
+  {name: {dtype, shape, data_offsets: [begin, end]}}, then the data. Raises CheckpointError naming
+  the file when it is too short, its header is not JSON, or a tensor ends past the file (truncated).
+  """
+  size = file.stat().st_size
   with open(file, "rb") as fh:
-    (n,) = struct.unpack("<Q", fh.read(8))
-    header = json.loads(fh.read(n))
+    raw = fh.read(8)
+    if len(raw) < 8:
+      raise CheckpointError(f"{file}: not a safetensors file ({size} bytes, fewer than the 8-byte header "
+                            "length); it is empty or truncated")
+    (n,) = struct.unpack("<Q", raw)
+    if n > size - 8:
+      raise CheckpointError(f"{file}: not a safetensors file, or truncated: its header claims {n} bytes "
+                            f"but the file has {size - 8} after the length field")
+    text = fh.read(n)
+  try:
+    header = json.loads(text)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{file}: corrupt safetensors header (not valid JSON: {e})") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{file}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                          "expected an object of tensors)")
   header.pop("__metadata__", None)
+  data_bytes = size - 8 - n
+  for name, info in header.items():
+    try:
+      begin, end = info["data_offsets"]
+      shape, dtype = list(info["shape"]), str(info["dtype"])
+    except (TypeError, KeyError, ValueError):
+      raise CheckpointError(f"{file}: corrupt safetensors header: entry {name!r} lacks dtype, shape "
+                            "or data_offsets") from None
+    if not 0 <= begin <= end or end > data_bytes:
+      raise CheckpointError(f"{file}: truncated or corrupt: tensor {name!r} ({dtype}{shape}) spans bytes "
+                            f"{begin}..{end} of the data, but the file holds {data_bytes} data bytes")
   return header, 8 + n
 
 
@@ -324,11 +377,32 @@ def _place(x: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules: Mapping[s
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-  """The `config.json` dict of the checkpoint directory `path`."""
-  file = pathlib.Path(path) / CONFIG_NAME
+  """The `config.json` dict of the checkpoint directory `path` (CheckpointError naming the file
+  when the directory, the file or its JSON is missing or broken)."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise CheckpointError(f"{path}: no such checkpoint directory; allowed: a HF checkpoint directory "
+                          f"with {CONFIG_NAME} and {WEIGHTS_NAME} (or {INDEX_NAME} and its shards)")
+  file = path / CONFIG_NAME
   if not file.exists():
-    raise FileNotFoundError(f"no {CONFIG_NAME} in {pathlib.Path(path)}")
-  return json.loads(file.read_text())
+    raise CheckpointError(f"no {CONFIG_NAME} in {path}; allowed: a HF checkpoint directory with "
+                          f"{CONFIG_NAME} and {WEIGHTS_NAME} (or {INDEX_NAME} and its shards)")
+  return _read_json(file, CONFIG_NAME)
+
+
+def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
+  """Checks a HF checkpoint directory without loading its tensors: config.json parses into a
+  supported config, and every safetensors file's header is intact and covered by the file.
+  Returns the ModelConfig; raises CheckpointError naming the file and what is wrong."""
+  path = pathlib.Path(path)
+  try:
+    cfg = config_from_hf(read_hf_config(path))
+  except ValueError as e:
+    if isinstance(e, CheckpointError):
+      raise
+    raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
+  _CheckpointReader(path).close()
+  return cfg
 
 
 def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None,
@@ -348,7 +422,7 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None,
   Multi-host: every process calls it with the same global `mesh` and keeps only its own shards.
   """
   path = pathlib.Path(path)
-  cfg = config_from_hf(read_hf_config(path))
+  cfg = check_checkpoint(path)
   if param_dtype is not None:
     cfg = cfg.replace(param_dtype=_dtype_name(param_dtype))
   cfg = cfg.replace(dtype=cfg.param_dtype if dtype is None else _dtype_name(dtype))
@@ -359,14 +433,14 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None,
   with _CheckpointReader(path) as reader:
     missing = [n for n in named if n not in reader]
     if missing:
-      raise ValueError(f"checkpoint {reader.source} is missing {len(missing)} tensor(s) the "
+      raise CheckpointError(f"checkpoint {reader.source} is missing {len(missing)} tensor(s) the "
                        f"{cfg.architecture} config needs: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     for name, (var, transposed) in named.items():
       want = tuple(var.get_value().shape)
       want_hf = want[::-1] if transposed else want
       found = reader.shape(name)
       if found != want_hf:
-        raise ValueError(f"tensor {name!r} in {reader.source} has shape {found}; expected {want_hf} "
+        raise CheckpointError(f"tensor {name!r} in {reader.source} has shape {found}; expected {want_hf} "
                          f"(HF layout{', [out, in]' if transposed else ''}) from config.json")
     extra = sorted(n for n in reader.entries if n not in named)
     if extra:

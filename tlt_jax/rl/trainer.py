@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from tlt_jax.data.batching import encode_prompts
+from tlt_jax.data.batching import encode_prompts, prompt_check
 from tlt_jax.data.iterator import PromptIterator, repeat_groups
 from tlt_jax.data.sources import TaskSource
 from tlt_jax.drafter.train import DrafterTrainState
@@ -138,6 +138,20 @@ class HostState:
   reward_failures_total: int = 0
 
 
+def rl_prompt_sources(config, task, tokenizer, context: int) -> tuple[TaskSource, TaskSource | None]:
+  """(training prompts, fixed held-out prompts or None) of the RL stage: task draws of difficulty
+  >= rl.min_difficulty whose prompts fit the context beside rollout.max_new_tokens; unusable ones
+  are skipped (counted, logged) or raise, as `data.on_bad_record` says."""
+  rl = config.rl
+  on_bad = config.data.on_bad_record if "data" in config else "skip"
+  unusable = prompt_check(tokenizer, context, int(config.rollout.max_new_tokens))
+  make = lambda n, stream: TaskSource(task, n, seed=config.seed, stream=stream,  # noqa: E731
+                                      min_difficulty=rl.min_difficulty, unusable=unusable,
+                                      on_bad_record=on_bad)
+  held_out = make(rl.sample_eval_size, 3) if rl.sample_eval_every and rl.sample_eval_size else None
+  return make(rl.num_prompts, 2), held_out
+
+
 class RLTrainer:
   """GRPO/RLOO trainer over one policy; `run()` trains `rl.steps` steps, resuming from
   `<workdir>/ckpt_rl` when it holds a checkpoint.
@@ -207,8 +221,8 @@ class RLTrainer:
         name="+".join(f"{w:g}*{k}" for k, w in weights.items() if w))
     self.correct_fn = rewards_lib.safe_reward(rewards_lib.get_reward("verifier"), name="accuracy")
 
-    source = TaskSource(task, rl.num_prompts, seed=config.seed, stream=2,
-                        min_difficulty=rl.min_difficulty)
+    source, held_out = rl_prompt_sources(config, task, tokenizer, self.model_cfg.max_position_embeddings)
+    self.prompt_source = source
     self.prompts = PromptIterator(source, rl.prompts_per_step, seed=config.seed)
     bound = getattr(task, "max_prompt_len", None)  # static prompt width when the task knows it
     self.prompt_width = round_up(bound + 1, 8) if isinstance(bound, int) else None
@@ -218,9 +232,7 @@ class RLTrainer:
     self.checkpointer = Checkpointer(os.path.join(workdir, "ckpt_rl"), config.checkpoint.max_to_keep)
     self.writer = MetricsWriter(workdir, "metrics")
     self.sample_eval_set = []
-    if rl.sample_eval_every and rl.sample_eval_size:
-      held_out = TaskSource(task, rl.sample_eval_size, seed=config.seed, stream=3,
-                            min_difficulty=rl.min_difficulty)
+    if held_out is not None:
       self.sample_eval_set = [held_out[i] for i in range(rl.sample_eval_size)]
       self.eval_writer = MetricsWriter(workdir, "rl_eval")
 
@@ -457,6 +469,7 @@ class RLTrainer:
           record["checkpoint_time_s"] = self.save(step)
           last_saved = step
         record["reward_failures_total"] = self.host.reward_failures_total
+        record["prompts_skipped_total"] = self.prompt_source.skipped  # unusable prompts (this process)
         if do_eval and (step % rl.sample_eval_every == 0 or step == rl.steps):
           t0 = time.perf_counter()
           record.update(self.sample_eval())

@@ -15,11 +15,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from tlt_jax.errors import CheckpointError
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-  pass
 
 
 class Checkpointer:

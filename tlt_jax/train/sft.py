@@ -7,7 +7,6 @@ Loss: L = Σ_t m_{t+1} · CE(logits_t, x_{t+1}) / Σ_t m_{t+1}, where m marks ta
 from __future__ import annotations
 
 import functools
-import logging
 import time
 from typing import Any, Callable
 
@@ -72,9 +71,13 @@ def make_sft_step(graphdef, tx, state: TrainState, mesh, micro_batches: int = 1,
 def run_sft(model, tx, batches: Callable[[int], dict[str, np.ndarray]], steps: int, *, mesh=None,
             micro_batches: int = 1, log_every: int = 25, on_log: Callable[[int, dict], None] | None = None,
             evaluate: Callable[[Any], dict] | None = None, eval_every: int = 0,
-            state: TrainState | None = None, on_step: Callable[[TrainState], None] | None = None):
+            state: TrainState | None = None, on_step: Callable[[TrainState], None] | None = None,
+            show_progress: bool = True):
   """Runs `steps` SFT updates. `batches(step)` returns the host batch of that step (so a resumed
-  run sees the same data). Returns (model, state, history)."""
+  run sees the same data). Every `log_every` steps (and at the last) the metrics, with the
+  evaluation's when due, go to `on_log(step, record)` and the history. A progress bar ("sft")
+  shows the latest loss and token accuracy. Returns (model, state, history)."""
+  from tlt_jax.utils.console import progress
   graphdef, params = nnx.split(model)
   if state is None:
     state = create_train_state(params, tx, mesh)
@@ -82,20 +85,28 @@ def run_sft(model, tx, batches: Callable[[int], dict[str, np.ndarray]], steps: i
   history = []
   t0 = time.perf_counter()
   start = int(state.step)
-  for step in range(start, steps):
-    batch = batches(step)
-    if mesh is not None:
-      batch = mesh_lib.shard_batch(batch, mesh)
-    state, metrics = step_fn(state, batch)
-    if on_step is not None:
-      on_step(state)
-    if (step + 1) % log_every == 0 or step + 1 == steps:
-      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      m.update(step=step + 1, time_s=time.perf_counter() - t0)
-      if evaluate is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-        m.update(evaluate(nnx.merge(graphdef, state.params)))
-      history.append(m)
-      if on_log is not None:
-        on_log(step + 1, m)
-      logging.info("sft step %d: %s", step + 1, m)
+  bar = progress(steps, "sft", initial=start) if show_progress else None
+  try:
+    for step in range(start, steps):
+      batch = batches(step)
+      if mesh is not None:
+        batch = mesh_lib.shard_batch(batch, mesh)
+      state, metrics = step_fn(state, batch)
+      if on_step is not None:
+        on_step(state)
+      if bar is not None:
+        bar.update(1)
+      if (step + 1) % log_every == 0 or step + 1 == steps:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        m.update(step=step + 1, time_s=time.perf_counter() - t0)
+        if evaluate is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+          m.update(evaluate(nnx.merge(graphdef, state.params)))
+        history.append(m)
+        if bar is not None:
+          bar.set_postfix(loss=f"{m['loss']:.4f}", token_acc=f"{m['token_acc']:.3f}")
+        if on_log is not None:
+          on_log(step + 1, m)
+  finally:
+    if bar is not None:
+      bar.close()
   return nnx.merge(graphdef, state.params), state, history

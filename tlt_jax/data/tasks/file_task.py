@@ -11,6 +11,7 @@ final answer itself and the trace becomes "#### <answer>" or "\\boxed{<answer>}"
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from typing import Mapping, Sequence
@@ -91,7 +92,10 @@ class FileTask(Task):
   """
 
   def __init__(self, path: str | None = None, records: Sequence[Mapping] | None = None,
-               answer_format: str = "gsm8k", prompt_template: str = DEFAULT_TEMPLATE):
+               answer_format: str = "gsm8k", prompt_template: str = DEFAULT_TEMPLATE,
+               on_bad_record: str = "error"):
+    if on_bad_record not in ("skip", "error"):
+      raise ValueError(f"{self.name}.on_bad_record={on_bad_record!r} is not supported; allowed: 'skip', 'error'")
     if answer_format not in ANSWER_FORMATS:
       raise ValueError(f"{self.name}.answer_format={answer_format!r} is not supported; allowed: {ANSWER_FORMATS}")
     if "{question}" not in prompt_template:
@@ -100,7 +104,11 @@ class FileTask(Task):
       raise ValueError(f"{self.name}: give path or records, not both")
     self.answer_format = answer_format
     self.prompt_template = prompt_template
+    if path is not None and not os.path.isfile(path):
+      raise FileNotFoundError(f"{self.name}.path={path!r}: no such file; allowed: a .jsonl/.json or "
+                              ".parquet file of question/answer records")
     self.path = path
+    self.on_bad_record = on_bad_record
     self._records = list(records) if records is not None else None
 
   @property
@@ -114,7 +122,7 @@ class FileTask(Task):
       if self.path is None:
         raise ValueError(f"task {self.name!r} has no data: construct it with path=... or records=...")
       from tlt_jax.data.sources import load_qa_file
-      self._records = load_qa_file(self.path)
+      self._records = load_qa_file(self.path, on_bad_record=self.on_bad_record)
     return self._records
 
   def final_answer(self, answer_text: str) -> str:
@@ -131,6 +139,9 @@ class FileTask(Task):
     meta = {"difficulty": _difficulty(record, answer_text), "source_index": int(index)}
     return Example(prompt=self.prompt_template.format(question=question), trace=trace, answer=final,
                    meta=meta, prompt_id=int(index))
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}(path={self.path!r}, answer_format={self.answer_format!r})"
 
   def sample(self, rng: np.random.Generator) -> Example:
     records = self.records
@@ -156,6 +167,7 @@ class MathFileTask(FileTask):
   """FileTask with MATH's \\boxed{} answers by default."""
 
   def __init__(self, path: str | None = None, records: Sequence[Mapping] | None = None,
-               answer_format: str = "math", prompt_template: str = DEFAULT_TEMPLATE):
+               answer_format: str = "math", prompt_template: str = DEFAULT_TEMPLATE,
+               on_bad_record: str = "error"):
     super().__init__(path=path, records=records, answer_format=answer_format,
-                     prompt_template=prompt_template)
+                     prompt_template=prompt_template, on_bad_record=on_bad_record)
