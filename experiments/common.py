@@ -1,53 +1,103 @@
-"""Shared pieces of the experiments: the default policy and drafter, prompts, compile cache."""
+"""Shared pieces of the experiments: the command line, the default policy and drafter, prompts,
+the compile cache.
+
+Every experiment takes the main job's config flags, on the same locked, validated config:
+
+  python experiments/<name>.py --config=configs/default.py[:arg] --config.rl.lr=2e-4 [own flags]
+
+An override of a key the config lacks, or a bad value, exits with one `config error:` line.
+Variants inside an experiment apply their own overrides with `with_overrides` (also checked).
+"""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import logging
+import copy
 import os
+import sys
 
 import numpy as np
 
 from tlt_jax.utils.compile_cache import enable_compile_cache  # noqa: F401  (re-exported for the experiments)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
 
 
-def parse_overrides(pairs) -> dict:
-  """`--set key=value` strings -> {key: value}; a value that looks like JSON (a number, list,
-  dict, true/false/null) is parsed as JSON, anything else stays a string."""
-  out = {}
-  for kv in pairs:
-    key, value = kv.split("=", 1)
-    out[key] = json.loads(value) if value[:1] in "[{0123456789-tfn" else value
-  return out
-
-
-def load_config(path: str = "configs/default.py", overrides: dict | None = None):
-  spec = importlib.util.spec_from_file_location("tlt_config", os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+def with_overrides(config, overrides: dict | None = None):
+  """A copy of `config` with `overrides` ({"rl.lr": 2e-4, ...}) set; a key the config lacks
+  raises ConfigError naming it and the keys allowed there (a typo never adds a key)."""
+  from tlt_jax import config as config_lib
+  config = copy.deepcopy(config)
   for key, value in (overrides or {}).items():
+    message = config_lib.unknown_key_message(config, key)
+    if message:
+      raise config_lib.ConfigError(message)
     node = config
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
-    node[leaf] = value
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise config_lib.ConfigError(f"config.{key}={value!r} is not allowed: {e}") from None
   return config
+
+
+def load_config(path: str = DEFAULT_CONFIG, overrides: dict | None = None):
+  """The locked config of the file `path[:arg]` (relative paths from the repository root) with
+  `overrides` applied by `with_overrides`."""
+  from tlt_jax import cli
+  file = path if os.path.isabs(path.split(":", 1)[0]) else os.path.join(ROOT, path)
+  config = cli.load_config_file(file)
+  config.lock()
+  return with_overrides(config, overrides)
+
+
+def run_experiment(main, argv=None) -> None:
+  """absl's app.run over `main(argv)` with the main job's flag parsing and console: a bad flag,
+  config file or input exits with one line naming it; logging goes above the progress bars."""
+  from absl import app
+
+  from tlt_jax import cli
+  from tlt_jax.errors import InputError
+  from tlt_jax.utils.console import setup_logging
+
+  def wrapped(args):
+    setup_logging()
+    try:
+      return main(args)
+    except InputError as e:
+      cli.exit_on_input_error(e)
+
+  app.run(wrapped, argv=argv or sys.argv, flags_parser=cli.parse_flags)
+
+
+def build_trainer(name: str, config, overrides: dict, setup, policy, drafter, workdir: str):
+  """An RLTrainer of `config` with `overrides`, from the main job's policy and drafter; its own
+  metrics, TensorBoard files and (unused) checkpoint directory go to `workdir`/`name`."""
+  import jax
+  from flax import nnx
+
+  from tlt_jax import config as config_lib
+  from tlt_jax.rl.trainer import RLTrainer
+  from tlt_jax.run import drafter_bundle
+
+  config = config_lib.finalize(with_overrides(config, overrides))
+  reference = jax.tree.map(lambda x: x.copy(), nnx.state(policy))
+  return RLTrainer(config, setup.task, setup.tokenizer, policy, os.path.join(workdir, name),
+                   mesh=setup.mesh, reference_params=reference, drafter=drafter_bundle(config, drafter))
 
 
 def ensure_policy_and_drafter(workdir: str, quick: bool = False, config=None):
   """(setup, policy, drafter) of the main job's `workdir`; runs its `sft` and `drafter` stages
-  there first when their outputs are missing (the default config; fewer SFT steps with quick)."""
+  there first when their outputs are missing (`config`, default the default config; 150 SFT
+  steps with quick)."""
   from tlt_jax import config as config_lib
   from tlt_jax import run as run_lib
 
-  logging.basicConfig(level=logging.WARNING)
   if config is None:
-    config = load_config(overrides={"sft.steps": 150} if quick else None)
-  config.stages = "sft,drafter"  # the stages run here (the RL stage's rollout groups need not fit)
+    config = load_config()
+  config = with_overrides(config, {"stages": "sft,drafter", **({"sft.steps": 150} if quick else {})})
   config = config_lib.finalize(config)
   setup = run_lib.build_setup(config, workdir)
   policy = run_lib.run_sft_stage(setup)

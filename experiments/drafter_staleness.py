@@ -9,7 +9,8 @@ CURRENT policy, one fixed strategy, no compaction (the tail regime), with the sa
 
   accept_len = tokens committed per row per speculative round (1 + accepted draft tokens).
 
-  python experiments/drafter_staleness.py [--quick] [--steps N] [--workdir runs/default] [--out DIR]
+  python experiments/drafter_staleness.py [--quick] [--steps N] [--workdir runs/default] [--out DIR] \
+      [--config.rl.lr=2e-4 ...]
 
 Prints one JSON line per probe {"step", "frozen", "adaptive", "drafter_version", ...} and writes
 DIR/drafter_staleness.{jsonl,md,png}.
@@ -17,36 +18,38 @@ DIR/drafter_staleness.{jsonl,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-
-import numpy as np  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import enable_compile_cache, ensure_policy_and_drafter, hard_prompts, load_config, parse_overrides  # noqa: E402
-from experiments.e2e_speedup import build_trainer  # noqa: E402
+from tlt_jax import cli  # noqa: E402
+
+cli.set_cpu_devices(sys.argv, minimum=2)  # a fake device per rollout group; before jax is imported
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from experiments.common import (DEFAULT_CONFIG, build_trainer, enable_compile_cache,  # noqa: E402
+                                ensure_policy_and_drafter, hard_prompts, run_experiment)
+
+_CONFIG = cli.define_config_flag(DEFAULT_CONFIG)
+flags.DEFINE_string("workdir", "runs/default", "main-job workdir holding sft/ and drafter/")
+flags.DEFINE_string("out", "experiments/results/drafter_staleness", "output directory")
+flags.DEFINE_integer("steps", 0, "RL steps (default: the config's rl.steps)")
+flags.DEFINE_bool("quick", False, "8 RL steps, probes every 2")
+flags.DEFINE_integer("probe_every", 0, "default: steps // 8 (at least 1)")
+flags.DEFINE_integer("probe_prompts", 16, "fixed probe prompts")
+flags.DEFINE_integer("probe_repeats", 2, "RNG keys per probe")
+flags.DEFINE_string("strategy", "d4k1n4", "draft strategy of the probes")
+flags.DEFINE_integer("max_new", 96, "new tokens per probe")
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", default="runs/default", help="main-job workdir holding sft/ and drafter/")
-  ap.add_argument("--out", default="experiments/results/drafter_staleness")
-  ap.add_argument("--steps", type=int, default=0, help="RL steps (default: the config's rl.steps)")
-  ap.add_argument("--quick", action="store_true", help="8 RL steps, probes every 2")
-  ap.add_argument("--probe_every", type=int, default=0, help="default: steps // 8 (at least 1)")
-  ap.add_argument("--probe_prompts", type=int, default=16)
-  ap.add_argument("--probe_repeats", type=int, default=2, help="RNG keys per probe")
-  ap.add_argument("--strategy", default="d4k1n4")
-  ap.add_argument("--max_new", type=int, default=96)
-  ap.add_argument("--set", action="append", default=[], help="config override key=value")
-  args = ap.parse_args(argv)
+def main(argv):
+  del argv
+  args = flags.FLAGS
   enable_compile_cache()
 
   import jax
@@ -54,17 +57,17 @@ def main(argv=None):
 
   from tlt_jax.rollout.engine import FixedSelector, RolloutEngine
   from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
+  from tlt_jax.utils.console import progress, say
   from tlt_jax.utils.metrics import markdown_table
 
-  base = load_config()
+  base = _CONFIG.value
   steps = args.steps or (8 if args.quick else int(base.rl.steps))
   every = args.probe_every or (2 if args.quick else max(1, steps // 8))
   overrides = {"rl.steps": steps, "rl.eval_size": 0, "rl.sample_eval_every": 0,
                "tlt.speculative": True, "tlt.train_drafter": True}
-  overrides.update(parse_overrides(args.set))
-  setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick)
+  setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick, config=base)
   os.makedirs(args.out, exist_ok=True)
-  trainer = build_trainer("tlt", overrides, setup, policy, drafter, os.path.join(args.workdir, "drafter_staleness"))
+  trainer = build_trainer("tlt", base, overrides, setup, policy, drafter, os.path.join(args.workdir, "drafter_staleness"))
 
   tok = setup.tokenizer
   graphdef = nnx.graphdef(policy)
@@ -88,10 +91,12 @@ def main(argv=None):
 
   rows = []
   t0 = time.perf_counter()
+  bar = progress(steps, "staleness")
   with open(os.path.join(args.out, "drafter_staleness.jsonl"), "w") as out:
     for step in range(0, steps + 1):
       if step:
         record = trainer.step(step)
+        bar.update(1)
       if step % every == 0 or step == steps:
         params = group.replicate(trainer.state.params)
         pub = trainer.tlt.trainer.published
@@ -102,7 +107,9 @@ def main(argv=None):
                    buffer_rows=len(trainer.tlt.buffer))
         rows.append(row)
         out.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        say(json.dumps(row))
+        bar.set_postfix(frozen=f"{row['frozen']:.2f}", adaptive=f"{row['adaptive']:.2f}")
+  bar.close()
   elapsed = time.perf_counter() - t0
   sched = trainer.tlt.scheduler
   mode = ("in the rollout groups' bubbles" if sched.train_in_bubbles else
@@ -111,7 +118,8 @@ def main(argv=None):
   md = ["# Drafter staleness: accept length over RL steps\n",
         f"Strategy {strategy.name}, {args.probe_prompts} fixed probe prompts x {args.probe_repeats} keys, "
         f"max_new {args.max_new}, temperature {trainer.sampling.temperature}; {steps} RL steps "
-        f"(overrides {overrides}); {elapsed:.0f} s. `frozen` = the warmed-up drafter, `adaptive` = "
+        f"(config {' '.join(a for a in sys.argv[1:] if a.startswith('--config')) or 'default'}; "
+        f"experiment overrides {overrides}); {elapsed:.0f} s. `frozen` = the warmed-up drafter, `adaptive` = "
         f"TLT's drafter as trained so far {mode} (version = completed drafter steps).\n",
         markdown_table(rows, ["step", "frozen", "adaptive", "drafter_version", "buffer_rows", "reward_mean",
                               "response_len_mean"])]
@@ -138,4 +146,4 @@ def plot(rows, path, strategy):
 
 
 if __name__ == "__main__":
-  main()
+  run_experiment(main)

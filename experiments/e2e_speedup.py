@@ -11,7 +11,8 @@ each, then step 2 of each, the order rotating), so that the load of a shared mac
 all three alike and none always profits from compilations another one left in the cache. Sampling is lossless, so the reward and accuracy curves
 agree in distribution (not sample for sample: speculative sampling draws other random numbers).
 
-  python experiments/e2e_speedup.py [--quick] [--steps N] [--workdir runs/default] [--out DIR]
+  python experiments/e2e_speedup.py [--quick] [--steps N] [--workdir runs/default] [--out DIR] \
+      [--config=configs/default.py] [--config.a.b=v ...]   (overrides for all variants)
 
 Prints one JSON line per (variant, step), then one per variant:
   {"variant", "median_step_s", "median_rollout_s", "speedup_step", "speedup_rollout", ...}
@@ -21,21 +22,31 @@ variant (compilation).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
-# Two rollout groups on CPU need two (fake) devices; set before jax is imported.
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-
-import numpy as np  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import enable_compile_cache, ensure_policy_and_drafter, load_config, parse_overrides  # noqa: E402
+from tlt_jax import cli  # noqa: E402
+
+cli.set_cpu_devices(sys.argv, minimum=2)  # a fake device per rollout group; before jax is imported
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from experiments.common import (DEFAULT_CONFIG, build_trainer, enable_compile_cache,  # noqa: E402
+                                ensure_policy_and_drafter, run_experiment)
+
+_CONFIG = cli.define_config_flag(DEFAULT_CONFIG)
+flags.DEFINE_string("workdir", "runs/default", "main-job workdir holding sft/ and drafter/")
+flags.DEFINE_string("out", "experiments/results/e2e_speedup", "output directory")
+flags.DEFINE_integer("steps", 0, "RL steps per variant (default: the config's rl.steps)")
+flags.DEFINE_bool("quick", False, "8 steps per variant")
+flags.DEFINE_integer("warmup", 5, "first steps left out of the medians (compiles)")
+flags.DEFINE_string("variants", "plain,static,tlt", "comma-separated variants")
+flags.DEFINE_bool("report_only", False, "rebuild the table and plot from DIR's jsonl")
 
 VARIANTS = {
     "plain": {"tlt.speculative": False, "tlt.train_drafter": False},
@@ -44,50 +55,27 @@ VARIANTS = {
 }
 
 
-def build_trainer(name: str, overrides: dict, setup, policy, drafter, workdir: str):
-  """An RLTrainer of the default config with `overrides`, from the main job's policy and drafter;
-  its own metrics, TensorBoard files and (unused) checkpoint directory go to `workdir`/`name`."""
-  import jax
-  from flax import nnx
-
-  from tlt_jax import config as config_lib
-  from tlt_jax.rl.trainer import RLTrainer
-  from tlt_jax.run import drafter_bundle
-
-  config = config_lib.finalize(load_config(overrides=overrides))
-  reference = jax.tree.map(lambda x: x.copy(), nnx.state(policy))
-  return RLTrainer(config, setup.task, setup.tokenizer, policy, os.path.join(workdir, name),
-                   mesh=setup.mesh, reference_params=reference, drafter=drafter_bundle(config, drafter))
-
-
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", default="runs/default", help="main-job workdir holding sft/ and drafter/")
-  ap.add_argument("--out", default="experiments/results/e2e_speedup")
-  ap.add_argument("--steps", type=int, default=0, help="RL steps per variant (default: the config's rl.steps)")
-  ap.add_argument("--quick", action="store_true", help="8 steps per variant")
-  ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the medians (compiles)")
-  ap.add_argument("--variants", default="plain,static,tlt")
-  ap.add_argument("--set", action="append", default=[], help="extra config override key=value (all variants)")
-  ap.add_argument("--report_only", action="store_true", help="rebuild the table and plot from DIR's jsonl")
-  args = ap.parse_args(argv)
+def main(argv):
+  del argv
+  args = flags.FLAGS
   if args.report_only:
     return report_from_jsonl(args)
   enable_compile_cache()
 
   import jax
 
+  from tlt_jax.utils.console import progress, say
   from tlt_jax.utils.metrics import markdown_table
 
-  base = load_config()
+  base = _CONFIG.value
   steps = args.steps or (8 if args.quick else int(base.rl.steps))
   common = {"rl.steps": steps, "rl.eval_size": 0, "rl.sample_eval_every": 0}
-  common.update(parse_overrides(args.set))
-  setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick)
+  setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick, config=base)
   names = args.variants.split(",")
   os.makedirs(args.out, exist_ok=True)
   runs = os.path.join(args.workdir, "e2e_speedup")  # the trainers' own files (beside the main job's)
-  trainers = {n: build_trainer(n, {**common, **VARIANTS[n]}, setup, policy, drafter, runs) for n in names}
+  trainers = {n: build_trainer(n, base, {**common, **VARIANTS[n]}, setup, policy, drafter, runs)
+              for n in names}
   print(json.dumps({"devices": len(jax.devices()), "mesh": dict(setup.mesh.shape),
                     "rollout_groups": int(base.tlt.rollout_groups), "steps": steps}), flush=True)
 
@@ -97,6 +85,7 @@ def main(argv=None):
           "bubble_utilisation", "drafter_steps", "drafter_version", "idle_group_s", "drafter_train_s",
           "preempt_wait_s")
   t_start = time.perf_counter()
+  bar = progress(steps * len(names), "e2e")
   with open(os.path.join(args.out, "e2e_speedup.jsonl"), "w") as out:
     for step in range(1, steps + 1):
       for n in names[(step - 1) % len(names):] + names[:(step - 1) % len(names)]:  # rotate who goes first
@@ -104,7 +93,10 @@ def main(argv=None):
         rec = {"variant": n, **{k: record.get(k) for k in keep}}
         records[n].append(rec)
         out.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), flush=True)
+        say(json.dumps(rec))
+        bar.update(1)
+        bar.set_postfix(variant=n, step=step, t=f"{rec['step_time_s']:.2f}s")
+  bar.close()
   elapsed = time.perf_counter() - t_start
 
   summary = summarise(records, names, args.warmup)
@@ -115,8 +107,13 @@ def main(argv=None):
 
 
 def report_from_jsonl(args):
+  from tlt_jax.errors import ConfigError
+  path = os.path.join(args.out, "e2e_speedup.jsonl")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--report_only: {path} does not exist; allowed: an --out directory holding the "
+                      "e2e_speedup.jsonl of an earlier run")
   records: dict[str, list] = {}
-  with open(os.path.join(args.out, "e2e_speedup.jsonl")) as f:
+  with open(path) as f:
     for line in f:
       rec = json.loads(line)
       records.setdefault(rec["variant"], []).append(rec)
@@ -155,7 +152,8 @@ def write_report(args, summary, records, names, steps, elapsed):
   cols = ["variant", "median_step_s", "median_rollout_s", "speedup_step", "speedup_rollout", "rollout_frac",
           "amdahl_bound", "reward_mean", "accuracy", "accept_len", "tail_frac", "tail_time_frac", "spec_frac", "bubble_s",
           "bubble_utilisation", "drafter_steps", "preempt_wait_s"]
-  extra = f" Overrides: {args.set}." if args.set else ""
+  given = [a for a in sys.argv[1:] if a.startswith("--config")]
+  extra = f" Config: {' '.join(given)}." if given else ""
   md = ["# End-to-end RL speed-up of TLT (interleaved, one process)\n",
         f"Policy/drafter from `{args.workdir}`; {steps} RL steps per variant, medians over steps "
         f"> {args.warmup}; {elapsed:.0f} s in all.{extra} speedup_* are over `{names[0]}`; amdahl_bound = "
@@ -213,4 +211,4 @@ def plot(records, names, path):
 
 
 if __name__ == "__main__":
-  main()
+  run_experiment(main)

@@ -17,31 +17,35 @@ repeats: other processes on the machine only ever slow a run down.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
 import numpy as np
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import enable_compile_cache, ensure_policy_and_drafter, hard_prompts  # noqa: E402
+from experiments.common import (DEFAULT_CONFIG, enable_compile_cache, ensure_policy_and_drafter,  # noqa: E402
+                                hard_prompts, run_experiment)
+from tlt_jax import cli  # noqa: E402
+
+_CONFIG = cli.define_config_flag(DEFAULT_CONFIG)
+flags.DEFINE_string("workdir", "runs/default", "main-job workdir holding sft/ and drafter/")
+flags.DEFINE_string("out", "experiments/results/rollout_speedup", "output directory")
+flags.DEFINE_bool("quick", False, "reduced sweep (< 3 min once the policy exists)")
+flags.DEFINE_string("batches", "1,2,4,8,16,32,64", "active batch sizes")
+flags.DEFINE_string("strategies", "d3k1n3,d5k1n5,d4k2n6,d6k2n8", "draft strategies d<depth>k<topk>n<verify>")
+flags.DEFINE_float("temperature", 1.0, "sampling temperature")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+flags.DEFINE_integer("max_new", 96, "new tokens per prompt")
+flags.DEFINE_integer("repeats", 3, "alternating repeats (the best counts)")
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", default="runs/default", help="main-job workdir holding sft/ and drafter/")
-  ap.add_argument("--out", default="experiments/results/rollout_speedup")
-  ap.add_argument("--quick", action="store_true", help="reduced sweep (< 3 min once the policy exists)")
-  ap.add_argument("--batches", default="1,2,4,8,16,32,64")
-  ap.add_argument("--strategies", default="d3k1n3,d5k1n5,d4k2n6,d6k2n8")
-  ap.add_argument("--temperature", type=float, default=1.0)
-  ap.add_argument("--top_p", type=float, default=1.0)
-  ap.add_argument("--max_new", type=int, default=96)
-  ap.add_argument("--repeats", type=int, default=3)
-  args = ap.parse_args(argv)
+def main(argv):
+  del argv
+  args = flags.FLAGS
   if args.quick:
     args.batches, args.strategies, args.repeats = "1,4,16,64", "d3k1n3,d5k1n5,d4k2n6", 1
   enable_compile_cache()
@@ -53,9 +57,10 @@ def main(argv=None):
   from tlt_jax.rollout.sampling import SamplingParams
   from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
   from tlt_jax.tlt.bandit import BegMab
+  from tlt_jax.utils.console import say, track
   from tlt_jax.utils.metrics import markdown_table
 
-  setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick)
+  setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick, config=_CONFIG.value)
   tok = setup.tokenizer
   graphdef, params = nnx.split(policy)
   dgraph, dparams = nnx.split(drafter)
@@ -78,7 +83,7 @@ def main(argv=None):
   out_jsonl = open(os.path.join(args.out, "rollout_speedup.jsonl"), "w")
   t_start = time.perf_counter()
   seed = 0
-  for b in batches:
+  for b in track(batches, "batches", unit="batch"):
     prompts, plens = hard_prompts(setup, b, seed=b)
     run_plain = lambda k: plain.generate(params, prompts, plens, args.max_new, jax.random.key(k))
     run_plain(0)  # compile
@@ -100,7 +105,7 @@ def main(argv=None):
       rec["speedup"] = rec["spec_tok_s"] / rec["plain_tok_s"]
       rows.append(rec)
       out_jsonl.write(json.dumps(rec) + "\n")
-      print(json.dumps(rec), flush=True)
+      say(json.dumps(rec))
     # The engine on its own: BEG-MAB over plain decoding and every strategy; after its
     # exploration, time it against plain decoding side by side.
     bandit = BegMab([PLAIN] + [tuple(s) for s in strategies], buckets=(1, 2, 4, 8, 16, 32, 64, 128),
@@ -124,11 +129,11 @@ def main(argv=None):
     rec["plain_step_ms"] = 1000.0 * b / float(np.max(plain_runs + p_rates))
     rows.append(rec)
     out_jsonl.write(json.dumps(rec) + "\n")
-    print(json.dumps(rec), flush=True)
+    say(json.dumps(rec))
   verify = verify_cost(policy, [1, 2, 3, 5, 9])
   for rec in verify:
     out_jsonl.write(json.dumps(rec) + "\n")
-    print(json.dumps(rec), flush=True)
+    say(json.dumps(rec))
   out_jsonl.close()
   elapsed = time.perf_counter() - t_start
 
@@ -147,7 +152,7 @@ def main(argv=None):
   with open(os.path.join(args.out, "rollout_speedup.md"), "w") as f:
     f.write("\n".join(md))
   plot(rows, batches, strategies, os.path.join(args.out, "rollout_speedup.png"))
-  print(json.dumps({"plain_tok_s_batch1": auto[batches[0]]["plain_tok_s"],
+  say(json.dumps({"plain_tok_s_batch1": auto[batches[0]]["plain_tok_s"],
                     "plain_tok_s_batch_max": auto[batches[-1]]["plain_tok_s"], "elapsed_s": elapsed}))
 
 
@@ -211,4 +216,4 @@ def plot(rows, batches, strategies, path):
 
 
 if __name__ == "__main__":
-  main()
+  run_experiment(main)

@@ -165,7 +165,11 @@ class HFTokenizer(Tokenizer):
     if not os.path.isfile(file):
       raise FileNotFoundError(f"HFTokenizer: no tokenizer file at {file!r}")
     self.path = file
-    self._tok = _HFTok.from_file(file)
+    try:
+      self._tok = _HFTok.from_file(file)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+      raise ValueError(f"HFTokenizer: {file!r} is not a tokenizer.json the tokenizers library can read "
+                       f"({e})") from None
     cfg = self._side_configs(os.path.dirname(file))
     if bos is None:
       bos = _token_content(cfg.get("bos_token"))

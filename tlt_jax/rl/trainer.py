@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from tlt_jax.data.batching import encode_prompts, prompt_check
 from tlt_jax.data.iterator import PromptIterator, repeat_groups
@@ -51,6 +50,7 @@ from tlt_jax.tlt.runtime import TIMING_FIELDS as TLT_TIMING_FIELDS, TLTRuntime
 from tlt_jax.train import optim
 from tlt_jax.train.checkpoint import Checkpointer
 from tlt_jax.train.state import TrainState, create_train_state
+from tlt_jax.utils.console import progress
 from tlt_jax.utils.metrics import MetricsWriter, plot_curves, plot_stacked_bars, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -458,8 +458,7 @@ class RLTrainer:
       if start == 0:
         self.eval_writer.write(0, self.sample_eval())
     last_saved = start
-    bar = tqdm(total=rl.steps, initial=min(start, rl.steps), desc="rl", dynamic_ncols=True,
-               mininterval=0)
+    bar = progress(rl.steps, "rl", initial=start)
     try:
       for step in range(start + 1, rl.steps + 1):
         record = self.step(step)
@@ -478,7 +477,7 @@ class RLTrainer:
         self.writer.write(step, record)
         bar.update(1)
         accept = record["accept_len"]
-        bar.set_postfix(step=step, reward=f"{record['reward_mean']:.3f}",
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
                         acc=f"{record['accuracy']:.3f}", len=f"{record['response_len_mean']:.1f}",
                         max=record["response_len_max"],
                         accept="-" if accept is None else f"{accept:.2f}",
