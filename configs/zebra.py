@@ -32,20 +32,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/zebra.py: argument {arg!r} is not allowed; allowed: {ARGS}")
   c = _default_config()
   c.stages = "sft,rl"
-  # Small grids: 2..4 houses x 2..3 attributes (search space 4 .. 13,824: small and medium).
+  # Small grids: 2..3 houses x 2..3 attributes (search space 4 .. 216: the small bucket).
   # Z3's conflict count is left out of training examples (evaluation sets compute it).
-  c.task = ml_collections.ConfigDict(dict(name="zebra", min_houses=2, max_houses=4, min_attributes=2,
+  c.task = ml_collections.ConfigDict(dict(name="zebra", min_houses=2, max_houses=3, min_attributes=2,
                                           max_attributes=3, style="compact", z3=False))
-  # 4 layers at d=128; 320 positions hold a 4x4 prompt (<= ~70 tokens) + 224 new tokens (a 4x3
-  # deduction trace is <= ~150 characters, 4x4 <= ~190).
+  # 4 layers at d=128; 320 positions hold a 4x4 prompt (<= ~70 tokens) + 224 new tokens (a 3x3
+  # deduction trace is <= ~110 characters, 4x4 <= ~190, for the sizes evaluated beyond training).
   c.model.num_layers = 4
   c.model.max_position_embeddings = 320
-  c.sft.update(dict(steps=300, batch_size=16, max_len=256, lr=3e-3, warmup_steps=30, eval_every=300,
+  c.sft.update(dict(steps=300, batch_size=16, max_len=192, lr=3e-3, warmup_steps=30, eval_every=300,
                     eval_size=128, log_every=50))
   c.eval.update(dict(max_new_tokens=224, batch_size=256))
   c.rollout.update(dict(max_new_tokens=224, temperature=1.0, spec_threshold=0))
   c.tlt.update(dict(speculative=False, train_drafter=False, rollout_groups=1, single_group="off"))
-  c.rl.update(dict(steps=12, prompts_per_step=16, group_size=8, lr=3e-5, min_difficulty=2,
+  c.rl.update(dict(steps=8, prompts_per_step=8, group_size=8, lr=3e-5, min_difficulty=2,
                    eval_size=0, sample_eval_every=0, checkpoint_every=100, length_bucket=64))
   c.rl.rewards = ml_collections.ConfigDict(dict(verifier=1.0, format=0.1, length_penalty=0.0,
                                                 partial_credit=0.0))
@@ -53,10 +53,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.zebra = ml_collections.ConfigDict(dict(
       variants="grpo,grpo_cells",  # RL variants after SFT: verifier reward; + cell-accuracy reward
       cell_reward_weight=0.5,  # grpo_cells: r = verifier + this * cell accuracy (+ format)
-      # Evaluation sizes "NxM": the training range 2..4 x 2..3, and 2x4, 3x4, 4x4 beyond it (a 4th
-      # attribute the policy never saw).
-      eval_sizes="2x2,2x3,3x2,3x3,4x2,4x3,2x4,3x4,4x4",
-      eval_per_size=12, eval_seed=1234,
+      # Evaluation sizes "NxM": the training range 2..3 x 2..3, and beyond it 2x4, 3x4 (a 4th
+      # attribute), 4x2, 4x3 (a 4th house): small, medium (1,296 and 13,824).
+      eval_sizes="2x2,2x3,3x2,3x3,2x4,4x2,3x4,4x3",
+      eval_per_size=10, eval_seed=1234,
       samples=16,  # samples per puzzle at rollout temperature: best-of-N / majority-of-N, N | samples
       best_of=(1, 4, 16),
   ))
