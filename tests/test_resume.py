@@ -16,6 +16,7 @@ import sys
 import time
 
 import jax.numpy as jnp
+from filelock import FileLock
 import numpy as np
 import pytest
 
@@ -25,21 +26,8 @@ from tlt_jax.train.checkpoint import CheckpointError, Checkpointer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RL_STEPS, KILL_AFTER = 4, 2
 TINY = [
-    "--config.model.num_layers=2", "--config.model.hidden_size=32",
-    "--config.model.intermediate_size=64", "--config.model.num_heads=4",
-    "--config.model.num_kv_heads=2", "--config.model.max_position_embeddings=128",
-    "--config.task.max_digits=3",
-    "--config.sft.steps=40", "--config.sft.batch_size=8", "--config.sft.max_len=96",
-    "--config.sft.warmup_steps=4", "--config.sft.eval_every=40", "--config.sft.eval_size=8",
-    "--config.sft.log_every=20", "--config.eval.max_new_tokens=48",
-    "--config.drafter.warmup_steps=4", "--config.drafter.batch_size=4",
-    "--config.drafter.num_batches=2", "--config.drafter.log_every=2",
-    "--config.rollout.max_new_tokens=48", "--config.rollout.buckets=(8,)",  # few shapes: few compiles
-    "--config.rl.length_bucket=64",
-    f"--config.rl.steps={RL_STEPS}", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
-    "--config.rl.lr=3e-3", "--config.rl.kl_coef=0.01", "--config.rl.checkpoint_every=1",
-    "--config.rl.eval_size=0", "--config.rl.sample_eval_every=2", "--config.rl.sample_eval_size=8",
-    "--config.checkpoint.max_to_keep=3",
+    "--config=configs/default.py:tiny",  # 2-layer d=32 policy, 4 RL steps, a checkpoint per step
+    "--config.rl.kl_coef=0.01",
     # Speculative sampling draws exact samples, but which ones depends on wall-clock time (the
     # bandit, the drafter's bubbles): off for a bitwise comparison. The drafter still trains in
     # the bubbles of the 2 rollout groups, and its state, version and buffer go through resume.
@@ -54,8 +42,7 @@ def _env():
 
 
 def _start(workdir, *extra):
-  cmd = [sys.executable, "-m", "tlt_jax.main", "--config=configs/default.py", f"--workdir={workdir}",
-         *TINY, *extra]
+  cmd = [sys.executable, "-m", "tlt_jax.main", f"--workdir={workdir}", *TINY, *extra]
   log = open(os.path.join(workdir, "stderr.log"), "a")
   return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
@@ -76,11 +63,19 @@ def _without_timing(records):
   return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
-@pytest.fixture(scope="module")
-def warm_start(tmp_path_factory):
-  """SFT + drafter warm-up once, on the tiny config."""
-  workdir = str(tmp_path_factory.mktemp("warm"))
-  _finish(_start(workdir, "--config.stages=sft,drafter"), workdir)
+@pytest.fixture(scope="session")
+def warm_start(tmp_path_factory, worker_id):
+  """SFT + drafter warm-up ONCE per test session on the tiny config, shared by the xdist workers
+  (a file lock makes the first one build it; the tests only copy from it)."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if worker_id != "master" else base  # the session's directory under xdist
+  workdir = str(root / "warm_start")
+  with FileLock(str(root / "warm_start.lock")):
+    if not os.path.exists(os.path.join(workdir, "done")):
+      shutil.rmtree(workdir, ignore_errors=True)
+      os.makedirs(workdir)
+      _finish(_start(workdir, "--config.stages=sft,drafter"), workdir)
+      open(os.path.join(workdir, "done"), "w").close()
   assert os.path.exists(os.path.join(workdir, "sft", "config.json"))
   assert os.listdir(os.path.join(workdir, "drafter"))
   return workdir
@@ -166,3 +161,85 @@ def test_checkpointer_falls_back_past_a_corrupt_latest_step(tmp_path, caplog):
     _corrupt(str(tmp_path / "ckpt" / str(s)))
   with pytest.raises(CheckpointError, match="Refusing to start from scratch"):
     Checkpointer(str(tmp_path / "ckpt")).restore_latest(tree(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C (SIGINT) in the middle of each stage, then the same command again: a one-line message,
+# exit status 130, everything saved so far kept, and the rerun finishes the job.
+
+
+def _interrupt_when(proc, workdir, ready, what, timeout=150):
+  t0 = time.perf_counter()
+  while not ready():
+    assert proc.poll() is None, f"the run ended before {what}: " + open(os.path.join(workdir, "stderr.log")).read()[-3000:]
+    assert time.perf_counter() - t0 < timeout, f"never reached {what}"
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGINT)
+  rc = proc.wait(timeout=120)
+  out = open(os.path.join(workdir, "stderr.log")).read()
+  assert rc == 130, out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
+  said = [line for line in out.replace("\r", "\n").splitlines() if line.startswith("interrupted:")]
+  assert len(said) == 1, out[-3000:]
+  return said[0], out
+
+
+def _steps_of(path):
+  return [r["step"] for r in _records_of(path)]
+
+
+def _records_of(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def test_sigint_during_sft_then_resume(tmp_path):
+  workdir = str(tmp_path / "sft")
+  os.makedirs(workdir)
+  cmd = ("--config.stages=sft", "--config.sft.steps=80", "--config.checkpoint.every=5",
+         "--config.sft.log_every=5", "--config.sft.eval_every=80")
+  ckpt = os.path.join(workdir, "ckpt_sft")
+  proc = _start(workdir, *cmd)
+  last, _ = _interrupt_when(proc, workdir, lambda: os.path.isdir(ckpt) and any(
+      s.isdigit() and int(s) >= 10 for s in os.listdir(ckpt)), "an SFT checkpoint at step 10")
+  assert last.startswith("interrupted: interrupted during the sft stage") and "Rerun the same command" in last
+  saved = max(int(s) for s in os.listdir(ckpt) if s.isdigit())
+  assert not os.path.exists(os.path.join(workdir, "sft", "config.json"))
+  out = _finish(_start(workdir, *cmd), workdir)
+  assert "resumed SFT from step" in out.split(last)[-1]
+  resumed_from = int(out.split("resumed SFT from step ")[-1].split()[0])
+  assert resumed_from >= saved > 0
+  steps = _steps_of(os.path.join(workdir, "sft.jsonl"))
+  assert steps == sorted(set(steps)) and steps[-1] == 80  # no step logged twice
+  assert os.path.exists(os.path.join(workdir, "sft", "config.json"))
+
+
+def test_sigint_during_drafter_warmup_then_resume(warm_start, tmp_path):
+  workdir = str(tmp_path / "drafter")
+  os.makedirs(workdir)
+  shutil.copytree(os.path.join(warm_start, "sft"), os.path.join(workdir, "sft"))
+  cmd = ("--config.stages=drafter", "--config.drafter.warmup_steps=200", "--config.drafter.log_every=2")
+  log = os.path.join(workdir, "drafter.jsonl")
+  proc = _start(workdir, *cmd)
+  last, _ = _interrupt_when(proc, workdir, lambda: os.path.exists(log) and os.path.getsize(log) > 0,
+                            "a drafter log record")
+  assert last.startswith("interrupted: interrupted during the drafter stage") and "warm-up restarts" in last
+  assert not os.listdir(os.path.join(workdir, "drafter")) if os.path.isdir(os.path.join(workdir, "drafter")) else True
+  _finish(_start(workdir, *cmd), workdir)
+  assert _steps_of(log) == list(range(2, 201, 2))  # the restarted warm-up, each step logged once
+  assert any(s.isdigit() for s in os.listdir(os.path.join(workdir, "drafter")))
+
+
+def test_sigint_during_rl_then_resume(warm_start, tmp_path):
+  workdir = _workdir_from(warm_start, tmp_path / "rl")
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  proc = _start(workdir)
+  last, _ = _interrupt_when(proc, workdir, lambda: os.path.exists(metrics) and any(
+      r["step"] >= 2 for r in _records_of(metrics)), "RL step 2")
+  assert last.startswith("interrupted: interrupted during the rl stage") and "ckpt_rl" in last
+  kept = _steps_of(metrics)
+  assert kept and kept == list(range(1, len(kept) + 1))
+  out = _finish(_start(workdir), workdir)
+  assert "resumed RL from step" in out
+  assert _steps_of(metrics) == list(range(1, RL_STEPS + 1))
+  assert json.load(open(os.path.join(workdir, "summary.json")))["rl"]["rl_steps"] == RL_STEPS

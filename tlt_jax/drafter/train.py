@@ -235,24 +235,26 @@ def warmup_drafter(target: Transformer, drafter: EagleDrafter, batches_iter: Ite
   it: Iterator[Batch] = iter(batches_iter)
   history = []
   bar = progress(steps, "drafter") if show_progress else None
-  for i in range(1, steps + 1):
-    batch = dict(next(it))
-    if "hidden" not in batch:
-      batch["hidden"] = collect_target_features(target, batch["tokens"], batch.get("positions"))
-    if mesh is not None:
-      batch = jax.device_put(batch, batch_sharding(mesh, 1))
-    state, metrics = train_step(state, head, batch)
-    if bar is not None:
-      bar.update(1)
-    if i % log_every == 0 or i == steps:
-      record = {"step": i, **{k: float(v) for k, v in metrics.items()}}
-      history.append(record)
+  try:
+    for i in range(1, steps + 1):
+      batch = dict(next(it))
+      if "hidden" not in batch:
+        batch["hidden"] = collect_target_features(target, batch["tokens"], batch.get("positions"))
+      if mesh is not None:
+        batch = jax.device_put(batch, batch_sharding(mesh, 1))
+      state, metrics = train_step(state, head, batch)
       if bar is not None:
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
-      if on_log is not None:
-        on_log(record)
-  if bar is not None:
-    bar.close()
+        bar.update(1)
+      if i % log_every == 0 or i == steps:
+        record = {"step": i, **{k: float(v) for k, v in metrics.items()}}
+        history.append(record)
+        if bar is not None:
+          bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+        if on_log is not None:
+          on_log(record)
+  finally:
+    if bar is not None:
+      bar.close()
   nnx.update(drafter, state.params)
   return drafter, history
 
