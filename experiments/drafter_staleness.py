@@ -3,7 +3,7 @@
 RL moves the policy away from the model the drafter was warmed up on; a frozen drafter's
 proposals then match less and less, while TLT's adaptive drafter keeps training on the policy's
 own features in the rollout bubbles (paper, 7B: accept length 4.59 -> 6.53 for the adaptive
-drafter). One RL run with full TLT (the default config; `--set rl.lr=...` moves the policy
+drafter). One RL run with full TLT (the default config; `--config.rl.lr=...` moves the policy
 faster); every `--probe_every` steps both drafters decode the SAME fixed probe prompts with the
 CURRENT policy, one fixed strategy, no compaction (the tail regime), with the same RNG keys:
 

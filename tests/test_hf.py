@@ -19,6 +19,7 @@ import safetensors.numpy
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tlt_jax.errors import CheckpointError
 from tlt_jax.models import hf
 from tlt_jax.models.config import ModelConfig, RopeScaling
 from tlt_jax.models.transformer import KVCache
@@ -258,14 +259,14 @@ def test_shape_mismatch(tmp_path):
 
 
 def test_missing_files(tmp_path):
-  with pytest.raises(FileNotFoundError, match="config.json"):
+  with pytest.raises(CheckpointError, match="config.json"):
     hf.from_pretrained(tmp_path)
   shutil.copy(FIXTURES / "qwen2_tiny" / hf.CONFIG_NAME, tmp_path / hf.CONFIG_NAME)
-  with pytest.raises(FileNotFoundError, match=r"model\.safetensors or model\.safetensors\.index\.json"):
+  with pytest.raises(CheckpointError, match=r"model\.safetensors or model\.safetensors\.index\.json"):
     hf.from_pretrained(tmp_path)
   llama = _copy("llama_tiny", tmp_path)
   (llama / "model-00002-of-00003.safetensors").unlink()
-  with pytest.raises(FileNotFoundError, match="model-00002-of-00003.safetensors"):
+  with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors"):
     hf.from_pretrained(llama)
 
 
