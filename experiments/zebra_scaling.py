@@ -33,11 +33,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "zebra.py"),
-                                          "the run config (configs/zebra.py)", lock_config=True)
+from experiments.common import run_experiment  # noqa: E402
+from tlt_jax import cli  # noqa: E402
+
+_CONFIG = cli.define_config_flag(os.path.join(ROOT, "configs", "zebra.py"))
+cli.set_cpu_devices(sys.argv)  # before jax is imported
 _WORKDIR = flags.DEFINE_string("workdir", "runs/zebra_scaling", "where the SFT policy and RL runs live")
 _OUT = flags.DEFINE_string("out", "experiments/results/zebra_scaling", "where the results go")
 
@@ -194,8 +196,6 @@ def build_trainer(base_config, variant: str, setup, policy, workdir: str):
 
 def main(argv):
   del argv
-  import logging
-
   import numpy as np
   from flax import nnx
 
@@ -204,14 +204,13 @@ def main(argv):
   from tlt_jax.models import hf
   from tlt_jax.utils.compile_cache import enable_compile_cache
 
-  logging.basicConfig(level=logging.WARNING)
   enable_compile_cache()
   raw = _CONFIG.value
   z = raw.zebra
   sizes = parse_sizes(z.eval_sizes)
   best_of = tuple(int(k) for k in z.best_of)
   if any(z.samples % k for k in best_of):
-    raise ValueError(f"config.zebra.best_of={best_of} is not allowed; allowed: divisors of "
+    raise config_lib.ConfigError(f"config.zebra.best_of={best_of} is not allowed; allowed: divisors of "
                      f"config.zebra.samples={z.samples}")
   config = config_lib.finalize(raw)
   workdir, out_dir = _WORKDIR.value, _OUT.value
@@ -376,4 +375,4 @@ def plot(path, by_size, by_z3, best_of):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_experiment(main)
