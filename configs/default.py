@@ -45,6 +45,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # 250 steps reach ~0.86 greedy accuracy (300: ~0.91); the RL stage takes it from there.
       steps=250, batch_size=32, max_len=160, lr=3e-3, schedule="wsd", warmup_steps=30,
       decay_frac=0.2, weight_decay=0.01, max_grad_norm=1.0, micro_batches=1,
+      # Schedules: constant, cosine, wsd (linear cooldown), wsd_sqrt (1 - sqrt cooldown),
+      # wsd_two_stage (the LR drops to stage2_lr_factor * lr at stage2_frac * steps, then cools
+      # down over the last decay_frac). lr_from_bound="<schedule>[:<option>=<number>,...]": lr is
+      # the LR tuned for that reference and the run uses the bound's transfer of it
+      # (train/optim.py:lr_from_config), e.g. "cosine" or "wsd:steps=125".
+      stage2_frac=0.4, stage2_lr_factor=0.5, lr_from_bound="",
       eval_every=250, eval_size=256, log_every=25,
   ))
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=112, batch_size=256, chunk_size=16))

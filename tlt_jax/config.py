@@ -96,6 +96,13 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?sft.micro_batches", pos_int, "a positive int dividing sft.batch_size"),
     ("?sft.decay_frac", frac, "a float in [0, 1]"),
     ("?sft.warmup_steps", nonneg_int, "an int >= 0"),
+    ("?sft.stage2_frac", frac,
+     "a float in [0, 1]: where wsd_two_stage's second stage starts, as a fraction of sft.steps"),
+    ("?sft.stage2_lr_factor", open_unit,
+     "a float in (0, 1]: wsd_two_stage's second-stage LR as a fraction of the peak LR"),
+    ("?sft.lr_from_bound", lambda v: isinstance(v, str),
+     "a string: '' (off) or a reference schedule '<name>[:<option>=<number>,...]' whose tuned LR "
+     "sft.lr is"),
     ("?checkpoint.every", pos_int, "a positive int"),
     ("?rollout.max_new_tokens", pos_int, "a positive int"),
     ("?rollout.chunk_size", pos_int, "a positive int"),
@@ -203,6 +210,13 @@ def _check_schedule(config, section: str) -> None:
   if c.steps > 0 and not 0 <= c.warmup_steps <= c.steps:
     raise ConfigError(f"config.{section}.warmup_steps={c.warmup_steps} is not allowed with "
                       f"config.{section}.steps={c.steps}; allowed: an int in [0, {c.steps}]")
+  if c.get("lr_from_bound"):
+    try:
+      optim.parse_lr_reference(c.lr_from_bound)
+    except ValueError as e:
+      raise ConfigError(f"config.{section}.lr_from_bound={c.lr_from_bound!r} is not allowed: {e}; "
+                        "allowed: '' (off) or '<schedule>[:<option>=<number>,...]', e.g. 'cosine', "
+                        "'wsd:decay_frac=0.1', 'wsd:steps=200'") from None
   if c.steps > 0:
     try:
       optim.schedule_from_config(c)

@@ -110,3 +110,29 @@ def run_sft(model, tx, batches: Callable[[int], dict[str, np.ndarray]], steps: i
     if bar is not None:
       bar.close()
   return nnx.merge(graphdef, state.params), state, history
+
+
+def _eval_sums(graphdef, params, batch: dict[str, jax.Array]):
+  positions, mask = None, None
+  if "segment_ids" in batch:  # packed rows
+    positions, mask = batch["positions"], segment_mask(batch["segment_ids"])
+  logits, _, _ = nnx.merge(graphdef, params)(batch["tokens"], positions, attn_mask_BxTxT=mask)
+  return next_token_ce(logits, batch["tokens"], batch["loss_mask"])
+
+
+# (graphdef, params, batch) -> (ce_sum, count, correct_sum): the SFT loss's sums on one batch,
+# no gradient. Pure; compiled once per model architecture and batch shape.
+sft_eval_sums = jax.jit(_eval_sums, static_argnums=0)
+
+
+def heldout_loss(model, batches) -> dict[str, float]:
+  """The SFT loss on fixed held-out batches (a validation loss): Σ CE / Σ target tokens over all
+  of them, and the token accuracy, as {"val_loss", "val_token_acc"}. `batches` are host batches
+  as `run_sft` takes them (packed or not)."""
+  graphdef, params = nnx.split(model)
+  ce, count, correct = 0.0, 0.0, 0.0
+  for batch in batches:
+    sums = jax.device_get(sft_eval_sums(graphdef, params, batch))
+    ce, count, correct = ce + float(sums[0]), count + float(sums[1]), correct + float(sums[2])
+  count = max(count, 1.0)
+  return {"val_loss": ce / count, "val_token_acc": correct / count}
