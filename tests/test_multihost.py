@@ -16,7 +16,7 @@ from tests.tiny import random_state, tiny_config
 from tests.numerics import assert_close
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-TIMEOUT_S = 120
+TIMEOUT_S = 600  # loaded 2-core machines: the whole-step workers take ~1 min of CPU each
 
 
 def _free_port() -> int:
@@ -25,13 +25,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_workers(out_dir: pathlib.Path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+def _run_workers(out_dir: pathlib.Path, module: str = "tests.multihost_worker", processes: int = 2):
+  devices = 4 // processes
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(port), str(i), str(out_dir)],
+  port = _free_port() if processes > 1 else 0
+  procs = [subprocess.Popen([sys.executable, "-m", module, str(port), str(i), str(out_dir)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+           for i in range(processes)]
   logs = []
   try:
     for p in procs:
@@ -66,3 +67,30 @@ def test_two_process_sharded_forward_equals_single_process(tmp_path):
       assert r[f"logits_{name}"].shape == (worker.BATCH, worker.LENGTH, cfg.vocab_size)
       assert_close(r[f"logits_{name}"], ref_logits)
       assert_close(r[f"hidden_{name}"], ref_hidden)
+
+
+def test_two_process_whole_rl_step_equals_one_process(tmp_path):
+  """One whole RL step (rollout in 2 groups that each span both processes, rewards, update) in
+  2 processes of 2 CPU devices equals the same step in 1 process of 4: the host reads only
+  replicated or fully addressable values (rollout/engine.py, parallel/mesh.host_value)."""
+  import json
+  one, two = tmp_path / "one", tmp_path / "two"
+  one.mkdir()
+  two.mkdir()
+  _run_workers(one, "tests.multihost_rl_worker", processes=1)
+  _run_workers(two, "tests.multihost_rl_worker", processes=2)
+  ref = np.load(one / "rl_process_0.npz")
+  ref_record = json.loads(str(ref["record"]))
+  assert ref_record["num_tokens"] > 0 and ref_record["rollout_groups"] == 2
+  for i in range(2):
+    got = np.load(two / f"rl_process_{i}.npz")
+    record = json.loads(str(got["record"]))
+    assert set(record) == set(ref_record)
+    for k, v in ref_record.items():
+      if isinstance(v, float):
+        assert_close(record[k], v, err_msg=k)
+      else:
+        assert record[k] == v, k
+    for name in ref.files:
+      if name != "record":
+        assert_close(got[name], ref[name])

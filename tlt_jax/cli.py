@@ -117,10 +117,25 @@ def cpu_devices_needed(argv: list[str]) -> int:
   return max(groups, fixed, 1)
 
 
+def skip_absent_tpu() -> None:
+  """With libtpu installed (the `tpu` extra, for compiling pod programs here) but no TPU chip on
+  this machine, `import jax` would try the TPU first, print init errors and fall back after ~2.5
+  s: say JAX_PLATFORMS=cpu instead, unless the user chose platforms or the machine has
+  accelerator device files (TPU /dev/accel*, /dev/vfio/<n>; GPU /dev/nvidia*)."""
+  import glob
+  import importlib.util
+  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+    return
+  if any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def set_cpu_devices(argv: list[str], minimum: int = 1) -> None:
   """On CPU, TLT's rollout groups need devices: the host platform gets as many (fake) devices as
   the config asks for (at least `minimum`), unless XLA_FLAGS already says how many. It must run
   before jax is imported; the flag only concerns the CPU backend (TPU and GPU are unaffected)."""
+  skip_absent_tpu()
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return
   needed = max(cpu_devices_needed(argv), minimum)

@@ -36,7 +36,7 @@ from tlt_jax.models.config import ModelConfig
 from tlt_jax.models.transformer import Transformer
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.errors import CheckpointError, DataError
-from tlt_jax.rl.trainer import RLTrainer, rl_prompt_sources, round_up
+from tlt_jax.rl.trainer import RLTrainer, rl_context, rl_prompt_sources, round_up
 from tlt_jax.rollout.engine import RolloutEngine
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.tlt.groups import split_mesh
@@ -90,7 +90,7 @@ def build_setup(config, workdir: str) -> Setup:
   mdict = dict(config.model)
   if config.init_from:
     try:
-      model_cfg = hf.check_checkpoint(config.init_from)
+      model_cfg = hf.check_checkpoint(config.init_from).with_execution(dict(config.model))
     except CheckpointError as e:
       raise config_lib.ConfigError(f"config.init_from={config.init_from!r} is not usable: {e}") from None
   else:
@@ -132,7 +132,8 @@ def _check_rl_inputs(config, task, tokenizer, model_cfg: ModelConfig, mesh) -> N
         f"config.rl.micro_batches={rl.micro_batches} is not allowed: a micro-batch of {rows} rows "
         f"(rl.prompts_per_step * rl.group_size / rl.micro_batches) does not divide over the mesh's "
         f"data * fsdp = {shards} batch shards; allowed: rows a multiple of {shards}, or rl.pack=True")
-  sources = [s for s in rl_prompt_sources(config, task, tokenizer, context) if s is not None]
+  sources = [s for s in rl_prompt_sources(config, task, tokenizer, rl_context(config, model_cfg))
+             if s is not None]
   try:
     for source in sources:  # a file task reads its records here; a bad file fails now, not later
       source[0]
@@ -140,9 +141,15 @@ def _check_rl_inputs(config, task, tokenizer, model_cfg: ModelConfig, mesh) -> N
     raise config_lib.ConfigError(f"config.task ({describe_task(task)}) cannot feed the RL stage: {e}") from None
 
 
+def _load_mesh(setup: Setup):
+  """The mesh HF weights load straight into (TRAIN_RULES shardings), or None on one device."""
+  return setup.mesh if setup.mesh.size > 1 else None
+
+
 def build_policy(setup: Setup) -> Transformer:
   if setup.config.init_from:
-    return hf.from_pretrained(setup.config.init_from)
+    return hf.from_pretrained(setup.config.init_from, mesh=_load_mesh(setup),
+                              execution=dict(setup.config.model))
   return Transformer(setup.model_cfg, rngs=nnx.Rngs(setup.config.seed))
 
 
@@ -174,28 +181,52 @@ def eval_examples(setup: Setup, n: int, seed_offset: int = 7):
   return examples
 
 
-def evaluate_accuracy(model: Transformer, setup: Setup, examples, max_new_tokens: int,
-                      chunk_size: int = 16, batch_size: int = 256) -> dict[str, float]:
-  """Greedy accuracy (task verifier) and response lengths on `examples`."""
+@dataclasses.dataclass(frozen=True)
+class Response:
+  """One generated response: its text, whether it ended with EOS, its length in tokens, and
+  whether the task's verifier accepts it (False when it did not end)."""
+
+  text: str
+  finished: bool
+  length: int
+  correct: bool
+
+
+def generate_responses(model: Transformer, setup: Setup, examples, max_new_tokens: int, *,
+                       temperature: float = 0.0, seed: int = 0, chunk_size: int = 16,
+                       batch_size: int = 256) -> list[Response]:
+  """One response per example from `model` (greedy at temperature 0, else sampled from
+  softmax(logits / T) with RNG key `seed`), decoded and verified."""
   graphdef, params = nnx.split(model)
-  engine = RolloutEngine(graphdef, SamplingParams(temperature=0.0), eos_ids=setup.tokenizer.eos_ids,
-                         pad_id=setup.tokenizer.pad_id, chunk_size=chunk_size,
-                         max_context=setup.model_cfg.max_position_embeddings)
-  correct, lengths, by_diff = [], [], {}
+  engine = RolloutEngine(graphdef, SamplingParams(temperature=float(temperature)),
+                         eos_ids=setup.tokenizer.eos_ids, pad_id=setup.tokenizer.pad_id,
+                         chunk_size=chunk_size, max_context=setup.model_cfg.max_position_embeddings)
+  out = []
   max_prompt = max(len(setup.tokenizer.encode(e.prompt)) for e in examples) + 1
   for i in track(range(0, len(examples), batch_size), "eval", unit="batch",
                  total=-(-len(examples) // batch_size)):
     chunk = examples[i:i + batch_size]
     prompts, plens = encode_prompts(chunk, setup.tokenizer, max_prompt)
-    res = engine.generate(params, prompts, plens, max_new_tokens, jax.random.key(0))
+    res = engine.generate(params, prompts, plens, max_new_tokens, jax.random.fold_in(jax.random.key(seed), i))
     for j, ex in enumerate(chunk):
       text = setup.tokenizer.decode(res.tokens[j, :res.lengths[j]])
-      ok = bool(res.finished[j]) and setup.task.verify(text, ex)
-      correct.append(ok)
-      lengths.append(int(res.lengths[j]))
-      by_diff.setdefault(ex.meta.get("difficulty", 0), []).append(ok)
-  out = {"accuracy": float(np.mean(correct)), "response_len_mean": float(np.mean(lengths)),
-         "response_len_max": int(np.max(lengths))}
+      finished = bool(res.finished[j])
+      out.append(Response(text, finished, int(res.lengths[j]), finished and setup.task.verify(text, ex)))
+  return out
+
+
+def evaluate_accuracy(model: Transformer, setup: Setup, examples, max_new_tokens: int,
+                      chunk_size: int = 16, batch_size: int = 256) -> dict[str, float]:
+  """Greedy accuracy (task verifier) and response lengths on `examples`, overall and per
+  difficulty (`acc_d<k>`)."""
+  responses = generate_responses(model, setup, examples, max_new_tokens, chunk_size=chunk_size,
+                                 batch_size=batch_size)
+  by_diff = {}
+  for ex, r in zip(examples, responses):
+    by_diff.setdefault(ex.meta.get("difficulty", 0), []).append(r.correct)
+  lengths = [r.length for r in responses]
+  out = {"accuracy": float(np.mean([r.correct for r in responses])),
+         "response_len_mean": float(np.mean(lengths)), "response_len_max": int(np.max(lengths))}
   for d, oks in sorted(by_diff.items()):
     out[f"acc_d{d}"] = float(np.mean(oks))
   return out
@@ -253,7 +284,7 @@ def load_policy(setup: Setup) -> Transformer:
   """The SFT policy of `<workdir>/sft/` when present, else the initial policy."""
   sft_dir = os.path.join(setup.workdir, "sft")
   if os.path.exists(os.path.join(sft_dir, "config.json")):
-    return hf.from_pretrained(sft_dir)
+    return hf.from_pretrained(sft_dir, execution=dict(setup.config.model))
   log.warning("no SFT policy in %s; later stages start from the initial policy", sft_dir)
   return build_policy(setup)
 

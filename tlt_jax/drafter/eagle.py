@@ -67,7 +67,8 @@ class EagleDrafter(nnx.Module):
 
   def __call__(self, emb_BxTxD: Array, feat_BxTxD: Array, positions_BxT: Array | None = None,
                cache: KVCache | None = None, attn_mask_BxTxT: Array | None = None,
-               kv_mask_BxTxS: Array | None = None):
+               kv_mask_BxTxS: Array | None = None, segment_ids_BxT: Array | None = None,
+               attn_spec=None):
     """One drafter pass over T pairs (x_{t+1}, f_t).
 
     Args:
@@ -83,6 +84,9 @@ class EagleDrafter(nnx.Module):
         speculative decoder expand several draft branches in one call.
       kv_mask_BxTxS: with a cache, the exact cache slots each query sees (overrides the
         committed-prefix + block rule): tree levels attend to ancestors written by earlier calls.
+      segment_ids_BxT: without a cache, causal attention within segments computed without a
+        dense [T, T] mask (models/attention.py, kernel chosen by `attn_spec`), e.g. all ones for
+        the long rows of drafter training.
 
     Returns:
       (feat_pred_BxTxD, new_cache): f̂_{t+1} for each index t (no further norm: it feeds the
@@ -96,13 +100,14 @@ class EagleDrafter(nnx.Module):
     if positions_BxT is None:
       start_B = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
       positions_BxT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    mask = causal_mask(b, t) if attn_mask_BxTxT is None else attn_mask_BxTxT
+    use_segments = segment_ids_BxT is not None and cache is None
+    mask = None if use_segments else causal_mask(b, t) if attn_mask_BxTxT is None else attn_mask_BxTxT
     dt = self.cfg.jnp_dtype
     x_BxTxD = self.fc(jnp.concatenate([emb_BxTxD.astype(dt), feat_BxTxD.astype(dt)], axis=-1))
     kv = None if cache is None else (cache.k[0], cache.v[0])
     start = None if cache is None else cache.lengths
     feat_pred_BxTxD, kv = self.layer(x_BxTxD, positions_BxT, rope_inv_freq(self.cfg), mask, kv, start,
-                                     kv_mask_BxTxS)
+                                     kv_mask_BxTxS, segment_ids_BxT if use_segments else None, attn_spec)
     new_cache = None if cache is None else KVCache((kv[0],), (kv[1],), cache.lengths + t)
     return feat_pred_BxTxD, new_cache
 

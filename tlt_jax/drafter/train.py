@@ -103,7 +103,7 @@ def drafter_steps(batch: Batch, embed_fn: Callable[[Array], Array]):
 
 
 def drafter_loss(drafter: EagleDrafter, head: TargetHead | Transformer, batch: Batch, *,
-                 feature_weight: float = 0.5, ce_weight: float = 0.5):
+                 feature_weight: float = 0.5, ce_weight: float = 0.5, mesh: Mesh | None = None):
   """EAGLE drafter loss over the counted steps (see the module docstring for the conventions).
 
   loss = Σ_t m_t [w_f · mean_h SmoothL1(f̂_{t+1} - f_{t+1}) + w_ce · CE(p_{t+1}, q̂_{t+1})] / Σ_t m_t
@@ -113,6 +113,9 @@ def drafter_loss(drafter: EagleDrafter, head: TargetHead | Transformer, batch: B
   Returns (loss, metrics) with metrics {loss, smooth_l1, ce, kl, accuracy, num_steps}: `kl` is
   ce minus the target's entropy (the reducible part of ce), `accuracy` the top-1 agreement
   argmax head(f̂) == argmax head(f), an acceptance-rate proxy.
+
+  Each row is one sequence: its attention is causal within segment 1 (all ones), computed
+  without a dense [L, L] mask (models/attention.py; splash on a TPU `mesh`).
   """
   if not isinstance(head, TargetHead):
     head = TargetHead.from_target(head)
@@ -120,7 +123,10 @@ def drafter_loss(drafter: EagleDrafter, head: TargetHead | Transformer, batch: B
   head = jax.tree.map(jax.lax.stop_gradient, head)
   emb, feat_in, feat_target, positions, mask_BxT = drafter_steps(batch, head.embed)
   feat_target = jax.lax.stop_gradient(feat_target).astype(jnp.float32)
-  feat_pred, _ = drafter(emb, feat_in, positions)
+  from tlt_jax.models.attention import AttentionSpec
+  spec = AttentionSpec(drafter.cfg.attention, drafter.cfg.attention_chunk, mesh)
+  feat_pred, _ = drafter(emb, feat_in, positions, segment_ids_BxT=jnp.ones(mask_BxT.shape, jnp.int32),
+                         attn_spec=spec)
   feat_pred = feat_pred.astype(jnp.float32)
 
   smooth_l1_BxT = jnp.mean(optax.huber_loss(feat_pred, feat_target, delta=1.0), axis=-1)
@@ -177,7 +183,7 @@ def make_drafter_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTra
 
     def loss_fn(params):
       return drafter_loss(nnx.merge(graphdef, params), head, batch,
-                          feature_weight=feature_weight, ce_weight=ce_weight)
+                          feature_weight=feature_weight, ce_weight=ce_weight, mesh=mesh)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

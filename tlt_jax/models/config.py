@@ -9,6 +9,13 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "linear", "llama3")
+# Rematerialisation of each decoder layer in the backward pass (jax.checkpoint policies):
+# "none" keeps every activation, "full" keeps only the layer's input, "dots" keeps the matmul
+# outputs, "dots_no_batch" the matmul outputs without batch dimensions (the weights' products).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Attention of uncached forwards over packed rows (segment ids): "auto" picks splash on TPU,
+# "xla" elsewhere on accelerators, "reference" on CPU (see models/attention.py).
+ATTENTION_IMPLS = ("auto", "reference", "xla", "splash")
 
 
 def to_dtype(name: str):
@@ -62,6 +69,12 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   architecture: str = "LlamaForCausalLM"
+  # Execution (not architecture; never written to config.json): lax.scan over the layers of an
+  # uncached forward, its remat policy, and the packed-row attention and its query chunk.
+  scan_layers: bool = False
+  remat: str = "none"
+  attention: str = "auto"
+  attention_chunk: int = 1024
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -83,8 +96,23 @@ class ModelConfig:
       value = getattr(self, name)
       if value not in _DTYPES:
         raise ValueError(f"model.{name}={value!r} is not supported; allowed: {sorted(_DTYPES)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r} is not supported; allowed: {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"model.attention={self.attention!r} is not supported; allowed: {ATTENTION_IMPLS}")
+    if not isinstance(self.attention_chunk, int) or self.attention_chunk <= 0:
+      raise ValueError(f"model.attention_chunk={self.attention_chunk!r} must be a positive int")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+  EXECUTION_FIELDS = ("scan_layers", "remat", "attention", "attention_chunk")
+
+  def with_execution(self, source: Any) -> "ModelConfig":
+    """This architecture with the execution fields (`EXECUTION_FIELDS`) of `source` (a mapping,
+    e.g. the run config's `model` section, or a ModelConfig); absent keys keep their values."""
+    get = (lambda k: getattr(source, k)) if isinstance(source, ModelConfig) else source.get
+    changes = {k: get(k) for k in self.EXECUTION_FIELDS if get(k) is not None}
+    return self.replace(**changes)
 
   @property
   def jnp_dtype(self):

@@ -373,7 +373,9 @@ def _place(x: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules: Mapping[s
   if mesh is None:
     return jnp.asarray(x)
   axes = getattr(var, "logical_axes", None) or (None,) * x.ndim
-  return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, rules, x.shape, mesh)))
+  sharding = NamedSharding(mesh, logical_to_spec(axes, rules, x.shape, mesh))
+  # Shard by shard: each process (host) builds only its own devices' pieces, never a whole copy.
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -406,7 +408,8 @@ def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
 
 
 def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None,
-                    rules: Mapping[str, Any] | None = None, dtype=None, param_dtype=None) -> Transformer:
+                    rules: Mapping[str, Any] | None = None, dtype=None, param_dtype=None,
+                    execution: Mapping[str, Any] | None = None) -> Transformer:
   """Loads a HF Llama / Qwen2 checkpoint directory into a `Transformer`.
 
   Reads `config.json` and `model.safetensors` (or the shards of `model.safetensors.index.json`).
@@ -420,9 +423,13 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None,
   (naming the tensor, its expected and found shape). Tensors the model does not use (rotary
   `inv_freq` buffers, `lm_head.weight` of a tied model) are skipped with a log message.
   Multi-host: every process calls it with the same global `mesh` and keeps only its own shards.
+  `execution` (e.g. the run config's `model` section) sets the non-architecture fields
+  (ModelConfig.EXECUTION_FIELDS: scan over layers, remat, attention kernel).
   """
   path = pathlib.Path(path)
   cfg = check_checkpoint(path)
+  if execution is not None:
+    cfg = cfg.with_execution(execution)
   if param_dtype is not None:
     cfg = cfg.replace(param_dtype=_dtype_name(param_dtype))
   cfg = cfg.replace(dtype=cfg.param_dtype if dtype is None else _dtype_name(dtype))

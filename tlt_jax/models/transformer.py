@@ -150,9 +150,14 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
 
   def __call__(self, x_BxTxD, positions_BxT, inv_freq, mask_BxTxT, kv_cache=None, start_B=None,
-               kv_mask_BxTxS=None):
+               kv_mask_BxTxS=None, segment_ids_BxT=None, attn_spec=None, kv_window=None):
     """`kv_mask_BxTxS`, when given with a cache, replaces the committed-prefix + block mask: query
-    i sees exactly the cache slots it marks (tree drafting over slots written by earlier calls)."""
+    i sees exactly the cache slots it marks (tree drafting over slots written by earlier calls).
+    `segment_ids_BxT` (no cache) replaces `mask_BxTxT` by causal attention within segments,
+    computed without a dense mask (models/attention.py, by `attn_spec`). `kv_window` (static,
+    with a cache) attends to slots [0, kv_window) only: the caller guarantees that every
+    committed and new slot lies below it, so a decode step reads the live part of the cache, not
+    its whole capacity."""
     b, t, _ = x_BxTxD.shape
     q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -160,14 +165,20 @@ class Attention(nnx.Module):
     q = apply_rope(q, positions_BxT, inv_freq)
     k = apply_rope(k, positions_BxT, inv_freq)
     if kv_cache is None:
+      if segment_ids_BxT is not None:
+        from tlt_jax.models.attention import segment_attention
+        return self.o_proj(segment_attention(q, k, v, segment_ids_BxT, attn_spec)), None
       out = attention(q, k, v, mask_BxTxT)
       return self.o_proj(out), None
     ck, cv = kv_cache
     write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0)))
     ck, cv = write(ck, k, start_B), write(cv, v, start_B)
+    width = ck.shape[1] if kv_window is None else min(int(kv_window), ck.shape[1])
     if kv_mask_BxTxS is None:
-      kv_mask_BxTxS = cache_mask(mask_BxTxT, start_B, ck.shape[1])
-    out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), kv_mask_BxTxS)
+      kv_mask_BxTxS = cache_mask(mask_BxTxT, start_B, width)
+    else:
+      kv_mask_BxTxS = kv_mask_BxTxS[:, :, :width]
+    out = attention(q, ck[:, :width].astype(q.dtype), cv[:, :width].astype(q.dtype), kv_mask_BxTxS)
     return self.o_proj(out), (ck, cv)
 
 
@@ -207,9 +218,11 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, inv_freq, mask, kv_cache=None, start_B=None, kv_mask=None):
+  def __call__(self, x, positions, inv_freq, mask, kv_cache=None, start_B=None, kv_mask=None,
+               segment_ids=None, attn_spec=None, kv_window=None):
     h = self.input_layernorm(x) if self.input_layernorm is not None else x
-    attn, new_kv = self.self_attn(h, positions, inv_freq, mask, kv_cache, start_B, kv_mask)
+    attn, new_kv = self.self_attn(h, positions, inv_freq, mask, kv_cache, start_B, kv_mask,
+                                  segment_ids, attn_spec, kv_window)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, new_kv
@@ -243,25 +256,74 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
                cache: KVCache | None = None, attn_mask_BxTxT: Array | None = None,
-               return_logits: bool = True):
+               return_logits: bool = True, segment_ids_BxT: Array | None = None,
+               attn_spec=None, kv_window: int | None = None):
+    """(logits_BxTxV | None, hidden_BxTxD, new cache | None).
+
+    Attention: causal by default, `attn_mask_BxTxT` when given, or (uncached) causal within the
+    segments of `segment_ids_BxT` without a dense mask (models/attention.py; `attn_spec` chooses
+    the kernel and its mesh). `kv_window`: see `Attention`. Without a cache and with
+    `cfg.scan_layers`, the layers run as one `lax.scan` over their stacked params, each
+    rematerialised by `cfg.remat` in the backward pass.
+    """
     b, t = tokens_BxT.shape
     if positions_BxT is None:
       start = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
       positions_BxT = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    mask = causal_mask(b, t) if attn_mask_BxTxT is None else attn_mask_BxTxT
+    mask = None
+    if segment_ids_BxT is None or cache is not None:
+      mask = causal_mask(b, t) if attn_mask_BxTxT is None else attn_mask_BxTxT
+    else:
+      segment_ids_BxT = jnp.asarray(segment_ids_BxT, jnp.int32)
+    if attn_spec is None:
+      from tlt_jax.models.attention import AttentionSpec
+      attn_spec = AttentionSpec(self.cfg.attention, self.cfg.attention_chunk)
     inv_freq = rope_inv_freq(self.cfg)
     x = self.embed(tokens_BxT)
+    if cache is None:
+      x = self._layers_uncached(x, positions_BxT, inv_freq, mask, segment_ids_BxT, attn_spec)
+      hidden = self.norm(x)
+      return (self.logits(hidden) if return_logits else None), hidden, None
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = layer(x, positions_BxT, inv_freq, mask, kv, None if cache is None else cache.lengths)
-      if cache is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+      x, kv = layer(x, positions_BxT, inv_freq, mask, (cache.k[i], cache.v[i]), cache.lengths,
+                    kv_window=kv_window)
+      new_k.append(kv[0])
+      new_v.append(kv[1])
     hidden = self.norm(x)
     logits = self.logits(hidden) if return_logits else None
-    new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), cache.lengths + t)
-    return logits, hidden, new_cache
+    return logits, hidden, KVCache(tuple(new_k), tuple(new_v), cache.lengths + t)
+
+  def _layers_uncached(self, x, positions_BxT, inv_freq, mask, segment_ids_BxT, attn_spec):
+    """The decoder layers without a cache: a Python loop, or one `lax.scan` (cfg.scan_layers);
+    each layer wrapped in `jax.checkpoint` with the cfg.remat policy unless it is "none".
+
+    The scan stacks the per-layer params inside the step ([num_layers, ...] per weight, in their
+    sharding): one transient copy of the layer weights, against a layer body compiled once."""
+    from tlt_jax.models.attention import remat_policy
+
+    graphdef = nnx.graphdef(self.layers[0])
+    states = [nnx.state(layer) for layer in self.layers]
+
+    def apply(layer_state, x_in):
+      y, _ = nnx.merge(graphdef, layer_state)(x_in, positions_BxT, inv_freq, mask,
+                                              segment_ids=segment_ids_BxT, attn_spec=attn_spec)
+      return y
+
+    if self.cfg.remat != "none":
+      apply = jax.checkpoint(apply, policy=remat_policy(self.cfg.remat),
+                             prevent_cse=not self.cfg.scan_layers)
+    if not self.cfg.scan_layers:
+      for layer_state in states:
+        x = apply(layer_state, x)
+      return x
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+    def body(x_carry, layer_state):
+      return apply(layer_state, x_carry), None
+
+    x, _ = jax.lax.scan(body, x, stacked)
+    return x
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

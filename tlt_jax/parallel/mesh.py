@@ -110,9 +110,55 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """A global array in `sharding` from a value every process holds whole (a numpy array, or a
+  fully addressable / fully replicated jax.Array): each process builds only the shards of its own
+  devices (`jax.make_array_from_callback`), so this also works when the sharding spans hosts."""
+  if isinstance(x, jax.Array):
+    if x.sharding == sharding:
+      return x
+    if x.is_fully_addressable and set(x.sharding.device_set) <= set(sharding.addressable_devices):
+      return jax.device_put(x, sharding)  # a local move
+    x = host_value(x)
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def host_value(x: Any) -> np.ndarray:
+  """The value of `x` on this host, reading only what this process holds: a fully addressable
+  array whole, a fully replicated one from its local copy. Multi-host: a sharded array that
+  other processes hold parts of raises ValueError (gather it, or make it replicated, first)."""
+  if not isinstance(x, jax.Array):
+    return np.asarray(x)
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  raise ValueError(f"host read of a {x.shape} array sharded as {x.sharding.spec} across processes; "
+                   "allowed: fully addressable or fully replicated arrays")
+
+
+def gather_to_host(x: Any) -> np.ndarray:
+  """The whole value of `x` on every host: `host_value` when this process can read it, else a
+  collective all-gather (`multihost_utils.process_allgather`; every process must call it)."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return host_value(x)
+
+
+def to_host(tree: Any) -> Any:
+  """`host_value` of every leaf (a multi-host-safe `jax.device_get`)."""
+  return jax.tree.map(host_value, tree)
+
+
 def shard_state(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES) -> nnx.State:
-  """Places every variable of `state` in its sharding."""
-  return jax.device_put(state, param_shardings(state, mesh, rules))
+  """Places every variable of `state` in its sharding (multi-host safe: `put_global`)."""
+  shardings = param_shardings(state, mesh, rules)
+  if jax.process_count() == 1:
+    return jax.device_put(state, shardings)
+  return jax.tree.map(lambda v, sh: v.replace(put_global(v.get_value(), sh)), state, shardings,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, Any] = TRAIN_RULES,
@@ -123,9 +169,10 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, Any] = TRAIN_RULES
 
 
 def shard_batch(batch: Any, mesh: Mesh, rules: Mapping[str, Any] = TRAIN_RULES) -> Any:
-  """Places a pytree of [B, ...] host arrays batch-sharded over the mesh."""
+  """Places a pytree of [B, ...] host arrays batch-sharded over the mesh (each process passes
+  the same values and builds its own shards: multi-host safe)."""
   return jax.tree.map(
-      lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x), rules, np.shape(x)[0])), batch)
+      lambda x: put_global(x, batch_sharding(mesh, np.ndim(x), rules, np.shape(x)[0])), batch)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -152,6 +152,35 @@ def rl_prompt_sources(config, task, tokenizer, context: int) -> tuple[TaskSource
   return make(rl.num_prompts, 2), held_out
 
 
+def prompt_width(config, task) -> int | None:
+  """The rollout's static prompt width: `rollout.max_prompt_len` (+ BOS, rounded to 8) when set,
+  else the task's own bound when it knows one, else None (each batch's longest prompt)."""
+  fixed = int(config.rollout.get("max_prompt_len", 0))
+  bound = fixed if fixed > 0 else getattr(task, "max_prompt_len", None)
+  return round_up(bound + 1, 8) if isinstance(bound, int) else None
+
+
+def rl_context(config, model_cfg) -> int:
+  """The longest prompt + response the RL stage admits: the model's context, or less when
+  `rollout.max_prompt_len` caps the prompts (longer ones are skipped as unusable records)."""
+  fixed = int(config.rollout.get("max_prompt_len", 0))
+  context = model_cfg.max_position_embeddings
+  return min(context, fixed + 1 + int(config.rollout.max_new_tokens)) if fixed > 0 else context
+
+
+def rl_lengths(config, model_cfg, width: int | None) -> tuple[int, int]:
+  """(packed update row length, drafter buffer row length), from the config, never from the
+  model's maximum context alone: `rl.pack_len` and `tlt.buffer_seq_len` when set (> 0), else the
+  longest sequence, prompt width + rollout.max_new_tokens (the context when the prompt width is
+  unknown), rounded up to rl.length_bucket / 16."""
+  r, rl = config.rollout, config.rl
+  longest = (width or model_cfg.max_position_embeddings) + int(r.max_new_tokens)
+  seq_len = min(round_up(longest, 16), round_up(model_cfg.max_position_embeddings, 16))
+  pack_len = int(rl.get("pack_len", 0)) or round_up(seq_len, rl.length_bucket)
+  buffer_len = int(config.tlt.get("buffer_seq_len", 0)) if "tlt" in config else 0
+  return pack_len, buffer_len or seq_len
+
+
 class RLTrainer:
   """GRPO/RLOO trainer over one policy; `run()` trains `rl.steps` steps, resuming from
   `<workdir>/ckpt_rl` when it holds a checkpoint.
@@ -221,11 +250,10 @@ class RLTrainer:
         name="+".join(f"{w:g}*{k}" for k, w in weights.items() if w))
     self.correct_fn = rewards_lib.safe_reward(rewards_lib.get_reward("verifier"), name="accuracy")
 
-    source, held_out = rl_prompt_sources(config, task, tokenizer, self.model_cfg.max_position_embeddings)
+    source, held_out = rl_prompt_sources(config, task, tokenizer, rl_context(config, self.model_cfg))
     self.prompt_source = source
     self.prompts = PromptIterator(source, rl.prompts_per_step, seed=config.seed)
-    bound = getattr(task, "max_prompt_len", None)  # static prompt width when the task knows it
-    self.prompt_width = round_up(bound + 1, 8) if isinstance(bound, int) else None
+    self.prompt_width = prompt_width(config, task)
     self.host = HostState()
     self.build_rollout()
 
@@ -248,12 +276,9 @@ class RLTrainer:
     drafter = None
     if self.drafter_state is not None:
       drafter = (self.drafter_graphdef, self.drafter_state, self.drafter_tx)
-    longest = (self.prompt_width or self.model_cfg.max_position_embeddings) + int(r.max_new_tokens)
-    seq_len = min(round_up(longest, 16), round_up(self.model_cfg.max_position_embeddings, 16))
+    self.pack_len, buffer_len = rl_lengths(self.config, self.model_cfg, self.prompt_width)
     self.tlt = TLTRuntime(self.config, self.graphdef, self.model_cfg, self.sampling,
-                          self.tokenizer.eos_ids, self.tokenizer.pad_id, self.mesh, drafter, seq_len)
-    # Packed update rows hold the longest possible sequence (prompt width + max_new_tokens).
-    self.pack_len = round_up(seq_len, self.rl.length_bucket)
+                          self.tokenizer.eos_ids, self.tokenizer.pad_id, self.mesh, drafter, buffer_len)
     self.engine = self.tlt.engine
 
   # ----------------------------------------------------------------------------- checkpointing
@@ -372,12 +397,12 @@ class RLTrainer:
     batch["old_logprobs"], gap = self.logprob_fn(self.state.params, *args)
     if self.with_ref:
       batch["ref_logprobs"], _ = self.logprob_fn(self.ref_params, *args)
-    gap = jax.device_get(gap)
+    gap = mesh_lib.to_host(gap)
     logprob_time = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     self.state, metrics, hidden = self.update_step(self.state, batch)
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics = {k: float(v) for k, v in mesh_lib.to_host(metrics).items()}
     update_time = time.perf_counter() - t0
 
     lengths = result.lengths
@@ -418,7 +443,7 @@ class RLTrainer:
     = response_mask[t + 1]); with one rollout group the drafter then trains between steps.
     Packed batches are unpacked first (rl/packing.py). Returns record fields."""
     if self.tlt.trainer is not None and self._pack_index is not None:
-      hidden_BxLxH = unpack(np.asarray(jax.device_get(hidden_BxLxH)), self._pack_index)
+      hidden_BxLxH = unpack(mesh_lib.gather_to_host(hidden_BxLxH), self._pack_index)
       batch = self._rows
     return self.tlt.after_update(batch, hidden_BxLxH, self._buffered_rows, step, self.state.params)
 

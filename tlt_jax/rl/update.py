@@ -43,7 +43,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tlt_jax.parallel import mesh as mesh_lib
-from tlt_jax.data.batching import segment_mask
+from tlt_jax.models.attention import AttentionSpec
 from tlt_jax.rl.losses import (AGGREGATIONS, aggregation_weights, entropy_from_logits, masked_aggregate,
                                num_sequences, ppo_clip_loss)
 from tlt_jax.train.state import TrainState, accumulate_gradients, jit_step, shardings_of
@@ -108,18 +108,23 @@ def token_logprobs_aligned(logits_BxLxV: Array, tokens_BxL: Array,
 
 
 def policy_forward(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxL: Array,
-                   positions_BxL: Array, segment_ids_BxL: Array, temperature: float):
-  """One uncached forward, attention within each sequence (segment) of a row:
-  (logp_BxL, entropy_BxL, hidden_BxLxH), see `token_logprobs_aligned`; hidden is the final
-  normed hidden state f_t (EAGLE's feature)."""
-  logits_BxLxV, hidden_BxLxH, _ = nnx.merge(graphdef, params)(
-      tokens_BxL, positions_BxL, attn_mask_BxTxT=segment_mask(segment_ids_BxL))
+                   positions_BxL: Array, segment_ids_BxL: Array, temperature: float,
+                   mesh: Mesh | None = None):
+  """One uncached forward, attention within each sequence (segment) of a row, without a dense
+  [L, L] mask (models/attention.py: splash on a TPU `mesh`, chunked elsewhere; the model's
+  cfg.attention / attention_chunk): (logp_BxL, entropy_BxL, hidden_BxLxH), see
+  `token_logprobs_aligned`; hidden is the final normed hidden state f_t (EAGLE's feature)."""
+  model = nnx.merge(graphdef, params)
+  spec = AttentionSpec(model.cfg.attention, model.cfg.attention_chunk, mesh)
+  logits_BxLxV, hidden_BxLxH, _ = model(tokens_BxL, positions_BxL, segment_ids_BxT=segment_ids_BxL,
+                                        attn_spec=spec)
   logp_BxL, entropy_BxL = token_logprobs_aligned(logits_BxLxV, tokens_BxL, temperature)
   return logp_BxL, entropy_BxL, hidden_BxLxH
 
 
 def policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                       cfg: UpdateConfig, state: TrainState, batch: Mapping[str, Array]):
+                       cfg: UpdateConfig, state: TrainState, batch: Mapping[str, Array],
+                       mesh: Mesh | None = None):
   """One PPO-clip update: (state, batch) -> (state, metrics, hidden_BxLxH). Pure.
 
   Metrics (replicated scalars): loss, pg_loss, kl (k3 to the reference; 0 without one),
@@ -135,7 +140,7 @@ def policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
   def loss_fn(params, mb):
     mask = mb["response_mask"].astype(jnp.float32)
     logp, entropy, hidden = policy_forward(graphdef, params, mb["tokens"], mb["positions"],
-                                           mb["segment_ids"], cfg.temperature)
+                                           mb["segment_ids"], cfg.temperature, mesh)
     loss, m = ppo_clip_loss(logp, mb["old_logprobs"], mb["advantages"], mask,
                             clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
                             logp_ref_BxT=mb["ref_logprobs"] if has_ref else None,
@@ -179,7 +184,7 @@ def make_policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTra
   """
   if with_ref is None:
     with_ref = cfg.kl_coef > 0
-  fn = functools.partial(policy_update_step, graphdef, optimizer, cfg)
+  fn = functools.partial(policy_update_step, graphdef, optimizer, cfg, mesh=mesh)
   if mesh is None:
     return jit_step(fn, state, None, None, num_outputs_extra=2)
   return jit_step(fn, state, update_batch_shardings(mesh, with_ref), mesh, num_outputs_extra=2,
@@ -211,7 +216,7 @@ def make_logprob_fn(graphdef: nnx.GraphDef, temperature: float, params_like: Any
 
   def fn(params, tokens_BxL, positions_BxL, segment_ids_BxL, mask_BxL, sampler_BxL):
     logp_BxL, _, _ = policy_forward(graphdef, params, tokens_BxL, positions_BxL, segment_ids_BxL,
-                                    temperature)
+                                    temperature, mesh)
     return logp_BxL, logprob_gap_metrics(sampler_BxL, logp_BxL, mask_BxL)
 
   if mesh is None:

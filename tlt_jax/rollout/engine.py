@@ -9,6 +9,18 @@ Per call of `generate`:
   4. once the active batch is at or below `spec_threshold` and a speculative decoder is given,
      decode the tail with `speculative_chunk` instead (see rollout/speculative.py).
 
+Placement (explicit in/out shardings when a session runs on a mesh, e.g. its rollout group's):
+the KV cache, tokens, features and logprobs are split over the batch axes (and the cache's KV
+heads over 'tensor') by the sampling rules; the per-row vectors (lengths, done flags, counts) and
+the chunk statistics are replicated, so the host reads only replicated values (the done flags,
+the statistics, and the finished rows, which a jitted gather returns replicated): multi-host
+safe, since a group may span several hosts.
+
+Live window: a chunk attends to cache slots [0, W) only, W a static multiple of `window_block`
+that bounds every row's length by the end of the chunk (the host knows the bound without reading
+the device: prompt width + tokens a chunk can add). A decode step then reads the live part of
+the cache rather than its whole capacity; W = capacity when `window_block` is 0.
+
 State invariant: the cache holds every token of a row except the last one, `pending`, which
 sits at `seq[b, cache.lengths[b]]`; `feat[b, t]` is the target's final normed hidden state at
 position t (EAGLE's f_t, which produced token t + 1).
@@ -112,22 +124,26 @@ def advance(state: DecodeState, next_B, logp_B, feat_BxD, new_cache: KVCache, eo
 
 
 def prefill(graphdef, params, prompt_BxP, prompt_len_B, max_new_B, rng, *, capacity: int,
-            sp: SamplingParams, eos_ids: tuple[int, ...], keep_features: bool) -> DecodeState:
-  """Runs the prompts through the target, fills the cache and samples the first token."""
+            sp: SamplingParams, eos_ids: tuple[int, ...], keep_features: bool,
+            live_window: bool = False) -> DecodeState:
+  """Runs the prompts through the target, fills the cache and samples the first token (the head
+  runs at each row's last prompt position only). `live_window`: the prompt attends to the P
+  slots it writes rather than the whole cache."""
   model = nnx.merge(graphdef, params)
   b, p = prompt_BxP.shape
   cache = KVCache.init(model.cfg, b, capacity)
-  logits, hidden, cache = model(prompt_BxP, cache=cache)
+  _, hidden, cache = model(prompt_BxP, cache=cache, return_logits=False,
+                           kv_window=p if live_window else None)
   last = prompt_len_B - 1
-  logits_BxV = logits[jnp.arange(b), last]
+  logits_BxV = model.logits(hidden[jnp.arange(b), last])  # the head at one position per row
   rng, key = jax.random.split(rng)
   next_B = sample_from(target_logprobs(logits_BxV, sp), key, sp)
   logp_B = jnp.take_along_axis(policy_logprobs(logits_BxV, sp), next_B[:, None], axis=-1)[:, 0]
   seq = jnp.zeros((b, capacity), jnp.int32).at[:, :p].set(prompt_BxP)
   d = model.cfg.hidden_size
-  feat = jnp.zeros((b, capacity if keep_features else 0, d), jnp.float32)
+  feat = jnp.zeros((b, capacity if keep_features else 0, d), feature_dtype(model.cfg))
   if keep_features:
-    feat = feat.at[:, :p].set(hidden.astype(jnp.float32))
+    feat = feat.at[:, :p].set(hidden.astype(feat.dtype))
   m = int(capacity)  # logprobs buffer wide enough for any row
   state = DecodeState(
       cache=cache.replace(lengths=last), seq_BxS=seq, feat_BxSxD=feat,
@@ -138,11 +154,17 @@ def prefill(graphdef, params, prompt_BxP, prompt_len_B, max_new_B, rng, *, capac
   return advance(state, next_B, logp_B, hidden[jnp.arange(b), last], state.cache, eos_ids)
 
 
-def decode_step(model, state: DecodeState, sp: SamplingParams, eos_ids) -> DecodeState:
-  """One plain decoding step for the whole batch."""
+def feature_dtype(cfg):
+  """The kept features' dtype: float32 for float32 models, the compute dtype otherwise (a 7B's
+  bfloat16 features take half the memory, and are what its head sees)."""
+  return jnp.float32 if cfg.dtype == "float32" else cfg.jnp_dtype
+
+
+def decode_step(model, state: DecodeState, sp: SamplingParams, eos_ids, window: int | None = None) -> DecodeState:
+  """One plain decoding step for the whole batch (attending to cache slots < `window`)."""
   pos = state.pending_pos_B
   tok_B = _rows(state.seq_BxS, pos)
-  logits, hidden, cache = model(tok_B[:, None], pos[:, None], cache=state.cache)
+  logits, hidden, cache = model(tok_B[:, None], pos[:, None], cache=state.cache, kv_window=window)
   rng, key = jax.random.split(state.rng)
   next_B = sample_from(target_logprobs(logits[:, 0], sp), key, sp)
   logp_B = jnp.take_along_axis(policy_logprobs(logits[:, 0], sp), next_B[:, None], axis=-1)[:, 0]
@@ -150,9 +172,10 @@ def decode_step(model, state: DecodeState, sp: SamplingParams, eos_ids) -> Decod
 
 
 def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: SamplingParams,
-                 eos_ids: tuple[int, ...]):
+                 eos_ids: tuple[int, ...], window: int | None = None):
   """Up to `num_steps` plain decoding steps in one `lax.while_loop`; stops early when all done.
-  Returns (state, (steps, tokens, row_steps)) with the statistics as device scalars."""
+  Attention reads cache slots [0, window) (None: all). Returns (state, (steps, tokens,
+  row_steps)) with the statistics as device scalars."""
   model = nnx.merge(graphdef, params)
 
   def cond(carry):
@@ -161,7 +184,7 @@ def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: Sa
 
   def body(carry):
     i, st = carry
-    return i + 1, decode_step(model, st, sp, eos_ids)
+    return i + 1, decode_step(model, st, sp, eos_ids, window)
 
   before = jnp.sum(state.num_gen_B)
   steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
@@ -169,11 +192,55 @@ def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: Sa
   return state, (steps, tokens, tokens)
 
 
+def _shardings_of(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
   for b in buckets:
     if b >= n:
       return b
   return n
+
+
+def state_shardings(state: DecodeState, mesh, rules=None) -> DecodeState:
+  """NamedShardings of a DecodeState on `mesh` by the sampling rules: [B, ...] arrays split over
+  'batch' (the caches' KV heads over 'kv_heads'), per-row vectors and the RNG replicated (see the
+  module docstring)."""
+  from tlt_jax.parallel import mesh as mesh_lib
+  rules = mesh_lib.SAMPLE_RULES if rules is None else rules
+  rep = mesh_lib.replicated(mesh)
+
+  def named(axes, x):
+    return jax.sharding.NamedSharding(mesh, mesh_lib.logical_to_spec(axes, rules, x.shape, mesh))
+
+  def cache(c):
+    if c is None:
+      return None
+    kv = lambda xs: tuple(named(("batch", None, "kv_heads", None), x) for x in xs)  # noqa: E731
+    return KVCache(kv(c.k), kv(c.v), rep)
+
+  return DecodeState(
+      cache=cache(state.cache), seq_BxS=named(("batch", None), state.seq_BxS),
+      feat_BxSxD=named(("batch", None, None), state.feat_BxSxD),
+      logprobs_BxM=named(("batch", None), state.logprobs_BxM), prompt_len_B=rep, num_gen_B=rep,
+      done_B=rep, rng=rep, max_new_B=rep, draft_cache=cache(state.draft_cache))
+
+
+def gather_rows(state: DecodeState, idx_R, with_features: bool):
+  """Rows `idx_R` of what the host copies out: (seq, logprobs, num_gen, prompt_len[, feat])."""
+  out = (state.seq_BxS[idx_R], state.logprobs_BxM[idx_R], state.num_gen_B[idx_R],
+         state.prompt_len_B[idx_R])
+  return out + ((state.feat_BxSxD[idx_R],) if with_features else ())
+
+
+def live_window(bound: int, capacity: int, block: int) -> int | None:
+  """The static attention window of a chunk whose rows stay below `bound` slots: `bound` rounded
+  up to a multiple of `block`, at most `capacity` (None when block is 0: the whole cache)."""
+  if block <= 0:
+    return None
+  w = -(-int(bound) // block) * block
+  return None if w >= capacity else w
 
 
 @dataclasses.dataclass
@@ -190,6 +257,7 @@ class RolloutEngine:
   speculative: Any = None  # a SpeculativeDecoder (rollout/speculative.py) or None
   spec_threshold: int = 0  # switch to speculative decoding at or below this active batch size
   compact: bool = True
+  window_block: int = 0  # live attention window granularity (0: attend to the whole cache)
 
   def __post_init__(self):
     if self.chunk_size <= 0:
@@ -198,13 +266,81 @@ class RolloutEngine:
     if not self.eos_ids:
       raise ValueError("rollout needs at least one EOS id")
     keep = self.speculative is not None
-    self._prefill = jax.jit(functools.partial(
-        prefill, self.graphdef, sp=self.sampling, eos_ids=self.eos_ids, keep_features=keep),
-        static_argnames=("capacity",))
-    self._chunk = jax.jit(functools.partial(
-        decode_chunk, self.graphdef, num_steps=self.chunk_size, sp=self.sampling,
-        eos_ids=self.eos_ids), donate_argnums=(1,))
+    self._prefill_fn = functools.partial(prefill, self.graphdef, sp=self.sampling,
+                                         eos_ids=self.eos_ids, keep_features=keep,
+                                         live_window=self.window_block > 0)
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("capacity",))
+    self._chunk_partial = functools.partial(decode_chunk, self.graphdef, num_steps=self.chunk_size,
+                                            sp=self.sampling, eos_ids=self.eos_ids)
+    self._chunk = jax.jit(self._chunk_partial, donate_argnums=(1,), static_argnames=("window",))
     self._take = jax.jit(lambda st, idx: st.take(idx))
+    self._gather = jax.jit(gather_rows, static_argnums=(2,))
+    self._jits: dict[tuple, Any] = {}  # (what, mesh devices, static args) -> sharded jit
+
+  # --- jits with explicit shardings on a mesh ------------------------------------------------
+
+  @staticmethod
+  def _mesh_key(mesh) -> tuple:
+    return (tuple(d.id for d in mesh.devices.flat), mesh.devices.shape)
+
+  def _sharded(self, what: str, mesh, key: tuple, build: Callable[[], Any]):
+    k = (what, self._mesh_key(mesh)) + key
+    if k not in self._jits:
+      self._jits[k] = build()
+    return self._jits[k]
+
+  def prefill_jit(self, mesh, params, prompt_shape: tuple[int, int], capacity: int):
+    """The prefill jitted with explicit shardings on `mesh` (params as placed, prompts split over
+    'batch', per-row vectors and the RNG replicated, the state by `state_shardings`)."""
+    from tlt_jax.parallel import mesh as mesh_lib
+    b = prompt_shape[0]
+
+    def build():
+      fn = functools.partial(self._prefill_fn, capacity=capacity)
+      rep = mesh_lib.replicated(mesh)
+      prompts = mesh_lib.batch_sharding(mesh, 2, mesh_lib.SAMPLE_RULES, b)
+      abstract = jax.eval_shape(fn, params, jax.ShapeDtypeStruct(prompt_shape, jnp.int32),
+                                jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32),
+                                jax.random.PRNGKey(0))
+      return jax.jit(fn, in_shardings=(_shardings_of(params), prompts, rep, rep, rep),
+                     out_shardings=state_shardings(abstract, mesh))
+    return self._sharded("prefill", mesh, (prompt_shape, capacity), build)
+
+  def chunk_jit(self, mesh, params, state: DecodeState, window: int | None):
+    """`decode_chunk` jitted with explicit in/out shardings on `mesh`; the state is donated."""
+    from tlt_jax.parallel import mesh as mesh_lib
+
+    def build():
+      st = state_shardings(state, mesh)
+      rep = mesh_lib.replicated(mesh)
+      return jax.jit(functools.partial(self._chunk_partial, window=window),
+                     in_shardings=(_shardings_of(params), st), out_shardings=(st, (rep, rep, rep)),
+                     donate_argnums=(1,))
+    return self._sharded("chunk", mesh, (state.done_B.shape[0], state.seq_BxS.shape[1], window), build)
+
+  def take_jit(self, mesh, state: DecodeState, bucket: int):
+    """Batch compaction to `bucket` rows, shardings explicit (the new bucket's batch split)."""
+    from tlt_jax.parallel import mesh as mesh_lib
+
+    def build():
+      out = jax.eval_shape(lambda st: st.take(jnp.zeros((bucket,), jnp.int32)), state)
+      return jax.jit(lambda st, idx: st.take(idx),
+                     in_shardings=(state_shardings(state, mesh), mesh_lib.replicated(mesh)),
+                     out_shardings=state_shardings(out, mesh))
+    has_draft = state.draft_cache is not None
+    return self._sharded("take", mesh, (state.done_B.shape[0], state.seq_BxS.shape[1], bucket, has_draft), build)
+
+  def gather_jit(self, mesh, state: DecodeState, num_rows: int, with_features: bool):
+    """`gather_rows` with replicated outputs: every host can read the rows it copies out."""
+    from tlt_jax.parallel import mesh as mesh_lib
+
+    def build():
+      rep = mesh_lib.replicated(mesh)
+      return jax.jit(functools.partial(gather_rows, with_features=with_features),
+                     in_shardings=(state_shardings(state, mesh), rep), out_shardings=rep)
+    has_draft = state.draft_cache is not None
+    return self._sharded("gather", mesh, (state.done_B.shape[0], state.seq_BxS.shape[1], num_rows,
+                                          with_features, has_draft), build)
 
   def capacity_for(self, prompt_len: int, max_new_tokens: int) -> int:
     margin = 1
@@ -216,7 +352,7 @@ class RolloutEngine:
   def start(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
             rng: jax.Array, drafter_params=None, selector=None, *,
             place_batch: Callable[[np.ndarray], jax.Array] | None = None,
-            collect_features: bool = False) -> "RolloutSession":
+            collect_features: bool = False, mesh=None) -> "RolloutSession":
     """Prefills and returns a session that decodes chunk by chunk (`session.advance()`); a host
     scheduler interleaves the sessions of several rollout groups this way.
 
@@ -225,9 +361,12 @@ class RolloutEngine:
     `collect_features` (and a speculative decoder, which keeps the features), every row copied out
     is also appended to `session.finished_features` as (row, tokens_T, feat_TxD, prompt_len): the
     target's own features f_t of prompt + response, for the drafter buffer (tlt/buffer.py).
+    With `mesh` (the group's), every jit has explicit in/out shardings there and the host reads
+    only replicated values (module docstring).
     """
     return RolloutSession(self, params, prompt_BxP, prompt_len_B, max_new_tokens, rng, drafter_params,
-                          selector, place_batch=place_batch, collect_features=collect_features)
+                          selector, place_batch=place_batch, collect_features=collect_features,
+                          mesh=mesh)
 
   def generate(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
                rng: jax.Array, drafter_params=None, selector=None) -> RolloutResult:
@@ -252,8 +391,10 @@ class RolloutSession:
   calls (a newly published drafter version)."""
 
   def __init__(self, engine: RolloutEngine, params, prompt_BxP, prompt_len_B, max_new_tokens, rng,
-               drafter_params=None, selector=None, *, place_batch=None, collect_features=False):
+               drafter_params=None, selector=None, *, place_batch=None, collect_features=False,
+               mesh=None):
     self.engine, self.params, self.drafter_params, self.selector = engine, params, drafter_params, selector
+    self.mesh = mesh
     self.collect_features = bool(collect_features) and engine.speculative is not None
     self.finished_features: list[tuple[int, np.ndarray, np.ndarray, int]] = []
     put = jnp.asarray if place_batch is None else place_batch
@@ -278,11 +419,20 @@ class RolloutSession:
     prompts = np.concatenate([prompt_BxP, np.repeat(prompt_BxP[:1], pad, 0)]) if pad else prompt_BxP
     plens = np.concatenate([prompt_len_B, np.repeat(prompt_len_B[:1], pad)]) if pad else prompt_len_B
     max_new = np.concatenate([max_new_N, np.ones(pad, np.int32)])
-    state = engine._prefill(params, put(prompts), put(plens), put(max_new), rng, capacity=capacity)
+    if mesh is None:
+      state = engine._prefill(params, put(prompts), put(plens), put(max_new), rng, capacity=capacity)
+    else:
+      from tlt_jax.parallel import mesh as mesh_lib
+      rep = mesh_lib.replicated(mesh)
+      state = engine.prefill_jit(mesh, params, prompts.shape, capacity)(
+          params, put(prompts), mesh_lib.put_global(plens, rep), mesh_lib.put_global(max_new, rep),
+          mesh_lib.put_global(rng, rep) if not isinstance(rng, jax.Array) or rng.sharding != rep else rng)
     self.row_ids = np.concatenate([np.arange(n), -np.ones(pad, np.int64)])
     if pad:
       state = state.replace(done_B=state.done_B.at[n:].set(True))
     jax.block_until_ready(state.done_B)
+    self.capacity = capacity
+    self.live_bound = p  # every row's cache length stays below this (host-side bound)
     self.state = state
     self.tokens = np.full((n, max_new_tokens), engine.pad_id, np.int32)
     self.logprobs = np.zeros((n, max_new_tokens), np.float32)
@@ -312,9 +462,14 @@ class RolloutSession:
     if not rows:
       return
     idx = np.asarray(rows)
-    seq, lp, ng, pl = jax.device_get((st.seq_BxS[idx], st.logprobs_BxM[idx], st.num_gen_B[idx],
-                                      st.prompt_len_B[idx]))
-    feat = jax.device_get(st.feat_BxSxD[idx]) if self.collect_features else None
+    if self.mesh is None:
+      out = jax.device_get(self.engine._gather(st, jnp.asarray(idx), self.collect_features))
+    else:
+      from tlt_jax.parallel import mesh as mesh_lib
+      gather = self.engine.gather_jit(self.mesh, st, len(idx), self.collect_features)
+      out = mesh_lib.to_host(gather(st, mesh_lib.put_global(idx.astype(np.int32), mesh_lib.replicated(self.mesh))))
+    seq, lp, ng, pl = out[:4]
+    feat = out[4] if self.collect_features else None
     for j, r in enumerate(rows):
       k = int(ng[j])
       out = seq[j, pl[j]:pl[j] + k]
@@ -328,7 +483,8 @@ class RolloutSession:
   def _finish_chunk(self):
     phase, strategy, active, t0, stats = self._in_flight
     self._in_flight = None
-    rounds, tokens, row_rounds = (int(x) for x in jax.device_get(stats))
+    from tlt_jax.parallel.mesh import to_host
+    rounds, tokens, row_rounds = (int(x) for x in to_host(stats))
     dt = time.perf_counter() - t0
     self.times[phase] += dt
     if phase == "speculative":
@@ -350,7 +506,8 @@ class RolloutSession:
     eng = self.engine
     if self._in_flight is not None:
       self._finish_chunk()
-    done = np.asarray(self.state.done_B) | (self.row_ids < 0)
+    from tlt_jax.parallel.mesh import host_value
+    done = host_value(self.state.done_B) | (self.row_ids < 0)  # replicated: any host may read it
     active = np.flatnonzero(~done)
     if active.size == 0:
       self._copy_out(list(range(len(self.row_ids))))
@@ -361,8 +518,13 @@ class RolloutSession:
     if eng.compact and b < len(self.row_ids):
       t0 = time.perf_counter()
       self._copy_out(list(np.flatnonzero(done)))
-      idx = np.concatenate([active, np.repeat(active[:1], b - active.size)])
-      state = eng._take(self.state, jnp.asarray(idx))
+      idx = np.concatenate([active, np.repeat(active[:1], b - active.size)]).astype(np.int32)
+      if self.mesh is None:
+        state = eng._take(self.state, jnp.asarray(idx))
+      else:
+        from tlt_jax.parallel import mesh as mesh_lib
+        state = eng.take_jit(self.mesh, self.state, b)(
+            self.state, mesh_lib.put_global(idx, mesh_lib.replicated(self.mesh)))
       if b > active.size:
         state = state.replace(done_B=state.done_B.at[active.size:].set(True))
       self.state = state
@@ -377,11 +539,21 @@ class RolloutSession:
       strategy = None if tuple(strategy) == PLAIN else strategy
     t0 = time.perf_counter()
     if strategy is not None:
-      self.state, stats = eng.speculative.dispatch_chunk(self.params, self.drafter_params, self.state, strategy)
+      grow = eng.speculative.max_tokens_per_chunk(strategy)
+      window = live_window(self.live_bound + grow + eng.speculative.max_verify_tokens + 1,
+                           self.capacity, eng.window_block)
+      self.state, stats = eng.speculative.dispatch_chunk(self.params, self.drafter_params, self.state,
+                                                         strategy, window=window, mesh=self.mesh)
       phase = "speculative"
     else:
-      self.state, stats = eng._chunk(self.params, self.state)
+      grow = eng.chunk_size
+      window = live_window(self.live_bound + grow + 1, self.capacity, eng.window_block)
+      if self.mesh is None:
+        self.state, stats = eng._chunk(self.params, self.state, window=window)
+      else:
+        self.state, stats = eng.chunk_jit(self.mesh, self.params, self.state, window)(self.params, self.state)
       phase = "decode"
+    self.live_bound += grow
     self._in_flight = (phase, strategy, int(active.size), t0, stats)
     return True
 

@@ -166,7 +166,7 @@ def _draft_tree(tgt, drf, dcache, root_feat_BxD, L, d: int, k: int, n: int):
 
 
 def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: SamplingParams,
-                      eos_ids, catchup_width: int):
+                      eos_ids, catchup_width: int, window: int | None = None):
   """One draft-verify-accept round for the whole batch (see the module docstring).
 
   Returns (state, emitted_B) where emitted_B counts the tokens appended per active row.
@@ -198,7 +198,8 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
   pending = _rows(state.seq_BxS, L)
   blk_tok = jnp.concatenate([pending[:, None], node_tok], axis=1)
   blk_pos = L[:, None] + jnp.concatenate([jnp.zeros((b, 1), jnp.int32), node_depth], axis=1)
-  logits, hidden, tcache = tgt(blk_tok, blk_pos, cache=state.cache, attn_mask_BxTxT=blk_mask)
+  logits, hidden, tcache = tgt(blk_tok, blk_pos, cache=state.cache, attn_mask_BxTxT=blk_mask,
+                               kv_window=window)
 
   # 4. Target-only acceptance walk. Every block node j draws its own x_j ~ p_j up front (the
   # nodes on a path are distinct, so the draws along it are independent, as a sequential walk's
@@ -248,8 +249,9 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
 
 def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState, *,
                       strategy: Strategy, num_rounds: int, sp: SamplingParams, eos_ids,
-                      catchup_width: int):
-  """Up to `num_rounds` speculative rounds in one `lax.while_loop` (stops when all rows are done).
+                      catchup_width: int, window: int | None = None):
+  """Up to `num_rounds` speculative rounds in one `lax.while_loop` (stops when all rows are done);
+  the target's verification reads cache slots [0, window) (None: all).
 
   Returns (state, stats) with stats = (rounds, emitted tokens, active row-rounds).
   """
@@ -262,7 +264,7 @@ def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: Decod
   def body(carry):
     i, st, tokens, row_rounds = carry
     active = jnp.sum(~st.done_B)
-    st, n_new = speculative_round(tgt, drf, st, strategy, sp, eos_ids, catchup_width)
+    st, n_new = speculative_round(tgt, drf, st, strategy, sp, eos_ids, catchup_width, window)
     return i + 1, st, tokens + jnp.sum(n_new), row_rounds + active
 
   zero = jnp.int32(0)
@@ -306,23 +308,52 @@ class SpeculativeDecoder:
   def default_strategy(self) -> Strategy:
     return self.strategies[0]
 
-  def _chunk_fn(self, strategy: Strategy):
-    if strategy not in self._chunks:
-      self._chunks[strategy] = jax.jit(functools.partial(
-          speculative_chunk, self.target_graphdef, self.drafter_graphdef, strategy=strategy,
-          num_rounds=self.rounds_per_chunk, sp=self.sampling, eos_ids=self.eos_ids,
-          catchup_width=self.max_depth + 1), donate_argnums=(2,))
-    return self._chunks[strategy]
+  def max_tokens_per_chunk(self, strategy) -> int:
+    """The most tokens a row can gain in one chunk: (depth + 1) per round."""
+    return self.rounds_per_chunk * (Strategy.parse(strategy).depth + 1)
+
+  def chunk_partial(self, strategy: Strategy, window: int | None = None):
+    """`speculative_chunk` for `strategy` as a function of (tparams, dparams, state)."""
+    return functools.partial(
+        speculative_chunk, self.target_graphdef, self.drafter_graphdef, strategy=strategy,
+        num_rounds=self.rounds_per_chunk, sp=self.sampling, eos_ids=self.eos_ids,
+        catchup_width=self.max_depth + 1, window=window)
+
+  def _chunk_fn(self, strategy: Strategy, window: int | None = None, mesh=None, tparams=None,
+                dparams=None, state: DecodeState | None = None):
+    """The jitted chunk (state donated); on `mesh` with explicit in/out shardings (the params as
+    placed, the state by engine.state_shardings, statistics replicated)."""
+    from tlt_jax.rollout.engine import state_shardings
+    mesh_key = None if mesh is None else (tuple(d.id for d in mesh.devices.flat),
+                                          state.done_B.shape[0], state.seq_BxS.shape[1])
+    key = (strategy, window, mesh_key)
+    if key not in self._chunks:
+      fn = self.chunk_partial(strategy, window)
+      if mesh is None:
+        self._chunks[key] = jax.jit(fn, donate_argnums=(2,))
+      else:
+        from tlt_jax.parallel import mesh as mesh_lib
+        st, rep = state_shardings(state, mesh), mesh_lib.replicated(mesh)
+        of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+        self._chunks[key] = jax.jit(fn, in_shardings=(of(tparams), of(dparams), st),
+                                    out_shardings=(st, (rep, rep, rep)), donate_argnums=(2,))
+    return self._chunks[key]
 
   def draft_capacity(self, target_capacity: int) -> int:
     return target_capacity + self.max_nodes + self.max_depth + 1
 
-  def dispatch_chunk(self, tparams, dparams, state: DecodeState, strategy: Strategy | None = None):
+  def dispatch_chunk(self, tparams, dparams, state: DecodeState, strategy: Strategy | None = None,
+                     *, window: int | None = None, mesh=None):
     """Dispatches one chunk of rounds (asynchronously); prefills the drafter cache on the first
-    call for this state. Returns (state, (rounds, tokens, row_rounds) as device scalars)."""
+    call for this state. `window`: the target's live attention window (engine.live_window);
+    `mesh`: the group's, for explicit shardings. Returns (state, (rounds, tokens, row_rounds) as
+    device scalars)."""
     strategy = Strategy.parse(strategy) if strategy is not None else self.default_strategy
     if state.draft_cache is None:
       check_sizes(tparams, dparams)
-      state = state.replace(draft_cache=self._prefill(
-          tparams, dparams, state, capacity=self.draft_capacity(state.seq_BxS.shape[1])))
-    return self._chunk_fn(strategy)(tparams, dparams, state)
+      dcache = self._prefill(tparams, dparams, state, capacity=self.draft_capacity(state.seq_BxS.shape[1]))
+      if mesh is not None:
+        from tlt_jax.rollout.engine import state_shardings
+        dcache = jax.device_put(dcache, state_shardings(state.replace(draft_cache=dcache), mesh).draft_cache)
+      state = state.replace(draft_cache=dcache)
+    return self._chunk_fn(strategy, window, mesh, tparams, dparams, state)(tparams, dparams, state)

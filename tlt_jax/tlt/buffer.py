@@ -21,7 +21,9 @@ Row format (drafter/train.py): tokens [L] = x_0 .. x_{L-1} (prompt + response fr
 PAD after), hidden [L, H] = f_0 .. f_{L-1}, loss_mask[t] = 1 iff x_{t+1} is a response token.
 Every row is cut or padded to the buffer's fixed `seq_len` (one compiled drafter step).
 
-Bounded: a ring of `capacity` rows; the oldest are overwritten. Sampling prefers recent steps:
+Bounded: a ring of `capacity` rows; the oldest are overwritten. `rows_for_budget` turns a byte
+budget into that capacity (a 7B's rows of 9,216 tokens x 3,584 features are 66 MB each in
+bfloat16, `hidden_dtype`, half of float32's), so host memory is set by the config, not by L x H. Sampling prefers recent steps:
 row i, added at RL step s_i, is drawn (without replacement within a batch) with probability
 
   p_i ∝ decay^(s_now - s_i),     s_now = the newest step in the buffer,
@@ -33,11 +35,32 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from tlt_jax.tlt.bandit import _rng_state_from_json, _rng_state_to_json
 
 STATE_VERSION = 1
+HIDDEN_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def row_bytes(seq_len: int, hidden_size: int, hidden_dtype: str = "float32") -> int:
+  """Host bytes of one buffer row: tokens (int32) + loss mask (float32) + features."""
+  return int(seq_len) * (8 + int(hidden_size) * np.dtype(HIDDEN_DTYPES[hidden_dtype]).itemsize)
+
+
+def rows_for_budget(max_rows: int, budget_bytes: int, seq_len: int, hidden_size: int,
+                    hidden_dtype: str = "float32") -> int:
+  """Capacity = min(max_rows, budget_bytes // row_bytes) (budget 0: max_rows). ValueError naming
+  the budget when it holds no row."""
+  if budget_bytes <= 0:
+    return int(max_rows)
+  fit = int(budget_bytes) // row_bytes(seq_len, hidden_size, hidden_dtype)
+  if fit < 1:
+    raise ValueError(f"tlt.buffer_bytes={budget_bytes} holds no drafter buffer row of "
+                     f"{row_bytes(seq_len, hidden_size, hidden_dtype)} bytes (seq_len {seq_len} x "
+                     f"hidden {hidden_size} in {hidden_dtype}); allowed: >= one row, or 0 for no budget")
+  return min(int(max_rows), fit)
 
 
 class DrafterBuffer:
@@ -49,10 +72,11 @@ class DrafterBuffer:
     hidden_size: H, the target's feature width.
     decay: recency weight per RL step, in (0, 1].
     seed: seed of the sampling Generator (its state is part of `state_dict`).
+    hidden_dtype: "float32" or "bfloat16", the stored features' dtype.
   """
 
   def __init__(self, capacity: int, seq_len: int, hidden_size: int, *, decay: float = 0.5,
-               seed: int = 0, pad_id: int = 0):
+               seed: int = 0, pad_id: int = 0, hidden_dtype: str = "float32"):
     if capacity < 1 or seq_len < 2 or hidden_size < 1:
       raise ValueError(f"DrafterBuffer(capacity={capacity}, seq_len={seq_len}, hidden_size={hidden_size}):"
                        " need capacity >= 1, seq_len >= 2, hidden_size >= 1")
@@ -61,7 +85,10 @@ class DrafterBuffer:
     self.capacity, self.seq_len, self.hidden_size = int(capacity), int(seq_len), int(hidden_size)
     self.decay, self.pad_id = float(decay), int(pad_id)
     self.tokens = np.full((capacity, seq_len), pad_id, np.int32)
-    self.hidden = np.zeros((capacity, seq_len, hidden_size), np.float32)
+    if hidden_dtype not in HIDDEN_DTYPES:
+      raise ValueError(f"DrafterBuffer hidden_dtype={hidden_dtype!r}; allowed: {sorted(HIDDEN_DTYPES)}")
+    self.hidden_dtype = HIDDEN_DTYPES[hidden_dtype]
+    self.hidden = np.zeros((capacity, seq_len, hidden_size), self.hidden_dtype)
     self.loss_mask = np.zeros((capacity, seq_len), np.float32)
     self.steps = np.full((capacity,), -1, np.int64)  # RL step of each slot (-1: empty)
     self.position = 0  # next slot to write
@@ -124,7 +151,7 @@ class DrafterBuffer:
     length = min(max(len(t) for t, _, _ in sequences), self.seq_len)
     n = len(sequences)
     tokens = np.full((n, length), self.pad_id, np.int32)
-    hidden = np.zeros((n, length, self.hidden_size), np.float32)
+    hidden = np.zeros((n, length, self.hidden_size), self.hidden_dtype)
     loss_mask = np.zeros((n, length), np.float32)
     for i, (tok_T, feat_TxH, prompt_len) in enumerate(sequences):
       t = min(len(tok_T), length)
@@ -181,7 +208,7 @@ class DrafterBuffer:
       raise ValueError(f"saved drafter buffer (capacity, seq_len, hidden_size)={shape} != this buffer's "
                        f"{(self.capacity, self.seq_len, self.hidden_size)}")
     self.tokens = np.array(arrays["tokens"], np.int32)
-    self.hidden = np.array(arrays["hidden"], np.float32)
+    self.hidden = np.array(arrays["hidden"], self.hidden_dtype)
     self.loss_mask = np.array(arrays["loss_mask"], np.float32)
     self.steps = np.array(arrays["steps"], np.int64)
     self.position, self.count, self.added = int(meta["position"]), int(meta["count"]), int(meta["added"])

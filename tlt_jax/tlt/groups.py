@@ -6,9 +6,13 @@ decoding, and that idle time is where the drafter trains. Here a worker is a *ro
 the slice `mesh.devices[g*D/R : (g+1)*D/R]` of the data axis (D = data size), keeping every
 fsdp/tensor device of the slice, as a `Mesh` with the same axis names. Per group:
 
-  * the policy's params are replicated on the group's sub-mesh (`group.replicate`);
+  * the policy's params are laid out by the sampling rules (mesh.SAMPLE_RULES: tensor parallel
+    within the group, whole along fsdp, copied per group along data): `place_params` reshards
+    the training params ONCE on the whole mesh into that layout (weights never use the data
+    axis, so every group's slice holds a complete copy) and hands each group a zero-copy view of
+    its own devices' shards. Multi-host safe: each process only touches its own shards;
   * its share of the batch (contiguous GRPO prompt groups, `split_rows`) is sharded over the
-    sub-mesh's batch axes (`group.place_batch`);
+    sub-mesh's batch axes (`group.place_batch`, built shard by shard on each process);
   * its rollout is one `RolloutSession`, whose chunks are dispatched asynchronously, so one host
     thread keeps all groups busy (tlt/scheduler.py).
 
@@ -39,6 +43,7 @@ class RolloutGroup:
   index: int
   mesh: Mesh
   rules: Mapping[str, Any] = dataclasses.field(default_factory=lambda: mesh_lib.SAMPLE_RULES)
+  parent: Mesh | None = None  # the mesh the group was cut from
 
   @property
   def devices(self) -> tuple[jax.Device, ...]:
@@ -49,13 +54,44 @@ class RolloutGroup:
     return self.mesh.size
 
   def replicate(self, tree: Any) -> Any:
-    """`tree` (e.g. the policy's or the drafter's params) replicated on every device of the group."""
-    return jax.device_put(tree, NamedSharding(self.mesh, P()))
+    """`tree` (e.g. the drafter's params, an RNG key) replicated on every device of the group."""
+    if jax.process_count() == 1:
+      return jax.device_put(tree, NamedSharding(self.mesh, P()))
+    return jax.tree.map(lambda x: mesh_lib.put_global(x, NamedSharding(self.mesh, P())), tree)
 
   def place_batch(self, x_BxN: np.ndarray) -> jax.Array:
     """A [B, ...] host array split over the group's batch axes (replicated when B does not divide)."""
-    return jax.device_put(x_BxN, mesh_lib.batch_sharding(self.mesh, np.ndim(x_BxN), self.rules,
-                                                         np.shape(x_BxN)[0]))
+    return mesh_lib.put_global(x_BxN, mesh_lib.batch_sharding(self.mesh, np.ndim(x_BxN), self.rules,
+                                                              np.shape(x_BxN)[0]))
+
+  def view(self, x: jax.Array) -> jax.Array:
+    """The group's part of an array laid out on the parent mesh with a spec that does not use
+    the data axis (so the group's devices hold all of it): a zero-copy array on the group's mesh."""
+    sharding = NamedSharding(self.mesh, x.sharding.spec)
+    mine = set(self.mesh.devices.flat)
+    shards = [s.data for s in x.addressable_shards if s.device in mine]
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+
+
+def _uses_data_axis(spec) -> bool:
+  return any(a == "data" or (isinstance(a, tuple) and "data" in a) for a in spec)
+
+
+def place_params(tree: Any, groups: Sequence[RolloutGroup]) -> list[Any]:
+  """`tree` (the policy's params, any layout) laid out by each group's sampling rules on its
+  devices, one tree per group (see the module docstring). When the groups come from one parent
+  mesh that holds `tree`, this is one reshard on that mesh plus per-group views; otherwise each
+  group gets its own copy."""
+  parent = groups[0].parent
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  on_parent = parent is not None and leaves and all(
+      set(x.sharding.device_set) == set(parent.devices.flat) for x in leaves)
+  layout = lambda mesh: mesh_lib.tree_shardings(tree, mesh, groups[0].rules)  # noqa: E731
+  if on_parent:
+    full = jax.device_put(tree, layout(parent))
+    if not any(_uses_data_axis(x.sharding.spec) for x in jax.tree.leaves(full)):
+      return [jax.tree.map(g.view, full) for g in groups]
+  return [jax.device_put(tree, layout(g.mesh)) for g in groups]
 
 
 def split_mesh(mesh: Mesh, num_groups: int) -> list[RolloutGroup]:
@@ -78,7 +114,7 @@ def split_mesh(mesh: Mesh, num_groups: int) -> list[RolloutGroup]:
   groups = []
   for g in range(int(num_groups)):
     devices = np.take(mesh.devices, np.arange(g * per, (g + 1) * per), axis=axis)
-    groups.append(RolloutGroup(g, Mesh(devices, mesh.axis_names)))
+    groups.append(RolloutGroup(g, Mesh(devices, mesh.axis_names), parent=mesh))
   return groups
 
 

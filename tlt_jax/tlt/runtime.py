@@ -32,7 +32,7 @@ from tlt_jax.rollout.engine import PLAIN, RolloutEngine, RolloutResult
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
 from tlt_jax.tlt.bandit import BegMab
-from tlt_jax.tlt.buffer import DrafterBuffer
+from tlt_jax.tlt.buffer import DrafterBuffer, rows_for_budget
 from tlt_jax.tlt.groups import split_mesh
 from tlt_jax.tlt.scheduler import DrafterTrainer, HostScheduler, target_head
 
@@ -85,18 +85,24 @@ class TLTRuntime:
     self.engine = RolloutEngine(
         graphdef, sampling, eos_ids=tuple(eos_ids), pad_id=pad_id, chunk_size=int(r.chunk_size),
         buckets=tuple(int(b) for b in r.buckets), max_context=model_cfg.max_position_embeddings,
-        speculative=decoder, spec_threshold=int(r.spec_threshold) if decoder is not None else 0)
+        speculative=decoder, spec_threshold=int(r.spec_threshold) if decoder is not None else 0,
+        window_block=int(r.get("window_block", 0)))
     self.bandit = None
     if self.speculative:
       buckets = tuple(b for b in self.engine.buckets if b <= int(r.spec_threshold)) or (int(r.spec_threshold),)
       self.bandit = BegMab(arms, buckets=buckets, epsilon=float(t.bandit_epsilon),
                            window=int(t.bandit_window), seed=int(config.seed))
     self.buffer, self.trainer, static = None, None, None
+    self.checkpoint_buffer = bool(t.get("checkpoint_buffer", True))
     self.drafter_state = None if drafter is None else drafter[1]
     if self.train_drafter:
       dgraph, state, tx = drafter
-      self.buffer = DrafterBuffer(int(t.buffer_capacity), int(seq_len), model_cfg.hidden_size,
-                                  decay=float(t.buffer_decay), seed=int(config.seed), pad_id=pad_id)
+      dtype = str(t.get("buffer_dtype", "float32"))
+      capacity = rows_for_budget(int(t.buffer_capacity), int(t.get("buffer_bytes", 0)), int(seq_len),
+                                 model_cfg.hidden_size, dtype)
+      self.buffer = DrafterBuffer(capacity, int(seq_len), model_cfg.hidden_size,
+                                  decay=float(t.buffer_decay), seed=int(config.seed), pad_id=pad_id,
+                                  hidden_dtype=dtype)
       self.trainer = DrafterTrainer(lambda mesh: make_drafter_train_step(dgraph, tx, model_cfg, mesh=mesh),
                                     state, self.groups, self.buffer, int(t.drafter_batch_size))
     elif self.speculative:
@@ -125,7 +131,8 @@ class TLTRuntime:
       return {}
     rows = np.flatnonzero(~np.asarray(buffered_rows, bool))
     if rows.size:
-      tokens, mask, hidden = jax.device_get((batch["tokens"], batch["response_mask"], hidden_BxLxH))
+      tokens, mask, hidden = (mesh_lib.gather_to_host(x) for x in (batch["tokens"], batch["response_mask"],
+                                                                   hidden_BxLxH))
       self.buffer.add_update_batch(tokens, hidden, mask, step, rows=rows)
     out = self.scheduler.train_between_steps(target_head(self.graphdef, next_params))
     record = {"buffer_rows": len(self.buffer)}
@@ -168,7 +175,7 @@ class TLTRuntime:
     state = self.trainer.state if self.trainer is not None else self.drafter_state
     if state is not None:
       tree["drafter"] = state
-    if self.buffer is not None:
+    if self.buffer is not None and self.checkpoint_buffer:  # tlt.checkpoint_buffer=False: kept out
       tree["drafter_buffer"] = self.buffer.state_dict()["arrays"]
     return tree
 
@@ -177,7 +184,7 @@ class TLTRuntime:
     meta: dict[str, Any] = {"speculative": self.speculative, "train_drafter": self.train_drafter}
     if self.trainer is not None:
       meta["drafter_version"] = self.trainer.version
-    if self.buffer is not None:
+    if self.buffer is not None and self.checkpoint_buffer:
       meta["buffer"] = self.buffer.state_dict()["meta"]
     if self.bandit is not None:
       meta["bandit"] = self.bandit.state_dict()

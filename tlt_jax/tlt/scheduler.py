@@ -61,7 +61,7 @@ from tlt_jax.drafter.train import (DrafterTrainState, TargetHead, drafter_state_
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rollout.engine import RolloutResult
 from tlt_jax.tlt.buffer import DrafterBuffer
-from tlt_jax.tlt.groups import RolloutGroup, split_rows, union_mesh
+from tlt_jax.tlt.groups import RolloutGroup, place_params, split_rows, union_mesh
 
 SINGLE_GROUP_MODES = ("between_steps", "off")
 PHASES = ("decode", "train", "idle")
@@ -263,7 +263,7 @@ class HostScheduler:
                       drafter_params):
     return self.engine.start(params, prompt_BxP, prompt_len_B, max_new_B, rng, drafter_params,
                              self.selector, place_batch=group.place_batch,
-                             collect_features=self._collect_now)
+                             collect_features=self._collect_now, mesh=group.mesh)
 
   def _drafter_for(self, g: int):
     if self.trainer is not None:
@@ -374,12 +374,13 @@ class HostScheduler:
         train_groups = idle
 
     active = []
+    group_params = place_params(params, self.groups)  # sampling layout, one reshard for all groups
     for g, group in enumerate(self.groups):  # each group's prefill overlaps the others' first chunks
       if not len(rows[g]):
         continue
       r = rows[g]
       _, dparams = self._drafter_for(g)
-      sessions[g] = self._start_session(group, group.replicate(params), prompt_BxP[r], prompt_len_B[r],
+      sessions[g] = self._start_session(group, group_params[g], prompt_BxP[r], prompt_len_B[r],
                                         max_new_N[r], group.replicate(jax.random.fold_in(rng, g)), dparams)
       if advance(g):
         active.append(g)

@@ -33,7 +33,7 @@ def create_train_state(params: nnx.State, tx: optax.GradientTransformation, mesh
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   step = jnp.zeros((), jnp.int32)
   if mesh is not None:
-    step = jax.device_put(step, mesh_lib.replicated(mesh))
+    step = mesh_lib.put_global(step, mesh_lib.replicated(mesh))  # multi-host safe
   return TrainState(step=step, params=params, opt_state=opt_state)
 
 
