@@ -109,6 +109,8 @@ def evaluate(policy, setup, examples, samples: int) -> dict:
   out = {}
   for band in ["all"] + [b for b, _, _ in DIFFICULTY_BANDS]:
     rows = [i for i, b in enumerate(bands) if band in ("all", b)]
+    if not rows:
+      continue  # e.g. a task without hard problems
     picked = [s[i] for s in sampled for i in rows]
     out[band] = dict(
         greedy_acc=float(np.mean([greedy[i].correct for i in rows])),
