@@ -72,16 +72,19 @@ def run_sft(model, tx, batches: Callable[[int], dict[str, np.ndarray]], steps: i
             micro_batches: int = 1, log_every: int = 25, on_log: Callable[[int, dict], None] | None = None,
             evaluate: Callable[[Any], dict] | None = None, eval_every: int = 0,
             state: TrainState | None = None, on_step: Callable[[TrainState], None] | None = None,
-            show_progress: bool = True):
+            show_progress: bool = True, step_fn: Callable | None = None):
   """Runs `steps` SFT updates. `batches(step)` returns the host batch of that step (so a resumed
   run sees the same data). Every `log_every` steps (and at the last) the metrics, with the
   evaluation's when due, go to `on_log(step, record)` and the history. A progress bar ("sft")
-  shows the latest loss and token accuracy. Returns (model, state, history)."""
+  shows the latest loss and token accuracy. `step_fn`: an already compiled `make_sft_step` of
+  the same model and optimizer structure (e.g. an LR-table optimizer of the same length), so
+  that a sweep compiles once. Returns (model, state, history)."""
   from tlt_jax.utils.console import progress
   graphdef, params = nnx.split(model)
   if state is None:
     state = create_train_state(params, tx, mesh)
-  step_fn = make_sft_step(graphdef, tx, state, mesh, micro_batches)
+  if step_fn is None:
+    step_fn = make_sft_step(graphdef, tx, state, mesh, micro_batches)
   history = []
   t0 = time.perf_counter()
   start = int(state.step)
