@@ -83,7 +83,9 @@ def topology(name: str) -> Topology:
 def tpu_env(topo: Topology) -> dict[str, str]:
   """Environment that keeps libtpu from probing for a real TPU on this machine (STACK-NOTES)."""
   return {"TPU_ACCELERATOR_TYPE": topo.name, "TPU_WORKER_HOSTNAMES": "localhost",
-          "TPU_SKIP_MDS_QUERY": "1"}
+          "TPU_SKIP_MDS_QUERY": "1",
+          # compile-only: several processes (pytest-xdist workers, two pod compiles) may load libtpu
+          "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def topology_devices(topo: Topology) -> list:
@@ -101,7 +103,9 @@ def topology_devices(topo: Topology) -> list:
   except Exception as e:  # noqa: BLE001 - libtpu missing or refusing: one clear line
     raise RuntimeError(f"cannot build the {topo.name} topology ({topo.topology}): {e}. Install the TPU "
                        "compiler with `pip install -e .[tpu]` (libtpu==0.0.42)") from None
-  return list(desc.devices)
+  # by id, as jax.devices() orders them on the pod (a rollout group is then ids 0..n-1, which
+  # the TPU compiler needs of a program that runs on part of the slice)
+  return sorted(desc.devices, key=lambda d: d.id)
 
 
 # ------------------------------------------------------------------------------- abstract values
