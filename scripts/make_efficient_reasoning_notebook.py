@@ -2,6 +2,8 @@
 
 import nbformat as nbf
 
+from notebook_cells import SETUP
+
 nb = nbf.v4.new_notebook()
 cells = []
 md = lambda s: cells.append(nbf.v4.new_markdown_cell(s))  # noqa: E731
@@ -14,19 +16,8 @@ responses to the same prompt) and RLOO advantages gives, one alpha per model, a 
 accuracy for length. This notebook drives the same library code as
 `experiments/efficient_reasoning.py`, at a size that runs in a minute or two on a CPU: a tiny SFT
 policy, two alphas, two RL steps each. The full-size table is in the README.""")
-code("""import os, sys, subprocess
-if 'google.colab' in sys.modules:  # fresh Colab: fetch and install the repo first
-  if not os.path.exists('tlt_jax'):
-    repo = os.environ.get('TLT_REPO')
-    if not repo:
-      raise SystemExit('Set TLT_REPO to the git URL of your tlt_jax clone first')
-    subprocess.run(['git', 'clone', repo, 'tlt_jax_repo'], check=True)
-    os.chdir('tlt_jax_repo')
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', 'requirements.txt', '-e', '.'], check=True)
-while not os.path.exists('configs/default.py') and os.getcwd() != '/':
-  os.chdir('..')
-sys.path.insert(0, os.getcwd())
-print(os.getcwd())""")
+code(SETUP)
+
 md("""The reward on one hand-made group: among correct answers, shorter ones score more; a wrong or
 unfinished (no EOS) response scores 0.""")
 code("""import numpy as np

@@ -6,6 +6,8 @@ import os
 
 import nbformat as nbf
 
+from notebook_cells import SETUP
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 nb = nbf.v4.new_notebook()
@@ -23,21 +25,11 @@ With step sizes η_t = γ·s_t (base LR γ, shape s), the bound is `t1/γ + γ(t
 `γ* = sqrt(t1/(t2+t3))` with value `2·sqrt(t1(t2+t3))` (`tlt_jax.train.optim.optimal_base_lr`).
 This notebook computes the bound's predictions, then checks them with small SFT runs of the same code
 as `experiments/lr_schedules.py` (a few minutes here; the experiment is the full run).""")
-code("""import os, sys, subprocess
-if 'google.colab' in sys.modules:  # fresh Colab: fetch and install the repo first
-  if not os.path.exists('tlt_jax'):
-    repo = os.environ.get('TLT_REPO')
-    if not repo:
-      raise SystemExit('Set TLT_REPO to the git URL of your tlt_jax clone first, e.g. '
-                       'os.environ["TLT_REPO"] = "https://github.com/<you>/tlt_jax"')
-    subprocess.run(['git', 'clone', repo, 'tlt_jax_repo'], check=True)
-    os.chdir('tlt_jax_repo')
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', 'requirements.txt', '-e', '.'], check=True)
-while not os.path.exists('configs/default.py') and os.getcwd() != '/':
-  os.chdir('..')
-# the size of the SFT runs below: 'notebook' (about two minutes on a CPU) or 'test' (seconds)
+code(SETUP)
+code("""# the size of the SFT runs below: 'notebook' (about two minutes on a CPU) or 'test' (seconds)
 SIZE = os.environ.get('LR_SCHEDULES_NOTEBOOK_SIZE', 'notebook')
-print(os.getcwd(), SIZE)""")
+print(SIZE)""")
+
 md("""## 1. The bound's predictions
 
 Registered schedule shapes: `constant`, `cosine`, `wsd` (linear cooldown), `wsd_sqrt` (1−sqrt cooldown),

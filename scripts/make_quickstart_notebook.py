@@ -1,4 +1,6 @@
 import nbformat as nbf
+
+from notebook_cells import SETUP
 nb = nbf.v4.new_notebook()
 cells = []
 md = lambda s: cells.append(nbf.v4.new_markdown_cell(s))
@@ -8,20 +10,8 @@ md("""# tlt_jax quickstart (Colab CPU or local)
 Drives the same library code as `python -m tlt_jax.main`: SFT warm start of a tiny policy on the
 chain-of-thought addition task, EAGLE drafter warm-up, then lossless speculative decoding checked
 against plain decoding. Tiny sizes so that it runs in about a minute on a CPU.""")
-code("""import os, sys, subprocess
-if 'google.colab' in sys.modules:  # fresh Colab: fetch and install the repo first
-  if not os.path.exists('tlt_jax'):
-    repo = os.environ.get('TLT_REPO')
-    if not repo:
-      raise SystemExit('Set TLT_REPO to the git URL of your tlt_jax clone first, e.g. '
-                       'os.environ["TLT_REPO"] = "https://github.com/<you>/tlt_jax"')
-    subprocess.run(['git', 'clone', repo, 'tlt_jax_repo'], check=True)
-    os.chdir('tlt_jax_repo')
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', 'requirements.txt', '-e', '.'], check=True)
-# run from the repository root
-while not os.path.exists('configs/default.py') and os.getcwd() != '/':
-  os.chdir('..')
-print(os.getcwd())""")
+code(SETUP)
+
 code("""import tempfile, json
 import jax, numpy as np
 from flax import nnx

@@ -7,6 +7,8 @@ import os
 
 import nbformat as nbf
 
+from notebook_cells import SETUP
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 nb = nbf.v4.new_notebook()
@@ -20,21 +22,8 @@ of LLMs for Logical Reasoning*): generate a puzzle, check with a SAT solver and 
 its solution is unique, measure its difficulty (search space and Z3 conflicts), then warm-start a
 tiny policy on solver traces and evaluate it with best-of-N and majority-of-N. Tiny sizes, so that
 it runs in under a minute on a CPU; `experiments/zebra_scaling.py` is the full run.""")
-code("""import os, sys, subprocess
-if 'google.colab' in sys.modules:  # fresh Colab: fetch and install the repo first
-  if not os.path.exists('tlt_jax'):
-    repo = os.environ.get('TLT_REPO')
-    if not repo:
-      raise SystemExit('Set TLT_REPO to the git URL of your tlt_jax clone first, e.g. '
-                       'os.environ["TLT_REPO"] = "https://github.com/<you>/tlt_jax"')
-    subprocess.run(['git', 'clone', repo, 'tlt_jax_repo'], check=True)
-    os.chdir('tlt_jax_repo')
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', 'requirements.txt', '-e', '.'], check=True)
-# run from the repository root
-while not os.path.exists('configs/zebra.py') and os.getcwd() != '/':
-  os.chdir('..')
-sys.path.insert(0, os.getcwd())
-print(os.getcwd())""")
+code(SETUP)
+
 md("## 1. Generate a puzzle")
 code("""import numpy as np
 from tlt_jax.data.zebra import render

@@ -264,23 +264,3 @@ def test_heldout_loss_equals_the_sft_loss_before_the_update():
   np.testing.assert_allclose(out["val_token_acc"], float(metrics["token_acc"]), rtol=1e-5)
   # two batches: the token-weighted mean
   np.testing.assert_allclose(two_batches["val_loss"], out["val_loss"], rtol=1e-5)
-
-
-# --- the notebook --------------------------------------------------------------------------
-
-
-def test_lr_schedules_notebook_runs():
-  import nbformat
-  from nbclient import NotebookClient
-  nb = nbformat.read(os.path.join(ROOT, "colab", "lr_schedules.ipynb"), as_version=4)
-  env_flags = os.environ.pop("XLA_FLAGS", None)  # the notebook runs with the default one device
-  os.environ["LR_SCHEDULES_NOTEBOOK_SIZE"] = "test"
-  try:
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
-  finally:
-    os.environ.pop("LR_SCHEDULES_NOTEBOOK_SIZE", None)
-    if env_flags is not None:
-      os.environ["XLA_FLAGS"] = env_flags
-  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-  assert "predicted gamma*(wsd)/gamma*(cosine)" in outputs
-  assert "measured final val_loss" in outputs

@@ -8,23 +8,24 @@ from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# notebook -> text its outputs must contain
+# notebook -> (text its outputs must contain, environment it runs with)
 NOTEBOOKS = {
-    "quickstart.ipynb": ["identical outputs; accept length"],
-    "zebra.ipynb": ["unique solution (SAT and brute force", "evaluated 12 puzzles", "'size': '3x3'"],
-    "efficient_reasoning.ipynb": ["family evaluated: ['0.0', '0.4', 'sft']"],
+    "quickstart.ipynb": (["identical outputs; accept length"], {}),
+    "zebra.ipynb": (["unique solution (SAT and brute force", "evaluated 12 puzzles", "'size': '3x3'"], {}),
+    "efficient_reasoning.ipynb": (["family evaluated: ['0.0', '0.4', 'sft']"], {}),
+    "lr_schedules.ipynb": (["predicted gamma*(wsd)/gamma*(cosine)", "measured final val_loss"],
+                           {"LR_SCHEDULES_NOTEBOOK_SIZE": "test"}),
 }
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
-def test_notebook_runs(name):
+def test_notebook_runs(name, monkeypatch):
+  expected, env = NOTEBOOKS[name]
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # a notebook runs with the default one device
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
   nb = nbformat.read(os.path.join(ROOT, "colab", name), as_version=4)
-  env_flags = os.environ.pop("XLA_FLAGS", None)  # a notebook runs with the default one device
-  try:
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
-  finally:
-    if env_flags is not None:
-      os.environ["XLA_FLAGS"] = env_flags
+  NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-  for expected in NOTEBOOKS[name]:
-    assert expected in outputs, f"{name}: {expected!r} not in the outputs"
+  for text in expected:
+    assert text in outputs, f"{name}: {text!r} not in the outputs"
