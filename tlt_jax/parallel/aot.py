@@ -421,9 +421,10 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
   with_ref = float(rl.kl_coef) > 0 or bool(rl.get("track_kl", False))
 
   def logprob():
-    fn = make_logprob_fn(graphdef, float(r.temperature) or 1.0, train_params, mesh)
+    fn = make_logprob_fn(graphdef, float(r.temperature) or 1.0, train_params, mesh,
+                         micro_batches=int(rl.micro_batches))
     return fn, (train_params, row(jnp.int32), row(jnp.int32), row(jnp.int32), row(jnp.float32),
-                row(jnp.float32)), f"{n_rows} rows x {length} tokens"
+                row(jnp.float32)), f"{n_rows} rows x {length} tokens, {rl.micro_batches} micro-batches"
   steps.append(("logprob_forward", logprob))
 
   def update():

@@ -241,7 +241,7 @@ class RLTrainer:
     self.update_step = make_policy_update_step(self.graphdef, self.tx, self.update_cfg, self.state,
                                                self.mesh, with_ref=self.with_ref)
     self.logprob_fn = make_logprob_fn(self.graphdef, self.sampling.temperature, self.state.params,
-                                      self.mesh)
+                                      self.mesh, micro_batches=int(rl.micro_batches))
     self.advantage_fn = jax.jit(advantages_lib.get_advantage(rl.advantage))
     weights = {k: float(v) for k, v in dict(rl.rewards).items()}
     kwargs = {k: dict(v) for k, v in dict(rl.reward_kwargs).items() if float(weights.get(k, 0.0))}

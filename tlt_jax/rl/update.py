@@ -205,18 +205,29 @@ def logprob_gap_metrics(sampler_BxL: Array, recomputed_BxL: Array, mask_BxL: Arr
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, temperature: float, params_like: Any = None,
-                    mesh: Mesh | None = None):
+                    mesh: Mesh | None = None, micro_batches: int = 1):
   """Jitted `(params, tokens, positions, segment_ids, response_mask, sampler_logprobs) ->
   (logp_BxL, metrics)`:
   a forward without gradients that recomputes log-probs (old ones before the update, or the
   reference policy's) and their gap to the sampler's (`logprob_gap_metrics`).
 
   With `mesh`, params keep the shardings of `params_like` and the batch is split over 'batch'.
+  With `micro_batches` > 1 the rows go through the forward in that many slices (`lax.map`, as
+  the update's micro-batches), so the [rows, L, V] logits of only one slice exist at a time.
   """
 
+  def forward(params, tokens_BxL, positions_BxL, segment_ids_BxL):
+    return policy_forward(graphdef, params, tokens_BxL, positions_BxL, segment_ids_BxL,
+                          temperature, mesh)[0]
+
   def fn(params, tokens_BxL, positions_BxL, segment_ids_BxL, mask_BxL, sampler_BxL):
-    logp_BxL, _, _ = policy_forward(graphdef, params, tokens_BxL, positions_BxL, segment_ids_BxL,
-                                    temperature, mesh)
+    if micro_batches == 1:
+      logp_BxL = forward(params, tokens_BxL, positions_BxL, segment_ids_BxL)
+    else:
+      split = lambda x: x.reshape((micro_batches, -1) + x.shape[1:])  # noqa: E731
+      logp_MxBxL = jax.lax.map(lambda a: forward(params, *a),
+                               (split(tokens_BxL), split(positions_BxL), split(segment_ids_BxL)))
+      logp_BxL = logp_MxBxL.reshape(tokens_BxL.shape)
     return logp_BxL, logprob_gap_metrics(sampler_BxL, logp_BxL, mask_BxL)
 
   if mesh is None:
