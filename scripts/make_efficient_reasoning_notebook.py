@@ -27,7 +27,8 @@ task = get_task('arith')
 ex = task.make_example(47, 5)
 right = ex.trace
 fn = rewards.get_reward('length_penalty', alpha=0.4)
-r = fn([right, right + '|R:7+5=12', 'A:1', right], [True, True, True, False], [10, 20, 4, 10], ex, task)
+longer = right.replace(';A:', '|R:7+5=12;A:')  # the same answer after a redundant re-check
+r = fn([right, longer, 'A:1', right], [True, True, True, False], [len(right), len(longer), 3, len(right)], ex, task)
 print(np.round(r, 3))
 assert r[0] > r[1] > 0 and r[2] == 0 and r[3] == 0""")
 code("""import tempfile

@@ -74,7 +74,7 @@ CONFIG_CASES = [
     ({"rl.lr": -1.0}, r"config\.rl\.lr=-1\.0 is not allowed; allowed: a float > 0"),
     ({"model.num_kv_heads": 3}, r"config\.model\.num_kv_heads=3 is not allowed; allowed: a divisor of config\.model\.num_heads=4: \[1, 2, 4\]"),
     ({"sft.steps": 2}, r"config\.sft\.warmup_steps=4 is not allowed with config\.sft\.steps=2; allowed: an int in \[0, 2\]"),
-    ({"sft.schedule": "step"}, r"config\.sft\.schedule='step' is not allowed; allowed: one of \('constant', 'cosine', 'wsd'\)"),
+    ({"sft.schedule": "step"}, r"config\.sft\.schedule='step' is not allowed; allowed: one of \('constant', 'cosine', 'wsd', 'wsd_sqrt'"),
     ({"rl.schedule": "linear"}, r"config\.rl\.schedule='linear' is not allowed; allowed: one of"),
     ({"rl.warmup_steps": 9}, r"config\.rl\.warmup_steps=9 is not allowed with config\.rl\.steps=4; allowed: an int in \[0, 4\]"),
     ({"task.name": "sudoku"}, r"config\.task\.name='sudoku' is not allowed; allowed: one of \(.*'arith'"),

@@ -179,6 +179,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def _on_multi_host_tpu() -> bool:
+  """A TPU slice of several hosts (TPU_WORKER_HOSTNAMES lists more than one), with the TPU
+  platform allowed. A single host needs no initialisation, and a compile-only libtpu setup
+  (parallel/aot.py sets TPU_WORKER_HOSTNAMES=localhost) or JAX_PLATFORMS=cpu is no pod."""
+  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  return len(hosts) > 1 and (not platforms or "tpu" in platforms)
+
+
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                                  process_id: int | None = None) -> bool:
   """Calls `jax.distributed.initialize` for multi-host runs.
@@ -192,7 +201,7 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
     num_processes = int(os.environ["JAX_NUM_PROCESSES"])
   if process_id is None and "JAX_PROCESS_ID" in os.environ:
     process_id = int(os.environ["JAX_PROCESS_ID"])
-  if coordinator is None and os.environ.get("TPU_WORKER_HOSTNAMES") is None:
+  if coordinator is None and not _on_multi_host_tpu():
     return False
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id)
