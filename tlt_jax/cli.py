@@ -85,11 +85,9 @@ def exit_on_bad_override(argv: list[str], error: Exception):
     if arg.startswith("--config.") and config is not None:
       message = config_lib.unknown_key_message(config, arg[len("--config."):].split("=", 1)[0])
       if message:
-        print(f"config error: {arg}: {message}", file=sys.stderr)
-        sys.exit(2)
-  print(f"config error: could not apply the config overrides: {type(error).__name__}: {error}",
-        file=sys.stderr)
-  sys.exit(2)
+        exit_on_input_error(config_lib.ConfigError(f"{arg}: {message}"))
+  exit_on_input_error(config_lib.ConfigError(
+      f"could not apply the config overrides: {type(error).__name__}: {error}"))
 
 
 def cpu_devices_needed(argv: list[str]) -> int:
@@ -123,7 +121,6 @@ def skip_absent_tpu() -> None:
   s: say JAX_PLATFORMS=cpu instead, unless the user chose platforms or the machine has
   accelerator device files (TPU /dev/accel*, /dev/vfio/<n>; GPU /dev/nvidia*)."""
   import glob
-  import importlib.util
   if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
     return
   if any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")):

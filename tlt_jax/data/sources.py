@@ -305,6 +305,20 @@ def _report_skipped(path: str, skipped: list[str], total: int) -> None:
                 len(skipped), total, path, "; ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
 
 
+def _parse_records(path: str, items, parse, on_bad_record: str) -> tuple[list[dict], list[str]]:
+  """(records, skipped): `parse(where, raw)` of every (where, raw) of `items`. A DataError it
+  raises stops the load (on_bad_record="error") or skips that item, its message kept."""
+  records, skipped = [], []
+  for where, raw in items:
+    try:
+      records.append(parse(where, raw))
+    except DataError as e:
+      if on_bad_record == "error":
+        raise
+      skipped.append(str(e).replace(f"{path}, ", ""))
+  return records, skipped
+
+
 def load_jsonl(path: str, question_field: str | None = None, answer_field: str | None = None,
                on_bad_record: str = "error") -> list[dict]:
   """Reads question/answer records, one JSON object a line (blank lines skipped).
@@ -316,32 +330,26 @@ def load_jsonl(path: str, question_field: str | None = None, answer_field: str |
   field) is skipped, counted and logged instead; a file with no usable record still raises.
   """
   path = _check_file(path, JSONL_SUFFIXES, "JSONL")
-  records, skipped, total = [], [], 0
+
+  def parse(where, line):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+      raise DataError(f"{where}: expected a JSON object with question/answer fields, got {type(row).__name__}")
+    qf = _pick_field(list(row), question_field, QUESTION_FIELDS, "question", where)
+    af = _pick_field(list(row), answer_field, ANSWER_FIELDS, "answer", where)
+    return _record(row, qf, af, where)
+
   with open(path, encoding="utf-8", errors="replace") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      total += 1
-      where = f"{path}, line {lineno}"
-      try:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-          raise DataError(f"{where}: expected a JSON object with question/answer fields, got {type(row).__name__}")
-        qf = _pick_field(list(row), question_field, QUESTION_FIELDS, "question", where)
-        af = _pick_field(list(row), answer_field, ANSWER_FIELDS, "answer", where)
-        records.append(_record(row, qf, af, where))
-      except DataError as e:
-        if on_bad_record == "error":
-          raise
-        skipped.append(str(e).replace(f"{path}, ", ""))
+    lines = [(f"{path}, line {lineno}", line) for lineno, line in enumerate(f, start=1) if line.strip()]
+  records, skipped = _parse_records(path, lines, parse, on_bad_record)
   if not records:
-    raise DataError(f"JSONL file {path!r} holds no usable records ({total} lines with text, "
+    raise DataError(f"JSONL file {path!r} holds no usable records ({len(lines)} lines with text, "
                     f"{len(skipped)} unusable); allowed: one JSON object a line with question and "
                     "answer fields")
-  _report_skipped(path, skipped, total)
+  _report_skipped(path, skipped, len(lines))
   return records
 
 
@@ -362,14 +370,8 @@ def load_parquet(path: str, question_field: str | None = None, answer_field: str
   af = _pick_field(names, answer_field, ANSWER_FIELDS, "answer", f"{path}, columns")
   columns = [qf, af] + [c for c in EXTRA_FIELDS if c in names and c not in (qf, af)]
   rows = pq.read_table(path, columns=columns).to_pylist()
-  records, skipped = [], []
-  for i, row in enumerate(rows):
-    try:
-      records.append(_record(row, qf, af, f"{path}, row {i}"))
-    except DataError as e:
-      if on_bad_record == "error":
-        raise
-      skipped.append(str(e).replace(f"{path}, ", ""))
+  records, skipped = _parse_records(path, ((f"{path}, row {i}", row) for i, row in enumerate(rows)),
+                                    lambda where, row: _record(row, qf, af, where), on_bad_record)
   if not records:
     raise DataError(f"parquet file {path!r} holds no usable rows ({len(rows)} rows, {len(skipped)} "
                     "unusable); allowed: rows with text question and answer columns")
