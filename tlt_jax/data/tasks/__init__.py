@@ -1,9 +1,10 @@
 """Task registry: `get_task(name, **kwargs)` builds any task registered with `@register_task`."""
 
-from tlt_jax.data.tasks.base import Example, Task, get_task, register_task, registered_tasks, task_options
+from tlt_jax.data.tasks.base import (Example, Task, TraceCheck, get_task, register_task, registered_tasks,
+                                     task_options)
 from tlt_jax.data.tasks.arith import ArithTask
 from tlt_jax.data.tasks.file_task import FileTask, MathFileTask
 from tlt_jax.data.tasks.zebra import ZebraTask
 
-__all__ = ["Example", "Task", "get_task", "register_task", "registered_tasks", "task_options", "ArithTask",
-           "FileTask", "MathFileTask", "ZebraTask"]
+__all__ = ["Example", "Task", "TraceCheck", "get_task", "register_task", "registered_tasks", "task_options",
+           "ArithTask", "FileTask", "MathFileTask", "ZebraTask"]

@@ -30,7 +30,7 @@ import dataclasses
 
 import numpy as np
 
-from tlt_jax.data.tasks.base import Example, Task, register_task
+from tlt_jax.data.tasks.base import Example, Task, TraceCheck, register_task
 
 ANSWER_MARKER = ";A:"
 _EXTRACT_MARKER = "A:"  # the verifier keys on "A:"; 'A' appears nowhere else in the charset's use
@@ -153,6 +153,38 @@ class ArithTask(Task):
     if self.max_rechecks and rng.random() < self.p_recheck:
       k = min(int(rng.geometric(self.recheck_stop)), self.max_rechecks)
     return self.make_example(a, b, num_rechecks=k, rng=rng)
+
+  @staticmethod
+  def reference_steps(example: Example) -> list[str]:
+    """The right column steps "a_i+b_i[+1]=s_i" of the example, read from its prompt."""
+    a_rev, b_rev = example.prompt.rstrip("=").split("+")
+    steps, carry = [], 0
+    for i, a in enumerate(a_rev):
+      text, s = _step(int(a), int(b_rev[i]) if i < len(b_rev) else 0, carry)
+      steps.append(text)
+      carry = s // 10
+    return steps
+
+  def check_trace(self, response: str, example: Example) -> TraceCheck:
+    """Every step checked exactly. The response's steps (the comma-separated part before any
+    "|R:" re-check and the answer) must be the n reference steps in order; step i is wrong when
+    it differs from reference step i in any character, missing, or extra (index >= n). Each
+    re-check j must restate one of the reference steps; a wrong one is step n + j. A response
+    with a right answer and a wrong step is a false positive (Bansal et al. 2024, FPR)."""
+    reference = self.reference_steps(example)
+    pos = response.rfind(_EXTRACT_MARKER)
+    body = response if pos < 0 else response[:pos]
+    if body.endswith(ANSWER_MARKER[0]):
+      body = body[:-1]
+    main, *rechecks = body.split(RECHECK_MARKER)
+    steps = main.split(STEP_SEP) if main else []
+    n = len(reference)
+    wrong = [i for i in range(max(len(steps), n))
+             if i >= len(steps) or i >= n or steps[i] != reference[i]]
+    allowed = set(reference)
+    wrong += [n + j for j, r in enumerate(rechecks) if r not in allowed]
+    first = min(wrong) if wrong else None
+    return TraceCheck(self.verify(response, example), first is None, first)
 
   def extract_answer(self, response: str) -> str | None:
     """The text after the LAST "A:" marker, whitespace-stripped; None when there is no marker."""

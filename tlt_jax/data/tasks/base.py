@@ -10,6 +10,9 @@ Optional:
   * `partial_credit(response, example) -> float` in [0, 1]: how much of the answer is right (e.g.
     the fraction of a logic grid's cells, tasks/zebra.py). The `partial_credit` reward
     (rl/rewards.py) calls it; a task without it cannot use that reward.
+  * `check_trace(response, example) -> TraceCheck(answer_correct, steps_correct, first_wrong_step)`:
+    the step checker. A task whose every reasoning step can be checked (tasks/arith.py) overrides
+    it; the default checks only the final answer and says so with steps_correct = None.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tlt_jax.utils.registry import Registry
@@ -42,6 +45,21 @@ class Example:
 
   def with_id(self, prompt_id: int) -> "Example":
     return dataclasses.replace(self, prompt_id=int(prompt_id))
+
+
+class TraceCheck(NamedTuple):
+  """What a step checker found in one response.
+
+  answer_correct: the final answer matches (`Task.verify`).
+  steps_correct: every reasoning step is right (and none is missing); None when the task cannot
+    check steps (only the final answer is checkable).
+  first_wrong_step: 0-based index of the first wrong or missing step; None when every step is
+    right or steps are not checked.
+  """
+
+  answer_correct: bool
+  steps_correct: bool | None
+  first_wrong_step: int | None
 
 
 class Task(abc.ABC):
@@ -70,6 +88,11 @@ class Task(abc.ABC):
     """True iff the response's final answer matches `example.answer`. No answer is wrong."""
     predicted = self.extract_answer(response)
     return predicted is not None and self.answers_match(predicted, example.answer)
+
+  def check_trace(self, response: str, example: Example) -> TraceCheck:
+    """The step checker. Default: only the final answer is checkable, so steps_correct and
+    first_wrong_step are None (a false positive cannot be told from a true one)."""
+    return TraceCheck(self.verify(response, example), None, None)
 
 
 _TASKS = Registry("task")

@@ -161,6 +161,11 @@ class FileTask(Task):
   def answers_match(self, predicted: str, reference: str) -> bool:
     return normalize_answer(predicted) == normalize_answer(reference)
 
+  def check_trace(self, response: str, example: Example):
+    """Free-text solutions: only the final answer is checkable, so steps_correct and
+    first_wrong_step are None (the base step checker); an FPR needs a judge here."""
+    return super().check_trace(response, example)
+
 
 @register_task("math")
 class MathFileTask(FileTask):
