@@ -2,6 +2,7 @@
 have the plain sampler's distribution (with a good and with a random drafter), and the returned
 logprobs are the target's."""
 
+import functools
 from collections import Counter
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 from scipy.stats import chi2_contingency
 
+from tests.numerics import assert_close
 from tests.spec_fixtures import EOS, copying_drafter, nearly_context_free_target, random_drafter, target_config
 from tlt_jax.rollout.engine import FixedSelector, RolloutEngine
 from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs
@@ -183,3 +185,69 @@ def test_drafter_target_size_mismatch(models, prompts):
   wide = random_drafter(target_config(hidden_size=48, num_heads=4))
   with pytest.raises(ValueError, match="hidden_size=48 does not match the target's hidden_size=32"):
     spec.generate(models["target"][1], *prompts, 8, jax.random.key(0), drafter_params=nnx.split(wide)[1])
+
+
+class _ListSelector:
+  """Answers the strategies of `plan` in turn (then the last one)."""
+
+  def __init__(self, plan):
+    self.plan, self.i = list(plan), 0
+
+  def select(self, batch_size):
+    s = self.plan[min(self.i, len(self.plan) - 1)]
+    self.i += 1
+    return s
+
+  def update(self, *outcome):
+    pass
+
+
+def test_drafter_cache_is_fresh_after_a_plain_chunk(models, prompts):
+  """[speculative, plain, speculative]: the drafter's cache is then what a fresh `drafter_prefill`
+  of the same state gives at every committed slot, and the last chunk accepts exactly what an
+  all-speculative control with a freshly prefilled drafter cache accepts from the same state."""
+  from tlt_jax.rollout.engine import PLAIN
+  from tlt_jax.rollout.speculative import drafter_prefill, speculative_chunk
+  sp = SamplingParams(temperature=0.0)
+  g, params = models["target"]
+  dg, dparams = models["bad"]  # a random drafter: its cache entries depend on the whole context
+  strategy = Strategy(3, 1, 3)
+  dec = SpeculativeDecoder(g, dg, sp, EOS, strategies=(strategy,), rounds_per_chunk=3)
+  eng = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=6, speculative=dec, spec_threshold=4096, compact=False)
+  toks, plen = prompts
+  session = eng.start(params, toks, plen, 48, jax.random.key(0), drafter_params=dparams,
+                      selector=_ListSelector([strategy, PLAIN, strategy, strategy]))
+  copy = lambda st: jax.tree.map(jnp.copy, st)  # noqa: E731
+  session.advance()  # speculative chunk dispatched
+  session.advance()  # plain chunk dispatched
+  session.advance()  # speculative chunk dispatched
+  # the state the last speculative chunk started from: replay the engine's own first two chunks
+  session2 = eng.start(params, toks, plen, 48, jax.random.key(0), drafter_params=dparams,
+                       selector=_ListSelector([strategy, PLAIN, strategy]))
+  session2.advance()
+  session2.advance()
+  after_plain = copy(session2.state)
+  final = copy(session.state)
+  session.advance()  # collects the last speculative chunk's statistics
+  assert [c["strategy"] for c in session.chunks] == [str(strategy), None, str(strategy)]
+  last = session.chunks[2]
+  assert last["row_rounds"] > 0
+
+  # (1) the drafter cache equals a fresh prefill at every committed slot of every row
+  dcache = final.draft_cache
+  fresh = drafter_prefill(g, dg, params, dparams, final, capacity=dcache.capacity)
+  upto = np.minimum(np.asarray(dcache.lengths), np.asarray(final.cache.lengths) - 1)
+  assert upto.min() > 6, upto  # the plain chunk's positions are among the compared slots
+  for got_l, want_l in zip(dcache.k + dcache.v, fresh.k + fresh.v):
+    for b, n in enumerate(upto):
+      assert_close(np.asarray(got_l[b, :n]), np.asarray(want_l[b, :n]), rtol=1e-5, atol=1e-6)
+
+  # (2) an all-speculative control from the state after the plain chunk, its drafter cache
+  # prefilled explicitly, accepts the same tokens
+  ctl_cache = drafter_prefill(g, dg, params, dparams, after_plain,
+                              capacity=dec.draft_capacity(after_plain.seq_BxS.shape[1]))
+  chunk = jax.jit(functools.partial(speculative_chunk, g, dg, strategy=strategy, num_rounds=3, sp=sp,
+                                    eos_ids=EOS, catchup_width=dec.max_depth + 1))
+  ctl_state, (rounds, tokens, row_rounds) = chunk(params, dparams, after_plain.replace(draft_cache=ctl_cache))
+  assert (int(tokens), int(row_rounds)) == (last["tokens"], last["row_rounds"])
+  np.testing.assert_array_equal(np.asarray(ctl_state.seq_BxS), np.asarray(final.seq_BxS))

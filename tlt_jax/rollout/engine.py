@@ -125,15 +125,18 @@ def advance(state: DecodeState, next_B, logp_B, feat_BxD, new_cache: KVCache, eo
 
 def prefill(graphdef, params, prompt_BxP, prompt_len_B, max_new_B, rng, *, capacity: int,
             sp: SamplingParams, eos_ids: tuple[int, ...], keep_features: bool,
-            live_window: bool = False) -> DecodeState:
+            live_window: bool = False, embedder=None) -> DecodeState:
   """Runs the prompts through the target, fills the cache and samples the first token (the head
   runs at each row's last prompt position only). `live_window`: the prompt attends to the P
-  slots it writes rather than the whole cache."""
+  slots it writes rather than the whole cache. `embedder` (e.g. SCONE's `HostTable`, None for
+  the plain model): the input embeddings come from `embedder.embed_positions`."""
   model = nnx.merge(graphdef, params)
   b, p = prompt_BxP.shape
   cache = KVCache.init(model.cfg, b, capacity)
+  x = None if embedder is None else embedder.embed_positions(
+      model, prompt_BxP, jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)))
   _, hidden, cache = model(prompt_BxP, cache=cache, return_logits=False,
-                           kv_window=p if live_window else None)
+                           kv_window=p if live_window else None, input_embeds_BxTxD=x)
   last = prompt_len_B - 1
   logits_BxV = model.logits(hidden[jnp.arange(b), last])  # the head at one position per row
   rng, key = jax.random.split(rng)
@@ -160,11 +163,14 @@ def feature_dtype(cfg):
   return jnp.float32 if cfg.dtype == "float32" else cfg.jnp_dtype
 
 
-def decode_step(model, state: DecodeState, sp: SamplingParams, eos_ids, window: int | None = None) -> DecodeState:
+def decode_step(model, state: DecodeState, sp: SamplingParams, eos_ids, window: int | None = None,
+                embedder=None) -> DecodeState:
   """One plain decoding step for the whole batch (attending to cache slots < `window`)."""
   pos = state.pending_pos_B
   tok_B = _rows(state.seq_BxS, pos)
-  logits, hidden, cache = model(tok_B[:, None], pos[:, None], cache=state.cache, kv_window=window)
+  x = None if embedder is None else embedder.embed_positions(model, state.seq_BxS, pos[:, None])
+  logits, hidden, cache = model(tok_B[:, None], pos[:, None], cache=state.cache, kv_window=window,
+                                input_embeds_BxTxD=x)
   rng, key = jax.random.split(state.rng)
   next_B = sample_from(target_logprobs(logits[:, 0], sp), key, sp)
   logp_B = jnp.take_along_axis(policy_logprobs(logits[:, 0], sp), next_B[:, None], axis=-1)[:, 0]
@@ -172,7 +178,7 @@ def decode_step(model, state: DecodeState, sp: SamplingParams, eos_ids, window: 
 
 
 def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: SamplingParams,
-                 eos_ids: tuple[int, ...], window: int | None = None):
+                 eos_ids: tuple[int, ...], window: int | None = None, embedder=None):
   """Up to `num_steps` plain decoding steps in one `lax.while_loop`; stops early when all done.
   Attention reads cache slots [0, window) (None: all). Returns (state, (steps, tokens,
   row_steps)) with the statistics as device scalars."""
@@ -184,7 +190,7 @@ def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: Sa
 
   def body(carry):
     i, st = carry
-    return i + 1, decode_step(model, st, sp, eos_ids, window)
+    return i + 1, decode_step(model, st, sp, eos_ids, window, embedder)
 
   before = jnp.sum(state.num_gen_B)
   steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
@@ -258,6 +264,9 @@ class RolloutEngine:
   spec_threshold: int = 0  # switch to speculative decoding at or below this active batch size
   compact: bool = True
   window_block: int = 0  # live attention window granularity (0: attend to the whole cache)
+  # Input embeddings from outside the params (SCONE's host-side f-gram table, models/scone.py:
+  # HostTable); None: the model's own token embeddings (the plain programs, unchanged).
+  input_embedder: Any = None
 
   def __post_init__(self):
     if self.chunk_size <= 0:
@@ -268,10 +277,12 @@ class RolloutEngine:
     keep = self.speculative is not None
     self._prefill_fn = functools.partial(prefill, self.graphdef, sp=self.sampling,
                                          eos_ids=self.eos_ids, keep_features=keep,
-                                         live_window=self.window_block > 0)
+                                         live_window=self.window_block > 0,
+                                         embedder=self.input_embedder)
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("capacity",))
     self._chunk_partial = functools.partial(decode_chunk, self.graphdef, num_steps=self.chunk_size,
-                                            sp=self.sampling, eos_ids=self.eos_ids)
+                                            sp=self.sampling, eos_ids=self.eos_ids,
+                                            embedder=self.input_embedder)
     self._chunk = jax.jit(self._chunk_partial, donate_argnums=(1,), static_argnames=("window",))
     self._take = jax.jit(lambda st, idx: st.take(idx))
     self._gather = jax.jit(gather_rows, static_argnums=(2,))
@@ -548,6 +559,11 @@ class RolloutSession:
     else:
       grow = eng.chunk_size
       window = live_window(self.live_bound + grow + 1, self.capacity, eng.window_block)
+      if self.state.draft_cache is not None:
+        # A plain chunk does not advance the drafter's cache, and a speculative round catches up
+        # at most max_depth + 1 positions: drop it, so that the next speculative chunk re-prefills
+        # it from the whole sequence (exactly a fresh `drafter_prefill` of that state).
+        self.state = self.state.replace(draft_cache=None)
       if self.mesh is None:
         self.state, stats = eng._chunk(self.params, self.state, window=window)
       else:
