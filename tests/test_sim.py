@@ -1,0 +1,87 @@
+"""The TLT step simulator on hand-computable cases: known lengths and costs give exact times."""
+
+import numpy as np
+import pytest
+
+from tlt_jax.tlt.costs import ConstantCosts
+from tlt_jax.tlt.sim import VARIANTS, AcceptModel, RolloutSpec, simulate_rollout, simulate_run
+
+PLAIN_V, STATIC_V, TLT_V = VARIANTS
+MS = 1e-3
+
+
+def _costs(**kw):
+  base = dict(decode_s=1 * MS, prefill_s=2 * MS, train_s=2 * MS, chunk_overhead=0.5 * MS,
+              update_s_per_token=0.1 * MS, spec_s={"d2k1n2": 1.5 * MS})
+  base.update(kw)
+  return ConstantCosts(**base)
+
+
+SPEC = RolloutSpec(chunk_size=4, buckets=(1, 2, 4), spec_threshold=0, prompt_len=8)
+GROUPS = [np.array([4]), np.array([10])]
+
+
+def test_two_groups_plain_and_tlt_exact():
+  """A: prefill 2 + one chunk (4 + 0.5) = 6.5 ms; B: 2 + 4.5 + 4.5 + (2 + 0.5) = 13.5 ms.
+  TLT trains 2 ms steps on A from 6.5 ms: 4 steps, the last one ends at 14.5 ms (1 ms past B:
+  the preemption wait); bubble = (14.5 - 6.5) + (14.5 - 13.5) = 9 ms, trained 8 ms."""
+  plain = simulate_rollout(GROUPS, SPEC, _costs(), AcceptModel(), PLAIN_V)
+  assert plain["group_done_s"] == pytest.approx([6.5 * MS, 13.5 * MS])
+  assert plain["rollout_s"] == pytest.approx(13.5 * MS)
+  assert plain["bubble_s"] == pytest.approx(7 * MS) and plain["drafter_steps"] == 0
+  tlt = simulate_rollout(GROUPS, SPEC, _costs(), AcceptModel(), TLT_V)
+  assert tlt["drafter_steps"] == 4
+  assert tlt["rollout_s"] == pytest.approx(14.5 * MS)
+  assert tlt["preempt_wait_s"] == pytest.approx(1 * MS)
+  assert tlt["bubble_s"] == pytest.approx(9 * MS)
+  assert tlt["bubble_utilisation"] == pytest.approx(8 / 9)
+  # the step adds the update: (4 + 10 responses + 2 x 8 prompt tokens) x 0.1 ms
+  rec = simulate_run([GROUPS], SPEC, _costs(), AcceptModel(), PLAIN_V)[0]
+  assert rec["step_time_s"] == pytest.approx(13.5 * MS + 30 * 0.1 * MS)
+
+
+def test_shared_cores_serialise():
+  """On shared cores with no gain, concurrent work adds up: the rollout is the sum of all work."""
+  r = simulate_rollout(GROUPS, SPEC, _costs(shared_gain=0.0), AcceptModel(), PLAIN_V)
+  assert r["rollout_s"] == pytest.approx((6.5 + 13.5) * MS)
+  assert r["group_done_s"][0] == pytest.approx(13 * MS)  # both at half speed until A is done
+  # half the gain of a second core: two jobs run at 1.5x together
+  r = simulate_rollout(GROUPS, SPEC, _costs(shared_gain=0.5), AcceptModel(), PLAIN_V)
+  assert r["group_done_s"][0] == pytest.approx(6.5 * MS * 2 / 1.5)
+  assert r["rollout_s"] == pytest.approx(6.5 * MS * 2 / 1.5 + (13.5 - 6.5) * MS)
+
+
+def test_speculative_chunk_and_bandit_order():
+  """One row of 9 tokens, every round emits 3: one chunk of 3 rounds. With a plain arm first
+  (untried arms go in order): a plain chunk of 4 steps, then 2 rounds (3, then the last 2)."""
+  accept = AcceptModel(samples={"d2k1n2": [3.0]})
+  spec = RolloutSpec(chunk_size=4, buckets=(1, 2, 4), spec_threshold=1, prompt_len=8, arms=((2, 1, 2),))
+  run = simulate_run([[np.array([9])]], spec, _costs(), accept, STATIC_V)[0]
+  assert run["rollout_time_s"] == pytest.approx(2 * MS + 0.5 * MS + 3 * 1.5 * MS)
+  assert run["spec_frac"] == 1.0 and run["accept_len"] == pytest.approx(3.0)
+  spec2 = RolloutSpec(chunk_size=4, buckets=(1, 2, 4), spec_threshold=1, prompt_len=8,
+                      arms=((0, 0, 0), (2, 1, 2)))
+  run = simulate_run([[np.array([9])]], spec2, _costs(), accept, STATIC_V)[0]
+  assert run["rollout_time_s"] == pytest.approx(2 * MS + (4 * 1 + 0.5) * MS + (0.5 + 2 * 1.5) * MS)
+  assert run["spec_frac"] == pytest.approx(5 / 9)
+
+
+def test_accept_model_mean_and_staleness():
+  rng = np.random.default_rng(0)
+  m = AcceptModel(alpha=0.6)
+  for s in [(3, 1, 3), (4, 2, 6)]:
+    draws = m.draw(rng, s, 200_000)
+    assert draws.min() >= 1 and draws.max() <= s[0] + 1
+    assert draws.mean() == pytest.approx(m.mean(s), rel=0.01)
+  stale = AcceptModel(samples={"d2k1n2": [3.0]}, decay=0.5)
+  assert stale.mean((2, 1, 2), staleness=1) == pytest.approx(2.0)
+  assert stale.draw(rng, (2, 1, 2), 1000, staleness=1).tolist() == [2] * 1000
+  # a static drafter ages, TLT's is refreshed by its bubble steps
+  accept = AcceptModel(samples={"d2k1n2": [3.0]}, decay=0.5)
+  spec = RolloutSpec(chunk_size=4, buckets=(1, 2, 4), spec_threshold=1, prompt_len=8, arms=((2, 1, 2),))
+  steps = [[np.array([3]), np.array([30])]] * 3
+  static = simulate_run(steps, spec, _costs(), accept, STATIC_V)
+  tlt = simulate_run(steps, spec, _costs(), accept, TLT_V)
+  assert [r["staleness"] for r in static] == [0, 1, 2]
+  assert [r["staleness"] for r in tlt] == [0, 0, 0]
+  assert static[2]["accept_len"] < tlt[2]["accept_len"] == pytest.approx(3.0)

@@ -1,0 +1,307 @@
+"""Cost models for the RL step simulator (tlt/sim.py): seconds per unit of work, one interface.
+
+Three sources, one interface (`CostModel`):
+
+  (a) `MeasuredCosts` from a cost benchmark run on this CPU (`experiments/cost_bench.py`);
+  (c) the same class from the same benchmark's output on a GPU (or any accelerator);
+  (b) `CompiledCosts` from the TPU compiler's per-step estimates that `experiments/pod_compile.py`
+      writes (bytes accessed / HBM bandwidth, the compiler's own `optimal_seconds` where it has
+      one), completed by `RooflineCosts` where a compiled figure is missing or known not to be
+      per-iteration;
+  `RooflineCosts` is the documented analytic model: a step takes
+      max(bytes read / HBM bandwidth, FLOPs / (peak FLOP/s x MFU)),
+  bytes = the group's weights per chip + the live KV cache per chip, FLOPs = 2 x params x tokens
+  (forward) per chip.
+
+The units the simulator asks for are the rollout engine's and the trainer's:
+  prefill(batch, prompt_len)         one group's prefill of `batch` rows
+  decode_step(batch, ctx)            one plain decoding step at a padded batch and live context
+  spec_round(batch, strategy, ctx)   one draft + verify round of `strategy` (d, k, n)
+  drafter_train_step(num_groups)     one drafter step, data-parallel over `num_groups` idle groups
+  update(tokens)                     old/ref log-probs + the policy update over `tokens` tokens
+  chunk_overhead                     host seconds per dispatched chunk (sync, compaction)
+  throughput(k)                      aggregate speed when k jobs share the same cores (1 per job
+                                     on accelerators: groups are disjoint chips; on a CPU with fake
+                                     devices the groups share the cores, see `shared_gain`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+Strategy = tuple[int, int, int]
+
+# bf16 dense peak per chip (Google Cloud TPU system architecture pages).
+PEAK_BF16_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+
+
+def strategy_name(s: Sequence[int]) -> str:
+  d, k, n = (int(v) for v in s)
+  return "plain" if (d, k, n) == (0, 0, 0) else f"d{d}k{k}n{n}"
+
+
+def parse_strategy(name: str) -> Strategy:
+  if name == "plain":
+    return (0, 0, 0)
+  d, rest = name[1:].split("k")
+  k, n = rest.split("n")
+  return int(d), int(k), int(n)
+
+
+class CostModel:
+  """The interface (see the module docstring). `source` says where the figures come from."""
+
+  source: str = ""
+  chunk_overhead: float = 0.0
+  shared_gain: float | None = None  # None: jobs never share cores (accelerators)
+
+  def prefill(self, batch: int, prompt_len: int) -> float:
+    raise NotImplementedError
+
+  def decode_step(self, batch: int, ctx: int) -> float:
+    raise NotImplementedError
+
+  def spec_round(self, batch: int, strategy: Strategy, ctx: int) -> float:
+    raise NotImplementedError
+
+  def drafter_train_step(self, num_groups: int = 1) -> float:
+    raise NotImplementedError
+
+  def update(self, tokens: int) -> float:
+    raise NotImplementedError
+
+  def throughput(self, jobs: int) -> float:
+    """Aggregate progress rate of `jobs` concurrent jobs (each progresses at throughput / jobs)."""
+    if self.shared_gain is None or jobs <= 1:
+      return float(max(jobs, 1))
+    return min(float(jobs), 1.0 + (jobs - 1) * float(self.shared_gain))
+
+  def describe(self) -> dict[str, Any]:
+    return {"source": self.source}
+
+
+def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+  """Piecewise-linear, extrapolated linearly past the last two points (cost grows past a grid)."""
+  xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+  if len(xs) == 1:
+    return float(ys[0])
+  if x > xs[-1]:
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return float(ys[-1] + max(slope, 0.0) * (x - xs[-1]))
+  return float(np.interp(x, xs, ys))
+
+
+@dataclasses.dataclass
+class MeasuredCosts(CostModel):
+  """Costs from `experiments/cost_bench.py`'s JSON (sources a and c).
+
+  Grids: decode[ctx][batch] seconds per plain step; spec[strategy][batch] seconds per round (at
+  the benchmark's context; scaled by the decode step's growth with context); prefill[batch]
+  seconds per prompt token row-batch at the benchmark's prompt length; drafter_train_s; update
+  seconds per token; chunk overhead; `shared_gain` (CPU): measured speed of two concurrent
+  decodes relative to one, minus one (0: they serialise).
+  """
+
+  data: Mapping[str, Any]
+  source: str = "measured"
+
+  def __post_init__(self):
+    d = self.data
+    self.source = f"measured on {d.get('device', '?')}"
+    self.chunk_overhead = float(d.get("chunk_overhead_s", 0.0))
+    self.shared_gain = d.get("shared_gain")
+    self._ctx = sorted(int(c) for c in d["decode"])
+    self._batch = {c: sorted(int(b) for b in d["decode"][str(c)]) for c in self._ctx}
+
+  def decode_step(self, batch, ctx):
+    d = self.data["decode"]
+    per_ctx = [_interp(batch, self._batch[c], [d[str(c)][str(b)] for b in self._batch[c]]) for c in self._ctx]
+    return _interp(ctx, self._ctx, per_ctx)
+
+  def spec_round(self, batch, strategy, ctx):
+    s = self.data["spec"][strategy_name(strategy)]
+    bs = sorted(int(b) for b in s)
+    t = _interp(batch, bs, [s[str(b)] for b in bs])
+    ref = int(self.data.get("spec_ctx", self._ctx[0]))
+    return t * self.decode_step(batch, ctx) / self.decode_step(batch, ref)
+
+  def prefill(self, batch, prompt_len):
+    p = self.data["prefill"]
+    bs = sorted(int(b) for b in p)
+    return _interp(batch, bs, [p[str(b)] for b in bs]) * prompt_len / float(self.data.get("prefill_len", prompt_len))
+
+  def drafter_train_step(self, num_groups=1):
+    t = float(self.data["drafter_train_s"])
+    return t if self.shared_gain is not None else t / max(num_groups, 1)
+
+  def update(self, tokens):
+    return float(self.data["update_s_per_token"]) * tokens + float(self.data.get("update_fixed_s", 0.0))
+
+  def describe(self):
+    return {"source": self.source, "shared_gain": self.shared_gain, "chunk_overhead_s": self.chunk_overhead}
+
+  @classmethod
+  def load(cls, path: str) -> "MeasuredCosts":
+    with open(path) as f:
+      return cls(json.load(f))
+
+
+@dataclasses.dataclass
+class RooflineCosts(CostModel):
+  """The analytic model for one rollout group of `group_chips` chips (weights tensor-parallel
+  over them) and a policy update data-parallel over all `total_chips` (module docstring)."""
+
+  params: int  # policy parameters
+  layers: int
+  kv_heads: int
+  head_dim: int
+  group_chips: int
+  total_chips: int
+  hbm_bandwidth: float  # bytes/s per chip
+  peak_flops: float  # FLOP/s per chip
+  drafter_params: int = 0  # the drafter's own (one layer + fc); it shares the policy's head
+  head_params: int = 0  # embedding + LM head (read by every draft level)
+  bytes_per_param: int = 2
+  mfu: float = 0.5  # fraction of peak FLOP/s the update and prefill reach
+  decode_efficiency: float = 0.7  # fraction of HBM bandwidth a decode step reaches
+  chunk_overhead: float = 2e-3
+  drafter_train_tokens: int = 8 * 9216
+  source: str = "roofline model"
+
+  def _kv_bytes(self, batch, ctx):
+    return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_param * batch * ctx
+
+  def _step(self, weight_bytes, batch, ctx, tokens_per_row):
+    mem = (weight_bytes + self._kv_bytes(batch, ctx)) / self.group_chips / (self.hbm_bandwidth * self.decode_efficiency)
+    flops = 2.0 * self.params * batch * tokens_per_row / self.group_chips / (self.peak_flops * self.mfu)
+    return max(mem, flops)
+
+  def decode_step(self, batch, ctx):
+    return self._step(self.params * self.bytes_per_param, batch, ctx, 1)
+
+  def spec_round(self, batch, strategy, ctx):
+    d, k, n = strategy
+    # d drafter levels (the drafter layer + the shared LM head for the top-k), one verify of n+1
+    draft = d * self._step((self.drafter_params + self.head_params) * self.bytes_per_param, batch * k, ctx, 1)
+    return draft + self._step(self.params * self.bytes_per_param, batch, ctx, n + 1)
+
+  def prefill(self, batch, prompt_len):
+    return 2.0 * self.params * batch * prompt_len / self.group_chips / (self.peak_flops * self.mfu)
+
+  def drafter_train_step(self, num_groups=1):
+    p = self.drafter_params + self.head_params
+    return 6.0 * p * self.drafter_train_tokens / (self.group_chips * max(num_groups, 1)) / (self.peak_flops * self.mfu)
+
+  def update(self, tokens):
+    # old + ref log-prob forwards (2 x 2P), update forward + backward (6P), full remat (+2P)
+    return 12.0 * self.params * tokens / self.total_chips / (self.peak_flops * self.mfu)
+
+  def describe(self):
+    return {"source": self.source, "mfu": self.mfu, "decode_efficiency": self.decode_efficiency,
+            "hbm_bandwidth": self.hbm_bandwidth, "peak_flops": self.peak_flops,
+            "group_chips": self.group_chips, "total_chips": self.total_chips}
+
+
+@dataclasses.dataclass
+class CompiledCosts(RooflineCosts):
+  """Source (b): the TPU compiler's per-step figures from a pod_compile JSONL.
+
+  Used per program: a decode step at batch b from `decode_chunk@b` (XLA's cost analysis counts the
+  chunk's while-loop body, one decoding step, once), scaled with the live context by the
+  `decode_step@B,window=W` entries; a speculative round from `speculative_chunk[s]@b` (one round,
+  same reason); the drafter step from `drafter_train_step`. Each time is the compiler's
+  `optimal_seconds` where it has one, else bytes accessed / HBM bandwidth. Prefill and the
+  update come from the roofline: their compiled FLOP counts are per micro-batch / per scanned
+  body and do not add up to 2 x params x tokens, so they are not used as totals.
+  """
+
+  compiled: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  source: str = "compiler estimates"
+
+  @staticmethod
+  def _time(rec):
+    t = rec.get("optimal_seconds")
+    if t is None or not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+      t = rec["hbm_roofline_s"]
+    return float(t)
+
+  def _by_batch(self, prefix):
+    out = {}
+    for name, rec in self.compiled.items():
+      if name.startswith(prefix + "@") and "," not in name:
+        out[int(name.split("@")[1])] = self._time(rec)
+    return dict(sorted(out.items()))
+
+  def _ctx_scale(self, ctx):
+    """decode_step bytes at live windows W vs the whole cache, interpolated in the context."""
+    win = {}
+    for name, rec in self.compiled.items():
+      if name.startswith("decode_step@") and ",window=" in name:
+        win[int(name.split("=")[1])] = float(rec["hbm_roofline_s"])
+    full = [rec for name, rec in self.compiled.items() if name.startswith("decode_step@") and "," not in name]
+    if not win or not full:
+      return 1.0
+    ws = sorted(win)
+    return _interp(ctx, ws, [win[w] for w in ws]) / float(full[0]["hbm_roofline_s"])
+
+  def decode_step(self, batch, ctx):
+    table = self._by_batch("decode_chunk")
+    if not table:
+      return super().decode_step(batch, ctx)
+    return _interp(batch, list(table), list(table.values())) * self._ctx_scale(ctx)
+
+  def spec_round(self, batch, strategy, ctx):
+    table = self._by_batch(f"speculative_chunk[{strategy_name(strategy)}]")
+    if not table:
+      return super().spec_round(batch, strategy, ctx)
+    return _interp(batch, list(table), list(table.values())) * self._ctx_scale(ctx)
+
+  def drafter_train_step(self, num_groups=1):
+    rec = self.compiled.get("drafter_train_step")
+    if rec is None:
+      return super().drafter_train_step(num_groups)
+    return self._time(rec) / max(num_groups, 1)
+
+  @classmethod
+  def from_jsonl(cls, path: str, **roofline) -> "CompiledCosts":
+    compiled = {}
+    with open(path) as f:
+      for line in f:
+        rec = json.loads(line)
+        if "step" in rec:
+          compiled[rec["step"]] = rec
+    return cls(compiled=compiled, **roofline)
+
+
+@dataclasses.dataclass
+class ConstantCosts(CostModel):
+  """Fixed costs (tests, hand-computable cases)."""
+
+  decode_s: float = 1e-3
+  spec_s: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  prefill_s: float = 0.0
+  train_s: float = 1e-3
+  update_s_per_token: float = 0.0
+  chunk_overhead: float = 0.0
+  shared_gain: float | None = None
+  source: str = "constant"
+
+  def decode_step(self, batch, ctx):
+    return self.decode_s
+
+  def spec_round(self, batch, strategy, ctx):
+    return self.spec_s[strategy_name(strategy)]
+
+  def prefill(self, batch, prompt_len):
+    return self.prefill_s
+
+  def drafter_train_step(self, num_groups=1):
+    return self.train_s
+
+  def update(self, tokens):
+    return self.update_s_per_token * tokens
