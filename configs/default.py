@@ -27,6 +27,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       hidden_size=128, intermediate_size=384, num_layers=8, num_heads=4, num_kv_heads=2,
       head_dim=0, rope_theta=10000.0, rms_norm_eps=1e-6, qkv_bias=False,
       tie_word_embeddings=True, max_position_embeddings=256,
+      position_embedding="rope",  # or "none" (NoPE: no positional signal but the causal mask)
       param_dtype="float32", dtype="float32",
   ))
   c.init_from = ""  # an HF checkpoint dir (config.json + *.safetensors) to start from

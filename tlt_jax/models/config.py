@@ -16,6 +16,10 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # Attention of uncached forwards over packed rows (segment ids): "auto" picks splash on TPU,
 # "xla" elsewhere on accelerators, "reference" on CPU (see models/attention.py).
 ATTENTION_IMPLS = ("auto", "reference", "xla", "splash")
+# How token positions enter attention: "rope" rotates queries and keys (Su et al. 2021); "none"
+# is NoPE, no positional signal at all beyond the causal mask (Kazemnejad et al. 2023), the
+# length-generalising choice of Lee et al. 2025 (self-improving transformers).
+POSITION_EMBEDDINGS = ("rope", "none")
 
 
 def to_dtype(name: str):
@@ -66,6 +70,7 @@ class ModelConfig:
   qkv_bias: bool = False
   tie_word_embeddings: bool = True
   max_position_embeddings: int = 2048
+  position_embedding: str = "rope"  # POSITION_EMBEDDINGS
   param_dtype: str = "float32"
   dtype: str = "float32"
   architecture: str = "LlamaForCausalLM"
@@ -102,6 +107,9 @@ class ModelConfig:
       raise ValueError(f"model.attention={self.attention!r} is not supported; allowed: {ATTENTION_IMPLS}")
     if not isinstance(self.attention_chunk, int) or self.attention_chunk <= 0:
       raise ValueError(f"model.attention_chunk={self.attention_chunk!r} must be a positive int")
+    if self.position_embedding not in POSITION_EMBEDDINGS:
+      raise ValueError(f"model.position_embedding={self.position_embedding!r} is not supported; "
+                       f"allowed: {POSITION_EMBEDDINGS}")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 

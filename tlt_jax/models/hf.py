@@ -180,6 +180,11 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
   if arch == "Qwen2ForCausalLM" and not cfg.qkv_bias:
     raise ValueError("model.qkv_bias=False cannot be exported as Qwen2ForCausalLM (it always has "
                      "q/k/v biases); allowed: qkv_bias=True, or architecture='LlamaForCausalLM'")
+  if cfg.position_embedding != "rope":
+    raise ValueError(f"model.position_embedding={cfg.position_embedding!r} (NoPE) has no HuggingFace "
+                     "export: Llama and Qwen2 always apply RoPE, so the exported model would compute "
+                     "something else; allowed: position_embedding='rope' (keep NoPE models as orbax "
+                     "checkpoints)")
   sc = cfg.rope_scaling
   if sc is None or sc.rope_type == "default":
     rope_scaling = None

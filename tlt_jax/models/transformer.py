@@ -162,8 +162,9 @@ class Attention(nnx.Module):
     q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
-    q = apply_rope(q, positions_BxT, inv_freq)
-    k = apply_rope(k, positions_BxT, inv_freq)
+    if inv_freq is not None:  # None: NoPE (cfg.position_embedding == "none")
+      q = apply_rope(q, positions_BxT, inv_freq)
+      k = apply_rope(k, positions_BxT, inv_freq)
     if kv_cache is None:
       if segment_ids_BxT is not None:
         from tlt_jax.models.attention import segment_attention
@@ -278,7 +279,7 @@ class Transformer(nnx.Module):
     if attn_spec is None:
       from tlt_jax.models.attention import AttentionSpec
       attn_spec = AttentionSpec(self.cfg.attention, self.cfg.attention_chunk)
-    inv_freq = rope_inv_freq(self.cfg)
+    inv_freq = rope_inv_freq(self.cfg) if self.cfg.position_embedding == "rope" else None
     x = self.embed(tokens_BxT)
     if cache is None:
       x = self._layers_uncached(x, positions_BxT, inv_freq, mask, segment_ids_BxT, attn_spec)
