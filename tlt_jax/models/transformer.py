@@ -258,8 +258,12 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
                cache: KVCache | None = None, attn_mask_BxTxT: Array | None = None,
                return_logits: bool = True, segment_ids_BxT: Array | None = None,
-               attn_spec=None, kv_window: int | None = None):
+               attn_spec=None, kv_window: int | None = None,
+               input_embeds_BxTxD: Array | None = None):
     """(logits_BxTxV | None, hidden_BxTxD, new cache | None).
+
+    `input_embeds_BxTxD` replaces the token embeddings `embed(tokens_BxT)` (SCONE's contextual
+    f-gram embeddings, models/scone.py); None keeps the plain model's program unchanged.
 
     Attention: causal by default, `attn_mask_BxTxT` when given, or (uncached) causal within the
     segments of `segment_ids_BxT` without a dense mask (models/attention.py; `attn_spec` chooses
@@ -280,7 +284,7 @@ class Transformer(nnx.Module):
       from tlt_jax.models.attention import AttentionSpec
       attn_spec = AttentionSpec(self.cfg.attention, self.cfg.attention_chunk)
     inv_freq = rope_inv_freq(self.cfg) if self.cfg.position_embedding == "rope" else None
-    x = self.embed(tokens_BxT)
+    x = self.embed(tokens_BxT) if input_embeds_BxTxD is None else input_embeds_BxTxD.astype(self.cfg.jnp_dtype)
     if cache is None:
       x = self._layers_uncached(x, positions_BxT, inv_freq, mask, segment_ids_BxT, attn_spec)
       hidden = self.norm(x)

@@ -166,8 +166,10 @@ def _draft_tree(tgt, drf, dcache, root_feat_BxD, L, d: int, k: int, n: int):
 
 
 def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: SamplingParams,
-                      eos_ids, catchup_width: int, window: int | None = None):
-  """One draft-verify-accept round for the whole batch (see the module docstring).
+                      eos_ids, catchup_width: int, window: int | None = None, embedder=None):
+  """One draft-verify-accept round for the whole batch (see the module docstring). `embedder`
+  (SCONE's `HostTable`, or None): the target's input embeddings of the verification block (the
+  drafter keeps the target's token embeddings).
 
   Returns (state, emitted_B) where emitted_B counts the tokens appended per active row.
   """
@@ -198,8 +200,9 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
   pending = _rows(state.seq_BxS, L)
   blk_tok = jnp.concatenate([pending[:, None], node_tok], axis=1)
   blk_pos = L[:, None] + jnp.concatenate([jnp.zeros((b, 1), jnp.int32), node_depth], axis=1)
+  x = None if embedder is None else embedder.embed_tree(tgt, state.seq_BxS, blk_tok, blk_pos, par_blk)
   logits, hidden, tcache = tgt(blk_tok, blk_pos, cache=state.cache, attn_mask_BxTxT=blk_mask,
-                               kv_window=window)
+                               kv_window=window, input_embeds_BxTxD=x)
 
   # 4. Target-only acceptance walk. Every block node j draws its own x_j ~ p_j up front (the
   # nodes on a path are distinct, so the draws along it are independent, as a sequential walk's
@@ -249,7 +252,7 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
 
 def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState, *,
                       strategy: Strategy, num_rounds: int, sp: SamplingParams, eos_ids,
-                      catchup_width: int, window: int | None = None):
+                      catchup_width: int, window: int | None = None, embedder=None):
   """Up to `num_rounds` speculative rounds in one `lax.while_loop` (stops when all rows are done);
   the target's verification reads cache slots [0, window) (None: all).
 
@@ -264,7 +267,7 @@ def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: Decod
   def body(carry):
     i, st, tokens, row_rounds = carry
     active = jnp.sum(~st.done_B)
-    st, n_new = speculative_round(tgt, drf, st, strategy, sp, eos_ids, catchup_width, window)
+    st, n_new = speculative_round(tgt, drf, st, strategy, sp, eos_ids, catchup_width, window, embedder)
     return i + 1, st, tokens + jnp.sum(n_new), row_rounds + active
 
   zero = jnp.int32(0)
@@ -291,6 +294,7 @@ class SpeculativeDecoder:
   eos_ids: tuple[int, ...]
   strategies: Sequence[Strategy] = (Strategy(4, 1, 4),)
   rounds_per_chunk: int = 8
+  input_embedder: Any = None  # the target's input embeddings (SCONE's HostTable); None: plain
 
   def __post_init__(self):
     self.strategies = tuple(Strategy.parse(s) for s in self.strategies)
@@ -317,7 +321,7 @@ class SpeculativeDecoder:
     return functools.partial(
         speculative_chunk, self.target_graphdef, self.drafter_graphdef, strategy=strategy,
         num_rounds=self.rounds_per_chunk, sp=self.sampling, eos_ids=self.eos_ids,
-        catchup_width=self.max_depth + 1, window=window)
+        catchup_width=self.max_depth + 1, window=window, embedder=self.input_embedder)
 
   def _chunk_fn(self, strategy: Strategy, window: int | None = None, mesh=None, tparams=None,
                 dparams=None, state: DecodeState | None = None):
