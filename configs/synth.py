@@ -1,0 +1,86 @@
+"""Compute-optimal synthetic data (Bansal et al. 2024): a weak-cheap (WC), a strong-expensive (SE)
+and a student policy on the default chain-of-thought addition, and the experiment's settings.
+
+The three policies are SFT'd on problems that are mostly short (P(n digits) ∝ n^-2.5 on 1..8,
+about 2 % of 6-8 digits), then sample solutions to longer held-out problems (6-8 digits) where
+they are imperfect, so coverage is not saturated. SE has about 3x the parameters of WC, like
+Gemma2-27B vs 9B; the student is smaller than both (knowledge distillation).
+
+  configs/synth.py[:<role>]        role: se (default), wc or student; `model` is that policy
+  configs/synth.py:tiny[,<role>]   a seconds-scale version (tests, the notebook)
+
+  python -m tlt_jax.main --config=configs/synth.py:wc --workdir=runs/synth_wc   # one policy alone
+  python experiments/compute_optimal.py --config=configs/synth.py               # the experiment
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+ROLES = ("se", "wc", "student")
+
+
+def _default_config() -> ml_collections.ConfigDict:
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
+  spec = importlib.util.spec_from_file_location("tlt_default_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _model(layers: int, hidden: int, ffn: int, heads: int = 4, kv_heads: int = 2) -> dict:
+  return dict(num_layers=layers, hidden_size=hidden, intermediate_size=ffn, num_heads=heads,
+              num_kv_heads=kv_heads)
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  parts = [p.strip() for p in arg.split(",") if p.strip()]
+  bad = [p for p in parts if p not in ROLES + ("tiny",)]
+  roles = [p for p in parts if p in ROLES]
+  if bad or len(roles) > 1 or parts.count("tiny") > 1:
+    raise ValueError(f"configs/synth.py: argument {arg!r} is not allowed; allowed: one role of {ROLES} "
+                     "and/or 'tiny', comma-separated (e.g. 'wc', 'tiny,se')")
+  tiny = "tiny" in parts
+  role = roles[0] if roles else "se"
+  c = _default_config()
+  c.stages = "sft"
+  c.task = ml_collections.ConfigDict(dict(name="arith", max_digits=8, alpha=2.5, p_recheck=0.5))
+  c.model.update(max_position_embeddings=160)
+  c.tlt.update(rollout_groups=1, speculative=False, train_drafter=False)
+  # eval_every=0: the experiment evaluates the policies itself (one compiled sampler per model).
+  c.sft.update(steps=300, batch_size=16, max_len=160, lr=3e-3, warmup_steps=20, eval_every=0,
+               eval_size=64, log_every=50)
+  c.eval.update(max_new_tokens=128, batch_size=256)
+  c.rollout.update(max_new_tokens=128, temperature=1.0, spec_threshold=0)
+  c.synth = ml_collections.ConfigDict(dict(
+      # Policies (layers, width, MLP width; 4 heads over 2 KV heads). Parameters with the 21-token
+      # char vocabulary: se 480k, wc 148k (SE/WC FLOPs per token 3.2, with attention 3.1), student 56k.
+      models=ml_collections.ConfigDict(dict(se=_model(4, 96, 320), wc=_model(3, 64, 192),
+                                            student=_model(2, 48, 144))),
+      base_steps=ml_collections.ConfigDict(dict(se=300, wc=300, student=300)),  # SFT steps of each
+      # Problems to sample solutions for, and the fixed held-out evaluation set (disjoint seeds).
+      min_digits=6, max_digits=8, problems=128, problem_seed=101,
+      eval_problems=128, eval_seed=202, eval_samples=4,  # greedy accuracy and pass@eval_samples
+      # Budgets: SE samples per problem; WC gets the same FLOPs (flops.matched_sample_counts).
+      budgets=(1, 4), temperature=1.0, include_attention=True,
+      # SFT on each filtered dataset: the same steps x packed tokens in every comparison.
+      finetune=ml_collections.ConfigDict(dict(steps=60, batch_size=16, max_len=160, lr=1e-3,
+                                              warmup_steps=6)),
+      seeds=(0, 1),
+  ))
+  if tiny:
+    c.synth.models = ml_collections.ConfigDict(dict(se=_model(2, 48, 128), wc=_model(1, 32, 96),
+                                                    student=_model(1, 16, 48, heads=2, kv_heads=1)))
+    c.synth.base_steps = ml_collections.ConfigDict(dict(se=30, wc=30, student=20))
+    c.task.max_digits = 4
+    c.synth.update(min_digits=3, max_digits=4, problems=8, eval_problems=8, eval_samples=2, budgets=(1, 2),
+                   seeds=(0,))
+    c.synth.finetune.update(steps=4, batch_size=4, max_len=96, warmup_steps=1)
+    c.sft.update(batch_size=8, max_len=96, warmup_steps=4, eval_size=8, log_every=50)
+    c.model.max_position_embeddings = 96
+    c.eval.max_new_tokens = 64
+    c.rollout.max_new_tokens = 64
+  c.model.update(c.synth.models[role])
+  c.sft.steps = c.synth.base_steps[role]
+  return c
