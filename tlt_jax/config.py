@@ -168,6 +168,18 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?rl.sample_eval_size", nonneg_int, "an int >= 0 (0 = off)"),
     ("?checkpoint.max_to_keep", pos_int, "a positive int"),
     ("?data.on_bad_record", *one_of(BAD_RECORD_POLICIES)),
+    # experiments/compute_optimal.py (configs/synth.py)
+    ("?synth.budgets", increasing_ints, "a non-empty, strictly increasing tuple of SE samples per problem"),
+    ("?synth.problems", pos_int, "a positive int"),
+    ("?synth.eval_problems", pos_int, "a positive int"),
+    ("?synth.eval_samples", pos_int, "a positive int (pass@k of the held-out evaluation)"),
+    ("?synth.min_digits", pos_int, "a positive int <= synth.max_digits"),
+    ("?synth.max_digits", pos_int, "a positive int <= task.max_digits"),
+    ("?synth.temperature", pos_float, "a float > 0 (sampling from softmax(logits / T))"),
+    ("?synth.include_attention", is_bool, "True or False"),
+    ("?synth.seeds", lambda v: len(v) > 0 and all(nonneg_int(x) for x in v), "a non-empty tuple of ints >= 0"),
+    ("?synth.finetune.steps", pos_int, "a positive int"),
+    ("?synth.finetune.lr", pos_float, "a float > 0"),
 ]
 
 STAGES = ("sft", "drafter", "rl")
