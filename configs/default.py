@@ -84,6 +84,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # RL prompts of difficulty >= 2 only (here: >= 2 digits); 1-digit sums are ~100% solved, so
       # their groups have zero advantage and would only cost rollout and update time.
       min_difficulty=2,
+      advantage_kwargs=ml_collections.ConfigDict(),  # the estimator's options (rl/advantages.py)
+      # Per-token rewards of device scorers (rl/scorers.py): name -> weight (0 = off), e.g.
+      # prime (PRIME's implicit PRM, configs/prime.py) or kl (a KL penalty in the reward).
+      token_rewards=ml_collections.ConfigDict(dict(prime=0.0, kl=0.0)),
+      # Online filters: DAPO's dynamic sampling drops groups whose rewards are all equal; the
+      # accuracy band keeps groups whose accuracy is in [lo, hi] (PRIME: (0.2, 0.8)). Dropped
+      # groups are replaced by fresh prompts' groups, up to dynamic_sampling_rounds extra rounds.
+      dynamic_sampling=False, accuracy_band=(0.0, 1.0), dynamic_sampling_rounds=3,
+      loss="ppo_clip",  # the policy loss: ppo_clip, gspo or cispo (rl/losses.py)
+      loss_kwargs=ml_collections.ConfigDict(),  # over clip_eps / clip_eps_high / aggregation
       clip_eps=0.2, clip_eps_high=0.0,  # 0: symmetric clipping
       aggregation="token",  # "token" (DAPO) or "sequence" (GRPO)
       kl_coef=0.0,  # > 0 adds k3 KL to the frozen SFT policy (one more forward per step)

@@ -95,6 +95,11 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?rollout.max_prompt_len", nonneg_int, "an int >= 0 (0 = the task's bound or each batch's longest)"),
     ("?rollout.window_block", nonneg_int, "an int >= 0 (0 = attend to the whole cache)"),
     ("?rl.pack_len", nonneg_int, "an int >= 0 (0 = prompt width + rollout.max_new_tokens)"),
+    ("?rl.dynamic_sampling", is_bool, "True or False"),
+    ("?rl.dynamic_sampling_rounds", nonneg_int, "an int >= 0 (extra rollout rounds per step that refill dropped groups)"),
+    ("?prime.beta", pos_float, "a float > 0"),
+    ("?prime.lr", pos_float, "a float > 0"),
+    ("?prime.update_order", *one_of(("after", "before"))),
     ("?tlt.buffer_seq_len", nonneg_int, "an int >= 0 (0 = the packed row length)"),
     ("?tlt.buffer_bytes", nonneg_int, "an int >= 0 (0 = tlt.buffer_capacity rows, no byte budget)"),
     ("?tlt.buffer_dtype", *one_of(("float32", "bfloat16"))),
@@ -310,6 +315,7 @@ def _validate_rl(config) -> None:
       rewards.get_reward(name, **dict(kwargs))
     except ValueError as e:
       raise ConfigError(f"config.rl.reward_kwargs.{name}={dict(kwargs)} is not allowed: {e}") from None
+  _validate_rl_stages(config)
   batch = rl.prompts_per_step * rl.group_size
   if batch % rl.micro_batches:
     raise ConfigError(f"config.rl.micro_batches={rl.micro_batches} is not allowed; allowed: a divisor of "
@@ -317,6 +323,50 @@ def _validate_rl(config) -> None:
   if "rl" in stages(config) and "rollout" in config and not config.rollout.temperature > 0:
     raise ConfigError(f"config.rollout.temperature={config.rollout.temperature!r} is not allowed with the "
                       "'rl' stage; allowed: a float > 0 (RL samples from softmax(logits / T))")
+
+
+def _validate_rl_stages(config) -> None:
+  """The RL step's registered stages: rl.advantage_kwargs, rl.loss / rl.loss_kwargs,
+  rl.token_rewards (device scorers, which need a token estimator), the online filters, prime."""
+  from tlt_jax.rl import advantages, losses, scorers  # registries; imported late (they import jax)
+  rl = config.rl
+  kwargs = dict(rl.get("advantage_kwargs", None) or {})
+  try:
+    advantages.get_advantage(rl.advantage, **kwargs)
+  except ValueError as e:
+    raise ConfigError(f"config.rl.advantage_kwargs={kwargs} is not allowed: {e}") from None
+  loss = rl.get("loss", "ppo_clip")
+  if loss not in losses.registered_losses():
+    raise ConfigError(f"config.rl.loss={loss!r} is not allowed; allowed: one of {tuple(losses.registered_losses())}")
+  loss_kwargs = dict(rl.get("loss_kwargs", None) or {})
+  try:
+    losses.get_loss(loss, **loss_kwargs)
+  except ValueError as e:
+    raise ConfigError(f"config.rl.loss_kwargs={loss_kwargs} is not allowed: {e}") from None
+  if "aggregation" in loss_kwargs and loss_kwargs["aggregation"] not in losses.AGGREGATIONS:
+    raise ConfigError(f"config.rl.loss_kwargs.aggregation={loss_kwargs['aggregation']!r} is not allowed; "
+                      f"allowed: one of {losses.AGGREGATIONS}")
+  from tlt_jax.rl import prime  # noqa: F401  (registers the "prime" scorer)
+  token_rewards = {k: v for k, v in dict(rl.get("token_rewards", None) or {}).items()}
+  for name, weight in token_rewards.items():
+    if name not in scorers.registered_scorers():
+      raise ConfigError(f"config.rl.token_rewards.{name} is not allowed: {name!r} is no registered device "
+                        f"scorer; allowed names: {tuple(scorers.registered_scorers())}")
+    if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)):
+      raise ConfigError(f"config.rl.token_rewards.{name}={weight!r} is not allowed; allowed: a finite float weight")
+  on = [k for k, w in token_rewards.items() if float(w)]
+  if on and not advantages.is_token_estimator(rl.advantage):
+    raise ConfigError(f"config.rl.advantage={rl.advantage!r} is not allowed with rl.token_rewards {on}: it "
+                      "reads sequence rewards only; allowed: a token estimator, one of "
+                      f"{tuple(n for n in advantages.registered_advantages() if advantages.is_token_estimator(n))}")
+  if "kl" in on and not (rl.kl_coef > 0 or rl.track_kl):
+    raise ConfigError("config.rl.token_rewards.kl is not allowed without the reference's log-probs; allowed: "
+                      "with rl.track_kl=True or rl.kl_coef > 0")
+  band = rl.get("accuracy_band", (0.0, 1.0))
+  if not (len(band) == 2 and all(frac(x) for x in band) and band[0] <= band[1]):
+    raise ConfigError(f"config.rl.accuracy_band={band!r} is not allowed; allowed: (lo, hi) with 0 <= lo <= hi <= 1")
+  if "prime" in on:
+    prime.PrimeConfig.from_config(config)  # ConfigError naming the bad prime.* key
 
 
 @register_validator

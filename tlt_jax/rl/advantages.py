@@ -1,12 +1,16 @@
-"""Group-relative advantage estimators, registered by name.
+"""Group-relative advantage estimators, registered by name (`rl.advantage`, `rl.advantage_kwargs`).
 
-Each is a pure jnp function of the rewards `[num_prompts, G]` (G responses per prompt) that
-returns float32 advantages of the same shape, one per response (broadcast over its tokens by the
-loss). Hyper-parameters are keyword-only and bound by `get_advantage(name, **kwargs)`.
+A sequence estimator is a pure jnp function of the rewards `[num_prompts, G]` (G responses per
+prompt) returning one float32 advantage per response (grpo, rloo, dr_grpo). A token estimator
+(`register_token_advantage`) reads `AdvantageInputs`, sequence AND per-token rewards, and returns
+one advantage per response token (rloo_returns, PRIME's). `token_advantages(name)` gives either
+kind as `AdvantageInputs -> [P, G, L]`. Hyper-parameters are keyword-only and bound by
+`get_advantage(name, **kwargs)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -61,3 +65,105 @@ def rloo_advantages(rewards_NxG: Array) -> Array:
   r = rewards_NxG.astype(jnp.float32)
   g = r.shape[1]
   return r - (r.sum(axis=1, keepdims=True) - r) / (g - 1)
+
+
+@register_advantage("dr_grpo")
+def dr_grpo_advantages(rewards_NxG: Array) -> Array:
+  """A_i = r_i - mean_j r_j: GRPO without the std normalisation.
+
+  Liu et al. (2025), "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO):
+  dividing by the group's std over-weights groups that are nearly all right or all wrong. Pair
+  it with rl.aggregation="token" (no per-response length normalisation).
+  """
+  return grpo_advantages(rewards_NxG, normalize_std=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token advantages. Every estimator yields one advantage per response token, [P, G, L]
+# (rows grouped by prompt, 0 off the response): a sequence estimator's A_i is the special case
+# of a constant over response i's tokens; a token estimator also sees per-token rewards (the
+# device scorers': PRIME's implicit process rewards, a KL penalty).
+# ---------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdvantageInputs:
+  """What an advantage estimator sees, rows grouped by prompt.
+
+  rewards_PxG:          float32 sequence rewards (host scorers: verifier, format, length penalty)
+  token_rewards_PxGxL:  float32 per-token rewards (device scorers), 0 off the response
+  mask_PxGxL:           float32 1 on response tokens, 0 on prompt and padding
+  """
+
+  rewards_PxG: Array
+  token_rewards_PxGxL: Array
+  mask_PxGxL: Array
+
+
+def is_token_estimator(name: str) -> bool:
+  """True when the estimator registered as `name` reads per-token rewards (AdvantageInputs)."""
+  return bool(getattr(_ADVANTAGES.get(name), "per_token", False))
+
+
+def register_token_advantage(name: str):
+  """Registers a per-token estimator `fn(inputs: AdvantageInputs, **kw) -> [P, G, L]`."""
+
+  def wrap(fn):
+    fn.per_token = True
+    return _ADVANTAGES.register(name)(fn)
+
+  return wrap
+
+
+def token_advantages(name: str, **kwargs) -> Callable[[AdvantageInputs], Array]:
+  """`fn(inputs) -> advantages [P, G, L]` of the estimator `name`, sequence ones broadcast over
+  their response's tokens (A_{i,t} = A_i where mask = 1, else 0)."""
+  fn = get_advantage(name, **kwargs)
+  if is_token_estimator(name):
+    return fn
+  return lambda inputs: jnp.where(inputs.mask_PxGxL > 0, fn(inputs.rewards_PxG)[..., None], 0.0)
+
+
+def returns_to_go(rewards_PxGxL: Array, mask_PxGxL: Array) -> Array:
+  """R_t = sum_{s >= t} m_s r_s (gamma = 1), 0 where mask is 0."""
+  r = jnp.where(mask_PxGxL > 0, rewards_PxGxL, 0.0)
+  return jnp.where(mask_PxGxL > 0, jnp.flip(jnp.cumsum(jnp.flip(r, -1), -1), -1), 0.0)
+
+
+def masked_whiten(x: Array, mask: Array, eps: float = 1e-8) -> Array:
+  """(x - mean) / sqrt(var + eps) with mean and (population) var over the tokens where mask is 1;
+  0 elsewhere."""
+  m = (mask > 0).astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(m), 1.0)
+  mean = jnp.sum(m * x) / n
+  var = jnp.sum(m * jnp.square(x - mean)) / n
+  return jnp.where(m > 0, (x - mean) * jax.lax.rsqrt(var + eps), 0.0)
+
+
+@register_token_advantage("rloo_returns")
+def rloo_returns_advantages(inputs: AdvantageInputs, *, outcome_coef: float = 1.0,
+                            process_coef: float = 1.0, whiten: bool = True) -> Array:
+  """RLOO applied to each reward source separately, returns with gamma = 1, summed, whitened.
+
+    outcome:  o_{i,t} = (r_i - mean_{j != i} r_j) at the response's last token, 0 before
+    process:  p_{i,t} = q_{i,t} - mean_{j != i} qbar_j,  qbar_j = mean_t q_{j,t} over its tokens
+    A_{i,t} = whiten( sum_{s >= t} (outcome_coef o_{i,s} + process_coef p_{i,s}) )
+
+  whitened over all response tokens of the batch (mean 0, variance 1). The advantage estimator
+  of PRIME (Cui et al., 2025, "Process Reinforcement through Implicit Rewards", Sec. 3.3),
+  with q the implicit PRM's token rewards; with q = 0 it is RLOO on outcome rewards, whitened.
+  """
+  m = (inputs.mask_PxGxL > 0).astype(jnp.float32)
+  g = m.shape[1]
+  if g < 2:
+    raise ValueError(f"rloo_returns needs G >= 2 responses per prompt, got {g}")
+  outcome_PxG = rloo_advantages(inputs.rewards_PxG)
+  last_PxGxL = (m > 0) & (jnp.cumsum(m[..., ::-1], -1)[..., ::-1] == 1.0)  # the last response token
+  q = jnp.where(m > 0, inputs.token_rewards_PxGxL.astype(jnp.float32), 0.0)
+  mean_q_PxG = jnp.sum(q, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+  baseline_PxG = (jnp.sum(mean_q_PxG, 1, keepdims=True) - mean_q_PxG) / (g - 1)
+  per_token = (outcome_coef * jnp.where(last_PxGxL, outcome_PxG[..., None], 0.0)
+               + process_coef * (q - baseline_PxG[..., None]))
+  returns = returns_to_go(per_token, m)
+  return masked_whiten(returns, m) if whiten else returns

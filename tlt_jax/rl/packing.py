@@ -89,3 +89,15 @@ def unpack(packed: np.ndarray, index: PackIndex) -> np.ndarray:
   out = np.asarray(packed)[index.row[:, None], cols]
   valid = t[None] < index.length[:, None]
   return np.where(valid.reshape(valid.shape + (1,) * (out.ndim - 2)), out, 0).astype(packed.dtype)
+
+
+def repack(x_BxW: np.ndarray, index: PackIndex, shape: tuple[int, int]) -> np.ndarray:
+  """[B, W, ...] one sequence per row -> the packed layout `shape` = (rows, row_len) of `index`
+  (sequence b's columns [0, length[b]) to row[b], columns start[b] ...; 0 elsewhere): the
+  inverse of `unpack` for arrays made after packing (advantages, per-token rewards)."""
+  x_BxW = np.asarray(x_BxW)
+  out = np.zeros(tuple(shape) + x_BxW.shape[2:], x_BxW.dtype)
+  for b in range(len(index.length)):
+    n = int(index.length[b])
+    out[index.row[b], index.start[b]:index.start[b] + n] = x_BxW[b, :n]
+  return out

@@ -1,17 +1,21 @@
-"""The RL loop: GRPO / RLOO on verifiable (and length-penalised) rewards with a PPO-clip update.
+"""The RL loop: GRPO / RLOO / PRIME on verifiable rewards, a registered policy loss (PPO-clip,
+GSPO, CISPO).
 
-One step, as data flows (see /DESIGN.md, "One RL step"):
+One step is a list of stages (rl/stages.py); typed batches flow one way (see /DESIGN.md):
 
-  prompts  = next(PromptIterator)                          P prompts (checkpointable position)
-  groups   = repeat_groups(prompts, G)                     B = P * G rows, group g = rows gG..gG+G-1
-  rollout  = TLTRuntime.rollout(params, ...)               tokens, lengths, sampler logprobs; the
-                                                           drafter trains in the groups' bubbles
-  rewards  = safe(sum_k w_k reward_k(group))               [P, G] on the host, never raises
-  A        = advantage(rewards)                            GRPO / RLOO, [P, G] -> [B]
-  old, ref = logprob_fn(params | ref_params, batch)        one forward each, no gradient
-  state, metrics, hidden = policy_update_step(state, batch)
-  drafter buffer <- hidden of rows the rollout did not buffer (tlt/buffer.py)
-  checkpoint every `rl.checkpoint_every` steps and at the end
+  sample               Rollout, Scores     P prompts x G responses over the rollout groups (the
+                                           drafter trains in their bubbles), host scorers
+                                           (verifier, format, length penalty) -> rewards [P, G];
+                                           online filters refill dropped groups (DAPO, PRIME)
+  prepare_update_batch UpdateBatch         rows [B, L], the update's layout (packed), old / ref
+                                           log-probs: one forward each, no gradient
+  score_tokens         TokenRewards        device scorers: per-token rewards (PRIME's implicit
+                                           PRM, which also learns here; a KL penalty)
+  compute_advantages   [B, L]              the registered estimator, per token
+  update_policy        metrics, hidden     the jitted policy update (rl/update.py)
+  drafter_features                         hidden of rows the rollout did not buffer -> the
+                                           drafter buffer (tlt/buffer.py)
+  checkpoint every `rl.checkpoint_every` steps and at the end (policy, drafter, scorers' state)
 
 Everything time-dependent (the loop, timing, checkpoints, logging) lives here; the device work
 is the pure jitted steps of rl/update.py and the rollout engine. The run is a pure function of
@@ -42,9 +46,11 @@ from tlt_jax.drafter.train import DrafterTrainState
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rl import advantages as advantages_lib
 from tlt_jax.rl import rewards as rewards_lib
-from tlt_jax.rl.packing import pack_sequences, unpack
+from tlt_jax.rl import scorers as scorers_lib
+from tlt_jax.rl import stages
+from tlt_jax.rl.stages import (Rollout, Scores, TokenRewards, UpdateBatch, build_update_batch,  # noqa: F401
+                               round_up)
 from tlt_jax.rl.update import UpdateConfig, make_logprob_fn, make_policy_update_step
-from tlt_jax.rollout.engine import RolloutResult
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.tlt.runtime import TIMING_FIELDS as TLT_TIMING_FIELDS, TLTRuntime
 from tlt_jax.train import optim
@@ -88,41 +94,6 @@ class TrainingDiverged(RuntimeError):
   """Too many consecutive non-finite updates: the run stops instead of training on garbage."""
 
 
-def round_up(n: int, multiple: int) -> int:
-  return -(-int(n) // multiple) * multiple
-
-
-def build_update_batch(prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, result: RolloutResult,
-                       advantages_B: np.ndarray, length_bucket: int,
-                       pad_id: int) -> dict[str, np.ndarray]:
-  """Host batch of `policy_update_step` (see rl/update.py), one sequence per row: row b =
-  prompt + response, right padded to L = round_up(max_b(prompt_len_b + len_b), length_bucket)
-  (segment id 1 on the sequence, 0 on padding; its advantage on every token), plus the
-  sampler's log-probs at the response positions (`sampler_logprobs`, aligned like the rest).
-  rl/packing.pack_sequences turns it into packed rows."""
-  b = prompt_BxP.shape[0]
-  total_B = prompt_len_B + result.lengths
-  length = max(round_up(int(total_B.max()), length_bucket), 2)
-  t_BxL = np.broadcast_to(np.arange(length), (b, length))
-  resp_idx_BxL = t_BxL - prompt_len_B[:, None]
-  in_prompt = resp_idx_BxL < 0
-  in_resp = (resp_idx_BxL >= 0) & (resp_idx_BxL < result.lengths[:, None])
-  gather = np.clip(resp_idx_BxL, 0, result.tokens.shape[1] - 1)
-  prompt_padded = np.full((b, length), pad_id, np.int32)
-  width = min(prompt_BxP.shape[1], length)
-  prompt_padded[:, :width] = prompt_BxP[:, :width]
-  tokens = np.where(in_prompt, prompt_padded,
-                    np.where(in_resp, np.take_along_axis(result.tokens, gather, 1), pad_id))
-  sampler_lp = np.where(in_resp, np.take_along_axis(result.logprobs, gather, 1), 0.0)
-  in_seq = t_BxL < total_B[:, None]
-  return {"tokens": tokens.astype(np.int32),
-          "positions": np.ascontiguousarray(t_BxL, np.int32),
-          "segment_ids": in_seq.astype(np.int32),
-          "response_mask": in_resp.astype(np.float32),
-          "advantages": np.where(in_seq, np.asarray(advantages_B, np.float32)[:, None], 0.0).astype(np.float32),
-          "sampler_logprobs": sampler_lp.astype(np.float32)}
-
-
 def _decode(tokenizer, ids) -> str:
   try:
     return tokenizer.decode(ids)
@@ -136,6 +107,8 @@ class HostState:
 
   consecutive_skips: int = 0
   reward_failures_total: int = 0
+  rollouts_total: int = 0  # sampled responses, dropped groups included
+  groups_dropped_total: int = 0  # by the online filters (rl.dynamic_sampling, rl.accuracy_band)
 
 
 def rl_prompt_sources(config, task, tokenizer, context: int) -> tuple[TaskSource, TaskSource | None]:
@@ -182,7 +155,7 @@ def rl_lengths(config, model_cfg, width: int | None) -> tuple[int, int]:
 
 
 class RLTrainer:
-  """GRPO/RLOO trainer over one policy; `run()` trains `rl.steps` steps, resuming from
+  """GRPO/RLOO/PRIME trainer over one policy; `run()` trains `rl.steps` steps, resuming from
   `<workdir>/ckpt_rl` when it holds a checkpoint.
 
   Args:
@@ -242,7 +215,17 @@ class RLTrainer:
                                                self.mesh, with_ref=self.with_ref)
     self.logprob_fn = make_logprob_fn(self.graphdef, self.sampling.temperature, self.state.params,
                                       self.mesh, micro_batches=int(rl.micro_batches))
-    self.advantage_fn = jax.jit(advantages_lib.get_advantage(rl.advantage))
+    advantage_kwargs = dict(rl.get("advantage_kwargs", None) or {})
+    self.token_estimator = advantages_lib.is_token_estimator(rl.advantage)
+    self.advantage_fn = jax.jit(advantages_lib.token_advantages(rl.advantage, **advantage_kwargs)
+                                if self.token_estimator else
+                                advantages_lib.get_advantage(rl.advantage, **advantage_kwargs))
+    # Online filters of sampled groups (stage `sample`): DAPO's dynamic sampling, PRIME's band.
+    self.dynamic_sampling = bool(rl.get("dynamic_sampling", False))
+    band = tuple(float(x) for x in rl.get("accuracy_band", (0.0, 1.0)))
+    self.accuracy_band = (band[0], band[1])
+    self.filtering = self.dynamic_sampling or band[0] > 0.0 or band[1] < 1.0
+    self.filter_rounds = int(rl.get("dynamic_sampling_rounds", 0))
     weights = {k: float(v) for k, v in dict(rl.rewards).items()}
     kwargs = {k: dict(v) for k, v in dict(rl.reward_kwargs).items() if float(weights.get(k, 0.0))}
     self.reward_fn = rewards_lib.safe_reward(
@@ -256,6 +239,11 @@ class RLTrainer:
     self.prompt_width = prompt_width(config, task)
     self.host = HostState()
     self.build_rollout()
+    # Device scorers (per-token rewards, rl/scorers.py), with their own state (PRIME's PRM).
+    self.scorers = scorers_lib.build_scorers(config, scorers_lib.ScorerContext(
+        graphdef=self.graphdef, policy_params=self.state.params, ref_params=self.ref_params,
+        mesh=self.mesh, temperature=self.sampling.temperature, logprob_fn=self.logprob_fn,
+        micro_batches=int(rl.micro_batches)))
 
     self.checkpointer = Checkpointer(os.path.join(workdir, "ckpt_rl"), config.checkpoint.max_to_keep)
     self.writer = MetricsWriter(workdir, "metrics")
@@ -285,7 +273,12 @@ class RLTrainer:
 
   def _ckpt_tree(self) -> dict:
     """Arrays: policy + optimizer, RNG, and TLT's drafter + its optimizer and buffer rows."""
-    return {"policy": self.state, "rng": self.rng, **self.tlt.checkpoint_tree()}
+    tree = {"policy": self.state, "rng": self.rng, **self.tlt.checkpoint_tree()}
+    scorer_state = {name: scorer.state for name, (_, scorer) in self.scorers.items()
+                    if getattr(scorer, "state", None) is not None}
+    if scorer_state:
+      tree["scorers"] = scorer_state
+    return tree
 
   def _meta(self, step: int) -> dict:
     return {"stage": "rl", "step": int(step), "iterator": self.prompts.get_state(),
@@ -310,6 +303,8 @@ class RLTrainer:
     self.state, self.rng = tree["policy"], tree["rng"]
     self.drafter_state = tree.get("drafter")
     self.tlt.restore(tree, meta.get("tlt"))
+    for name, state in tree.get("scorers", {}).items():
+      self.scorers[name][1].state = state
     self.prompts.set_state(meta["iterator"])
     self.host = HostState(**meta["host"])
     source = meta.get("reference", {}).get("path", "")
@@ -321,27 +316,33 @@ class RLTrainer:
     return step
 
   # ----------------------------------------------------------------------------- one step
+  # The step is a list of stages (rl/stages.py), each a function of the batches before it.
 
-  def _score(self, groups, result: RolloutResult, responses: Sequence[str]):
-    """Rewards [P, G] and correctness [B] (verifier), group by group."""
-    g = self.rl.group_size
-    rewards, correct = [], []
-    for start in range(0, len(groups), g):
-      rows = slice(start, start + g)
-      args = (list(responses[rows]), result.finished[rows].tolist(), result.lengths[rows].tolist(),
-              groups[start], self.task)
-      rewards.append(self.reward_fn(*args))
-      correct.append(self.correct_fn(*args))
-    return np.stack(rewards), np.concatenate(correct)
+  def step(self, step: int) -> dict:
+    """RL step `step` (1-based) in full; returns the metrics record."""
+    t_start = time.perf_counter()
+    clock = stages.StageClock()
+    with clock("rollout"):  # rollout (+ refill rounds) with the host scorers; the drafter
+      rollout, scores = self.sample(step, clock)  # trains in the rollout's bubbles
+    with clock("logprob"):
+      batch = self.prepare_update_batch(rollout)  # rows, update layout, old/ref log-probs
+    with clock("reward"):
+      token_rewards = self.score_tokens(batch, scores)  # device scorers: PRIME, KL penalty
+      advantages_BxL = self.compute_advantages(scores, token_rewards, batch)
+    with clock("update"):
+      metrics, hidden = self.update_policy(batch, advantages_BxL)
+    record = self.record(step, rollout, scores, token_rewards, batch, advantages_BxL, metrics, clock)
+    record["step_time_s"] = time.perf_counter() - t_start
+    with clock("tlt_after_update"):  # the update's own features to the drafter buffer
+      record.update(self.drafter_features(step, rollout, batch, hidden))
+    record["tlt_after_update_s"] = clock.seconds["tlt_after_update"]
+    record["step_time_s"] += record["tlt_after_update_s"]
+    return record
 
-  def _device_batch(self, batch: dict):
-    return mesh_lib.shard_batch(batch, self.mesh) if self.mesh is not None else batch
-
-  def _rollout(self, examples: Sequence, key, step: int | None = None):
-    """Encodes `examples`' prompts and samples one response each over the rollout groups:
-    (prompts, prompt_lens, result, decoded responses, TLT account). With `step` (an RL step)
-    the drafter trains in the bubbles and buffers the responses' features; without (an
-    evaluation) it only decodes."""
+  def _rollout(self, examples: Sequence, key, step: int | None = None) -> Rollout:
+    """Encodes `examples`' prompts and samples one response each over the rollout groups. With
+    `step` (an RL step) the drafter trains in the bubbles and buffers the responses' features;
+    without (an evaluation) it only decodes."""
     width = self.prompt_width or round_up(
         max(len(self.tokenizer.encode(ex.prompt)) for ex in examples) + 1, 16)
     prompts, prompt_lens = encode_prompts(examples, self.tokenizer, width)
@@ -351,111 +352,155 @@ class RLTrainer:
                                        group_size=self.rl.group_size if train else 1, train=train)
     responses = [_decode(self.tokenizer, result.tokens[i, :result.lengths[i]])
                  for i in range(len(examples))]
-    return prompts, prompt_lens, result, responses, account
+    buffered = account.get("buffered_rows")
+    buffered = np.zeros(len(examples), bool) if buffered is None else np.asarray(buffered, bool)
+    return Rollout(list(examples), prompts, prompt_lens, result, responses, buffered, account,
+                   rollouts=len(examples))
+
+  def sample(self, step: int, clock: "stages.StageClock") -> tuple[Rollout, Scores]:
+    """Stage 1, rollout and host scorers: P prompts x G responses with their rewards. With an
+    online filter (rl.dynamic_sampling: DAPO; rl.accuracy_band: PRIME) groups it drops are
+    replaced by groups of fresh prompts, up to rl.dynamic_sampling_rounds extra rounds; dropped
+    groups fill what is still missing (rl/stages.assemble)."""
+    rl = self.rl
+    parts = []
+    for _ in range(1 + (self.filter_rounds if self.filtering else 0)):
+      examples = repeat_groups(next(self.prompts), rl.group_size)
+      self.rng, key = jax.random.split(self.rng)
+      rollout = self._rollout(examples, key, step)
+      with clock("reward"):
+        scores = stages.score_groups(self.reward_fn, self.correct_fn, self.task, examples,
+                                     rollout.result, rollout.responses, rl.group_size)
+      keep = (stages.keep_groups(scores, distinct_rewards=self.dynamic_sampling,
+                                 accuracy_band=self.accuracy_band)
+              if self.filtering else np.ones(rl.prompts_per_step, bool))
+      parts.append((rollout, scores, keep))
+      if sum(int(k.sum()) for _, _, k in parts) >= rl.prompts_per_step:
+        break
+    return stages.assemble(parts, rl.prompts_per_step, rl.group_size, self.tokenizer.pad_id)
+
+  def _device_batch(self, batch):
+    return mesh_lib.shard_batch(batch, self.mesh) if self.mesh is not None else batch
+
+  def prepare_update_batch(self, rollout: Rollout) -> UpdateBatch:
+    """Stage 2: one sequence per row, the update's layout (packed rows), and the forwards
+    without gradient: old log-probs (and the reference's) with the sampler vs trainer gap."""
+    rows = stages.build_rows(rollout.prompt_BxW, rollout.prompt_len_B, rollout.result,
+                             self.rl.length_bucket, self.tokenizer.pad_id)
+    laid_out, index = stages.layout_rows(rows, rollout.prompt_len_B + rollout.result.lengths,
+                                         pack=self.pack, pack_len=self.pack_len,
+                                         rows_multiple=self.pack_rows_multiple)
+    laid_out = dict(laid_out)
+    sampler_lp = self._device_batch(laid_out.pop("sampler_logprobs"))
+    device = self._device_batch(laid_out)
+    args = (device["tokens"], device["positions"], device["segment_ids"], device["response_mask"], sampler_lp)
+    device["old_logprobs"], gap = self.logprob_fn(self.state.params, *args)
+    if self.with_ref:
+      device["ref_logprobs"], _ = self.logprob_fn(self.ref_params, *args)
+    return UpdateBatch(rows, device, index, tuple(laid_out["tokens"].shape),
+                       {k: float(v) for k, v in mesh_lib.to_host(gap).items()},
+                       fill=float(np.mean(laid_out["segment_ids"] > 0)))
+
+  def score_tokens(self, batch: UpdateBatch, scores: Scores) -> TokenRewards:
+    """Stage 3, device scorers: sum_k w_k r^k_t per response token (rl/scorers.py), rows [B, L];
+    stateful scorers (PRIME's PRM) also learn here."""
+    if not self.scorers:
+      return TokenRewards(None)
+    total, metrics = None, {}
+    for name, (weight, scorer) in self.scorers.items():
+      rewards, m = scorer.score(batch, scores)
+      metrics.update(m)
+      term = weight * np.asarray(batch.to_rows(rewards), np.float32)
+      total = term if total is None else total + term
+    return TokenRewards(total.astype(np.float32) * batch.rows["response_mask"], metrics)
+
+  def compute_advantages(self, scores: Scores, token_rewards: TokenRewards, batch: UpdateBatch) -> np.ndarray:
+    """Stage 4: per-token advantages [B, L] (rows) of the registered estimator."""
+    if not self.token_estimator:  # A_i, constant over response i (and its prompt: masked)
+      adv_B = np.asarray(self.advantage_fn(jnp.asarray(scores.rewards_PxG))).reshape(-1)
+      return stages.sequence_advantages_to_rows(adv_B, batch.rows["segment_ids"])
+    g = self.rl.group_size
+    mask = batch.rows["response_mask"]
+    token_r = token_rewards.rewards_BxL if token_rewards.rewards_BxL is not None else np.zeros_like(mask)
+    inputs = advantages_lib.AdvantageInputs(
+        jnp.asarray(scores.rewards_PxG, jnp.float32), jnp.asarray(stages.group_rows(token_r, g)),
+        jnp.asarray(stages.group_rows(mask, g)))
+    return np.asarray(self.advantage_fn(inputs)).reshape(mask.shape).astype(np.float32)
+
+  def update_policy(self, batch: UpdateBatch, advantages_BxL: np.ndarray) -> tuple[dict, Any]:
+    """Stage 5, the policy update: (metrics, hidden states f_t of its forward)."""
+    device = dict(batch.device, advantages=self._device_batch(batch.to_update_layout(advantages_BxL)))
+    self.state, metrics, hidden = self.update_step(self.state, device)
+    return {k: float(v) for k, v in mesh_lib.to_host(metrics).items()}, hidden
+
+  def drafter_features(self, step: int, rollout: Rollout, batch: UpdateBatch, hidden) -> dict:
+    """Stage 6: TLT's drafter buffer takes the update's own features f_t for the rows the rollout
+    did not already buffer (tlt/buffer.py); with one rollout group the drafter then trains
+    between steps. Packed batches are unpacked to rows first. Returns record fields."""
+    if self.tlt.trainer is None:
+      return {}
+    rows, hidden_BxLxH = batch.device, hidden
+    if batch.pack is not None:
+      rows, hidden_BxLxH = batch.rows, batch.to_rows(hidden)
+    return self.tlt.after_update(rows, hidden_BxLxH, rollout.buffered_B, step, self.state.params)
+
+  def record(self, step, rollout: Rollout, scores: Scores, token_rewards: TokenRewards,
+             batch: UpdateBatch, advantages_BxL: np.ndarray, metrics: dict, clock) -> dict:
+    """The step's metrics record (host bookkeeping included)."""
+    result, rewards_PxG = rollout.result, scores.rewards_PxG
+    self.host.reward_failures_total += scores.reward_failures
+    self.host.rollouts_total += rollout.rollouts
+    self.host.groups_dropped_total += rollout.dropped_groups
+    # A response's advantage at its first token: A_i for sequence estimators; the return of the
+    # whole response for token ones.
+    first_B = np.argmax(batch.rows["response_mask"] > 0, axis=1)
+    adv_B = advantages_BxL[np.arange(len(first_B)), first_B]
+    lengths, times = result.lengths, result.stats["time_s"]
+    accept = result.stats.get("spec_accept_len")
+    up = batch.device["tokens"]
+    record = {
+        "step": step,
+        "reward_mean": float(rewards_PxG.mean()), "reward_std": float(rewards_PxG.std()),
+        "accuracy": float(scores.correct_B.mean()),
+        "finished_frac": float(result.finished.mean()),
+        "response_len_mean": float(lengths.mean()), "response_len_max": int(lengths.max()),
+        "accept_len": None if accept is None else float(accept),
+        "advantage_abs_mean": float(np.abs(adv_B).mean()),
+        "zero_adv_groups": int(np.sum(np.all(
+            np.abs(advantages_BxL.reshape(rewards_PxG.shape + advantages_BxL.shape[1:])) < 1e-8, axis=(1, 2)))),
+        "logprob_gap": batch.logprob_gap["logprob_gap"], "logprob_gap_max": batch.logprob_gap["logprob_gap_max"],
+        "kl": metrics["kl"] if self.with_ref else None,
+        "entropy": metrics["entropy"], "clip_frac": metrics["clip_frac"],
+        "approx_kl": metrics["approx_kl"], "ratio_mean": metrics["ratio_mean"],
+        "loss": metrics["loss"], "pg_loss": metrics["pg_loss"], "grad_norm": metrics["grad_norm"],
+        "skipped": int(metrics["skipped"]), "reward_failures": int(scores.reward_failures),
+        "lr": float(self.schedule(step - 1)), "update_len": int(up.shape[1]),
+        "update_rows": int(up.shape[0]),
+        "update_fill": batch.fill,
+        "num_tokens": int(metrics["num_tokens"]),
+        "rollouts_total": self.host.rollouts_total,
+        "rollout_time_s": clock.seconds["rollout"],
+        "reward_time_s": clock.seconds["reward"], "logprob_time_s": clock.seconds["logprob"],
+        "update_time_s": clock.seconds["update"],
+        "prefill_time_s": times.get("prefill", 0.0), "decode_time_s": times.get("decode", 0.0),
+        "spec_time_s": times.get("speculative", 0.0), "compact_time_s": times.get("compact", 0.0),
+    }
+    if self.filtering:
+      record.update(rollout_rounds=rollout.rounds, groups_dropped=rollout.dropped_groups,
+                    groups_dropped_total=self.host.groups_dropped_total)
+    record.update(token_rewards.metrics)
+    record.update(self.tlt.record(result, rollout.account))
+    return record
 
   def sample_eval(self) -> dict[str, float]:
     """Accuracy of ONE sample per fixed held-out prompt at the rollout's temperature, always with
     the same RNG key (common random numbers: two policies are compared on coupled samples)."""
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 10_000_019)
-    _, _, result, responses, _ = self._rollout(self.sample_eval_set, key)
+    ev = self._rollout(self.sample_eval_set, key)
     correct = [self.correct_fn([y], [f], [n], ex, self.task)[0] for y, f, n, ex in
-               zip(responses, result.finished.tolist(), result.lengths.tolist(), self.sample_eval_set)]
+               zip(ev.responses, ev.result.finished.tolist(), ev.result.lengths.tolist(), self.sample_eval_set)]
     return {"eval_accuracy": float(np.mean(correct)),
-            "eval_response_len_mean": float(result.lengths.mean())}
-
-  def train_step(self, step: int) -> tuple[dict, Any, dict]:
-    """Runs RL step `step` (1-based); returns (record, hidden, device batch)."""
-    t_start = time.perf_counter()
-    rl = self.rl
-    groups = repeat_groups(next(self.prompts), rl.group_size)
-    self.rng, key = jax.random.split(self.rng)
-    t0 = time.perf_counter()
-    prompts, prompt_lens, result, responses, account = self._rollout(groups, key, step)
-    self._buffered_rows = account["buffered_rows"]
-    rollout_time = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    failures_before = self.reward_fn.failures
-    rewards_PxG, correct_B = self._score(groups, result, responses)
-    advantages_B = np.asarray(self.advantage_fn(jnp.asarray(rewards_PxG))).reshape(-1)
-    reward_failures = self.reward_fn.failures - failures_before
-    self.host.reward_failures_total += reward_failures
-    reward_time = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    host_batch = build_update_batch(prompts, prompt_lens, result, advantages_B, rl.length_bucket,
-                                    self.tokenizer.pad_id)
-    self._rows, self._pack_index = host_batch, None
-    if self.pack:
-      host_batch, self._pack_index = pack_sequences(host_batch, prompt_lens + result.lengths,
-                                                    self.pack_len, self.pack_rows_multiple)
-    host_batch = dict(host_batch)
-    sampler_lp = host_batch.pop("sampler_logprobs")
-    batch = self._device_batch(host_batch)
-    sampler_lp = self._device_batch(sampler_lp)
-    args = (batch["tokens"], batch["positions"], batch["segment_ids"], batch["response_mask"], sampler_lp)
-    batch["old_logprobs"], gap = self.logprob_fn(self.state.params, *args)
-    if self.with_ref:
-      batch["ref_logprobs"], _ = self.logprob_fn(self.ref_params, *args)
-    gap = mesh_lib.to_host(gap)
-    logprob_time = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    self.state, metrics, hidden = self.update_step(self.state, batch)
-    metrics = {k: float(v) for k, v in mesh_lib.to_host(metrics).items()}
-    update_time = time.perf_counter() - t0
-
-    lengths = result.lengths
-    times = result.stats["time_s"]
-    accept = result.stats.get("spec_accept_len")
-    record = {
-        "step": step,
-        "reward_mean": float(rewards_PxG.mean()), "reward_std": float(rewards_PxG.std()),
-        "accuracy": float(correct_B.mean()),
-        "finished_frac": float(result.finished.mean()),
-        "response_len_mean": float(lengths.mean()), "response_len_max": int(lengths.max()),
-        "accept_len": None if accept is None else float(accept),
-        "advantage_abs_mean": float(np.abs(advantages_B).mean()),
-        "zero_adv_groups": int(np.sum(np.all(
-            np.abs(advantages_B.reshape(rewards_PxG.shape)) < 1e-8, axis=1))),
-        "logprob_gap": float(gap["logprob_gap"]), "logprob_gap_max": float(gap["logprob_gap_max"]),
-        "kl": metrics["kl"] if self.with_ref else None,
-        "entropy": metrics["entropy"], "clip_frac": metrics["clip_frac"],
-        "approx_kl": metrics["approx_kl"], "ratio_mean": metrics["ratio_mean"],
-        "loss": metrics["loss"], "pg_loss": metrics["pg_loss"], "grad_norm": metrics["grad_norm"],
-        "skipped": int(metrics["skipped"]), "reward_failures": int(reward_failures),
-        "lr": float(self.schedule(step - 1)), "update_len": int(host_batch["tokens"].shape[1]),
-        "update_rows": int(host_batch["tokens"].shape[0]),
-        "update_fill": float(np.mean(host_batch["segment_ids"] > 0)),
-        "num_tokens": int(metrics["num_tokens"]),
-        "rollout_time_s": rollout_time, "reward_time_s": reward_time,
-        "logprob_time_s": logprob_time, "update_time_s": update_time,
-        "prefill_time_s": times.get("prefill", 0.0), "decode_time_s": times.get("decode", 0.0),
-        "spec_time_s": times.get("speculative", 0.0), "compact_time_s": times.get("compact", 0.0),
-        "step_time_s": time.perf_counter() - t_start,
-    }
-    record.update(self.tlt.record(result, account))
-    return record, hidden, batch
-
-  def on_policy_features(self, step: int, batch: dict, hidden_BxLxH) -> dict:
-    """TLT's drafter buffer takes `hidden_BxLxH[b, t]` = f_t of the update's own forward for the
-    rows the rollout did not already buffer (tlt/buffer.py: tokens = batch["tokens"], loss_mask[t]
-    = response_mask[t + 1]); with one rollout group the drafter then trains between steps.
-    Packed batches are unpacked first (rl/packing.py). Returns record fields."""
-    if self.tlt.trainer is not None and self._pack_index is not None:
-      hidden_BxLxH = unpack(mesh_lib.gather_to_host(hidden_BxLxH), self._pack_index)
-      batch = self._rows
-    return self.tlt.after_update(batch, hidden_BxLxH, self._buffered_rows, step, self.state.params)
-
-  def step(self, step: int) -> dict:
-    """RL step `step` (1-based) in full: rollout (drafter training in its bubbles), rewards,
-    update, the update's features to the drafter buffer. Returns the metrics record."""
-    record, hidden, batch = self.train_step(step)
-    t0 = time.perf_counter()
-    record.update(self.on_policy_features(step, batch, hidden))
-    record["tlt_after_update_s"] = time.perf_counter() - t0
-    record["step_time_s"] += record["tlt_after_update_s"]
-    return record
+            "eval_response_len_mean": float(ev.result.lengths.mean())}
 
   def _check_skips(self, step: int, record: dict) -> None:
     self.host.consecutive_skips = self.host.consecutive_skips + 1 if record["skipped"] else 0

@@ -15,8 +15,9 @@ Token t is predicted by logits[t - 1]; `token_logprobs_aligned` puts log pi(toke
 (0 at t = 0, which is never a response token; at a packed sequence's first token, its BOS, the
 value belongs to the previous sequence and is masked), so every quantity shares `response_mask`.
 
-Loss (rl/losses.ppo_clip_loss; Schulman et al. 2017, with GRPO's sequence advantages, Shao et
-al. 2024):
+Loss: the registered policy loss `cfg.loss` (rl/losses.py: ppo_clip, gspo, cispo), here the
+default, ppo_clip (Schulman et al. 2017, with per-token advantages; GRPO's are constant per
+response, Shao et al. 2024):
   rho_t = exp(log pi_theta(y_t) - log pi_old(y_t))
   l_t   = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + kl_coef * k3(pi_theta, pi_ref)_t
   loss  = sum_t m_t l_t / sum_t m_t                         (aggregation "token", DAPO)
@@ -44,8 +45,8 @@ from jax.sharding import Mesh
 
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.models.attention import AttentionSpec
-from tlt_jax.rl.losses import (AGGREGATIONS, aggregation_weights, entropy_from_logits, masked_aggregate,
-                               num_sequences, ppo_clip_loss)
+from tlt_jax.rl.losses import (AGGREGATIONS, aggregation_weights, entropy_from_logits, get_loss,
+                               masked_aggregate, num_sequences, registered_losses)
 from tlt_jax.train.state import TrainState, accumulate_gradients, jit_step, shardings_of
 
 Array = jax.Array
@@ -64,6 +65,8 @@ class UpdateConfig:
   kl_coef: weight of the k3 KL to the reference policy (needs `ref_logprobs` in the batch).
   temperature: the sampler's temperature; log-probs are those of softmax(logits / T).
   micro_batches: gradient-accumulation splits of the batch (must divide B).
+  loss: the registered policy loss (rl/losses.py: ppo_clip, gspo, cispo).
+  loss_kwargs: (name, value) pairs for the loss, over clip_eps / clip_eps_high / aggregation.
   """
 
   clip_eps: float = 0.2
@@ -72,6 +75,8 @@ class UpdateConfig:
   kl_coef: float = 0.0
   temperature: float = 1.0
   micro_batches: int = 1
+  loss: str = "ppo_clip"
+  loss_kwargs: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     if self.aggregation not in AGGREGATIONS:
@@ -85,14 +90,30 @@ class UpdateConfig:
       raise ValueError(f"UpdateConfig.kl_coef={self.kl_coef!r} must be >= 0")
     if self.micro_batches < 1:
       raise ValueError(f"UpdateConfig.micro_batches={self.micro_batches!r} must be >= 1")
+    if self.loss not in registered_losses():
+      raise ValueError(f"UpdateConfig.loss={self.loss!r}; allowed: {tuple(registered_losses())}")
+    get_loss(self.loss, **dict(self.loss_kwargs))  # bad keyword names raise here
+
+  def loss_fn(self):
+    """The policy loss with its hyper-parameters bound: rl.clip_eps / clip_eps_high, then
+    loss_kwargs on top. ppo_clip's aggregation comes from the step's weights."""
+    kwargs = {"clip_eps": self.clip_eps, "clip_eps_high": self.clip_eps_high, **dict(self.loss_kwargs)}
+    kwargs.pop("aggregation", None)  # the step aggregates with full-batch weights
+    return get_loss(self.loss, **kwargs)
 
   @classmethod
   def from_config(cls, rl_cfg: Mapping[str, Any], temperature: float) -> "UpdateConfig":
-    """From the config's `rl` section (clip_eps_high 0 means symmetric)."""
+    """From the config's `rl` section (clip_eps_high 0 means symmetric; an `aggregation` in
+    rl.loss_kwargs replaces rl.aggregation)."""
+    loss_kwargs = dict(rl_cfg.get("loss_kwargs", None) or {})
+    if "clip_eps_high" in loss_kwargs:
+      loss_kwargs["clip_eps_high"] = float(loss_kwargs["clip_eps_high"]) or None
     return cls(clip_eps=float(rl_cfg["clip_eps"]),
                clip_eps_high=float(rl_cfg["clip_eps_high"]) or None,
-               aggregation=str(rl_cfg["aggregation"]), kl_coef=float(rl_cfg["kl_coef"]),
-               temperature=float(temperature), micro_batches=int(rl_cfg["micro_batches"]))
+               aggregation=str(loss_kwargs.pop("aggregation", rl_cfg["aggregation"])),
+               kl_coef=float(rl_cfg["kl_coef"]), temperature=float(temperature),
+               micro_batches=int(rl_cfg["micro_batches"]), loss=str(rl_cfg.get("loss", "ppo_clip")),
+               loss_kwargs=tuple(sorted(loss_kwargs.items())))
 
 
 def token_logprobs_aligned(logits_BxLxV: Array, tokens_BxL: Array,
@@ -135,16 +156,17 @@ def policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
   mask_full = batch["response_mask"].astype(jnp.float32)
   tokens_full = jnp.maximum(jnp.sum(mask_full), 1.0)
   has_ref = "ref_logprobs" in batch
+  policy_loss = cfg.loss_fn()
   batch = dict(batch, loss_weights=aggregation_weights(mask_full, batch["segment_ids"], cfg.aggregation))
 
   def loss_fn(params, mb):
     mask = mb["response_mask"].astype(jnp.float32)
     logp, entropy, hidden = policy_forward(graphdef, params, mb["tokens"], mb["positions"],
                                            mb["segment_ids"], cfg.temperature, mesh)
-    loss, m = ppo_clip_loss(logp, mb["old_logprobs"], mb["advantages"], mask,
-                            clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
-                            logp_ref_BxT=mb["ref_logprobs"] if has_ref else None,
-                            kl_coef=cfg.kl_coef, weights_BxT=mb["loss_weights"])
+    loss, m = policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask,
+                          logp_ref_BxT=mb["ref_logprobs"] if has_ref else None,
+                          kl_coef=cfg.kl_coef, weights_BxT=mb["loss_weights"],
+                          segment_ids_BxT=mb["segment_ids"])
     w_tokens = jnp.sum(mask) / tokens_full  # token means: full-batch normalisation
     aux = {k: m[k] * w_tokens for k in _TOKEN_MEAN_METRICS}
     aux["pg_loss"] = m["pg_loss"]  # already a part of the full-batch weighted sum
