@@ -102,6 +102,9 @@ def test_longest_suffix_matches_brute_force(setup):
           want = grams[tuple(int(x) for x in seqs[b, t - n + 1:t + 1])]
       assert ids[b, t] == want, (b, t)
   assert (ids >= 0).mean() > 0.3
+  ctx = sequence_contexts(seqs, MAX_N).reshape(-1, MAX_N)  # decode-sized batches take the dict path
+  small = np.concatenate([vocab.match(part) for part in np.array_split(ctx, 16)])
+  np.testing.assert_array_equal(small, ids.reshape(-1))
   assert (vocab.lengths_F[ids[ids >= 0]] >= 3).any()  # longer f-grams really won over shorter
 
 

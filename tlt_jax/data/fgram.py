@@ -30,6 +30,7 @@ from tlt_jax.errors import ConfigError, DataError
 
 _P = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden-ratio constant)
 NO_TOKEN = -1
+SMALL_BATCH = 64  # contexts at or below this are matched by dict probes (decode steps)
 
 
 def suffix_hashes(ctx_MxN: np.ndarray) -> np.ndarray:
@@ -159,6 +160,7 @@ class FgramVocab:
     if self.size and np.any(self._sorted_keys[1:] == self._sorted_keys[:-1]):
       raise DataError("f-gram vocabulary has duplicate f-grams")
     self._n = n
+    self._dict = None  # tuple -> id, built on the first small-batch match
 
   @property
   def size(self) -> int:
@@ -183,6 +185,8 @@ class FgramVocab:
     ids = np.full((ctx.shape[0],), -1, np.int64)
     if self.size == 0 or ctx.shape[0] == 0:
       return ids.reshape(lead)
+    if ctx.shape[0] <= SMALL_BATCH:  # a decode step: a few contexts, dict probes beat numpy's overheads
+      return self._match_small(ctx).reshape(lead)
     h = suffix_hashes(ctx)
     f = self.size
     for n in range(2, self.max_n + 1):  # longer matches overwrite shorter ones
@@ -197,6 +201,21 @@ class FgramVocab:
           (self.tokens_FxN[cand, self.max_n - n:] == ctx[rows, self.max_n - n:]), axis=1)
       ids[rows[same]] = cand[same]
     return ids.reshape(lead)
+
+  def _match_small(self, ctx_MxN: np.ndarray) -> np.ndarray:
+    if self._dict is None:
+      self._dict = {tuple(int(t) for t in row[self.max_n - n:]): i
+                    for i, (row, n) in enumerate(zip(self.tokens_FxN.tolist(), self.lengths_F.tolist()))}
+    d, n_max = self._dict, self.max_n
+    out = []
+    for row in ctx_MxN.tolist():
+      found = -1
+      for n in range(n_max, 1, -1):
+        found = d.get(tuple(row[n_max - n:]), -1)
+        if found >= 0:
+          break
+      out.append(found)
+    return np.asarray(out, np.int64)
 
   def match_sequences(self, tokens_BxT: np.ndarray) -> np.ndarray:
     """[B, T] f-gram ids of every position of each row (-1: no f-gram ends there)."""
