@@ -7,7 +7,7 @@ they are imperfect, so coverage is not saturated. SE has about 3x the parameters
 Gemma2-27B vs 9B; the student is smaller than both (knowledge distillation).
 
   configs/synth.py[:<role>]        role: se (default), wc or student; `model` is that policy
-  configs/synth.py:tiny[,<role>]   a seconds-scale version (tests, the notebook)
+  configs/synth.py:tiny[,<role>]   a minute-scale version on 1-3 digit sums (the notebook)
 
   python -m tlt_jax.main --config=configs/synth.py:wc --workdir=runs/synth_wc   # one policy alone
   python experiments/compute_optimal.py --config=configs/synth.py               # the experiment
@@ -61,23 +61,25 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       base_steps=ml_collections.ConfigDict(dict(se=300, wc=300, student=300)),  # SFT steps of each
       # Problems to sample solutions for, and the fixed held-out evaluation set (disjoint seeds).
       min_digits=6, max_digits=8, problems=128, problem_seed=101,
-      eval_problems=128, eval_seed=202, eval_samples=4,  # greedy accuracy and pass@eval_samples
+      eval_problems=128, eval_seed=202, eval_samples=2,  # greedy accuracy and pass@eval_samples
       # Budgets: SE samples per problem; WC gets the same FLOPs (flops.matched_sample_counts).
       budgets=(1, 4), temperature=1.0, include_attention=True,
       # SFT on each filtered dataset: the same steps x packed tokens in every comparison.
       finetune=ml_collections.ConfigDict(dict(steps=60, batch_size=16, max_len=160, lr=1e-3,
                                               warmup_steps=6)),
       seeds=(0, 1),
+      compact_rollouts=True,  # rollout batches compact into smaller buckets (off: one shape, fewer compiles)
   ))
   if tiny:
     c.synth.models = ml_collections.ConfigDict(dict(se=_model(2, 48, 128), wc=_model(1, 32, 96),
                                                     student=_model(1, 16, 48, heads=2, kv_heads=1)))
-    c.synth.base_steps = ml_collections.ConfigDict(dict(se=30, wc=30, student=20))
-    c.task.max_digits = 4
-    c.synth.update(min_digits=3, max_digits=4, problems=8, eval_problems=8, eval_samples=2, budgets=(1, 2),
-                   seeds=(0,))
+    c.synth.base_steps = ml_collections.ConfigDict(dict(se=150, wc=150, student=100))
+    c.task.update(max_digits=3, alpha=1.0)
+    c.synth.update(min_digits=2, max_digits=3, problems=8, eval_problems=8, eval_samples=2, budgets=(1, 2),
+                   seeds=(0,), compact_rollouts=False)
+    c.eval.batch_size = 32  # with compact_rollouts off, every rollout batch has this many rows
     c.synth.finetune.update(steps=4, batch_size=4, max_len=96, warmup_steps=1)
-    c.sft.update(batch_size=8, max_len=96, warmup_steps=4, eval_size=8, log_every=50)
+    c.sft.update(batch_size=8, max_len=96, lr=1e-2, warmup_steps=10, eval_size=8, log_every=50)
     c.model.max_position_embeddings = 96
     c.eval.max_new_tokens = 64
     c.rollout.max_new_tokens = 64

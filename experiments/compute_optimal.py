@@ -127,7 +127,7 @@ def draw_samples(s, policies, examples, counts, workdir: str, max_new_tokens: in
     out[m] = sample_solutions(policy, setup.tokenizer, setup.task, examples, k, model_name=m,
                               temperature=float(s.temperature), max_new_tokens=max_new_tokens,
                               batch_size=batch_size, seed=int(s.problem_seed),
-                              include_attention=bool(s.include_attention))
+                              include_attention=bool(s.include_attention), compact=bool(s.compact_rollouts))
     write_jsonl(out[m], path)
   return out
 
@@ -142,11 +142,12 @@ def data_rows(samples, counts) -> list[dict]:
   return rows
 
 
-def evaluate(policy, setup, examples, samples: int, max_new_tokens: int, batch_size: int, seed: int) -> dict:
+def evaluate(policy, setup, examples, samples: int, max_new_tokens: int, batch_size: int, seed: int,
+             compact: bool = True) -> dict:
   """Greedy accuracy and pass@`samples` (T = 1, unbiased) on the held-out `examples`."""
   from tlt_jax.synth import coverage_at_k, sample_solutions
   from tlt_jax.synth.sampling import group_by_problem
-  common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=False)
+  common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=False, compact=compact)
   greedy = sample_solutions(policy, setup.tokenizer, setup.task, examples, 1, model_name="eval",
                             temperature=0.0, **common)
   drawn = sample_solutions(policy, setup.tokenizer, setup.task, examples, samples, model_name="eval",
@@ -217,7 +218,8 @@ def finetune_rows(s, policies, datasets, counts, eval_set, workdir: str, max_new
   for _, role in SETTINGS:
     setup, policy = policies[role]
     rec = cached(f"base_{role}", lambda: {"kind": "base", "policy": role, **evaluate(
-        policy, setup, eval_set, k_eval, max_new_tokens, batch_size, seed=int(s.eval_seed))})
+        policy, setup, eval_set, k_eval, max_new_tokens, batch_size, seed=int(s.eval_seed),
+        compact=bool(s.compact_rollouts))})
     rows.append(rec)
     say(json.dumps(rec))
   tuners = {}
@@ -234,7 +236,8 @@ def finetune_rows(s, policies, datasets, counts, eval_set, workdir: str, max_new
               return {"greedy_acc": None, f"pass@{k_eval}": None, "final_loss": None, "time_s": 0.0}
             t0 = time.perf_counter()
             model, loss = tuners[role](examples, int(seed))
-            res = evaluate(model, setup, eval_set, k_eval, max_new_tokens, batch_size, seed=int(s.eval_seed))
+            res = evaluate(model, setup, eval_set, k_eval, max_new_tokens, batch_size, seed=int(s.eval_seed),
+                           compact=bool(s.compact_rollouts))
             return {**res, "final_loss": float(loss), "time_s": time.perf_counter() - t0}
           name = f"{setting}_{m}_b{c['budget']}_s{seed}"
           rec = {"kind": "finetune", "setting": setting, "policy": role, "source": m, "budget": c["budget"],
@@ -460,5 +463,7 @@ def plot_gain(path, res, k_eval: int):
 
 if __name__ == "__main__":
   from experiments.common import run_experiment
+  from tlt_jax import cli
+  cli.set_cpu_devices(sys.argv)  # before jax is imported (one device: no rollout groups here)
   define_flags()
   run_experiment(main)

@@ -66,7 +66,8 @@ def sample_solutions(model, tokenizer, task, examples: Sequence[Example], num_sa
   through the rollout engine in batches of `batch_size` rows, each checked by
   `task.check_trace` and costed by `flops.sequence_flops` (its own prompt and response lengths).
   `compact`: the engine compacts finished rows into smaller batch buckets (each bucket compiles
-  once; off, one shape). Sample j of example i is row i * num_samples + j; the batch of rows [b, b + batch_size) uses the
+  once); off, every batch is padded to `batch_size` rows and decoded at that one shape (one
+  compile per engine: small runs). Sample j of example i is row i * num_samples + j; the batch of rows [b, b + batch_size) uses the
   key fold_in(key(seed), b), so the samples are a pure function of the arguments."""
   import jax
   from flax import nnx
@@ -87,6 +88,10 @@ def sample_solutions(model, tokenizer, task, examples: Sequence[Example], num_sa
     for b in range(0, len(rows), batch_size):
       chunk = rows[b:b + batch_size]
       prompts, plens = encode_prompts([examples[i] for i, _ in chunk], tokenizer, width)
+      if not compact and len(chunk) < batch_size:  # one batch shape: pad with copies of row 0
+        pad = batch_size - len(chunk)
+        prompts = np.concatenate([prompts, np.repeat(prompts[:1], pad, 0)])
+        plens = np.concatenate([plens, np.repeat(plens[:1], pad)])
       res = engine.generate(params, prompts, plens, max_new_tokens, jax.random.fold_in(jax.random.key(seed), b))
       for r, (i, j) in enumerate(chunk):
         ex = examples[i]
