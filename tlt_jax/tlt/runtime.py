@@ -68,6 +68,8 @@ class TLTRuntime:
     r, t = config.rollout, config.tlt
     self.graphdef = graphdef
     self.spec_threshold = int(r.spec_threshold)
+    self.config_strategies = tuple(str(s) for s in t.strategies)
+    self.rounds_per_chunk = int(r.rounds_per_chunk)
     if mesh is None:
       mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
     self.groups = split_mesh(mesh, int(t.rollout_groups))
@@ -164,6 +166,34 @@ class TLTRuntime:
         "spec_chunks": len(spec), "spec_frac": spec_tokens / max(int(result.lengths.sum()), 1),
         "tail_frac": tail_tokens / max(int(result.lengths.sum()), 1),
         "tail_time_frac": sum(c["time_s"] for c in tail) / chunk_time if chunk_time > 0 else 0.0,
+    }
+
+  def trace(self, step: int, result: RolloutResult, account: Mapping[str, Any], group_size: int,
+            prompt_width: int) -> dict[str, Any]:
+    """What a replay of this step's rollout needs (tlt/sim.py, experiments/pod_sim.py --validate):
+    each row's response length by rollout group (in the group's row order), every chunk as
+    [group, active batch, strategy name or None (the bandit's choice), tokens, rounds, row-rounds,
+    seconds], each group's active-batch trace and finish time, the drafter steps and their
+    group-seconds, and the scheduling parameters. Compact JSON, one line per step."""
+    from tlt_jax.tlt.costs import strategy_name
+    from tlt_jax.tlt.groups import split_rows
+    lengths = np.asarray(result.lengths)
+    rows = split_rows(len(lengths), int(group_size), len(self.groups))
+    eng = self.engine
+    chunks = [[int(c.get("group", 0)), int(c["batch"]), c["strategy"], int(c["tokens"]), int(c["rounds"]),
+               int(c["row_rounds"]), round(float(c["time_s"]), 6)] for c in result.stats.get("chunks") or []]
+    arms = parse_arms(self.config_strategies) if self.speculative else []
+    return {
+        "step": int(step), "lengths": [lengths[r].tolist() for r in rows], "prompt_width": int(prompt_width),
+        "chunks": chunks, "active_trace": result.stats.get("active_trace"),
+        "group_done_s": [round(float(g["done_s"]), 6) for g in account["groups"]],
+        "rollout_s": round(float(account["wall_s"]), 6), "drafter_steps": int(account["drafter_steps"]),
+        "drafter_train_s": round(float(account["train_s"]), 6), "bubble_s": round(float(account["bubble_s"]), 6),
+        "preempt_wait_s": round(float(account["preempt_wait_s"]), 6),
+        "speculative": self.speculative, "train_drafter": self.train_drafter,
+        "spec": {"chunk_size": eng.chunk_size, "buckets": list(eng.buckets), "compact": eng.compact,
+                 "spec_threshold": eng.spec_threshold, "rounds_per_chunk": self.rounds_per_chunk,
+                 "arms": [strategy_name(a) for a in arms]},
     }
 
   # ----------------------------------------------------------------------------- checkpointing

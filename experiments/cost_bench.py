@@ -1,0 +1,209 @@
+"""Costs of the rollout's and the drafter's units of work on this machine, for the step simulator.
+
+Times (tlt/costs.MeasuredCosts reads the JSON this writes; wall clock, medians of `--repeats`):
+
+  decode[ctx][batch]    one plain decoding step: the engine's jitted `decode_chunk` of
+                        rollout.chunk_size steps at a padded batch and live context, / chunk_size
+  spec[strategy][batch] one speculative round: `speculative_chunk` of rollout.rounds_per_chunk
+                        rounds / rounds (at `spec_ctx`)
+  prefill[batch]        the prefill of `batch` rows of `prefill_len` tokens
+  drafter_train_s       one `drafter_train_step` (tlt.drafter_batch_size rows of the buffer's length)
+  chunk_overhead_s      host time per chunk of a RolloutSession (its advance loop minus the device
+                        time of the same chunks)
+  shared_gain           (CPU) two decode chunks dispatched at once on two devices, against one:
+                        (2 x t_one / t_two) - 1 (0: the fake devices serialise on the cores)
+
+No EOS can end a row early (the EOS id is outside the vocabulary), so every chunk runs its full
+length. Weights are random (a cost does not depend on them). The update's cost per token is not
+timed here: a replay takes it from the replayed run's own measurements (experiments/pod_sim.py).
+
+  python experiments/cost_bench.py [--config=configs/default.py] [--out experiments/results/cost_bench/cpu.json]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tlt_jax import cli  # noqa: E402
+
+cli.set_cpu_devices(sys.argv, minimum=2)
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from experiments.common import run_experiment  # noqa: E402
+
+_CONFIG = cli.define_config_flag()
+flags.DEFINE_string("out", "experiments/results/cost_bench/cpu.json", "output JSON")
+flags.DEFINE_string("ctx", "48,96,160", "live contexts (tokens) of the decode grid")
+flags.DEFINE_string("batches", "", "batch sizes (default: the config's rollout buckets up to the rows per group)")
+flags.DEFINE_integer("spec_ctx", 96, "context of the speculative-round grid")
+flags.DEFINE_integer("prefill_len", 48, "prompt width of the prefill timings")
+flags.DEFINE_integer("repeats", 5, "timed repeats per cell (median)")
+flags.DEFINE_bool("tiny", False, "a few cells only (tests)")
+FLAGS = flags.FLAGS
+
+
+def _timeit(fn, repeats):
+  fn()  # compile / warm
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int, log=print) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from tlt_jax.drafter.eagle import EagleDrafter
+  from tlt_jax.drafter.train import TargetHead, init_drafter_train_state, make_drafter_train_step
+  from tlt_jax.parallel import aot
+  from tlt_jax.rollout.engine import RolloutEngine
+  from tlt_jax.rollout.sampling import SamplingParams
+  from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
+  from tlt_jax.tlt.costs import strategy_name
+  from tlt_jax.tlt.runtime import parse_arms
+  from tlt_jax.models.transformer import Transformer
+
+  r, t = config.rollout, config.tlt
+  cfg = aot.model_config_for(config)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  drafter = EagleDrafter(cfg, rngs=nnx.Rngs(1))
+  graphdef, params = nnx.split(model)
+  dgraph, dparams = nnx.split(drafter)
+  sp = SamplingParams(temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k))
+  eos = (cfg.vocab_size + 7,)  # never sampled: every chunk runs in full
+  k = int(r.chunk_size)
+  rounds = int(r.rounds_per_chunk)
+  arms = [a for a in parse_arms(t.strategies) if a != (0, 0, 0)]
+  dec = SpeculativeDecoder(graphdef, dgraph, sp, eos, strategies=[Strategy(*a) for a in arms], rounds_per_chunk=rounds)
+  eng = RolloutEngine(graphdef, sp, eos_ids=eos, chunk_size=k, buckets=tuple(batches), speculative=dec,
+                      spec_threshold=max(batches), max_context=cfg.max_position_embeddings, compact=False)
+  rng = np.random.default_rng(0)
+  reps = 2 + repeats  # chunks per state: warm-up + timed
+
+  def state_for(b, ctx, extra):
+    prompts = rng.integers(3, cfg.vocab_size, (b, ctx)).astype(np.int32)
+    cap = ctx + extra
+    return eng._prefill(params, jnp.asarray(prompts), jnp.full((b,), ctx, jnp.int32),
+                        jnp.full((b,), extra, jnp.int32), jax.random.key(0), capacity=cap)
+
+  out = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {os.cpu_count()} cores)",
+         "config": cli.config_path_of(sys.argv), "chunk_size": k, "rounds_per_chunk": rounds,
+         "decode": {}, "spec": {}, "prefill": {}, "spec_ctx": spec_ctx, "prefill_len": prefill_len}
+  for ctx in ctxs:
+    out["decode"][str(ctx)] = {}
+    for b in batches:
+      holder = {"st": state_for(b, ctx - k, k * (reps + 1))}
+
+      def chunk():
+        holder["st"], stats = eng._chunk(params, holder["st"], window=None)
+        jax.block_until_ready(stats)
+      out["decode"][str(ctx)][str(b)] = _timeit(chunk, repeats) / k
+      log(json.dumps({"what": "decode_step", "ctx": ctx, "batch": b, "s": out["decode"][str(ctx)][str(b)]}))
+  spec_batches = [b for b in batches if b <= max(int(r.spec_threshold), 8)]
+  for a in arms:
+    name = strategy_name(a)
+    out["spec"][name] = {}
+    for b in spec_batches:
+      holder = {"st": state_for(b, spec_ctx, (a[0] + 1) * rounds * (reps + 1) + 64)}
+
+      def chunk(a=a):
+        holder["st"], stats = dec.dispatch_chunk(params, dparams, holder["st"], Strategy(*a))
+        jax.block_until_ready(stats)
+      out["spec"][name][str(b)] = _timeit(chunk, repeats) / rounds
+      log(json.dumps({"what": "spec_round", "strategy": name, "batch": b, "s": out["spec"][name][str(b)]}))
+  for b in batches:
+    out["prefill"][str(b)] = _timeit(lambda b=b: jax.block_until_ready(state_for(b, prefill_len, k).done_B), repeats)
+    log(json.dumps({"what": "prefill", "batch": b, "s": out["prefill"][str(b)]}))
+
+  # host overhead per chunk: a session's advance loop against the same chunks' device time
+  b = batches[len(batches) // 2]
+  n_chunks = 6
+  prompts = rng.integers(3, cfg.vocab_size, (b, prefill_len)).astype(np.int32)
+  plain = RolloutEngine(graphdef, sp, eos_ids=eos, chunk_size=k, buckets=tuple(batches),
+                        max_context=cfg.max_position_embeddings)
+  plain.generate(params, prompts, np.full(b, prefill_len), k * n_chunks, jax.random.key(1))  # compile
+  sess_t = []
+  for _ in range(repeats):
+    s = plain.start(params, prompts, np.full(b, prefill_len), k * n_chunks, jax.random.key(1))
+    t0 = time.perf_counter()
+    while s.advance():
+      pass
+    sess_t.append(time.perf_counter() - t0)
+  device = sum(out["decode"][str(min(ctxs, key=lambda c: abs(c - (prefill_len + k * i))))][str(b)] * k
+               for i in range(n_chunks))
+  out["chunk_overhead_s"] = max(float(np.median(sess_t)) - device, 0.0) / n_chunks
+  log(json.dumps({"what": "chunk_overhead", "batch": b, "s": out["chunk_overhead_s"]}))
+
+  # drafter train step
+  tx = optax.adamw(1e-4)
+  dstate = init_drafter_train_state(drafter, tx)
+  step = make_drafter_train_step(dgraph, tx, cfg)
+  head = TargetHead.from_target(model)
+  rows = int(t.drafter_batch_size)
+  length = int(t.get("buffer_seq_len", 0)) or int(max(ctxs))
+  batch = {"tokens": jnp.asarray(rng.integers(3, cfg.vocab_size, (rows, length)).astype(np.int32)),
+           "hidden": jnp.asarray(rng.normal(size=(rows, length, cfg.hidden_size)).astype(np.float32)),
+           "loss_mask": jnp.ones((rows, length), jnp.float32)}
+  holder = {"st": dstate}
+
+  def train():
+    holder["st"], m = step(holder["st"], head, batch)
+    jax.block_until_ready(m)
+  out["drafter_train_s"] = _timeit(train, repeats)
+  log(json.dumps({"what": "drafter_train_step", "rows": rows, "len": length, "s": out["drafter_train_s"]}))
+
+  # shared cores: one chunk alone vs two at once on two devices
+  devs = jax.devices()
+  if len(devs) >= 2 and jax.default_backend() == "cpu":
+    b = batches[-1]
+    p2 = [jax.device_put(params, d) for d in devs[:2]]
+    sts = []
+    for d in devs[:2]:
+      with jax.default_device(d):
+        sts.append(state_for(b, ctxs[0], k * (3 * reps + 2)))
+    holder = {"st": [jax.device_put(s, d) for s, d in zip(sts, devs[:2])]}
+
+    def run(which):
+      outs = []
+      for i in which:
+        holder["st"][i], stats = eng._chunk(p2[i], holder["st"][i], window=None)
+        outs.append(stats)
+      jax.block_until_ready(outs)
+    one = _timeit(lambda: run([0]), repeats)
+    two = _timeit(lambda: run([0, 1]), repeats)
+    out["shared_gain"] = max(2 * one / two - 1.0, 0.0)
+    log(json.dumps({"what": "shared_gain", "one_s": one, "two_s": two, "gain": out["shared_gain"]}))
+  return out
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  r = config.rollout
+  ctxs = [int(c) for c in FLAGS.ctx.split(",") if c.strip()]
+  per_group = max(1, int(config.rl.prompts_per_step) * int(config.rl.group_size) // int(config.tlt.rollout_groups))
+  batches = ([int(b) for b in FLAGS.batches.split(",")] if FLAGS.batches
+             else [int(b) for b in r.buckets if b <= per_group] or [per_group])
+  if FLAGS.tiny:
+    ctxs, batches = ctxs[:2], batches[:2]
+  out = measure(config, FLAGS.repeats, ctxs, batches, FLAGS.spec_ctx, FLAGS.prefill_len)
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump(out, f, indent=1)
+  print(f"wrote {FLAGS.out}", flush=True)
+
+
+if __name__ == "__main__":
+  run_experiment(main)
