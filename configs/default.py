@@ -120,8 +120,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       speculative=True,  # the ONE switch for speculative decoding of rollout tails
       train_drafter=True,  # the ONE switch for drafter training in the bubbles (adaptive drafter)
       rollout_groups=2,  # must divide the mesh's data axis
+      # Where the drafter trains: "bubbles" (idle groups), "between_steps" (after each update),
+      # "auto": bubbles on accelerators, between steps when the groups share a CPU's cores.
+      train_where="auto",
       single_group="between_steps",  # with rollout_groups=1: "between_steps" or "off"
-      between_steps=4,  # drafter steps after each policy update when there is one group
+      between_steps=4,  # drafter steps after each policy update when it trains between steps
       strategies=("d3k1n3", "d4k1n4", "plain"),  # BEG-MAB arms: d<depth>k<topk>n<verify> or plain
       bandit_epsilon=0.1, bandit_window=16,
       drafter_lr=3e-4,  # constant, Adam; the warm-up's peak drafter.lr overshoots from a trained drafter

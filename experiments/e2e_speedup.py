@@ -98,12 +98,31 @@ def main(argv):
         bar.set_postfix(variant=n, step=step, t=f"{rec['step_time_s']:.2f}s")
   bar.close()
   elapsed = time.perf_counter() - t_start
+  collect_traces(runs, names, steps, os.path.join(args.out, "traces.jsonl"))
 
   summary = summarise(records, names, args.warmup)
   for row in summary:
     print(json.dumps(row), flush=True)
   write_report(args, summary, records, names, steps, elapsed)
   plot(records, names, os.path.join(args.out, "e2e_speedup.png"))
+
+
+def collect_traces(runs: str, names, steps: int, path: str) -> None:
+  """Every variant's per-step rollout traces (the trainers' `traces.jsonl`, TLTRuntime.trace),
+  tagged with the variant, into one file for `experiments/pod_sim.py --validate`."""
+  with open(path, "w") as out:
+    for n in names:
+      src = os.path.join(runs, n, "traces.jsonl")
+      if not os.path.exists(src):
+        continue
+      latest = {}
+      with open(src) as f:
+        for line in f:
+          tr = json.loads(line)
+          if tr["step"] <= steps:
+            latest[tr["step"]] = tr  # a rerun's step replaces an earlier run's
+      for step in sorted(latest):
+        out.write(json.dumps({"variant": n, **latest[step]}) + "\n")
 
 
 def report_from_jsonl(args):

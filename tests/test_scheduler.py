@@ -379,3 +379,24 @@ def test_tlt_state_round_trips_through_the_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert [rt.bandit.select(b) for b in (1, 2, 4) * 5] == [twin.bandit.select(b) for b in (1, 2, 4) * 5]
   np.testing.assert_array_equal(rt.buffer.sample(3)["hidden"], twin.buffer.sample(3)["hidden"])
+
+
+def test_train_where_auto_avoids_bubbles_on_shared_cpu_cores():
+  """auto: between steps when the rollout groups are fake CPU devices (a bubble's training would
+  take cores from the group still decoding), bubbles on accelerators; an explicit choice wins."""
+  from tlt_jax.tlt.runtime import resolve_train_where
+  assert resolve_train_where("auto", 2, "cpu").startswith("between_steps")
+  assert resolve_train_where("auto", 4, "tpu").startswith("bubbles")
+  assert resolve_train_where("auto", 4, "gpu").startswith("bubbles")
+  assert resolve_train_where("bubbles", 2, "cpu").startswith("bubbles")
+  assert resolve_train_where("auto", 1, "tpu").startswith("between_steps")
+  with pytest.raises(ValueError, match="tlt.train_where='nowhere' is not allowed"):
+    resolve_train_where("nowhere", 2, "cpu")
+  rt = _runtime()  # the default config (auto) on this CPU's 2 fake devices
+  assert rt.train_where.startswith("between_steps") and not rt.scheduler.train_in_bubbles
+  # ... and the drafter then trains after the update, on both groups
+  rt.buffer.add(*_rows(rt.trainer.batch_size, 0, seed=0, h=rt.buffer.hidden_size), step=0)
+  from tlt_jax.models.transformer import Transformer
+  head = TargetHead.from_target(Transformer(target_config(), rngs=nnx.Rngs(0)))
+  out = rt.scheduler.train_between_steps(head)
+  assert out["drafter_steps"] == rt.scheduler.between_steps > 0 and out["drafter_version"] == out["drafter_steps"]

@@ -10,6 +10,12 @@ Two switches (config `tlt`):
                   (tlt/scheduler.py), publishing versions that later chunks pick up.
 Off/off is plain decoding over the rollout groups (the baseline); on/off is a static drafter.
 
+Where the drafter trains (`tlt.train_where`): "bubbles" (idle rollout groups while others still
+decode), "between_steps" (`tlt.between_steps` steps on all groups after each policy update), or
+"auto": bubbles on accelerators, where an idle group's chips are free; between steps when the
+rollout groups are fake devices over the same CPU cores (training in a "bubble" would only take
+cores from the group still decoding). The choice is logged once.
+
 Determinism: without speculation a run is a pure function of its config. With it, every rollout
 is an exact sample of the policy, but WHICH sample depends on the drafter's proposals and the
 bandit's picks, and those depend on wall-clock time (bubble lengths, measured throughput): runs
@@ -48,6 +54,24 @@ TIMING_FIELDS = ("bubble_s", "bubble_utilisation", "drafter_train_s", "idle_grou
 def parse_arms(names: Sequence[str]) -> list[tuple[int, int, int]]:
   """Bandit arms from names: "plain" (PLAIN = (0, 0, 0)) or "d<depth>k<topk>n<num_verify>"."""
   return [PLAIN if str(s).strip() == "plain" else tuple(Strategy.parse(s)) for s in names]
+
+
+TRAIN_WHERE = ("auto", "bubbles", "between_steps")
+
+
+def resolve_train_where(where: str, num_groups: int, backend: str | None = None) -> str:
+  """The drafter-training mode (module docstring) with its reason, e.g. "between_steps (the 2
+  rollout groups share the CPU's cores)"."""
+  if where not in TRAIN_WHERE:
+    raise ValueError(f"tlt.train_where={where!r} is not allowed; allowed: one of {TRAIN_WHERE}")
+  backend = backend or jax.default_backend()
+  if num_groups < 2:
+    return "between_steps (one rollout group: no bubbles)"
+  if where == "auto":
+    if backend == "cpu":
+      return f"between_steps (auto: the {num_groups} rollout groups are fake devices sharing the CPU's cores)"
+    return f"bubbles (auto: the {num_groups} rollout groups are disjoint {backend} devices)"
+  return f"{where} (tlt.train_where)"
 
 
 class TLTRuntime:
@@ -109,9 +133,13 @@ class TLTRuntime:
                                     state, self.groups, self.buffer, int(t.drafter_batch_size))
     elif self.speculative:
       static = drafter[1].params
+    self.train_where = resolve_train_where(str(t.get("train_where", "auto")), len(self.groups))
+    if self.train_drafter:
+      log.info("tlt: drafter training %s", self.train_where)
     self.scheduler = HostScheduler(
         self.engine, self.groups, trainer=self.trainer, drafter_params=static, selector=self.bandit,
-        single_group=str(t.single_group), between_steps=int(t.between_steps),
+        train_in_bubbles=self.train_where.startswith("bubbles"), single_group=str(t.single_group),
+        between_steps=int(t.between_steps),
         max_in_flight=int(t.max_in_flight), max_train_steps=int(t.max_drafter_steps))
 
   # ----------------------------------------------------------------------------- one step

@@ -442,13 +442,15 @@ class HostScheduler:
   # --- between steps (R = 1) ---------------------------------------------------------------
 
   def train_between_steps(self, head: TargetHead, num_steps: int | None = None) -> dict[str, Any]:
-    """With one rollout group (`single_group="between_steps"`): `num_steps` (default
-    `between_steps`) drafter steps on all groups' devices, synchronously, after the policy update.
-    Returns {train_s, drafter_steps, drafter_version}; nothing runs when the mode is "off", with
-    several groups (they train in bubbles), or with too few buffered rows."""
+    """When the drafter does not train in bubbles (one rollout group with `single_group=
+    "between_steps"`, or several groups that share cores, tlt/runtime.resolve_train_where):
+    `num_steps` (default `between_steps`) drafter steps on all groups' devices, synchronously,
+    after the policy update. Returns {train_s, drafter_steps, drafter_version}; nothing runs when
+    the drafter trains in bubbles, with one group in mode "off", or with too few buffered rows."""
     trainer = self.trainer
     num_steps = self.between_steps if num_steps is None else int(num_steps)
-    if (trainer is None or len(self.groups) > 1 or self.single_group != "between_steps"
+    if (trainer is None or self.train_in_bubbles
+        or (len(self.groups) == 1 and self.single_group != "between_steps")
         or num_steps <= 0 or len(trainer.buffer) < trainer.batch_size):
       return {"train_s": 0.0, "drafter_steps": 0,
               "drafter_version": None if trainer is None else trainer.version}
