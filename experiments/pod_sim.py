@@ -214,7 +214,9 @@ def replay_variant(traces: list[dict], costs, skip: int = 5, seed: int = 0) -> t
                          spec_threshold=sp["spec_threshold"] if t0["speculative"] else 0,
                          rounds_per_chunk=sp["rounds_per_chunk"],
                          arms=tuple(parse_strategy(a) for a in sp["arms"]) or ((3, 1, 3),),
-                         prompt_len=int(t0["prompt_width"]), compact=sp["compact"], seed=seed)
+                         prompt_len=int(t0["prompt_width"]), compact=sp["compact"], seed=seed,
+                         train_in_bubbles=bool(t0.get("train_in_bubbles", True)),
+                         between_steps=int(t0.get("between_steps", 0)))
   samples: dict[str, list[float]] = {}
   for tr in traces:
     for _, _, strategy, tokens, _, row_rounds, _ in tr["chunks"]:

@@ -85,3 +85,14 @@ def test_accept_model_mean_and_staleness():
   assert [r["staleness"] for r in static] == [0, 1, 2]
   assert [r["staleness"] for r in tlt] == [0, 0, 0]
   assert static[2]["accept_len"] < tlt[2]["accept_len"] == pytest.approx(3.0)
+
+
+def test_between_steps_mode_trains_after_the_update():
+  """Shared CPU cores (train_in_bubbles=False): the rollout is plain's, then 3 drafter steps of
+  2 ms follow the update, and they keep the drafter fresh."""
+  spec = RolloutSpec(chunk_size=4, buckets=(1, 2, 4), spec_threshold=0, prompt_len=8,
+                     train_in_bubbles=False, between_steps=3)
+  rec = simulate_run([GROUPS], spec, _costs(), AcceptModel(), TLT_V, refresh_steps=3)[0]
+  assert rec["rollout_time_s"] == pytest.approx(13.5 * MS) and rec["bubble_utilisation"] == 0.0
+  assert rec["between_steps_train_s"] == pytest.approx(6 * MS) and rec["drafter_steps"] == 3
+  assert rec["step_time_s"] == pytest.approx(13.5 * MS + 3 * MS + 6 * MS)

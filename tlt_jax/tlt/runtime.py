@@ -219,6 +219,7 @@ class TLTRuntime:
         "drafter_train_s": round(float(account["train_s"]), 6), "bubble_s": round(float(account["bubble_s"]), 6),
         "preempt_wait_s": round(float(account["preempt_wait_s"]), 6),
         "speculative": self.speculative, "train_drafter": self.train_drafter,
+        "train_in_bubbles": self.scheduler.train_in_bubbles, "between_steps": self.scheduler.between_steps,
         "spec": {"chunk_size": eng.chunk_size, "buckets": list(eng.buckets), "compact": eng.compact,
                  "spec_threshold": eng.spec_threshold, "rounds_per_chunk": self.rounds_per_chunk,
                  "arms": [strategy_name(a) for a in arms]},

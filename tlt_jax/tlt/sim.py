@@ -20,7 +20,8 @@ can be compared with the same code paths:
     completes (preemption at a step boundary) and its remainder is the preemption wait;
   drafter staleness: a static drafter's accept length decays with the RL steps since it was
     trained (AcceptModel.decay per step); TLT's is refreshed by `refresh_steps` drafter steps in a
-    step's bubbles (or between steps with one group);
+    step's bubbles (or between steps: one group, or `train_in_bubbles=False` as on shared CPU
+    cores, where `between_steps` drafter steps follow each update);
   step time = rollout + costs.update(tokens) + a fixed per-step host time.
 
 Outputs per step: step / rollout time, bubble (group-seconds idle before training fills it),
@@ -60,7 +61,8 @@ class RolloutSpec:
   bandit_epsilon: float = 0.1
   bandit_window: int = 16
   max_drafter_steps: int = 0  # per rollout (0: as many as the bubbles fit)
-  between_steps: int = 0  # drafter steps after the update with one group
+  between_steps: int = 0  # drafter steps after the update when not training in bubbles
+  train_in_bubbles: bool = True  # False: TLT trains between steps (one group, or shared CPU cores)
   seed: int = 0
 
   @classmethod
@@ -192,7 +194,7 @@ def simulate_rollout(group_lengths: Sequence[np.ndarray], spec: RolloutSpec, cos
     gens[g] = _group_chunks(np.asarray(lengths), spec, costs, accept, use_bandit, rng, staleness, logs[g])
     work[g], started[g] = next(gens[g]), 0.0
   train_left, train_groups, train_gs, steps = None, 0, 0.0, 0
-  can_train = variant.train and num_groups > 1
+  can_train = variant.train and num_groups > 1 and spec.train_in_bubbles
 
   def maybe_start_training():
     nonlocal train_left, train_groups
@@ -266,7 +268,7 @@ def simulate_run(steps: Sequence[Sequence[np.ndarray]], spec: RolloutSpec, costs
     tokens = (int(update_tokens[i]) if update_tokens is not None
               else int(sum(int(np.sum(g)) for g in groups) + n_rows * spec.prompt_len))
     between = 0.0
-    if variant.train and len(groups) == 1 and spec.between_steps:
+    if variant.train and (len(groups) == 1 or not spec.train_in_bubbles) and spec.between_steps:
       between = spec.between_steps * costs.drafter_train_step(1)
       ro["drafter_steps"] += spec.between_steps
     update_s = costs.update(tokens)
