@@ -32,11 +32,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       fgram_vocab_size=512 if tiny else 8192, max_n=6, fgram_layers=1, fgram_hidden=32 if tiny else 64,
       fgram_heads=4, fgram_intermediate=0, count_capacity=1 << 20))
   c.train = ml_collections.ConfigDict(dict(
-      steps=40 if tiny else 600, batch_size=8 if tiny else 16, seq_len=64 if tiny else 128,
-      lr=3e-3, warmup_steps=5 if tiny else 40, weight_decay=0.01, eval_batches=4 if tiny else 32))
+      steps=40 if tiny else 300, batch_size=8 if tiny else 16, seq_len=64 if tiny else 128,
+      lr=3e-3, warmup_steps=5 if tiny else 30, weight_decay=0.01, eval_batches=4 if tiny else 16))
   c.experiment = ml_collections.ConfigDict(dict(
       vocab_sizes=(0, 128, 512) if tiny else (0, 1024, 8192, 65536),
-      fgram_models=("1x32",) if tiny else ("1x64", "2x128"),
+      fgram_models=("1x32",) if tiny else ("1x32", "2x64"),
       decode_batch=4 if tiny else 8, decode_prompt=16 if tiny else 32,
       decode_tokens=16 if tiny else 96, decode_repeats=1 if tiny else 3))
   return c
