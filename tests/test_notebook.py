@@ -19,6 +19,7 @@ NOTEBOOKS = {
                               {"COMPUTE_OPTIMAL_NOTEBOOK_SIZE": "test"}),
     "self_improve.ipynb": (["rounds per variant: {'none': 3, 'length': 3, 'length+vote': 3}",
                             "length+vote  kept 3  wrong 0"], {"SELF_IMPROVE_NOTEBOOK_SIZE": "test"}),
+    "prime.ipynb": (["runs compared: ['prime', 'rloo']"], {"PRIME_NOTEBOOK_SIZE": "test"}),
     "scone.ipynb": (["training-time embeddings equal the table lookups: True",
                      "cached decode equals full forward"], {"SCONE_NOTEBOOK_SIZE": "test"}),
 }

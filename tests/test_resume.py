@@ -42,7 +42,10 @@ def _env():
 
 
 def _start(workdir, *extra):
-  cmd = [sys.executable, "-m", "tlt_jax.main", f"--workdir={workdir}", *TINY, *extra]
+  own_file = any(e.startswith("--config=") for e in extra)  # another config file replaces TINY's
+  base = [a for a in TINY if not (own_file and a.startswith("--config="))]
+  cmd = [sys.executable, "-m", "tlt_jax.main", f"--workdir={workdir}", *([e for e in extra if e.startswith("--config=")]),
+         *base, *[e for e in extra if not e.startswith("--config=")]]
   log = open(os.path.join(workdir, "stderr.log"), "a")
   return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
@@ -99,12 +102,14 @@ def _corrupt(step_dir):
   assert n > 0
 
 
-def test_killed_and_corrupted_run_resumes_exactly(warm_start, tmp_path):
+def _kill_corrupt_resume(warm_start, tmp_path, extra=(), rl_steps=RL_STEPS):
+  """An uninterrupted run and one SIGKILLed after RL step KILL_AFTER, its newest checkpoint
+  corrupted, then resumed: (uninterrupted records, resumed records, resumed workdir)."""
   straight = _workdir_from(warm_start, tmp_path / "straight")
   killed = _workdir_from(warm_start, tmp_path / "killed")
   t0 = time.perf_counter()
-  proc_straight = _start(straight)  # runs beside the one we kill
-  proc = _start(killed)
+  proc_straight = _start(straight, *extra)  # runs beside the one we kill
+  proc = _start(killed, *extra)
   metrics = os.path.join(killed, "metrics.jsonl")
   while True:
     assert proc.poll() is None, open(os.path.join(killed, "stderr.log")).read()[-3000:]
@@ -116,18 +121,36 @@ def test_killed_and_corrupted_run_resumes_exactly(warm_start, tmp_path):
   proc.wait()
   ckpt_dir = os.path.join(killed, "ckpt_rl")
   steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
-  assert steps and steps[-1] >= KILL_AFTER and steps[-1] < RL_STEPS
+  assert steps and steps[-1] >= KILL_AFTER and steps[-1] < rl_steps
   _corrupt(os.path.join(ckpt_dir, str(steps[-1])))
 
-  out = _finish(_start(killed), killed)
+  out = _finish(_start(killed, *extra), killed)
   assert f"resumed RL from step {steps[-2]}" in out
   assert f"checkpoint at step {steps[-1]}" in out and "corrupt or partial" in out
   _finish(proc_straight, straight)
 
   expected, resumed = _records(straight), _records(killed)
-  assert [r["step"] for r in expected] == list(range(1, RL_STEPS + 1))
-  assert [r["step"] for r in resumed] == list(range(1, RL_STEPS + 1))
+  assert [r["step"] for r in expected] == list(range(1, rl_steps + 1))
+  assert [r["step"] for r in resumed] == list(range(1, rl_steps + 1))
   assert _without_timing(resumed) == _without_timing(expected)
+  return expected, resumed, killed
+
+
+def test_killed_and_corrupted_prime_run_resumes_exactly(warm_start, tmp_path):
+  """The same with PRIME (configs/prime.py:tiny on the shared warm start): the PRM's params and
+  optimizer, the prompt filter's refill rounds and the iterator resume bitwise."""
+  expected, _, killed = _kill_corrupt_resume(
+      warm_start, tmp_path, ("--config=configs/prime.py:tiny", "--config.rl.steps=3",
+                             "--config.rl.dynamic_sampling_rounds=1", "--config.prime.lr=3e-3"), rl_steps=3)
+  assert all(r["prm_grad_norm"] > 0 for r in expected)  # the PRM trained at every step
+  assert len({r["prm_loss"] for r in expected}) == 3 and expected[-1]["rollout_rounds"] == 2
+  with open(os.path.join(killed, "ckpt_rl", "3", "state", "_METADATA")) as f:
+    saved = f.read()
+  assert "('scorers', 'prime', 'params'" in saved and "('scorers', 'prime', 'opt_state'" in saved  # the PRM
+
+
+def test_killed_and_corrupted_run_resumes_exactly(warm_start, tmp_path):
+  expected, _, killed = _kill_corrupt_resume(warm_start, tmp_path)
   # The run trained: the policy moved away from the reference and saw non-zero advantages.
   assert expected[-1]["kl"] > 0 and any(r["advantage_abs_mean"] > 0 for r in expected)
   # Outputs of the RL stage.

@@ -247,6 +247,8 @@ class RLTrainer:
 
     self.checkpointer = Checkpointer(os.path.join(workdir, "ckpt_rl"), config.checkpoint.max_to_keep)
     self.writer = MetricsWriter(workdir, "metrics")
+    # one replayable line per step for the step simulator (TLTRuntime.trace, tlt/sim.py)
+    self.trace_writer = MetricsWriter(workdir, "traces", tensorboard=False)
     self.sample_eval_set = []
     if held_out is not None:
       self.sample_eval_set = [held_out[i] for i in range(rl.sample_eval_size)]
@@ -333,6 +335,8 @@ class RLTrainer:
       metrics, hidden = self.update_policy(batch, advantages_BxL)
     record = self.record(step, rollout, scores, token_rewards, batch, advantages_BxL, metrics, clock)
     record["step_time_s"] = time.perf_counter() - t_start
+    self.trace_writer.write(step, self.tlt.trace(step, rollout.result, rollout.account, self.rl.group_size,
+                                                 rollout.prompt_BxW.shape[1]))
     with clock("tlt_after_update"):  # the update's own features to the drafter buffer
       record.update(self.drafter_features(step, rollout, batch, hidden))
     record["tlt_after_update_s"] = clock.seconds["tlt_after_update"]
@@ -412,7 +416,10 @@ class RLTrainer:
       metrics.update(m)
       term = weight * np.asarray(batch.to_rows(rewards), np.float32)
       total = term if total is None else total + term
-    return TokenRewards(total.astype(np.float32) * batch.rows["response_mask"], metrics)
+    mask = batch.rows["response_mask"]
+    total = total.astype(np.float32) * mask
+    metrics["token_reward_mean"] = float(total.sum() / max(mask.sum(), 1.0))
+    return TokenRewards(total, metrics)
 
   def compute_advantages(self, scores: Scores, token_rewards: TokenRewards, batch: UpdateBatch) -> np.ndarray:
     """Stage 4: per-token advantages [B, L] (rows) of the registered estimator."""
@@ -490,6 +497,9 @@ class RLTrainer:
                     groups_dropped_total=self.host.groups_dropped_total)
     record.update(token_rewards.metrics)
     record.update(self.tlt.record(result, rollout.account))
+    if rollout.rounds > 1:  # TLT's token shares over every round's tokens, not the kept rows'
+      scale = float(lengths.sum()) / max(int(result.stats["num_tokens"]), 1)
+      record.update(spec_frac=record["spec_frac"] * scale, tail_frac=record["tail_frac"] * scale)
     return record
 
   def sample_eval(self) -> dict[str, float]:
@@ -522,6 +532,7 @@ class RLTrainer:
     rl = self.rl
     start = self.restore()
     self.writer.truncate_after(start)
+    self.trace_writer.truncate_after(start)
     do_eval = bool(self.sample_eval_set)
     if do_eval:
       self.eval_writer.truncate_after(start)
