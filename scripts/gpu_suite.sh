@@ -29,7 +29,7 @@ WORK="$OUT/work"
 if [[ "$MODE" == "--tiny" ]]; then
   CFG=configs/gpu_suite.py:tiny
   BENCH=(--tiny --repeats=1 --ctx=24,40 --spec_ctx=24 --prefill_len=16)
-  ROLL=(--batches=1,2 --strategies=d3k1n3 --max_new=12 --repeats=1)
+  ROLL=(--batches=1 --strategies=d3k1n3 --max_new=12 --repeats=1)
   E2E=(--steps=2 --warmup=0)
 else
   CFG=configs/gpu_suite.py
