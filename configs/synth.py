@@ -1,10 +1,11 @@
 """Compute-optimal synthetic data (Bansal et al. 2024): a weak-cheap (WC), a strong-expensive (SE)
 and a student policy on the default chain-of-thought addition, and the experiment's settings.
 
-The three policies are SFT'd on problems that are mostly short (P(n digits) ∝ n^-2.5 on 1..8,
-about 2 % of 6-8 digits), then sample solutions to longer held-out problems (6-8 digits) where
-they are imperfect, so coverage is not saturated. SE has about 3x the parameters of WC, like
-Gemma2-27B vs 9B; the student is smaller than both (knowledge distillation).
+The three policies are SFT'd on problems that are mostly short (P(n digits) ∝ n^-1.5 on 1..6:
+about 22 % of 3-5 digits), then sample solutions to the longer problems (3-5 digits, disjoint
+draws for sampling and for the held-out evaluation) where they are imperfect, so coverage is not
+saturated. SE has about 3x the parameters of WC (3.1x), like Gemma2-27B vs 9B; the student is
+smaller than both (knowledge distillation).
 
   configs/synth.py[:<role>]        role: se (default), wc or student; `model` is that policy
   configs/synth.py:tiny[,<role>]   a minute-scale version on 1-3 digit sums (the notebook)
@@ -45,7 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   role = roles[0] if roles else "se"
   c = _default_config()
   c.stages = "sft"
-  c.task = ml_collections.ConfigDict(dict(name="arith", max_digits=8, alpha=2.5, p_recheck=0.5))
+  c.task = ml_collections.ConfigDict(dict(name="arith", max_digits=6, alpha=1.5, p_recheck=0.5))
   c.model.update(max_position_embeddings=160)
   c.tlt.update(rollout_groups=1, speculative=False, train_drafter=False)
   # eval_every=0: the experiment evaluates the policies itself (one compiled sampler per model).
@@ -54,19 +55,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.update(max_new_tokens=128, batch_size=256)
   c.rollout.update(max_new_tokens=128, temperature=1.0, spec_threshold=0)
   c.synth = ml_collections.ConfigDict(dict(
-      # Policies (layers, width, MLP width; 4 heads over 2 KV heads). Parameters with the 21-token
-      # char vocabulary: se 480k, wc 148k (SE/WC FLOPs per token 3.2, with attention 3.1), student 56k.
-      models=ml_collections.ConfigDict(dict(se=_model(4, 96, 320), wc=_model(3, 64, 192),
+      # Policies (layers, width, MLP width; 4 heads over 2 KV heads): SE and WC of the same depth,
+      # SE wider. Parameters with the 21-token char vocabulary: se 470k, wc 149k (SE/WC: 3.15 in
+      # parameters and in dense FLOPs per token), student 57k.
+      models=ml_collections.ConfigDict(dict(se=_model(3, 112, 352), wc=_model(3, 64, 192),
                                             student=_model(2, 48, 144))),
-      base_steps=ml_collections.ConfigDict(dict(se=300, wc=300, student=300)),  # SFT steps of each
+      # SFT steps of each policy.
+      base_steps=ml_collections.ConfigDict(dict(se=300, wc=300, student=300)),
       # Problems to sample solutions for, and the fixed held-out evaluation set (disjoint seeds).
-      min_digits=6, max_digits=8, problems=128, problem_seed=101,
+      min_digits=3, max_digits=5, problems=128, problem_seed=101,
       eval_problems=128, eval_seed=202, eval_samples=2,  # greedy accuracy and pass@eval_samples
       # Budgets: SE samples per problem; WC gets the same FLOPs (flops.matched_sample_counts).
       budgets=(1, 4), temperature=1.0, include_attention=True,
       # SFT on each filtered dataset: the same steps x packed tokens in every comparison.
-      finetune=ml_collections.ConfigDict(dict(steps=60, batch_size=16, max_len=160, lr=1e-3,
-                                              warmup_steps=6)),
+      finetune=ml_collections.ConfigDict(dict(steps=30, batch_size=16, max_len=160, lr=1e-3,
+                                              warmup_steps=3)),
       seeds=(0, 1),
       compact_rollouts=True,  # rollout batches compact into smaller buckets (off: one shape, fewer compiles)
   ))

@@ -59,6 +59,9 @@ def define_flags():
   from tlt_jax import cli
   flags.DEFINE_string("workdir", "runs/compute_optimal", "policies, samples, datasets and runs (reused)")
   flags.DEFINE_string("out", "experiments/results/compute_optimal", "output directory")
+  flags.DEFINE_string("settings", "kd,self_improve,weak_to_strong",
+                      "SFT settings to run (a subset, e.g. in parallel processes on one workdir; "
+                      "a later run over all of them reuses their cached results)")
   return cli.define_config_flag(os.path.join(ROOT, "configs", "synth.py"))
 
 
@@ -195,13 +198,14 @@ class FineTuner:
 
 
 def finetune_rows(s, policies, datasets, counts, eval_set, workdir: str, max_new_tokens: int,
-                  batch_size: int, jsonl=None) -> list[dict]:
+                  batch_size: int, jsonl=None, settings=None) -> list[dict]:
   """(b): every (budget, setting, source, seed) run, cached in WORKDIR/finetune/<...>.json; and
   each base policy's evaluation (WORKDIR/finetune/base_<role>.json)."""
   from tlt_jax.utils.console import say
   ft_dir = os.path.join(workdir, "finetune")
   os.makedirs(ft_dir, exist_ok=True)
   k_eval = int(s.eval_samples)
+  chosen = [(name, role) for name, role in SETTINGS if settings is None or name in settings]
   rows = []
 
   def cached(name, make):
@@ -215,7 +219,7 @@ def finetune_rows(s, policies, datasets, counts, eval_set, workdir: str, max_new
     os.replace(path + ".tmp", path)
     return rec
 
-  for _, role in SETTINGS:
+  for _, role in chosen:
     setup, policy = policies[role]
     rec = cached(f"base_{role}", lambda: {"kind": "base", "policy": role, **evaluate(
         policy, setup, eval_set, k_eval, max_new_tokens, batch_size, seed=int(s.eval_seed),
@@ -224,7 +228,7 @@ def finetune_rows(s, policies, datasets, counts, eval_set, workdir: str, max_new
     say(json.dumps(rec))
   tuners = {}
   for c in counts:
-    for setting, role in SETTINGS:
+    for setting, role in chosen:
       for m in SOURCES:
         for seed in s.seeds:
           def run():
@@ -288,13 +292,15 @@ def summarize(ft_rows, k_eval: int) -> list[dict]:
   return out
 
 
-def run_all(base, workdir: str, jsonl=None) -> dict:
+def run_all(base, workdir: str, jsonl=None, settings=None) -> dict:
   """The whole experiment (module docstring) on the locked config `base`; returns its tables."""
   from tlt_jax.synth import metric_curves_of
   s = base.synth
   t_start = time.perf_counter()
   timings = {}
-  policies = train_policies(base, workdir)
+  roles = list(SOURCES) + [role for name, role in SETTINGS if (settings is None or name in settings)
+                          and role not in SOURCES]
+  policies = train_policies(base, workdir, roles)
   timings["policies_s"] = time.perf_counter() - t_start
   setup = policies["se"][0]
   task, tok = setup.task, setup.tokenizer
@@ -310,10 +316,11 @@ def run_all(base, workdir: str, jsonl=None) -> dict:
   curves = {m: metric_curves_of(samples[m]) for m in SOURCES}
   datasets = build_datasets(samples, examples, counts, workdir)
   t0 = time.perf_counter()
-  ft = finetune_rows(s, policies, datasets, counts, eval_set, workdir, max_new, batch, jsonl)
+  ft = finetune_rows(s, policies, datasets, counts, eval_set, workdir, max_new, batch, jsonl, settings)
   timings["finetune_s"] = time.perf_counter() - t0
   timings["total_s"] = time.perf_counter() - t_start
-  params = {role: p.cfg.num_params for role, (_, p) in policies.items()}
+  params = {role: policies[role][1].cfg.num_params if role in policies else None
+            for role in ("se", "wc", "student")}
   return {"params": params, "costs": costs, "counts": counts, "data": data, "curves": curves,
           "finetune": ft, "summary": summarize(ft, int(s.eval_samples)), "timings": timings}
 
@@ -329,10 +336,15 @@ def main(argv):
   enable_compile_cache()
   base = args["config"].value
   config_lib.finalize(base)  # every key checked before any work
+  settings = [x.strip() for x in args.settings.split(",") if x.strip()]
+  unknown = sorted(set(settings) - {name for name, _ in SETTINGS})
+  if unknown or not settings:
+    raise config_lib.ConfigError(f"--settings={args.settings!r} is not allowed; allowed: a comma-separated "
+                                 f"subset of {tuple(name for name, _ in SETTINGS)}")
   os.makedirs(args.out, exist_ok=True)
   os.makedirs(args.workdir, exist_ok=True)
   with open(os.path.join(args.out, "compute_optimal.jsonl"), "w") as jsonl:
-    res = run_all(base, args.workdir, jsonl)
+    res = run_all(base, args.workdir, jsonl, settings)
     for r in res["data"]:
       jsonl.write(json.dumps(r) + "\n")
       say(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
@@ -381,7 +393,7 @@ def write_markdown(path, base, res):
   lines = [
       "# Compute-optimal sampling at tiny scale: WC vs SE data at matched FLOPs\n",
       f"Policies SFT'd on reversed addition with P(n digits) ∝ n^-{base.task.alpha} on 1..{base.task.max_digits}: "
-      f"SE {p['se']:,} parameters, WC {p['wc']:,} (SE/WC = {p['se'] / p['wc']:.2f}), student {p['student']:,}. "
+      f"SE {p['se']:,} parameters, WC {p['wc']:,} (SE/WC = {p['se'] / p['wc']:.2f}), student {'-' if p['student'] is None else format(p['student'], ',')}. "
       f"Problems: {s.problems} for sampling, {s.eval_problems} held out, {s.min_digits}-{s.max_digits} digits. "
       f"Sampling at T={s.temperature}; FLOPs per sample "
       f"{'with' if s.include_attention else 'without'} attention at the problems' mean lengths: "

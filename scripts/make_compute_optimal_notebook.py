@@ -65,12 +65,14 @@ md("""## 3. The experiment, tiny: policies, sampling, metrics, three SFT setting
 `configs/synth.py:tiny`: three tiny policies SFT'd on 1-4 digit sums, sampled on 3-4 digits.""")
 code("""import tempfile
 from experiments import compute_optimal as co
+# the test's size: short SFT, few problems, one of the three settings (self-improvement)
 overrides = {} if SIZE == 'notebook' else {
-    'synth.base_steps.se': 60, 'synth.base_steps.wc': 60, 'synth.base_steps.student': 40,
-    'synth.problems': 6, 'synth.eval_problems': 6, 'synth.finetune.steps': 2}
+    'synth.base_steps.se': 60, 'synth.base_steps.wc': 60, 'synth.problems': 6, 'synth.eval_problems': 6,
+    'synth.finetune.steps': 2}
+settings = None if SIZE == 'notebook' else ['self_improve']
 base = load_config('configs/synth.py:tiny', overrides)
 workdir = tempfile.mkdtemp(prefix='tlt_compute_optimal_')
-res = co.run_all(base, workdir)""")
+res = co.run_all(base, workdir, settings=settings)""")
 code("""from tlt_jax.utils.metrics import markdown_table
 print(markdown_table(res['counts'], ['budget', 'flops_per_problem', 'k_se', 'k_wc']))
 print(markdown_table(res['data'], ['budget', 'source', 'k', 'coverage', 'diversity', 'fpr', 'correct_samples']))
