@@ -51,6 +51,7 @@ flags.DEFINE_bool("sweeps", True, "run the sweeps (threshold, groups, alpha, sta
 flags.DEFINE_bool("validate", False, "replay a recorded CPU run instead (module docstring)")
 flags.DEFINE_string("trace", "experiments/results/e2e_speedup/traces.jsonl", "--validate: recorded traces")
 flags.DEFINE_string("measured", "experiments/results/cost_bench/cpu.json", "--validate: measured costs")
+flags.DEFINE_integer("skip", 5, "--validate: first steps left out of the medians (compiles), as e2e_speedup's --warmup")
 flags.DEFINE_string("e2e", "experiments/results/e2e_speedup/e2e_speedup.jsonl", "--validate: the run's measurements")
 FLAGS = flags.FLAGS
 
@@ -305,7 +306,8 @@ def main(argv):
   import ml_collections
   config = _CONFIG.value
   if FLAGS.validate:
-    return validate(FLAGS.trace, FLAGS.measured, FLAGS.e2e, FLAGS.out)
+    validate(FLAGS.trace, FLAGS.measured, FLAGS.e2e, FLAGS.out, skip=FLAGS.skip)
+    return
   config = ml_collections.FrozenConfigDict(config)
   rows, topo = predict_pod(config)
   path = _write_pod(rows, topo, FLAGS.out)

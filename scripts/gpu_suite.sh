@@ -31,11 +31,13 @@ if [[ "$MODE" == "--tiny" ]]; then
   BENCH=(--tiny --repeats=1 --ctx=24,40 --spec_ctx=24 --prefill_len=16)
   ROLL=(--batches=1 --strategies=d3k1n3 --max_new=12 --repeats=1)
   E2E=(--steps=2 --warmup=0)
+  SKIP=0
 else
   CFG=configs/gpu_suite.py
   BENCH=(--repeats=5 --ctx=64,256,512 --spec_ctx=256 --prefill_len=64)
   ROLL=(--batches=1,2,4,8,16,32,64 --strategies=d3k1n3,d5k1n5,d4k2n6 --max_new=384 --repeats=2)
   E2E=(--steps=12 --warmup=3)
+  SKIP=3
 fi
 "$PY" -c "import jax; print('devices:', jax.devices())"
 "$PY" -m tlt_jax.main --config="$CFG" --config.stages=sft,drafter --workdir="$WORK"
@@ -43,7 +45,7 @@ fi
 "$PY" experiments/rollout_speedup.py --config="$CFG" --workdir="$WORK" --out="$OUT/rollout_speedup" "${ROLL[@]}"
 "$PY" experiments/e2e_speedup.py --config="$CFG" --workdir="$WORK" --out="$OUT/e2e_speedup" "${E2E[@]}"
 "$PY" experiments/pod_sim.py --validate --trace="$OUT/e2e_speedup/traces.jsonl" \
-  --measured="$OUT/cost_bench.json" --e2e="$OUT/e2e_speedup/e2e_speedup.jsonl" --out="$OUT/pod_sim_validate"
+  --measured="$OUT/cost_bench.json" --e2e="$OUT/e2e_speedup/e2e_speedup.jsonl" --out="$OUT/pod_sim_validate" --skip=$SKIP
 "$PY" - "$OUT" <<'PYEOF'
 import json, os, sys
 out = sys.argv[1]

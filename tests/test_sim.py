@@ -18,7 +18,7 @@ def _costs(**kw):
 
 
 SPEC = RolloutSpec(chunk_size=4, buckets=(1, 2, 4), spec_threshold=0, prompt_len=8)
-GROUPS = [np.array([4]), np.array([10])]
+GROUPS = [np.array([5]), np.array([11])]  # the prefill samples each row's first token
 
 
 def test_two_groups_plain_and_tlt_exact():
@@ -35,9 +35,9 @@ def test_two_groups_plain_and_tlt_exact():
   assert tlt["preempt_wait_s"] == pytest.approx(1 * MS)
   assert tlt["bubble_s"] == pytest.approx(9 * MS)
   assert tlt["bubble_utilisation"] == pytest.approx(8 / 9)
-  # the step adds the update: (4 + 10 responses + 2 x 8 prompt tokens) x 0.1 ms
+  # the step adds the update: (5 + 11 responses + 2 x 8 prompt tokens) x 0.1 ms
   rec = simulate_run([GROUPS], SPEC, _costs(), AcceptModel(), PLAIN_V)[0]
-  assert rec["step_time_s"] == pytest.approx(13.5 * MS + 30 * 0.1 * MS)
+  assert rec["step_time_s"] == pytest.approx(13.5 * MS + 32 * 0.1 * MS)
 
 
 def test_shared_cores_serialise():
@@ -52,16 +52,17 @@ def test_shared_cores_serialise():
 
 
 def test_speculative_chunk_and_bandit_order():
-  """One row of 9 tokens, every round emits 3: one chunk of 3 rounds. With a plain arm first
-  (untried arms go in order): a plain chunk of 4 steps, then 2 rounds (3, then the last 2)."""
+  """One row of 10 tokens (the prefill samples the first), every round emits 3: one chunk of 3
+  rounds. With a plain arm first (untried arms go in order): a plain chunk of 4 steps, then 2
+  rounds (3, then the last 2)."""
   accept = AcceptModel(samples={"d2k1n2": [3.0]})
   spec = RolloutSpec(chunk_size=4, buckets=(1, 2, 4), spec_threshold=1, prompt_len=8, arms=((2, 1, 2),))
-  run = simulate_run([[np.array([9])]], spec, _costs(), accept, STATIC_V)[0]
+  run = simulate_run([[np.array([10])]], spec, _costs(), accept, STATIC_V)[0]
   assert run["rollout_time_s"] == pytest.approx(2 * MS + 0.5 * MS + 3 * 1.5 * MS)
   assert run["spec_frac"] == 1.0 and run["accept_len"] == pytest.approx(3.0)
   spec2 = RolloutSpec(chunk_size=4, buckets=(1, 2, 4), spec_threshold=1, prompt_len=8,
                       arms=((0, 0, 0), (2, 1, 2)))
-  run = simulate_run([[np.array([9])]], spec2, _costs(), accept, STATIC_V)[0]
+  run = simulate_run([[np.array([10])]], spec2, _costs(), accept, STATIC_V)[0]
   assert run["rollout_time_s"] == pytest.approx(2 * MS + (4 * 1 + 0.5) * MS + (0.5 + 2 * 1.5) * MS)
   assert run["spec_frac"] == pytest.approx(5 / 9)
 
@@ -79,7 +80,7 @@ def test_accept_model_mean_and_staleness():
   # a static drafter ages, TLT's is refreshed by its bubble steps
   accept = AcceptModel(samples={"d2k1n2": [3.0]}, decay=0.5)
   spec = RolloutSpec(chunk_size=4, buckets=(1, 2, 4), spec_threshold=1, prompt_len=8, arms=((2, 1, 2),))
-  steps = [[np.array([3]), np.array([30])]] * 3
+  steps = [[np.array([4]), np.array([31])]] * 3
   static = simulate_run(steps, spec, _costs(), accept, STATIC_V)
   tlt = simulate_run(steps, spec, _costs(), accept, TLT_V)
   assert [r["staleness"] for r in static] == [0, 1, 2]
@@ -95,4 +96,4 @@ def test_between_steps_mode_trains_after_the_update():
   rec = simulate_run([GROUPS], spec, _costs(), AcceptModel(), TLT_V, refresh_steps=3)[0]
   assert rec["rollout_time_s"] == pytest.approx(13.5 * MS) and rec["bubble_utilisation"] == 0.0
   assert rec["between_steps_train_s"] == pytest.approx(6 * MS) and rec["drafter_steps"] == 3
-  assert rec["step_time_s"] == pytest.approx(13.5 * MS + 3 * MS + 6 * MS)
+  assert rec["step_time_s"] == pytest.approx(13.5 * MS + 3.2 * MS + 6 * MS)

@@ -506,7 +506,7 @@ class RolloutSession:
       r = max(rounds, 1)
       self.selector.update(active, PLAIN if strategy is None else tuple(strategy), accept_len,
                            row_rounds / r, dt / r)
-    self.chunks.append(dict(batch=active, strategy=None if strategy is None else str(strategy),
+    self.chunks.append(dict(batch=active, strategy=None if strategy is None else "d{}k{}n{}".format(*strategy),
                             accept_len=accept_len, time_s=dt, rounds=rounds, tokens=tokens,
                             row_rounds=row_rounds))
 

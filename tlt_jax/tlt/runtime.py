@@ -208,7 +208,8 @@ class TLTRuntime:
     lengths = np.asarray(result.lengths)
     rows = split_rows(len(lengths), int(group_size), len(self.groups))
     eng = self.engine
-    chunks = [[int(c.get("group", 0)), int(c["batch"]), c["strategy"], int(c["tokens"]), int(c["rounds"]),
+    chunks = [[int(c.get("group", 0)), int(c["batch"]),
+               c["strategy"], int(c["tokens"]), int(c["rounds"]),
                int(c["row_rounds"]), round(float(c["time_s"]), 6)] for c in result.stats.get("chunks") or []]
     arms = parse_arms(self.config_strategies) if self.speculative else []
     return {

@@ -7,7 +7,7 @@ this CPU or a GPU) or compiled for a TPU pod (CompiledCosts / RooflineCosts), so
 can be compared with the same code paths:
 
   per group (rows split over groups by whole prompt groups, as tlt/groups.split_rows):
-    prefill; then chunks: while rows remain, the active rows are padded to their batch bucket
+    prefill (it samples each row's first token); then chunks: while rows remain, the active rows are padded to their batch bucket
     (compaction); at or below `spec_threshold` active rows (speculative variants) the strategy of
     the chunk is the BEG-MAB bandit's choice (tlt/bandit.BegMab, the runtime's own class, fed the
     simulated chunk's accept length and its observed time), a speculative chunk being up to
@@ -135,6 +135,8 @@ def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, acce
   n = len(remaining)
   gen = np.zeros(n, np.int64)
   yield costs.prefill(bucket_for(n, spec.buckets) if spec.compact else n, spec.prompt_len)
+  gen = (remaining > 0).astype(np.int64)  # the prefill samples each row's first token
+  remaining = remaining - gen
   while (remaining > 0).any():
     act = remaining > 0
     active = int(act.sum())
