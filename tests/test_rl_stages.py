@@ -49,6 +49,14 @@ def _fresh_state(tx=SGD):
   return create_train_state(jax.tree.map(jnp.copy, _model()[1]), tx, None)
 
 
+@functools.cache
+def _jitted():
+  """(logprob_fn, update_step): jitted once for every test (compiled once per shape)."""
+  graphdef, _ = _model()
+  return (make_logprob_fn(graphdef, 1.0),
+          make_policy_update_step(graphdef, SGD, UpdateConfig(kl_coef=0.05), _fresh_state(), None, with_ref=True))
+
+
 def _rollout(seed: int, num_prompts: int = P, responses=None) -> stages.Rollout:
   """A synthetic rollout: random prompts (lengths 3..6) and responses (lengths 1..M)."""
   rng = np.random.default_rng(seed)
@@ -77,8 +85,7 @@ def _trainer(rollouts, *, pack=True, advantage="grpo", filtering=False, band=(0.
   t.task, t.mesh, t.pack, t.pack_len, t.pack_rows_multiple = TASK, None, pack, 32, 4
   t.state, t.with_ref = _fresh_state(), True
   t.ref_params = jax.tree.map(lambda x: x + 0.01, params)
-  t.logprob_fn = make_logprob_fn(graphdef, 1.0)
-  t.update_step = make_policy_update_step(graphdef, SGD, UpdateConfig(kl_coef=0.05), t.state, None, with_ref=True)
+  t.logprob_fn, t.update_step = _jitted()
   t.token_estimator = advantages.is_token_estimator(advantage)
   t.advantage_fn = jax.jit(advantages.token_advantages(advantage) if t.token_estimator
                            else advantages.get_advantage(advantage))
