@@ -350,16 +350,14 @@ def test_registered_loss_runs_in_the_update_step():
 
 def test_config_checks_for_the_stage_keys():
   from tlt_jax import config as config_lib
-  from experiments.common import load_config
+  from experiments.common import load_config, with_overrides
   base = load_config("configs/default.py:tiny")
   for overrides, match in [({"rl.loss": "ppo"}, "config.rl.loss='ppo'"),
                            ({"rl.loss_kwargs": {"clip": 1.0}}, "config.rl.loss_kwargs"),
-                           ({"rl.advantage_kwargs": {"ddof": 1}}, "config.rl.advantage_kwargs"),
+                           ({"rl.advantage_kwargs": {"gamma": 0.9}}, "config.rl.advantage_kwargs"),
                            ({"rl.token_rewards.kl": 0.1}, "config.rl.advantage='grpo' is not allowed"),
                            ({"rl.accuracy_band": (0.8, 0.2)}, "config.rl.accuracy_band"),
                            ({"rl.advantage": "rloo_returns", "rl.token_rewards.prime": 1.0}, "no 'prime' section")]:
-    cfg = base
-    from experiments.common import with_overrides
     cfg = with_overrides(base, overrides)
     with pytest.raises(config_lib.ConfigError, match=match):
       config_lib.validate(cfg)
