@@ -29,9 +29,11 @@ def get_config(arg: str = ""):
     raise ValueError(f"configs/gpu_suite.py:{arg}: unknown argument {arg!r}; allowed: {SIZES[1:]} "
                      "(or none, for the GPU size)")
   if arg == "tiny":
-    c = _default("tiny")
+    c = _default("tiny")  # the pipeline, not the results: as few steps as every stage needs
+    c.sft.update(steps=4, eval_every=4, eval_size=4, log_every=2, warmup_steps=1)
+    c.drafter.update(warmup_steps=2, num_batches=1, log_every=1)
     c.rollout.spec_threshold = 4
-    c.rl.steps = 3
+    c.rl.steps = 2
     return c
   c = _default()
   c.model.update(hidden_size=512, intermediate_size=1536, num_layers=12, num_heads=8, num_kv_heads=4,
