@@ -115,7 +115,7 @@ def table_rows(histories: dict[str, list[dict]]) -> list[dict]:
                    "dropped_vote": lab.get("dropped_vote"), "kept": lab.get("kept"),
                    "raw_error": lab.get("answer_error_rate"),
                    "kept_error": lab.get("kept_error_rate")})
-  return rows
+  return [{k: ("-" if v is None else v) for k, v in row.items()} for row in rows]
 
 
 def write_markdown(path: str, histories, config, elapsed: float, argv_overrides: str) -> None:
@@ -123,11 +123,13 @@ def write_markdown(path: str, histories, config, elapsed: float, argv_overrides:
   si, m = config.self_improve, config.model
   cols = ["filter", "round", "labelled_digits", "reach", "acc_frontier", "acc_frontier+1", "answers",
           "dropped_length", "dropped_vote", "kept", "raw_error", "kept_error"]
-  md = ["# Self-improvement for length generalisation (reverse addition, NoPE)\n",
-        f"{si.num_models} models (d={m.hidden_size}, {m.num_layers} layers, position_embedding="
+  md = [f"# Self-improvement for length generalisation ({config.task.name}, NoPE)\n",
+        f"Task `{config.task.name}`; {si.num_models} models (d={m.hidden_size}, {m.num_layers} layers, position_embedding="
         f"{m.position_embedding!r}) trained on 1..{si.initial_digits} digits in round 0 "
-        f"({config.sft.round0_steps} steps), then one WSD phase of {config.sft.round_steps} steps per "
-        f"round; {si.problems_per_round} problems labelled per round, {si.digits_per_round} new digit(s) "
+        f"({config.sft.round0_steps} steps at lr {config.sft.lr}), then one WSD phase of "
+        f"{config.sft.round_steps} steps per round (peak {config.sft.round_lr or config.sft.lr}, "
+        f"cooldown share {config.sft.round_decay_frac}; pool labels at most {si.pool_frac} of a batch, "
+        f"mixed as if the initial data were {si.initial_size} problems); {si.problems_per_round} problems labelled per round, {si.digits_per_round} new digit(s) "
         f"per round, vote threshold {si.vote_threshold}; held-out: {si.eval_per_digit} problems per "
         f"length 1..{si.eval_max_digits}, greedy exact match, mean over the models. {argv_overrides}. "
         f"{elapsed:.0f} s in all on this (shared, loaded) 2-core CPU.\n",

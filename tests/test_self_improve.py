@@ -42,11 +42,12 @@ def test_nope_forward_is_the_reference_without_rotation(nope):
   """NoPE = the float64 reference with every rotation angle 0 (positions all zero), whatever the
   positions given; and it differs from the RoPE model with the same weights."""
   cfg, params, fwd = nope
-  tokens = np.random.default_rng(0).integers(3, VOCAB, (1, 9)).astype(np.int32)
-  shifted = jnp.arange(9, dtype=jnp.int32)[None] + 17
+  tokens = np.random.default_rng(0).integers(3, VOCAB, (3, 9)).astype(np.int32)
+  shifted = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32) + 17, (3, 9))
   logits, _, _ = fwd(params, tokens, shifted, None)
-  ref, _ = np_forward(cfg, params, tokens[0], np.zeros(9))
-  assert_close(logits[0], ref)
+  for b in range(3):
+    ref, _ = np_forward(cfg, params, tokens[b], np.zeros(9))
+    assert_close(logits[b], ref)
   rope_ref, _ = np_forward(cfg.replace(position_embedding="rope"), params, tokens[0], np.arange(9))
   assert np.abs(np.asarray(logits[0]) - rope_ref).max() > 1e-2
 
@@ -69,10 +70,13 @@ def test_nope_cached_decode_equals_full_forward(nope):
     logits, _, cache = fwd(params, tok, None, cache)
     steps.append(np.asarray(logits[:, 0]))
   assert cache.lengths.tolist() == (lens + 2).tolist()
+  rows = np.full((3, 9), 9, np.int32)  # causal: the right padding does not reach earlier positions
   for b, n in enumerate(lens):
-    full, _, _ = fwd(params, seqs[b][None], None, None)
+    rows[b, :n + 2] = seqs[b]
+  full, _, _ = fwd(params, rows, None, None)
+  for b, n in enumerate(lens):
     for j in range(2):
-      assert_close(steps[j][b], full[0, n + j])
+      assert_close(steps[j][b], full[b, n + j])
 
 
 def test_nope_config_and_hf_export_refused():
@@ -172,9 +176,24 @@ def test_config_errors_name_key_and_value():
 # ----------------------------------------------------------------------------- loop and resume
 
 
+def test_fast_schedule_width_and_reach():
+  config = get_config("tiny")
+  acc = {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.995, 5: 0.99, 6: 0.5, 7: 1.0}
+  assert si.label_width(config, 3, acc) == 1  # fast off: digits_per_round
+  config.self_improve.fast, config.self_improve.fast_max_width = True, 3
+  assert si.label_width(config, 3, acc) == 2  # 4 and 5 are >= 0.99, 6 is not
+  assert si.label_width(config, 5, acc) == 1  # never below digits_per_round
+  assert si.label_width(config, 3, {d: 1.0 for d in range(1, 20)}) == 3  # capped
+  assert si.reach({1: 1.0, 2: 0.95, 3: 0.5, 4: 1.0}, 0.9) == 2
+  assert si.reach({1: 0.2, 2: 1.0}, 0.9) == 0
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+  """Two rounds of the tiny config without a filter (so that the pools fill: resuming must
+  restore them, not only the models)."""
   config = get_config("tiny")
+  config.self_improve.filter = "none"
   wd = str(tmp_path_factory.mktemp("si_full"))
   return config, wd, si.run_self_improve(config, wd)
 
@@ -193,8 +212,8 @@ def test_loop_records_and_labels(uninterrupted):
   for r in history[1:]:
     lab = r["labels"]
     assert lab["answers"] == k * p and len(r["acc"]) == config.self_improve.eval_max_digits
-    assert lab["kept"] == k * lab["problems_kept"]  # vote: every model gets the consensus label
-    assert lab["dropped_length"] == lab["failed_length"]
+    assert lab["kept"] == k * p and lab["dropped_length"] == lab["dropped_vote"] == 0  # no filter
+  assert sum(history[-1]["pool_sizes"]) == sum(r["labels"]["kept"] for r in history[1:])
   assert history[-1]["step"] == config.sft.round0_steps + 2 * config.sft.round_steps
   # The kept-label error rate counts labels against the true sums (the pools keep both).
   _, states = si.load_states(config, wd)
@@ -207,6 +226,7 @@ def test_resume_after_a_stop_between_rounds_reproduces_the_next_round(uninterrup
   first = si.run_self_improve(config, wd, stop_after_round=1)
   assert len(first) == 2
   _same(first[1], full[1])
+  assert len(si.run_self_improve(config, wd, stop_after_round=0)) == 2  # already past it: no round
   resumed = si.run_self_improve(config, wd)
   assert len(resumed) == 3
   _same(resumed[2], full[2])

@@ -18,8 +18,10 @@ Challenges". The loop (`run_self_improve`):
                answers (self-labelling); "none" keeps every answer as it is;
             4. add the kept labels to each model's pool (earlier rounds' labels stay);
             5. continue training each model from its state for one WSD phase of `round_steps`
-               (stable at the peak LR, then the cooldown), on batches that mix fresh 1..N
-               problems with `pool_frac` of pool labels.
+               (stable at `round_lr`, then the cooldown), on batches drawn from the union of the
+               model's pool and an initial set counted as `initial_size` fresh 1..N problems
+               (each row a pool label with probability |pool| / (|pool| + initial_size), at
+               most `pool_frac`).
 
 After every round each model is evaluated on fixed held-out sets of 1..eval_max_digits digits,
 far past the frontier. Exact match there is computed teacher-forced: a greedy response is right
@@ -96,6 +98,7 @@ def validate(config) -> None:
   c(config, si + "fast_accuracy", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
   c(config, si + "reach_accuracy", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
   c(config, si + "pool_frac", lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
+  c(config, si + "initial_size", pos, "a positive int")
   if config.self_improve.eval_max_digits < config.self_improve.initial_digits:
     raise ConfigError(f"config.self_improve.eval_max_digits={config.self_improve.eval_max_digits} is not "
                       f"allowed; allowed: >= self_improve.initial_digits={config.self_improve.initial_digits}")
@@ -108,6 +111,8 @@ def validate(config) -> None:
   c(config, "sft.grad_clip", config_lib.nonneg_float, "a float >= 0 (0: no clipping)")
   c(config, "sft.schedule", lambda v: v in ("wsd", "wsd_sqrt"), "'wsd' or 'wsd_sqrt'")
   c(config, "sft.decay_frac", lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]")
+  c(config, "sft.round_lr", config_lib.nonneg_float, "a float >= 0 (0: sft.lr)")
+  c(config, "sft.round_decay_frac", lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]")
 
 
 def _round0_digest(config) -> str:
@@ -210,11 +215,13 @@ def phase_ends(sft, rounds: int) -> list[int]:
 
 
 def lr_schedule(sft, rounds: int) -> optax.Schedule:
-  """One schedule over every phase: round 0 is warmup-stable-cooldown over round0_steps, each
-  later round stable-cooldown (no warmup) over round_steps, restarting at the peak LR."""
+  """One schedule over every phase: round 0 is warmup-stable-cooldown over round0_steps at sft.lr,
+  each later round stable-cooldown (no warmup) over round_steps at round_lr (0: sft.lr) with
+  round_decay_frac of it cooling down."""
   pieces = [optim.make_schedule(sft.schedule, sft.lr, sft.round0_steps, sft.warmup_steps,
                                 decay_frac=sft.decay_frac)]
-  pieces += [optim.make_schedule(sft.schedule, sft.lr, sft.round_steps, 0, decay_frac=sft.decay_frac)
+  round_lr = float(sft.round_lr) or float(sft.lr)
+  pieces += [optim.make_schedule(sft.schedule, round_lr, sft.round_steps, 0, decay_frac=sft.round_decay_frac)
              for _ in range(rounds)]
   return optax.join_schedules(pieces, phase_ends(sft, rounds)[:-1])
 
@@ -241,7 +248,7 @@ def build_parts(config) -> Parts:
     graphdef, params = nnx.split(init_model(model_cfg, 0))
     step_fn = make_sft_step(graphdef, tx, create_train_state(params, tx, None), None)
     engine = RolloutEngine(graphdef, SamplingParams(temperature=0.0), eos_ids=tokenizer.eos_ids,
-                           pad_id=tokenizer.pad_id, chunk_size=16,
+                           pad_id=tokenizer.pad_id, chunk_size=16, compact=False,
                            max_context=model_cfg.max_position_embeddings)
     _COMPILED[key] = (graphdef, tx, step_fn, engine)
   graphdef, tx, step_fn, engine = _COMPILED[key]
@@ -271,12 +278,13 @@ def _seq_len(entry_or_example, tokenizer) -> int:
 
 
 def batch_fn(parts: Parts, config, model_index: int, pool: list[dict]) -> Callable[[int], dict]:
-  """`batches(step)`: `sft.batch_size` rows, round(pool_frac * B) of them drawn uniformly from the
-  model's pool of self-labelled problems (when it has any), the rest fresh problems of
-  1..initial_digits digits; every draw keyed by (seed, model, step). Rows are padded to one width
-  per call (the longest the pool or the initial range can need, rounded up to 16)."""
+  """`batches(step)`: `sft.batch_size` rows, each a label drawn uniformly from the model's pool of
+  self-labelled problems with probability p = min(pool_frac, |pool| / (|pool| + initial_size)),
+  else a fresh problem of 1..initial_digits digits; every draw keyed by (seed, model, step). Rows
+  are padded to one width per call (the longest the pool or the initial range can need, rounded
+  up to 16)."""
   si, b = config.self_improve, int(config.sft.batch_size)
-  n_pool = int(round(si.pool_frac * b)) if pool else 0
+  p_pool = min(float(si.pool_frac), len(pool) / (len(pool) + int(si.initial_size)))
   probe = parts.task.sample(np.random.default_rng(0), num_digits=si.initial_digits)
   width = max([_seq_len(probe, parts.tokenizer)] + [_seq_len(e, parts.tokenizer) for e in pool])
   width = _round_up(width)
@@ -284,6 +292,7 @@ def batch_fn(parts: Parts, config, model_index: int, pool: list[dict]) -> Callab
 
   def batches(step: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([int(config.seed), 2, model_index, int(step)])
+    n_pool = int(rng.binomial(b, p_pool)) if pool else 0
     examples = [base.sample(rng) for _ in range(b - n_pool)]
     if n_pool:
       examples += [_example_of(pool[int(j)]) for j in rng.integers(0, len(pool), size=n_pool)]
@@ -402,7 +411,8 @@ def run_self_improve(config, workdir: str, *, on_record: Callable[[dict], None] 
   """Runs (or resumes) rounds 0..self_improve.rounds in `workdir`; returns the per-round records.
 
   `on_record(record)` receives each new round's record. `stop_after_round` returns right after
-  that round's checkpoint (an injected stop, as a kill between rounds would leave the workdir).
+  that round's checkpoint (an injected stop, as a kill between rounds would leave the workdir),
+  or at once when the workdir is already past it.
   """
   validate(config)
   si = config.self_improve
@@ -428,6 +438,9 @@ def run_self_improve(config, workdir: str, *, on_record: Callable[[dict], None] 
   history: list[dict] = meta["history"]
   pools: list[list[dict]] = meta["pools"]
   frontier = int(meta["frontier"])
+  if stop_after_round is not None and start > stop_after_round:
+    ckpt.close()
+    return history
   sets = eval_sets(parts, config)
   try:
     for r in range(start, rounds + 1):
