@@ -15,8 +15,6 @@ NOTEBOOKS = {
     "efficient_reasoning.ipynb": (["family evaluated: ['0.0', '0.4', 'sft']"], {}),
     "lr_schedules.ipynb": (["predicted gamma*(wsd)/gamma*(cosine)", "measured final val_loss"],
                            {"LR_SCHEDULES_NOTEBOOK_SIZE": "test"}),
-    "self_improve.ipynb": (["rounds per variant: {'none': 3, 'length': 3, 'length+vote': 3}",
-                            "length+vote  kept 3  wrong 0"], {"SELF_IMPROVE_NOTEBOOK_SIZE": "test"}),
     "compute_optimal.ipynb": (["steps_correct=False, first_wrong_step=1", "data metrics at budgets [1, 2]",
                                "fine-tuning runs: 4"],
                               {"COMPUTE_OPTIMAL_NOTEBOOK_SIZE": "test"}),
