@@ -43,7 +43,9 @@ code("""import tempfile
 from experiments.common import load_config
 from experiments.prime import ensure_policy, run_pair, run_overrides, summarize
 
+from tlt_jax.utils.compile_cache import enable_compile_cache
 workdir = tempfile.mkdtemp(prefix='tlt_prime_')
+enable_compile_cache(os.path.join(workdir, 'xla'), min_compile_time_s=0.0)  # the 2nd run reuses the 1st's programs
 test = SIZE == 'test'
 base = load_config('configs/prime.py:tiny', overrides={
     'tlt.rollout_groups': 1,  # one device here; TLT's groups need one each
