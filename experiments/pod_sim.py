@@ -35,7 +35,7 @@ from experiments.common import ROOT, run_experiment  # noqa: E402
 from tlt_jax import cli  # noqa: E402
 
 _CONFIG = cli.define_config_flag("configs/qwen2_5_7b_gsm8k.py")
-flags.DEFINE_string("out", "experiments/results/pod_sim", "output directory")
+flags.DEFINE_string("out", "experiments/results/pod_sim", "output directory (--validate: DIR/../pod_sim_validate when left at the default)")
 flags.DEFINE_string("costs", "roofline", "pod cost source: roofline or compiled")
 flags.DEFINE_string("topology", "", "TPU slice (default: the config's, v5p-64 or v6e-64)")
 flags.DEFINE_string("compiled", "", "pod_compile JSONL (default: experiments/results/pod_compile/<config>_<topology>.jsonl)")
@@ -49,10 +49,10 @@ flags.DEFINE_float("mfu", 0.5, "fraction of peak FLOP/s of the update and prefil
 flags.DEFINE_float("decode_efficiency", 0.7, "fraction of HBM bandwidth a decode step reaches (roofline)")
 flags.DEFINE_bool("sweeps", True, "run the sweeps (threshold, groups, alpha, staleness, tail)")
 flags.DEFINE_bool("validate", False, "replay a recorded CPU run instead (module docstring)")
-flags.DEFINE_string("trace", "experiments/results/e2e_speedup/traces.jsonl", "--validate: recorded traces")
+flags.DEFINE_string("trace", "experiments/results/e2e_speedup_traced/traces.jsonl", "--validate: recorded traces")
 flags.DEFINE_string("measured", "experiments/results/cost_bench/cpu.json", "--validate: measured costs")
-flags.DEFINE_integer("skip", 5, "--validate: first steps left out of the medians (compiles), as e2e_speedup's --warmup")
-flags.DEFINE_string("e2e", "experiments/results/e2e_speedup/e2e_speedup.jsonl", "--validate: the run's measurements")
+flags.DEFINE_integer("skip", 3, "--validate: first steps left out of the medians (compiles), as e2e_speedup's --warmup")
+flags.DEFINE_string("e2e", "experiments/results/e2e_speedup_traced/e2e_speedup.jsonl", "--validate: the run's measurements")
 FLAGS = flags.FLAGS
 
 PAPER = "TLT (Hu et al., 2025): 1.7-2.1x end to end on GPUs (measured there)"
@@ -306,7 +306,8 @@ def main(argv):
   import ml_collections
   config = _CONFIG.value
   if FLAGS.validate:
-    validate(FLAGS.trace, FLAGS.measured, FLAGS.e2e, FLAGS.out, skip=FLAGS.skip)
+    out = FLAGS.out if FLAGS.out != "experiments/results/pod_sim" else "experiments/results/pod_sim_validate"
+    validate(FLAGS.trace, FLAGS.measured, FLAGS.e2e, out, skip=FLAGS.skip)
     return
   config = ml_collections.FrozenConfigDict(config)
   rows, topo = predict_pod(config)
