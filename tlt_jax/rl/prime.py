@@ -36,7 +36,7 @@ from tlt_jax.rl.losses import aggregation_weights, segment_sum
 from tlt_jax.rl.scorers import ScorerContext, register_scorer
 from tlt_jax.rl.update import make_logprob_fn, policy_forward
 from tlt_jax.train import optim
-from tlt_jax.train.state import TrainState, accumulate_gradients, create_train_state, jit_step
+from tlt_jax.train.state import TrainState, accumulate_gradients, create_train_state, guarded_update, jit_step
 
 UPDATE_ORDERS = ("after", "before")
 PRM_BATCH_KEYS = ("tokens", "positions", "segment_ids", "response_mask", "ref_logprobs", "labels")
@@ -105,13 +105,7 @@ def prm_update_step(graphdef, optimizer: optax.GradientTransformation, beta: flo
 
   (loss, (aux, logp)), grads = accumulate_gradients(loss_fn, state.params, batch, micro_batches,
                                                     has_outputs=True)
-  grad_norm = optax.tree.norm(grads)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-  new_state = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
-                         opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+  new_state, grad_norm, ok = guarded_update(state, grads, loss, optimizer)
   return new_state, dict(aux, prm_grad_norm=grad_norm, prm_skipped=(~ok).astype(jnp.float32)), logp
 
 

@@ -47,7 +47,7 @@ from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.models.attention import AttentionSpec
 from tlt_jax.rl.losses import (AGGREGATIONS, aggregation_weights, entropy_from_logits, get_loss,
                                masked_aggregate, num_sequences, registered_losses)
-from tlt_jax.train.state import TrainState, accumulate_gradients, jit_step, shardings_of
+from tlt_jax.train.state import TrainState, accumulate_gradients, guarded_update, jit_step, shardings_of
 
 Array = jax.Array
 
@@ -176,13 +176,7 @@ def policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
 
   (loss, (aux, hidden)), grads = accumulate_gradients(loss_fn, state.params, batch,
                                                       cfg.micro_batches, has_outputs=True)
-  grad_norm = optax.tree.norm(grads)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-  new_state = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
-                         opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+  new_state, grad_norm, ok = guarded_update(state, grads, loss, optimizer)
   metrics = dict(aux, loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32),
                  num_tokens=jnp.sum(mask_full),
                  num_sequences=num_sequences(mask_full, batch["segment_ids"]))

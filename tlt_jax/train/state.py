@@ -94,3 +94,17 @@ def accumulate_gradients(loss_fn: Callable, params, batch: dict, micro_batches: 
     return (loss, aux), grads
   outputs = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stacked)
   return (loss, (aux, outputs)), grads
+
+
+def guarded_update(state: TrainState, grads, loss, optimizer: optax.GradientTransformation):
+  """One optimizer step that is skipped when the loss or the gradient norm is not finite (the
+  params and optimizer state then stay as they were; the step counter still advances).
+  Returns (new_state, grad_norm, ok)."""
+  grad_norm = optax.tree.norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+  new_state = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+                         opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+  return new_state, grad_norm, ok
