@@ -133,7 +133,6 @@ def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, acce
   passes back the item's observed wall time (the bandit scores chunks by it)."""
   remaining = np.asarray(lengths, np.int64).copy()
   n = len(remaining)
-  gen = np.zeros(n, np.int64)
   yield costs.prefill(bucket_for(n, spec.buckets) if spec.compact else n, spec.prompt_len)
   gen = (remaining > 0).astype(np.int64)  # the prefill samples each row's first token
   remaining = remaining - gen
