@@ -36,15 +36,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from tlt_jax.rollout.engine import bucket_for
 from tlt_jax.tlt.bandit import PLAIN, BegMab
 from tlt_jax.tlt.costs import CostModel, Strategy, parse_strategy, strategy_name
-
-
-def bucket_for(n: int, buckets: Sequence[int]) -> int:
-  for b in buckets:
-    if b >= n:
-      return int(b)
-  return int(n)
 
 
 @dataclasses.dataclass(frozen=True)
