@@ -6,12 +6,21 @@ Times (tlt/costs.MeasuredCosts reads the JSON this writes; wall clock, medians o
                         rollout.chunk_size steps at a padded batch and live context, / chunk_size
   spec[strategy][batch] one speculative round: `speculative_chunk` of rollout.rounds_per_chunk
                         rounds / rounds (at `spec_ctx`)
-  prefill[batch]        the prefill of `batch` rows of `prefill_len` tokens
+  prefill[batch]        the prefill of `batch` rows of `prefill_len` tokens (prefill_by_len[len][batch]:
+                        at each of --prefill_lens too; the simulator interpolates in the length)
   drafter_train_s       one `drafter_train_step` (tlt.drafter_batch_size rows of the buffer's length)
   chunk_overhead_s      host time per chunk of a RolloutSession (its advance loop minus the device
                         time of the same chunks)
+  compact[batch]        a session's compaction out of a `batch`-row state: copy out the finished
+                        half (gather padded to the state's rows + device->host + the host's row
+                        copies) and `DecodeState.compact` of the other half into the next bucket
+                        down (the engine goes down the buckets one level at a time)
+  copy_out[batch]       the final copy-out of all `batch` rows (with features: `copy_out_feat`,
+                        what a run that feeds the drafter buffer copies)
   shared_gain           (CPU) two decode chunks dispatched at once on two devices, against one:
                         (2 x t_one / t_two) - 1 (0: the fake devices serialise on the cores)
+  pair_slowdown[batch]  (CPU) a chunk at `batch` rows beside one at the largest batch, against alone
+  light_batch           (CPU) the largest batch up to which every one slows by < 15 % that way
 
 No EOS can end a row early (the EOS id is outside the vocabulary), so every chunk runs its full
 length. Weights are random (a cost does not depend on them). The update's cost per token is not
@@ -44,6 +53,7 @@ flags.DEFINE_string("ctx", "48,96,160", "live contexts (tokens) of the decode gr
 flags.DEFINE_string("batches", "", "batch sizes (default: the config's rollout buckets up to the rows per group)")
 flags.DEFINE_integer("spec_ctx", 96, "context of the speculative-round grid")
 flags.DEFINE_integer("prefill_len", 48, "prompt width of the prefill timings")
+flags.DEFINE_string("prefill_lens", "24", "more prompt widths to time the prefill at (comma-separated)")
 flags.DEFINE_integer("repeats", 5, "timed repeats per cell (median)")
 flags.DEFINE_bool("tiny", False, "a few cells only (tests)")
 FLAGS = flags.FLAGS
@@ -59,7 +69,8 @@ def _timeit(fn, repeats):
   return float(np.median(ts))
 
 
-def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int, log=print) -> dict:
+def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int, log=print,
+            prefill_lens=()) -> dict:
   import jax
   import jax.numpy as jnp
   import optax
@@ -126,6 +137,41 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
   for b in batches:
     out["prefill"][str(b)] = _timeit(lambda b=b: jax.block_until_ready(state_for(b, prefill_len, k).done_B), repeats)
     log(json.dumps({"what": "prefill", "batch": b, "s": out["prefill"][str(b)]}))
+  out["prefill_by_len"] = {str(prefill_len): out["prefill"]}
+  for n in sorted(set(prefill_lens) - {prefill_len}):
+    out["prefill_by_len"][str(n)] = {}
+    for b in batches:
+      out["prefill_by_len"][str(n)][str(b)] = _timeit(
+          lambda b=b: jax.block_until_ready(state_for(b, n, k).done_B), repeats)
+      log(json.dumps({"what": "prefill", "len": n, "batch": b, "s": out["prefill_by_len"][str(n)][str(b)]}))
+
+  # compaction and the final copy-out, as a session does them (RolloutSession._copy_out, advance)
+  from tlt_jax.rollout.engine import bucket_for
+  out["compact"], out["copy_out"], out["copy_out_feat"] = {}, {}, {}
+  ctx0 = prefill_len + k
+  for b in batches:
+    st = state_for(b, prefill_len, k)
+    half = b // 2
+
+    def copy(rows, feat):
+      idx = jnp.asarray(np.asarray(rows + rows[:1] * (b - len(rows)), np.int32))
+      seq, lp, ng, pl, *f = jax.device_get(eng._gather(st, idx, feat))
+      tokens = np.zeros((len(rows), ctx0), np.int32)
+      for j in range(len(rows)):
+        tokens[j, :int(ng[j])] = seq[j, pl[j]:pl[j] + ng[j]]
+      return tokens
+
+    def compact():
+      copy(list(range(half, b)), False)
+      keep = bucket_for(half, batches)
+      idx = np.concatenate([np.arange(half), np.zeros(keep - half, np.int64)]).astype(np.int32)
+      jax.block_until_ready(eng._compact(st, jnp.asarray(idx), np.int32(half)).done_B)
+    if half >= 1:
+      out["compact"][str(b)] = _timeit(compact, repeats)
+    out["copy_out"][str(b)] = _timeit(lambda: copy(list(range(b)), False), repeats)
+    out["copy_out_feat"][str(b)] = _timeit(lambda: copy(list(range(b)), True), repeats)
+    log(json.dumps({"what": "compact", "batch": b, "s": out["compact"].get(str(b)),
+                    "copy_out_s": out["copy_out"][str(b)], "copy_out_feat_s": out["copy_out_feat"][str(b)]}))
 
   # host overhead per chunk: a session's advance loop against the same chunks' device time
   b = batches[len(batches) // 2]
@@ -185,6 +231,37 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
     two = _timeit(lambda: run([0, 1]), repeats)
     out["shared_gain"] = max(2 * one / two - 1.0, 0.0)
     log(json.dumps({"what": "shared_gain", "one_s": one, "two_s": two, "gain": out["shared_gain"]}))
+
+    # a small batch beside the largest: how much the small one slows down (a latency-bound batch
+    # may run on a core the large one leaves idle); light_batch: the largest batch up to which
+    # every one slows by < 15 %
+    out["pair_slowdown"], out["light_batch"] = {}, 0
+    for small in batches[:-1]:
+      for i, rows in ((0, small), (1, b)):  # fresh states: room for every chunk below
+        with jax.default_device(devs[i]):
+          holder["st"][i] = jax.device_put(state_for(rows, ctxs[0], k * (3 * reps + 2)), devs[i])
+
+      def finish_times(which):
+        t0, stats = time.perf_counter(), {}
+        for i in which:
+          holder["st"][i], stats[i] = eng._chunk(p2[i], holder["st"][i], window=None)
+        done = {}
+        while len(done) < len(stats):
+          for i, x in stats.items():
+            if i not in done and all(y.is_ready() for y in x):
+              done[i] = time.perf_counter() - t0
+          time.sleep(1e-4)
+        return done
+      finish_times([0, 1])  # compile / warm
+      alone = min(finish_times([0])[0] for _ in range(repeats))
+      beside = min(finish_times([0, 1])[0] for _ in range(repeats))
+      out["pair_slowdown"][str(small)] = beside / alone
+      log(json.dumps({"what": "pair_slowdown", "batch": small, "beside": b, "slowdown": beside / alone}))
+    for small in batches[:-1]:
+      if out["pair_slowdown"][str(small)] >= 1.15:
+        break
+      out["light_batch"] = small
+    log(json.dumps({"what": "light_batch", "rows": out["light_batch"]}))
   return out
 
 
@@ -198,7 +275,9 @@ def main(argv):
              else [int(b) for b in r.buckets if b <= per_group] or [per_group])
   if FLAGS.tiny:
     ctxs, batches = ctxs[:2], batches[:2]
-  out = measure(config, FLAGS.repeats, ctxs, batches, FLAGS.spec_ctx, FLAGS.prefill_len)
+  lens = [int(x) for x in FLAGS.prefill_lens.split(",") if x.strip()]
+  out = measure(config, FLAGS.repeats, ctxs, batches, FLAGS.spec_ctx, FLAGS.prefill_len,
+                prefill_lens=[] if FLAGS.tiny else lens)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(out, f, indent=1)

@@ -131,29 +131,96 @@ def main(argv):
     out_jsonl.write(json.dumps(rec) + "\n")
     say(json.dumps(rec))
   verify = verify_cost(policy, [1, 2, 3, 5, 9])
+  draft = draft_level_cost(policy, drafter, [1, 8])
+  peak = cpu_peak_gflops()
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  auto = {r["batch"]: r for r in rows if r["strategy"] == "auto"}
+  regime = []
+  for b in batches:  # dense FLOPs of a decode step (2 x params x rows) against the measured peak
+    ms = auto[b]["plain_step_ms"]
+    gflops = 2.0 * n_params * b / (ms / 1000.0) / 1e9
+    regime.append(dict(batch=b, plain_step_ms=ms, plain_tok_s=auto[b]["plain_tok_s"], gflop_s=gflops,
+                       frac_of_peak=gflops / peak))
+  for rec in regime + draft + [dict(regime="cpu_peak", gflop_s=peak, params=n_params)]:
+    out_jsonl.write(json.dumps(dict(rec, regime=rec.get("regime", "plain_step"))) + "\n")
   for rec in verify:
     out_jsonl.write(json.dumps(rec) + "\n")
     say(json.dumps(rec))
   out_jsonl.close()
   elapsed = time.perf_counter() - t_start
 
-  auto = {r["batch"]: r for r in rows if r["strategy"] == "auto"}
   md = ["# Rollout speed-up of speculative decoding (side by side, one process)\n",
         f"Policy `{args.workdir}/sft`, drafter `{args.workdir}/drafter`, temperature {args.temperature}, "
         f"top_p {args.top_p}, max_new {args.max_new}, best of {args.repeats} alternating repeat(s), "
         f"{elapsed:.0f} s in all. tok/s counts decode time (prefill excluded, identical in both).\n",
         markdown_table(rows, ["batch", "strategy", "plain_tok_s", "spec_tok_s", "speedup", "accept_len", "chosen"]),
         "\n## Plain decoding cost per step vs batch (the regime)\n",
-        markdown_table([dict(batch=b, plain_step_ms=auto[b]["plain_step_ms"],
-                             plain_tok_s=auto[b]["plain_tok_s"]) for b in batches],
-                       ["batch", "plain_step_ms", "plain_tok_s"]),
+        f"GFLOP/s = 2 x {n_params:,} parameters x batch / step time (dense, attention left out); the "
+        f"CPU's peak measured in the same run: a 2048x2048 float32 matmul under jax.jit, {peak:.0f} GFLOP/s.\n",
+        markdown_table(regime, ["batch", "plain_step_ms", "plain_tok_s", "gflop_s", "frac_of_peak"]),
         "\n## Target forward cost vs tokens per call at batch 1 (what verifying n drafts costs)\n",
-        markdown_table(verify, ["tokens", "ms", "vs_1_token"])]
+        markdown_table(verify, ["tokens", "ms", "vs_1_token"]),
+        "\n## One draft level (drafter layer + the shared LM head, one token per row)\n",
+        "A d-deep chain costs d of these plus one verify of d + 1 tokens per round.\n",
+        markdown_table(draft, ["batch", "ms", "vs_target_1_token"])]
   with open(os.path.join(args.out, "rollout_speedup.md"), "w") as f:
     f.write("\n".join(md))
   plot(rows, batches, strategies, os.path.join(args.out, "rollout_speedup.png"))
   say(json.dumps({"plain_tok_s_batch1": auto[batches[0]]["plain_tok_s"],
                     "plain_tok_s_batch_max": auto[batches[-1]]["plain_tok_s"], "elapsed_s": elapsed}))
+
+
+def cpu_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """The CPU's dense float32 matmul rate under jax.jit (best of `repeats`), GFLOP/s."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(mm(a))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a))
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best / 1e9
+
+
+def draft_level_cost(policy, drafter, batches, rounds: int = 50, repeats: int = 15):
+  """ms per draft level at each batch: the drafter's cached one-token pass and the shared LM head
+  (min over repeats of a jitted loop), and its ratio to a 1-token target forward at batch 1."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from tlt_jax.models.transformer import KVCache
+  tgraph, tparams = nnx.split(policy)
+  dgraph, dparams = nnx.split(drafter)
+  d = policy.cfg.hidden_size
+  base = verify_cost(policy, [1], rounds=rounds, repeats=repeats)[0]["ms"]
+  out = []
+  for b in batches:
+    cache = KVCache.init(drafter.cfg, b, 192).replace(lengths=jnp.full((b,), 64, jnp.int32))
+
+    @jax.jit
+    def loop(tp, dp, c):
+      target, draft = nnx.merge(tgraph, tp), nnx.merge(dgraph, dp)
+
+      def body(i, carry):
+        c, f = carry
+        tok = jnp.argmax(target.logits(f), axis=-1).astype(jnp.int32)
+        f2, c2 = draft(target.embed(tok), f, cache=c)
+        return c2.replace(lengths=c.lengths), f2
+      return jax.lax.fori_loop(0, rounds, body, (c, jnp.zeros((b, 1, d), jnp.float32)))
+
+    jax.block_until_ready(loop(tparams, dparams, cache))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(loop(tparams, dparams, cache))
+      times.append((time.perf_counter() - t0) / rounds)
+    ms = 1000 * min(times)
+    out.append({"regime": "draft_level", "batch": b, "ms": ms, "vs_target_1_token": ms / base})
+  return out
 
 
 def verify_cost(policy, token_counts, rounds: int = 50, repeats: int = 15):

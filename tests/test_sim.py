@@ -40,11 +40,43 @@ def test_two_groups_plain_and_tlt_exact():
   assert rec["step_time_s"] == pytest.approx(13.5 * MS + 32 * 0.1 * MS)
 
 
+def test_compaction_and_copy_out_costs():
+  """Rows of 3, 3, 3 and 12 tokens (buckets 1, 2, 4; chunks of 4): prefill 2; chunk 1 (all four
+  rows, 4 steps) 4.5; the bucket shrinks 4 -> 1 one level at a time, as the engine does:
+  compactions out of 4 rows (0.25) and out of 2 (0.125); chunks 2 and 3 of row D 4.5 + (3 + 0.5);
+  the final copy-out 0.125. With features (TLT collects the drafter's data) the copy-out costs
+  what copy_out(features=True) says."""
+
+  class Costs(type(_costs())):
+    def compact(self, batch, ctx):
+      return {4: 0.25, 2: 0.125}[batch] * MS
+
+    def copy_out(self, batch, ctx, features=False):
+      assert batch == 1
+      return (1.0 if features else 0.125) * MS
+
+  base = {k: v for k, v in vars(_costs()).items()}
+  costs = Costs(**base)
+  group = [np.array([3, 3, 3, 12])]
+  plain = simulate_rollout(group, SPEC, costs, AcceptModel(), PLAIN_V)
+  assert plain["rollout_s"] == pytest.approx((2 + 4.5 + 0.375 + 4.5 + 3.5 + 0.125) * MS)
+  assert [c["bucket"] for c in plain["chunks"]] == [4, 1, 1]
+  tlt = simulate_rollout(group, SPEC, costs, AcceptModel(), TLT_V)
+  assert tlt["rollout_s"] == pytest.approx((2 + 4.5 + 0.375 + 4.5 + 3.5 + 1.0) * MS)
+
+
 def test_shared_cores_serialise():
   """On shared cores with no gain, concurrent work adds up: the rollout is the sum of all work."""
   r = simulate_rollout(GROUPS, SPEC, _costs(shared_gain=0.0), AcceptModel(), PLAIN_V)
   assert r["rollout_s"] == pytest.approx((6.5 + 13.5) * MS)
   assert r["group_done_s"][0] == pytest.approx(13 * MS)  # both at half speed until A is done
+  # items on at most light_batch rows (here every chunk: one row each) do not contend
+  r = simulate_rollout(GROUPS, SPEC, _costs(shared_gain=0.0, light_batch=1), AcceptModel(), PLAIN_V)
+  assert r["group_done_s"] == pytest.approx([6.5 * MS, 13.5 * MS])
+  # a light group beside a heavy one (2 rows): neither slows the other
+  r = simulate_rollout([np.array([5]), np.array([11, 11])], SPEC, _costs(shared_gain=0.0, light_batch=1),
+                       AcceptModel(), PLAIN_V)
+  assert r["group_done_s"] == pytest.approx([6.5 * MS, 13.5 * MS])
   # half the gain of a second core: two jobs run at 1.5x together
   r = simulate_rollout(GROUPS, SPEC, _costs(shared_gain=0.5), AcceptModel(), PLAIN_V)
   assert r["group_done_s"][0] == pytest.approx(6.5 * MS * 2 / 1.5)

@@ -94,6 +94,66 @@ def test_spec_switches_on_below_threshold_with_compaction(models, prompts):
     np.testing.assert_array_equal(out.tokens[i, :m], full.tokens[i, :m])
 
 
+class _RecordingSelector:
+  """Always `strategy`; records what the engine reports back."""
+
+  def __init__(self, strategy):
+    self.strategy, self.updates = strategy, []
+
+  def select(self, batch_size):
+    return self.strategy
+
+  def update(self, *outcome):
+    self.updates.append(outcome)
+
+
+def test_compaction_compiles_per_bucket_and_cold_chunks_are_not_scored(models, prompts):
+  """Copy-out compiles once per state bucket and compaction once per pair of adjacent buckets (it
+  goes down one level at a time), not once per number of finished rows or per (from, to); the
+  tail's programs compile before the first chunk, and the selector never scores a chunk whose
+  program compiled inside it (its time is mostly compile); outputs stay exact under any
+  compaction pattern."""
+  sp = SamplingParams(temperature=0.0)
+  g, params = models["target"]
+  dec = SpeculativeDecoder(g, models["good"][0], sp, EOS, strategies=[STRATEGIES[1]], rounds_per_chunk=3)
+  eng = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=2, buckets=(1, 2, 4, 8), speculative=dec,
+                      spec_threshold=2)
+  toks, plen = prompts
+  session = eng.start(params, toks, plen, 4, jax.random.key(0))  # 6 rows in a bucket of 8
+  for k in range(1, 7):  # copy out 1..6 rows: each padded to the state's 8 rows
+    session._copy_out(list(range(k)))
+  assert eng._gather._cache_size() == 1
+  state = session.state
+  for n in range(1, 5):  # 1..4 live rows into a bucket of 4: one program
+    out = eng._compact(state, jnp.asarray([0, 1, 2, 3], jnp.int32), np.int32(n))
+    np.testing.assert_array_equal(np.asarray(out.done_B)[n:], True)
+    np.testing.assert_array_equal(np.asarray(out.done_B)[:n], np.asarray(state.done_B)[:n])
+  assert eng._compact._cache_size() == 1
+
+  sel = _RecordingSelector(STRATEGIES[1])
+  full = eng.generate(params, toks, plen, 12, jax.random.key(0))  # no drafter: plain throughout
+  for i, max_new in enumerate([np.array([3, 5, 12, 8, 11, 2]), np.array([12, 4, 6, 3, 9, 5])]):
+    out = eng.generate(params, toks, plen, max_new, jax.random.key(0), drafter_params=models["good"][1],
+                       selector=sel)
+    for r, m in enumerate(max_new):
+      np.testing.assert_array_equal(out.tokens[r, :m], full.tokens[r, :m])
+    assert eng._compact._cache_size() <= 3  # 8 -> 4 -> 2 -> 1, whatever the pattern
+    spec = [c for c in out.stats["chunks"] if c["strategy"] is not None]
+    assert spec, "speculation never switched on"
+    # the session compiled the tail's programs before its first chunk (RolloutSession._warm_tail)
+    assert not any(c["cold"] for c in spec)
+    assert len(sel.updates) == len(spec)
+    sel.updates.clear()
+  # without compaction there is no tail bucket to warm: the first speculative chunk compiles its
+  # program inside it, and only the later ones are scored
+  flat = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=2, speculative=dec, spec_threshold=2, compact=False)
+  out = flat.generate(params, toks, plen, np.array([3, 5, 12, 8, 11, 2]), jax.random.key(0),
+                      drafter_params=models["good"][1], selector=sel)
+  spec = [c for c in out.stats["chunks"] if c["strategy"] is not None]
+  assert spec[0]["cold"] and not any(c["cold"] for c in spec[1:])
+  assert len(sel.updates) == len(spec) - 1
+
+
 def _sample_counts(engine, params, prompt, plen, n, max_new, key, **kw):
   toks = np.tile(prompt, (n, 1))
   lens = np.tile(plen, n)

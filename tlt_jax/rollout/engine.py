@@ -80,6 +80,17 @@ class DecodeState:
     rows = jax.tree.map(lambda x: jnp.take(x, idx_B, axis=0), self.replace(rng=None))
     return rows.replace(rng=self.rng)
 
+  def compact(self, idx_B, num_valid) -> "DecodeState":
+    """Rows `idx_B`, of which the first `num_valid` (traced: one compile per bucket pair, not per
+    count) are live and the rest padding, marked done."""
+    rows = self.take(idx_B)
+    return rows.replace(done_B=mark_done_from(rows.done_B, num_valid))
+
+
+def mark_done_from(done_B, num_valid):
+  """`done_B` with every row at index >= `num_valid` (a traced scalar) set."""
+  return done_B | (jnp.arange(done_B.shape[0]) >= num_valid)
+
 
 @dataclasses.dataclass
 class RolloutResult:
@@ -284,9 +295,13 @@ class RolloutEngine:
                                             sp=self.sampling, eos_ids=self.eos_ids,
                                             embedder=self.input_embedder)
     self._chunk = jax.jit(self._chunk_partial, donate_argnums=(1,), static_argnames=("window",))
-    self._take = jax.jit(lambda st, idx: st.take(idx))
-    self._gather = jax.jit(gather_rows, static_argnums=(2,))
+    self._compact = jax.jit(lambda st, idx, n: st.compact(idx, n))
+    self._gather = jax.jit(lambda st, idx, feat: gather_rows(st, idx, feat), static_argnums=(2,))
+    self._mark_done_from = jax.jit(mark_done_from)
     self._jits: dict[tuple, Any] = {}  # (what, mesh devices, static args) -> sharded jit
+    # Chunk programs dispatched before: a chunk whose program is new pays its compilation inside
+    # its measured time, so its time is not a score for the selector (RolloutSession).
+    self._warm: set[tuple] = set()
 
   # --- jits with explicit shardings on a mesh ------------------------------------------------
 
@@ -329,17 +344,20 @@ class RolloutEngine:
                      donate_argnums=(1,))
     return self._sharded("chunk", mesh, (state.done_B.shape[0], state.seq_BxS.shape[1], window), build)
 
-  def take_jit(self, mesh, state: DecodeState, bucket: int):
-    """Batch compaction to `bucket` rows, shardings explicit (the new bucket's batch split)."""
+  def compact_jit(self, mesh, state: DecodeState, bucket: int):
+    """Batch compaction to `bucket` rows (`DecodeState.compact`), shardings explicit (the new
+    bucket's batch split)."""
     from tlt_jax.parallel import mesh as mesh_lib
 
     def build():
       out = jax.eval_shape(lambda st: st.take(jnp.zeros((bucket,), jnp.int32)), state)
-      return jax.jit(lambda st, idx: st.take(idx),
-                     in_shardings=(state_shardings(state, mesh), mesh_lib.replicated(mesh)),
+      rep = mesh_lib.replicated(mesh)
+      return jax.jit(lambda st, idx, n: st.compact(idx, n),
+                     in_shardings=(state_shardings(state, mesh), rep, rep),
                      out_shardings=state_shardings(out, mesh))
     has_draft = state.draft_cache is not None
-    return self._sharded("take", mesh, (state.done_B.shape[0], state.seq_BxS.shape[1], bucket, has_draft), build)
+    return self._sharded("compact", mesh, (state.done_B.shape[0], state.seq_BxS.shape[1], bucket, has_draft),
+                         build)
 
   def gather_jit(self, mesh, state: DecodeState, num_rows: int, with_features: bool):
     """`gather_rows` with replicated outputs: every host can read the rows it copies out."""
@@ -440,7 +458,7 @@ class RolloutSession:
           mesh_lib.put_global(rng, rep) if not isinstance(rng, jax.Array) or rng.sharding != rep else rng)
     self.row_ids = np.concatenate([np.arange(n), -np.ones(pad, np.int64)])
     if pad:
-      state = state.replace(done_B=state.done_B.at[n:].set(True))
+      state = state.replace(done_B=engine._mark_done_from(state.done_B, np.int32(n)))
     jax.block_until_ready(state.done_B)
     self.capacity = capacity
     self.live_bound = p  # every row's cache length stays below this (host-side bound)
@@ -454,8 +472,12 @@ class RolloutSession:
                   "compact": 0.0}
     self.chunks: list[dict] = []
     self.spec_tokens = self.spec_row_rounds = 0
-    self._in_flight = None  # (phase, strategy, active, t_dispatch, device stats)
+    self._in_flight = None  # (phase, strategy, active, t_dispatch, device stats, compiled in it)
     self.is_done = False
+    if (engine.speculative is not None and drafter_params is not None and engine.spec_threshold > 0
+        and engine.compact):
+      self._warm_tail()
+      self.times["prefill"] = time.perf_counter() - self.t_start  # warm-up compiles count here
 
   @property
   def num_active(self) -> int:
@@ -472,7 +494,9 @@ class RolloutSession:
     rows = [r for r in rows if row_ids[r] >= 0]
     if not rows:
       return
-    idx = np.asarray(rows)
+    # Padded to the state's rows (repeats of the first, ignored below): one program per state
+    # bucket, not one per number of finished rows.
+    idx = np.asarray(rows + rows[:1] * (len(row_ids) - len(rows)))
     if self.mesh is None:
       out = jax.device_get(self.engine._gather(st, jnp.asarray(idx), self.collect_features))
     else:
@@ -492,7 +516,7 @@ class RolloutSession:
         self.finished_features.append((int(row_ids[r]), seq[j, :pl[j] + k], feat[j, :pl[j] + k], int(pl[j])))
 
   def _finish_chunk(self):
-    phase, strategy, active, t0, stats = self._in_flight
+    phase, strategy, active, t0, stats, cold = self._in_flight
     self._in_flight = None
     from tlt_jax.parallel.mesh import to_host
     rounds, tokens, row_rounds = (int(x) for x in to_host(stats))
@@ -502,13 +526,77 @@ class RolloutSession:
       self.spec_tokens += tokens
       self.spec_row_rounds += row_rounds
     accept_len = tokens / max(row_rounds, 1)
-    if self.selector is not None and (strategy is not None or active <= self.engine.spec_threshold):
+    if (self.selector is not None and not cold
+        and (strategy is not None or active <= self.engine.spec_threshold)):
       r = max(rounds, 1)
       self.selector.update(active, PLAIN if strategy is None else tuple(strategy), accept_len,
                            row_rounds / r, dt / r)
     self.chunks.append(dict(batch=active, strategy=None if strategy is None else "d{}k{}n{}".format(*strategy),
                             accept_len=accept_len, time_s=dt, rounds=rounds, tokens=tokens,
-                            row_rounds=row_rounds))
+                            row_rounds=row_rounds, cold=cold))
+
+  def _compact_to(self, state: DecodeState, active: np.ndarray, bucket: int) -> DecodeState:
+    """Rows `active` of `state` (padded with done rows) in a state of `bucket` rows. Down the
+    bucket ladder one level at a time (the live rows first, then a prefix of them): one program
+    per pair of adjacent buckets instead of one per (from, to) pair."""
+    eng = self.engine
+    n_live, order = np.int32(active.size), np.asarray(active)
+    for level in [x for x in eng.buckets if bucket <= x < state.done_B.shape[0]][::-1]:
+      idx = np.concatenate([order, np.repeat(order[:1], level - order.size)]).astype(np.int32)
+      if self.mesh is None:
+        state = eng._compact(state, jnp.asarray(idx), n_live)
+      else:
+        from tlt_jax.parallel import mesh as mesh_lib
+        rep = mesh_lib.replicated(self.mesh)
+        state = eng.compact_jit(self.mesh, state, level)(
+            state, mesh_lib.put_global(idx, rep), mesh_lib.put_global(n_live, rep))
+      order = np.arange(active.size)
+    return state
+
+  def _dispatch(self, state: DecodeState, strategy, window):
+    """One chunk (plain when `strategy` is None) on `state`, which it donates."""
+    eng = self.engine
+    if strategy is not None:
+      return eng.speculative.dispatch_chunk(self.params, self.drafter_params, state, strategy,
+                                            window=window, mesh=self.mesh)
+    if self.mesh is None:
+      return eng._chunk(self.params, state, window=window)
+    return eng.chunk_jit(self.mesh, self.params, state, window)(self.params, state)
+
+  def _program(self, state: DecodeState, strategy, window) -> tuple:
+    """What a chunk's compiled program depends on (RolloutEngine._warm)."""
+    return ("decode" if strategy is None else tuple(strategy), state.seq_BxS.shape, window,
+            state.draft_cache is None and strategy is not None,
+            None if self.mesh is None else self.engine._mesh_key(self.mesh))
+
+  def _warm_tail(self):
+    """Compiles the tail's programs before the first timed chunk: at each bucket at or below
+    `spec_threshold`, a plain chunk and every strategy's chunk (drafter prefill included), run
+    once on a throwaway copy of a few of this state's rows (the session's state, RNG and outputs
+    are untouched). Otherwise the first use of each compiles inside a chunk of some later step,
+    stalling every group the host drives, and the selector would see a compile as a slow arm."""
+    eng = self.engine
+    if eng.window_block > 0:  # windows vary with the position: nothing fixed to warm
+      return
+    rows = self.state.done_B.shape[0]
+    live = np.flatnonzero(self.row_ids >= 0)
+    for b in [x for x in eng.buckets if x <= eng.spec_threshold and x < rows]:
+      for strategy in (None,) + tuple(eng.speculative.strategies):
+        small = self._compact_to(self.state, live[:b], b)
+        program = self._program(small, strategy, None)
+        if program in eng._warm:
+          continue
+        # its own RNG: the chunk donates its input, and `small` shares the session's RNG array
+        small = small.replace(rng=jax.random.fold_in(small.rng, 1))
+        _, stats = self._dispatch(small, strategy, None)
+        jax.block_until_ready(stats)
+        self._mark_warm(program)
+
+  def _mark_warm(self, program: tuple):
+    """A speculative chunk that prefilled the drafter cache compiled the chunk without it too."""
+    self.engine._warm.add(program)
+    if program[3]:
+      self.engine._warm.add(program[:3] + (False,) + program[4:])
 
   def advance(self) -> bool:
     """Finishes the chunk in flight and dispatches the next; False when all rows are done."""
@@ -529,16 +617,7 @@ class RolloutSession:
     if eng.compact and b < len(self.row_ids):
       t0 = time.perf_counter()
       self._copy_out(list(np.flatnonzero(done)))
-      idx = np.concatenate([active, np.repeat(active[:1], b - active.size)]).astype(np.int32)
-      if self.mesh is None:
-        state = eng._take(self.state, jnp.asarray(idx))
-      else:
-        from tlt_jax.parallel import mesh as mesh_lib
-        state = eng.take_jit(self.mesh, self.state, b)(
-            self.state, mesh_lib.put_global(idx, mesh_lib.replicated(self.mesh)))
-      if b > active.size:
-        state = state.replace(done_B=state.done_B.at[active.size:].set(True))
-      self.state = state
+      self.state = self._compact_to(self.state, active, b)
       self.row_ids = np.concatenate([self.row_ids[active], -np.ones(b - active.size, np.int64)])
       self.times["compact"] += time.perf_counter() - t0
     self.trace.append(int(active.size))
@@ -548,13 +627,10 @@ class RolloutSession:
       strategy = (self.selector.select(int(active.size)) if self.selector is not None
                   else eng.speculative.default_strategy)
       strategy = None if tuple(strategy) == PLAIN else strategy
-    t0 = time.perf_counter()
     if strategy is not None:
       grow = eng.speculative.max_tokens_per_chunk(strategy)
       window = live_window(self.live_bound + grow + eng.speculative.max_verify_tokens + 1,
                            self.capacity, eng.window_block)
-      self.state, stats = eng.speculative.dispatch_chunk(self.params, self.drafter_params, self.state,
-                                                         strategy, window=window, mesh=self.mesh)
       phase = "speculative"
     else:
       grow = eng.chunk_size
@@ -564,13 +640,14 @@ class RolloutSession:
         # at most max_depth + 1 positions: drop it, so that the next speculative chunk re-prefills
         # it from the whole sequence (exactly a fresh `drafter_prefill` of that state).
         self.state = self.state.replace(draft_cache=None)
-      if self.mesh is None:
-        self.state, stats = eng._chunk(self.params, self.state, window=window)
-      else:
-        self.state, stats = eng.chunk_jit(self.mesh, self.params, self.state, window)(self.params, self.state)
       phase = "decode"
+    program = self._program(self.state, strategy, window)
+    t0 = time.perf_counter()
+    self.state, stats = self._dispatch(self.state, strategy, window)
     self.live_bound += grow
-    self._in_flight = (phase, strategy, int(active.size), t0, stats)
+    cold = program not in eng._warm
+    self._mark_warm(program)
+    self._in_flight = (phase, strategy, int(active.size), t0, stats, cold)
     return True
 
   def result(self) -> RolloutResult:

@@ -19,10 +19,16 @@ The units the simulator asks for are the rollout engine's and the trainer's:
   spec_round(batch, strategy, ctx)   one draft + verify round of `strategy` (d, k, n)
   drafter_train_step(num_groups)     one drafter step, data-parallel over `num_groups` idle groups
   update(tokens)                     old/ref log-probs + the policy update over `tokens` tokens
-  chunk_overhead                     host seconds per dispatched chunk (sync, compaction)
+  chunk_overhead                     host seconds per dispatched chunk (dispatch, sync)
+  compact(batch, ctx)                a compaction out of a `batch`-row state: copy out its finished
+                                     rows, gather the live ones into their smaller bucket
+  copy_out(batch, ctx, features)     the final copy-out of a group's `batch` rows (with the target
+                                     features when the drafter buffer collects them)
   throughput(k)                      aggregate speed when k jobs share the same cores (1 per job
                                      on accelerators: groups are disjoint chips; on a CPU with fake
                                      devices the groups share the cores, see `shared_gain`)
+  light_batch                        (shared cores) a job on at most this many rows runs beside
+                                     the others without slowing them or being slowed
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class CostModel:
   source: str = ""
   chunk_overhead: float = 0.0
   shared_gain: float | None = None  # None: jobs never share cores (accelerators)
+  light_batch: int = 0  # (shared cores) work on at most this many rows does not contend
 
   def prefill(self, batch: int, prompt_len: int) -> float:
     raise NotImplementedError
@@ -74,6 +81,12 @@ class CostModel:
 
   def update(self, tokens: int) -> float:
     raise NotImplementedError
+
+  def compact(self, batch: int, ctx: int) -> float:
+    return 0.0
+
+  def copy_out(self, batch: int, ctx: int, features: bool = False) -> float:
+    return 0.0
 
   def throughput(self, jobs: int) -> float:
     """Aggregate progress rate of `jobs` concurrent jobs (each progresses at throughput / jobs)."""
@@ -115,6 +128,7 @@ class MeasuredCosts(CostModel):
     self.source = f"measured on {d.get('device', '?')}"
     self.chunk_overhead = float(d.get("chunk_overhead_s", 0.0))
     self.shared_gain = d.get("shared_gain")
+    self.light_batch = int(d.get("light_batch", 0))
     self._ctx = sorted(int(c) for c in d["decode"])
     self._batch = {c: sorted(int(b) for b in d["decode"][str(c)]) for c in self._ctx}
 
@@ -131,6 +145,12 @@ class MeasuredCosts(CostModel):
     return t * self.decode_step(batch, ctx) / self.decode_step(batch, ref)
 
   def prefill(self, batch, prompt_len):
+    by_len = self.data.get("prefill_by_len") or {}
+    if len(by_len) >= 2:  # interpolated in the prompt length between the measured ones
+      lens = sorted(int(n) for n in by_len)
+      per_len = [_interp(batch, sorted(int(b) for b in by_len[str(n)]),
+                         [by_len[str(n)][str(b)] for b in sorted(int(b) for b in by_len[str(n)])]) for n in lens]
+      return _interp(prompt_len, lens, per_len) if prompt_len >= lens[0] else per_len[0] * prompt_len / lens[0]
     p = self.data["prefill"]
     bs = sorted(int(b) for b in p)
     return _interp(batch, bs, [p[str(b)] for b in bs]) * prompt_len / float(self.data.get("prefill_len", prompt_len))
@@ -142,8 +162,22 @@ class MeasuredCosts(CostModel):
   def update(self, tokens):
     return float(self.data["update_s_per_token"]) * tokens + float(self.data.get("update_fixed_s", 0.0))
 
+  def _by_batch(self, key, batch):
+    table = self.data.get(key) or {}
+    if not table:
+      return 0.0
+    bs = sorted(int(b) for b in table)
+    return _interp(batch, bs, [table[str(b)] for b in bs])
+
+  def compact(self, batch, ctx):
+    return self._by_batch("compact", batch) if batch > 1 else 0.0
+
+  def copy_out(self, batch, ctx, features=False):
+    return self._by_batch("copy_out_feat" if features else "copy_out", batch)
+
   def describe(self):
-    return {"source": self.source, "shared_gain": self.shared_gain, "chunk_overhead_s": self.chunk_overhead}
+    return {"source": self.source, "shared_gain": self.shared_gain, "light_batch": self.light_batch,
+            "chunk_overhead_s": self.chunk_overhead}
 
   @classmethod
   def load(cls, path: str) -> "MeasuredCosts":
@@ -192,6 +226,10 @@ class RooflineCosts(CostModel):
 
   def prefill(self, batch, prompt_len):
     return 2.0 * self.params * batch * prompt_len / self.group_chips / (self.peak_flops * self.mfu)
+
+  def compact(self, batch, ctx):
+    # the live half of the KV cache read and written once (the copy-out is a few KB per row)
+    return 2 * self._kv_bytes(batch // 2, ctx) / self.group_chips / self.hbm_bandwidth
 
   def drafter_train_step(self, num_groups=1):
     p = self.drafter_params + self.head_params
@@ -288,8 +326,17 @@ class ConstantCosts(CostModel):
   train_s: float = 1e-3
   update_s_per_token: float = 0.0
   chunk_overhead: float = 0.0
+  compact_s: float = 0.0
+  copy_out_s: float = 0.0
   shared_gain: float | None = None
+  light_batch: int = 0
   source: str = "constant"
+
+  def compact(self, batch, ctx):
+    return self.compact_s
+
+  def copy_out(self, batch, ctx, features=False):
+    return self.copy_out_s
 
   def decode_step(self, batch, ctx):
     return self.decode_s

@@ -8,13 +8,16 @@ can be compared with the same code paths:
 
   per group (rows split over groups by whole prompt groups, as tlt/groups.split_rows):
     prefill (it samples each row's first token); then chunks: while rows remain, the active rows are padded to their batch bucket
-    (compaction); at or below `spec_threshold` active rows (speculative variants) the strategy of
+    (compaction: costs.compact per bucket level the batch goes down, before the next chunk; the final
+    copy-out of the rows: costs.copy_out); at or below `spec_threshold` active rows (speculative variants) the strategy of
     the chunk is the BEG-MAB bandit's choice (tlt/bandit.BegMab, the runtime's own class, fed the
     simulated chunk's accept length and its observed time), a speculative chunk being up to
     `rounds_per_chunk` rounds in which each active row emits an accept length drawn from the
     AcceptModel; else `chunk_size` plain steps (fewer when every row finishes sooner).
   across groups: jobs progress at costs.throughput(k) / k when k jobs run at once (1 each on
-    accelerators: disjoint chips; less on a CPU whose fake devices share the cores);
+    accelerators: disjoint chips; less on a CPU whose fake devices share the cores), except
+    items of at most costs.light_batch rows, which a CPU runs beside the others at full speed
+    (measured: a latency-bound small batch takes a core the large batch leaves idle);
   drafter training (TLT): while some group decodes and some are idle, one drafter step at a time
     runs data-parallel over the idle groups; when the last group finishes, the step in flight
     completes (preemption at a step boundary) and its remainder is the preemption wait;
@@ -122,19 +125,26 @@ VARIANTS = (Variant("plain", False, False), Variant("static", True, False), Vari
 
 def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, accept: AcceptModel,
                   bandit: BegMab | None, rng: np.random.Generator, staleness: float,
-                  log: list[dict]) -> Iterator[float]:
-  """One group's rollout as a generator of work items (seconds at full speed); each `send`
-  passes back the item's observed wall time (the bandit scores chunks by it)."""
+                  log: list[dict], features: bool = False) -> Iterator[float]:
+  """One group's rollout as a generator of work items (seconds at full speed, the rows it
+  processes: costs.light_batch decides whether it contends for shared cores); each `send` passes
+  back the item's observed wall time (the bandit scores chunks by it)."""
   remaining = np.asarray(lengths, np.int64).copy()
   n = len(remaining)
-  yield costs.prefill(bucket_for(n, spec.buckets) if spec.compact else n, spec.prompt_len)
+  b0 = bucket_for(n, spec.buckets) if spec.compact else n
+  yield costs.prefill(b0, spec.prompt_len), b0
   gen = (remaining > 0).astype(np.int64)  # the prefill samples each row's first token
   remaining = remaining - gen
+  held = bucket_for(n, spec.buckets) if spec.compact else n  # rows the device state holds
   while (remaining > 0).any():
     act = remaining > 0
     active = int(act.sum())
     b = bucket_for(active, spec.buckets) if spec.compact else n
     ctx = spec.prompt_len + int(gen.max())
+    if b < held:  # a work item of its own: the real engine times a chunk from its dispatch
+      levels = [held] + [x for x in spec.buckets if b <= x < held][::-1]  # one level at a time
+      yield sum(costs.compact(x, ctx) for x in levels[:-1]), held
+    held = b
     strategy = None
     in_tail = bandit is not None and active <= spec.spec_threshold
     if in_tail:
@@ -160,7 +170,7 @@ def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, acce
         rounds += 1
         row_rounds += int(live.sum())
     tokens = int(emitted.sum())
-    observed = yield cost
+    observed = yield cost, b
     remaining -= emitted
     gen += emitted
     if in_tail:
@@ -169,6 +179,7 @@ def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, acce
                     row_rounds / r, max(observed, 1e-12) / r)
     log.append(dict(batch=active, bucket=b, strategy=None if strategy is None else strategy_name(strategy),
                     tokens=tokens, rounds=rounds, row_rounds=row_rounds, time_s=observed))
+  yield costs.copy_out(held, spec.prompt_len + int(gen.max()), features), held  # the final copy-out
 
 
 def simulate_rollout(group_lengths: Sequence[np.ndarray], spec: RolloutSpec, costs: CostModel,
@@ -179,15 +190,16 @@ def simulate_rollout(group_lengths: Sequence[np.ndarray], spec: RolloutSpec, cos
   num_groups = len(group_lengths)
   logs: list[list[dict]] = [[] for _ in range(num_groups)]
   use_bandit = bandit if variant.speculative and spec.spec_threshold > 0 else None
-  gens, work, started = {}, {}, {}
+  gens, work, rows, started = {}, {}, {}, {}
   done_at: dict[int, float] = {}
   t = 0.0
   for g, lengths in enumerate(group_lengths):
     if len(lengths) == 0:
       done_at[g] = 0.0
       continue
-    gens[g] = _group_chunks(np.asarray(lengths), spec, costs, accept, use_bandit, rng, staleness, logs[g])
-    work[g], started[g] = next(gens[g]), 0.0
+    gens[g] = _group_chunks(np.asarray(lengths), spec, costs, accept, use_bandit, rng, staleness, logs[g],
+                            features=variant.train)
+    (work[g], rows[g]), started[g] = next(gens[g]), 0.0
   train_left, train_groups, train_gs, steps = None, 0, 0.0, 0
   can_train = variant.train and num_groups > 1 and spec.train_in_bubbles
 
@@ -201,23 +213,26 @@ def simulate_rollout(group_lengths: Sequence[np.ndarray], spec: RolloutSpec, cos
 
   maybe_start_training()
   while gens:
-    jobs = len(gens) + (train_left is not None)
-    rate = costs.throughput(jobs) / jobs
-    dt = min([w for w in work.values()] + ([train_left] if train_left is not None else [])) / rate
+    # light items (<= costs.light_batch rows) run at full speed beside the rest; the others (and
+    # a drafter step) share the cores: each at throughput(k) / k
+    heavy = [g for g in gens if rows[g] > costs.light_batch] + (["train"] if train_left is not None else [])
+    shared = costs.throughput(len(heavy)) / len(heavy) if heavy else 1.0
+    rate = {g: (shared if g in heavy else 1.0) for g in gens}
+    dt = min([work[g] / rate[g] for g in gens] + ([train_left / shared] if train_left is not None else []))
     t += dt
     for g in work:
-      work[g] -= dt * rate
+      work[g] -= dt * rate[g]
     if train_left is not None:
-      train_left -= dt * rate
+      train_left -= dt * shared
       train_gs += dt * train_groups
       if train_left <= 1e-15:
         steps, train_left = steps + 1, None
     for g in [g for g, w in work.items() if w <= 1e-15]:
       try:
-        work[g] = gens[g].send(t - started[g])
+        work[g], rows[g] = gens[g].send(t - started[g])
         started[g] = t
       except StopIteration:
-        del gens[g], work[g]
+        del gens[g], work[g], rows[g]
         done_at[g] = t
     maybe_start_training()
   t_last = t
