@@ -62,7 +62,7 @@ for attention in (False, True):
 
 md("""## 3. The experiment, tiny: policies, sampling, metrics, three SFT settings
 
-`configs/synth.py:tiny`: three tiny policies SFT'd on 1-4 digit sums, sampled on 3-4 digits.""")
+`configs/synth.py:tiny`: three tiny policies SFT'd on 1-3 digit sums, sampled on 2-3 digits.""")
 code("""import tempfile
 from experiments import compute_optimal as co
 # the test's size: short SFT, few problems, one of the three settings (self-improvement)

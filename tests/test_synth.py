@@ -196,6 +196,17 @@ def test_synth_configs():
     cfgs[role] = ModelConfig.from_dict(m)
   ratio = cfgs["se"].num_params / cfgs["wc"].num_params
   assert 2.7 <= ratio <= 3.5 and cfgs["student"].num_params < cfgs["wc"].num_params
+  # each role's SFT steps and LR (synth.base_steps / base_lr), by the role argument and by the
+  # experiment's role_config from the default (SE) config
+  from experiments.compute_optimal import role_config
+  default = load_config("configs/synth.py")
+  for role in ("se", "wc", "student"):
+    c = load_config(f"configs/synth.py:{role}")
+    want = (c.synth.base_steps[role], c.synth.base_lr[role])
+    assert (c.sft.steps, c.sft.lr) == want
+    rc = role_config(default, role)
+    assert (rc.sft.steps, rc.sft.lr) == want and rc.model.hidden_size == c.model.hidden_size
+  assert default.synth.base_lr.se < default.synth.base_lr.wc  # the wider SE at a lower LR
   with pytest.raises(config_lib.ConfigError, match="configs/synth.py"):
     load_config("configs/synth.py:huge")
   with pytest.raises(config_lib.ConfigError, match="synth.budgets"):
