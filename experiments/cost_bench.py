@@ -21,6 +21,9 @@ Times (tlt/costs.MeasuredCosts reads the JSON this writes; wall clock, medians o
                         (2 x t_one / t_two) - 1 (0: the fake devices serialise on the cores)
   pair_slowdown[batch]  (CPU) a chunk at `batch` rows beside one at the largest batch, against alone
   light_batch           (CPU) the largest batch up to which every one slows by < 15 % that way
+  shared_gain_rollout   (CPU) the same gain through the real rollout path (TLTRuntime, two groups of
+                        the largest batch at fixed lengths against one group): the simulator uses
+                        this one when present
 
 No EOS can end a row early (the EOS id is outside the vocabulary), so every chunk runs its full
 length. Weights are random (a cost does not depend on them). The update's cost per token is not
@@ -262,6 +265,26 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
         break
       out["light_batch"] = small
     log(json.dumps({"what": "light_batch", "rows": out["light_batch"]}))
+
+    # The same through the real rollout path (TLTRuntime's host scheduler driving two groups,
+    # polling, copying out, compacting), at fixed lengths: two groups of `b` rows against one.
+    # The simulator's shared gain (a replay's groups run this way, not as bare chunks).
+    from tlt_jax.parallel import mesh as mesh_lib
+    from tlt_jax.tlt.runtime import TLTRuntime
+    cfg_g = config.copy_and_resolve_references()
+    cfg_g.tlt.update(speculative=False, train_drafter=False)
+    new = k * 4
+    times = {}
+    for groups in (1, 2):
+      cfg_g.tlt.rollout_groups = groups
+      rt = TLTRuntime(cfg_g, graphdef, cfg, sp, eos, 0, mesh_lib.make_mesh((groups, 1, 1), devs[:groups]),
+                      None, prefill_len + new)
+      prompts = rng.integers(3, cfg.vocab_size, (b * groups, prefill_len)).astype(np.int32)
+      plens = np.full(b * groups, prefill_len, np.int32)
+      times[groups] = _timeit(lambda: rt.rollout(params, prompts, plens, new, jax.random.key(2)), repeats)
+    out["shared_gain_rollout"] = max(2 * times[1] / times[2] - 1.0, 0.0)
+    log(json.dumps({"what": "shared_gain_rollout", "rows_per_group": b, "tokens": new, "one_group_s": times[1],
+                    "two_groups_s": times[2], "gain": out["shared_gain_rollout"]}))
   return out
 
 

@@ -51,7 +51,7 @@ flags.DEFINE_bool("sweeps", True, "run the sweeps (threshold, groups, alpha, sta
 flags.DEFINE_bool("validate", False, "replay a recorded CPU run instead (module docstring)")
 flags.DEFINE_string("trace", "experiments/results/e2e_speedup_traced/traces.jsonl", "--validate: recorded traces")
 flags.DEFINE_string("measured", "experiments/results/cost_bench/cpu.json", "--validate: measured costs")
-flags.DEFINE_integer("skip", 3, "--validate: first steps left out of the medians (compiles), as e2e_speedup's --warmup")
+flags.DEFINE_integer("skip", 5, "--validate: first steps left out of the medians (compiles), as e2e_speedup's --warmup")
 flags.DEFINE_string("e2e", "experiments/results/e2e_speedup_traced/e2e_speedup.jsonl", "--validate: the run's measurements")
 FLAGS = flags.FLAGS
 

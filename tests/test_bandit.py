@@ -44,6 +44,24 @@ def test_tries_every_arm_first_then_converges_per_bucket():
                                for d, k, n in ARMS))
 
 
+def test_exploration_in_proportion_to_score():
+  """Exploring an arm at r x the best happens at about epsilon / K x r: a hopeless arm is rarely
+  paid for, a close one still often checked (uniform exploration: epsilon / K each)."""
+  arms = [(0, 0, 0), (2, 1, 2), (4, 1, 4)]
+  rates = [100.0, 90.0, 20.0]
+  bandit = BegMab(arms, (1,), epsilon=0.3, window=8, seed=5)
+  noise = np.random.default_rng(6)
+  picks = []
+  for _ in range(6000):
+    arm = bandit.select(1)
+    picks.append(arms.index(arm))
+    bandit.update(1, arm, 1.0, 1, 1.0 / (rates[arms.index(arm)] * (1 + 0.02 * noise.standard_normal())))
+  share = np.bincount(picks[100:], minlength=3) / len(picks[100:])
+  assert share[2] == pytest.approx(0.3 / 3 * 0.2, abs=0.01), share  # uniform would be 0.1
+  assert share[1] == pytest.approx(0.3 / 3 * 0.9, abs=0.02), share
+  assert bandit.best(1) == arms[0]
+
+
 def test_bucketing():
   bandit = BegMab(ARMS, BUCKETS)
   assert [bandit.bucket(n) for n in (1, 2, 4, 5, 16, 40)] == [1, 4, 4, 16, 16, 16]

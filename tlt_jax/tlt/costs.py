@@ -127,7 +127,7 @@ class MeasuredCosts(CostModel):
     d = self.data
     self.source = f"measured on {d.get('device', '?')}"
     self.chunk_overhead = float(d.get("chunk_overhead_s", 0.0))
-    self.shared_gain = d.get("shared_gain")
+    self.shared_gain = d.get("shared_gain_rollout", d.get("shared_gain"))
     self.light_batch = int(d.get("light_batch", 0))
     self._ctx = sorted(int(c) for c in d["decode"])
     self._batch = {c: sorted(int(b) for b in d["decode"][str(c)]) for c in self._ctx}

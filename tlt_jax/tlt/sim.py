@@ -7,7 +7,8 @@ this CPU or a GPU) or compiled for a TPU pod (CompiledCosts / RooflineCosts), so
 can be compared with the same code paths:
 
   per group (rows split over groups by whole prompt groups, as tlt/groups.split_rows):
-    prefill (it samples each row's first token); then chunks: while rows remain, the active rows are padded to their batch bucket
+    prefill (it samples each row's first token; the host starts the groups one after another,
+    each once the previous group's prefill is done); then chunks: while rows remain, the active rows are padded to their batch bucket
     (compaction: costs.compact per bucket level the batch goes down, before the next chunk; the final
     copy-out of the rows: costs.copy_out); at or below `spec_threshold` active rows (speculative variants) the strategy of
     the chunk is the BEG-MAB bandit's choice (tlt/bandit.BegMab, the runtime's own class, fed the
@@ -193,13 +194,25 @@ def simulate_rollout(group_lengths: Sequence[np.ndarray], spec: RolloutSpec, cos
   gens, work, rows, started = {}, {}, {}, {}
   done_at: dict[int, float] = {}
   t = 0.0
+  waiting = []  # groups whose session has not started: the host starts them one after another
   for g, lengths in enumerate(group_lengths):
     if len(lengths) == 0:
       done_at[g] = 0.0
       continue
-    gens[g] = _group_chunks(np.asarray(lengths), spec, costs, accept, use_bandit, rng, staleness, logs[g],
-                            features=variant.train)
-    (work[g], rows[g]), started[g] = next(gens[g]), 0.0
+    waiting.append(g)
+
+  def start_next():
+    """The next group's session (its prefill): the host blocks on each prefill before it starts
+    the next group, so group g's prefill begins when group g-1's ends (RolloutSession)."""
+    if waiting:
+      g = waiting.pop(0)
+      gens[g] = _group_chunks(np.asarray(group_lengths[g]), spec, costs, accept, use_bandit, rng, staleness,
+                              logs[g], features=variant.train)
+      (work[g], rows[g]), started[g] = next(gens[g]), t
+      prefilling.add(g)
+
+  prefilling: set[int] = set()
+  start_next()
   train_left, train_groups, train_gs, steps = None, 0, 0.0, 0
   can_train = variant.train and num_groups > 1 and spec.train_in_bubbles
 
@@ -228,6 +241,9 @@ def simulate_rollout(group_lengths: Sequence[np.ndarray], spec: RolloutSpec, cos
       if train_left <= 1e-15:
         steps, train_left = steps + 1, None
     for g in [g for g, w in work.items() if w <= 1e-15]:
+      if g in prefilling:
+        prefilling.discard(g)
+        start_next()
       try:
         work[g], rows[g] = gens[g].send(t - started[g])
         started[g] = t
