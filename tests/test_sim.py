@@ -22,23 +22,24 @@ GROUPS = [np.array([5]), np.array([11])]  # the prefill samples each row's first
 
 
 def test_two_groups_plain_and_tlt_exact():
-  """A: prefill 2 + one chunk (4 + 0.5) = 6.5 ms; B starts once A's prefill is done (the host
-  starts the sessions one after another): 2 + 2 + 4.5 + 4.5 + (2 + 0.5) = 15.5 ms. TLT trains
-  2 ms steps on A from 6.5 ms: 5 steps, the last one ends at 16.5 ms (1 ms past B: the
-  preemption wait); bubble = (16.5 - 6.5) + (16.5 - 15.5) = 11 ms, trained 10 ms."""
+  """The host starts the sessions one after another and blocks on each prefill, which waits for
+  the running chunks. A: prefill 0-2, its one chunk (4 + 0.5) 2-6.5; B's prefill then 6.5-8.5
+  (the host is blocked: A's copy-out waits to 8.5); B's chunks 4.5 + 4.5 + (2 + 0.5): done at 20.
+  TLT trains 2 ms steps on A from 8.5: 6 steps, the last ends at 20.5 (0.5 past B: the
+  preemption wait); bubble = (20.5 - 8.5) + (20.5 - 20) = 12.5 ms, trained 12 ms."""
   plain = simulate_rollout(GROUPS, SPEC, _costs(), AcceptModel(), PLAIN_V)
-  assert plain["group_done_s"] == pytest.approx([6.5 * MS, 15.5 * MS])
-  assert plain["rollout_s"] == pytest.approx(15.5 * MS)
-  assert plain["bubble_s"] == pytest.approx(9 * MS) and plain["drafter_steps"] == 0
+  assert plain["group_done_s"] == pytest.approx([8.5 * MS, 20 * MS])
+  assert plain["rollout_s"] == pytest.approx(20 * MS)
+  assert plain["bubble_s"] == pytest.approx(11.5 * MS) and plain["drafter_steps"] == 0
   tlt = simulate_rollout(GROUPS, SPEC, _costs(), AcceptModel(), TLT_V)
-  assert tlt["drafter_steps"] == 5
-  assert tlt["rollout_s"] == pytest.approx(16.5 * MS)
-  assert tlt["preempt_wait_s"] == pytest.approx(1 * MS)
-  assert tlt["bubble_s"] == pytest.approx(11 * MS)
-  assert tlt["bubble_utilisation"] == pytest.approx(10 / 11)
+  assert tlt["drafter_steps"] == 6
+  assert tlt["rollout_s"] == pytest.approx(20.5 * MS)
+  assert tlt["preempt_wait_s"] == pytest.approx(0.5 * MS)
+  assert tlt["bubble_s"] == pytest.approx(12.5 * MS)
+  assert tlt["bubble_utilisation"] == pytest.approx(12 / 12.5)
   # the step adds the update: (5 + 11 responses + 2 x 8 prompt tokens) x 0.1 ms
   rec = simulate_run([GROUPS], SPEC, _costs(), AcceptModel(), PLAIN_V)[0]
-  assert rec["step_time_s"] == pytest.approx(15.5 * MS + 32 * 0.1 * MS)
+  assert rec["step_time_s"] == pytest.approx(20 * MS + 32 * 0.1 * MS)
 
 
 def test_compaction_and_copy_out_costs():
@@ -67,24 +68,23 @@ def test_compaction_and_copy_out_costs():
 
 
 def test_shared_cores_serialise():
-  """On shared cores with no gain, concurrent work adds up: the rollout is the sum of all work."""
-  r = simulate_rollout(GROUPS, SPEC, _costs(shared_gain=0.0), AcceptModel(), PLAIN_V)
-  assert r["rollout_s"] == pytest.approx((6.5 + 13.5) * MS)
-  # A's prefill alone (2), then A's chunk (4.5) beside B's prefill (2) and chunk, at half speed
-  assert r["group_done_s"][0] == pytest.approx(11 * MS)
+  """A = [9] (prefill, two chunks), B = [11]: A's prefill 0-2 and first chunk 2-6.5 run alone
+  (B's prefill waits for it), B's prefill 6.5-8.5; then A's second chunk and B's first share the
+  cores. With no gain they serialise (the rollout is the sum of all work, 11 + 13.5 ms); with a
+  gain of 0.5 both run at 0.75 for 6 ms."""
+  groups = [np.array([9]), np.array([11])]
+  r = simulate_rollout(groups, SPEC, _costs(shared_gain=0.0), AcceptModel(), PLAIN_V)
+  assert r["rollout_s"] == pytest.approx((11 + 13.5) * MS)
+  assert r["group_done_s"][0] == pytest.approx((8.5 + 9) * MS)
+  r = simulate_rollout(groups, SPEC, _costs(shared_gain=0.5), AcceptModel(), PLAIN_V)
+  assert r["group_done_s"] == pytest.approx([14.5 * MS, (14.5 + 4.5 + 2.5) * MS])
   # items on at most light_batch rows (here every chunk: one row each) do not contend
-  r = simulate_rollout(GROUPS, SPEC, _costs(shared_gain=0.0, light_batch=1), AcceptModel(), PLAIN_V)
-  assert r["group_done_s"] == pytest.approx([6.5 * MS, 15.5 * MS])
+  r = simulate_rollout(groups, SPEC, _costs(shared_gain=0.0, light_batch=1), AcceptModel(), PLAIN_V)
+  assert r["group_done_s"] == pytest.approx([13 * MS, (13 + 4.5 + 2.5) * MS])
   # a light group beside a heavy one (2 rows): neither slows the other
-  r = simulate_rollout([np.array([5]), np.array([11, 11])], SPEC, _costs(shared_gain=0.0, light_batch=1),
+  r = simulate_rollout([np.array([9]), np.array([11, 11])], SPEC, _costs(shared_gain=0.0, light_batch=1),
                        AcceptModel(), PLAIN_V)
-  assert r["group_done_s"] == pytest.approx([6.5 * MS, 15.5 * MS])
-  # half the gain of a second core: two jobs run at 1.5x together
-  r = simulate_rollout(GROUPS, SPEC, _costs(shared_gain=0.5), AcceptModel(), PLAIN_V)
-  # A's prefill alone (2); B's prefill (2) beside A's chunk at 0.75 each: done at 2 + 2 / 0.75,
-  # A has 2.5 left: done 2.5 / 0.75 later, when B has 2 left of its first chunk; B alone after
-  assert r["group_done_s"][0] == pytest.approx((2 + 2 / 0.75 + 2.5 / 0.75) * MS)
-  assert r["rollout_s"] == pytest.approx((2 + 2 / 0.75 + 2.5 / 0.75 + 2 + 4.5 + 2.5) * MS)
+  assert r["group_done_s"] == pytest.approx([13 * MS, (13 + 4.5 + 2.5) * MS])
 
 
 def test_speculative_chunk_and_bandit_order():
@@ -130,6 +130,6 @@ def test_between_steps_mode_trains_after_the_update():
   spec = RolloutSpec(chunk_size=4, buckets=(1, 2, 4), spec_threshold=0, prompt_len=8,
                      train_in_bubbles=False, between_steps=3)
   rec = simulate_run([GROUPS], spec, _costs(), AcceptModel(), TLT_V, refresh_steps=3)[0]
-  assert rec["rollout_time_s"] == pytest.approx(15.5 * MS) and rec["bubble_utilisation"] == 0.0
+  assert rec["rollout_time_s"] == pytest.approx(20 * MS) and rec["bubble_utilisation"] == 0.0
   assert rec["between_steps_train_s"] == pytest.approx(6 * MS) and rec["drafter_steps"] == 3
-  assert rec["step_time_s"] == pytest.approx(15.5 * MS + 3.2 * MS + 6 * MS)
+  assert rec["step_time_s"] == pytest.approx(20 * MS + 3.2 * MS + 6 * MS)

@@ -70,6 +70,11 @@ class CostModel:
   def prefill(self, batch: int, prompt_len: int) -> float:
     raise NotImplementedError
 
+  def session_prefill(self, batch: int, prompt_len: int) -> float:
+    """A rollout session's prefill, placement and the host's wait included. Default: the prefill;
+    a measured model scales it by what the real path was measured to cost."""
+    return self.prefill(batch, prompt_len)
+
   def decode_step(self, batch: int, ctx: int) -> float:
     raise NotImplementedError
 
@@ -154,6 +159,12 @@ class MeasuredCosts(CostModel):
     p = self.data["prefill"]
     bs = sorted(int(b) for b in p)
     return _interp(batch, bs, [p[str(b)] for b in bs]) * prompt_len / float(self.data.get("prefill_len", prompt_len))
+
+  def session_prefill(self, batch, prompt_len):
+    sp = self.data.get("session_prefill")
+    if not sp or not sp.get("bare_s"):
+      return self.prefill(batch, prompt_len)
+    return self.prefill(batch, prompt_len) * float(sp["first_s"]) / float(sp["bare_s"])
 
   def drafter_train_step(self, num_groups=1):
     t = float(self.data["drafter_train_s"])

@@ -7,8 +7,9 @@ this CPU or a GPU) or compiled for a TPU pod (CompiledCosts / RooflineCosts), so
 can be compared with the same code paths:
 
   per group (rows split over groups by whole prompt groups, as tlt/groups.split_rows):
-    prefill (it samples each row's first token; the host starts the groups one after another,
-    each once the previous group's prefill is done); then chunks: while rows remain, the active rows are padded to their batch bucket
+    prefill (it samples each row's first token; the host starts the sessions one after another
+    and blocks on each prefill, which waits for the chunks running on the other groups: see
+    simulate_rollout); then chunks: while rows remain, the active rows are padded to their batch bucket
     (compaction: costs.compact per bucket level the batch goes down, before the next chunk; the final
     copy-out of the rows: costs.copy_out); at or below `spec_threshold` active rows (speculative variants) the strategy of
     the chunk is the BEG-MAB bandit's choice (tlt/bandit.BegMab, the runtime's own class, fed the
@@ -133,7 +134,7 @@ def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, acce
   remaining = np.asarray(lengths, np.int64).copy()
   n = len(remaining)
   b0 = bucket_for(n, spec.buckets) if spec.compact else n
-  yield costs.prefill(b0, spec.prompt_len), b0
+  yield costs.session_prefill(b0, spec.prompt_len), b0  # the session's prefill (it runs alone)
   gen = (remaining > 0).astype(np.int64)  # the prefill samples each row's first token
   remaining = remaining - gen
   held = bucket_for(n, spec.buckets) if spec.compact else n  # rows the device state holds
@@ -200,19 +201,41 @@ def simulate_rollout(group_lengths: Sequence[np.ndarray], spec: RolloutSpec, cos
       done_at[g] = 0.0
       continue
     waiting.append(g)
+  # The host starts the sessions one after another and blocks on each prefill (RolloutSession),
+  # and a prefill dispatched while another group's chunk runs completes after that chunk (measured:
+  # cost_bench's session_prefill beside_s): so a session's prefill waits for the running items,
+  # then runs alone, and while the host is blocked no group gets its next item ("stalled") until
+  # every session has started.
+  pending = None  # (group, seconds, rows): a session's prefill waiting for the running items
+  prefilling: set[int] = set()
+  stalled: set[int] = set()
 
   def start_next():
-    """The next group's session (its prefill): the host blocks on each prefill before it starts
-    the next group, so group g's prefill begins when group g-1's ends (RolloutSession)."""
+    nonlocal pending
     if waiting:
       g = waiting.pop(0)
       gens[g] = _group_chunks(np.asarray(group_lengths[g]), spec, costs, accept, use_bandit, rng, staleness,
                               logs[g], features=variant.train)
-      (work[g], rows[g]), started[g] = next(gens[g]), t
+      pending = (g, *next(gens[g]))
+
+  def maybe_start_pending():
+    nonlocal pending
+    if pending is not None and not work:
+      g, seconds, n_rows = pending
+      pending = None
+      work[g], rows[g], started[g] = seconds, n_rows, t
       prefilling.add(g)
 
-  prefilling: set[int] = set()
+  def resume(g):
+    try:
+      work[g], rows[g] = gens[g].send(t - started[g])
+      started[g] = t
+    except StopIteration:
+      del gens[g]
+      done_at[g] = t
+
   start_next()
+  maybe_start_pending()
   train_left, train_groups, train_gs, steps = None, 0, 0.0, 0
   can_train = variant.train and num_groups > 1 and spec.train_in_bubbles
 
@@ -226,12 +249,13 @@ def simulate_rollout(group_lengths: Sequence[np.ndarray], spec: RolloutSpec, cos
 
   maybe_start_training()
   while gens:
+    assert work or train_left is not None, "simulator: nothing runs while groups remain"
     # light items (<= costs.light_batch rows) run at full speed beside the rest; the others (and
     # a drafter step) share the cores: each at throughput(k) / k
-    heavy = [g for g in gens if rows[g] > costs.light_batch] + (["train"] if train_left is not None else [])
+    heavy = [g for g in work if rows[g] > costs.light_batch] + (["train"] if train_left is not None else [])
     shared = costs.throughput(len(heavy)) / len(heavy) if heavy else 1.0
-    rate = {g: (shared if g in heavy else 1.0) for g in gens}
-    dt = min([work[g] / rate[g] for g in gens] + ([train_left / shared] if train_left is not None else []))
+    rate = {g: (shared if g in heavy else 1.0) for g in work}
+    dt = min([work[g] / rate[g] for g in work] + ([train_left / shared] if train_left is not None else []))
     t += dt
     for g in work:
       work[g] -= dt * rate[g]
@@ -241,15 +265,20 @@ def simulate_rollout(group_lengths: Sequence[np.ndarray], spec: RolloutSpec, cos
       if train_left <= 1e-15:
         steps, train_left = steps + 1, None
     for g in [g for g, w in work.items() if w <= 1e-15]:
-      if g in prefilling:
+      del work[g], rows[g]
+      if g in prefilling:  # the host dispatches the group's first chunk, then starts the next one
         prefilling.discard(g)
+        resume(g)
         start_next()
-      try:
-        work[g], rows[g] = gens[g].send(t - started[g])
-        started[g] = t
-      except StopIteration:
-        del gens[g], work[g], rows[g]
-        done_at[g] = t
+      elif pending is not None or prefilling or waiting:
+        stalled.add(g)
+      else:
+        resume(g)
+    if pending is None and not prefilling and not waiting and stalled:
+      for g in sorted(stalled):
+        resume(g)
+      stalled.clear()
+    maybe_start_pending()
     maybe_start_training()
   t_last = t
   if train_left is not None:  # preemption: the step in flight completes, alone
