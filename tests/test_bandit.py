@@ -62,6 +62,22 @@ def test_exploration_in_proportion_to_score():
   assert bandit.best(1) == arms[0]
 
 
+def test_plain_wins_within_its_margin():
+  """A speculative arm must beat plain decoding by more than plain_margin to be chosen."""
+  arms = [(0, 0, 0), (3, 1, 3)]
+  for spec_rate, expect in [(103.0, (0, 0, 0)), (110.0, (3, 1, 3)), (90.0, (0, 0, 0))]:
+    bandit = BegMab(arms, (1,), epsilon=0.0, window=4, seed=0)
+    for arm, rate in zip(arms, [100.0, spec_rate]):
+      for _ in range(4):
+        bandit.update(1, arm, 1.0, 1, 1.0 / rate)
+    assert bandit.best(1) == expect and bandit.select(1) == expect, spec_rate
+  # without a plain arm, the plain margin does not apply
+  bandit = BegMab([(2, 1, 2), (3, 1, 3)], (1,), epsilon=0.0, window=4)
+  bandit.update(1, (2, 1, 2), 1.0, 1, 1 / 100.0)
+  bandit.update(1, (3, 1, 3), 1.0, 1, 1 / 103.0)
+  assert bandit.best(1) == (3, 1, 3)
+
+
 def test_bucketing():
   bandit = BegMab(ARMS, BUCKETS)
   assert [bandit.bucket(n) for n in (1, 2, 4, 5, 16, 40)] == [1, 4, 4, 16, 16, 16]

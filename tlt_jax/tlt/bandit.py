@@ -14,7 +14,10 @@ uniformly drawn strategy, kept with probability (its median / the best median) a
 replaced by the best. Exploring in proportion to the score keeps every arm's statistics fresh
 while a hopeless arm (e.g. deep speculation at a batch where verifying costs several plain steps)
 is rarely paid for: exploring an arm at r x the best costs at most epsilon x r x (1 - r) <=
-epsilon / 4 of the throughput, instead of epsilon x (1 - r). Hu et al. (2025), "Taming the Long Tail: Efficient Reasoning RL Training with
+epsilon / 4 of the throughput, instead of epsilon x (1 - r). When plain decoding (PLAIN) is one
+of the arms, a speculative arm counts as the best only if its median beats plain's by more than
+`plain_margin` (5 %): within the timing noise the safe arm wins, so the adaptive engine is not
+slower than plain decoding where speculation does not pay. Hu et al. (2025), "Taming the Long Tail: Efficient Reasoning RL Training with
 Adaptive Drafter" (TLT), the BEG-MAB selector.
 
 Host-side and stateful by nature; `state_dict()` is JSON-serialisable, RNG included, so that a
@@ -84,11 +87,13 @@ class BegMab:
     epsilon: exploration probability once every strategy of the bucket has been tried.
     window: how many recent scores per (bucket, strategy) the median is taken over.
     seed: seed of the bandit's own numpy Generator (saved in `state_dict`).
+    plain_margin: how much a speculative arm's median must beat PLAIN's (when PLAIN is an arm) to
+      be the greedy choice.
   """
 
   def __init__(self, strategies: Sequence[Sequence[int]] | Mapping[int, Sequence[Sequence[int]]],
                buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), epsilon: float = 0.1,
-               window: int = 16, seed: int = 0):
+               window: int = 16, seed: int = 0, plain_margin: float = 0.05):
     buckets = tuple(int(b) for b in buckets)
     if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
       raise ValueError(f"buckets={buckets!r}; must be strictly increasing positive ints")
@@ -96,6 +101,9 @@ class BegMab:
       raise ValueError(f"epsilon={epsilon!r}; must be in [0, 1]")
     if int(window) < 1:
       raise ValueError(f"window={window!r}; must be >= 1")
+    if not float(plain_margin) >= 0.0:
+      raise ValueError(f"plain_margin={plain_margin!r}; must be >= 0")
+    self.plain_margin = float(plain_margin)
     if isinstance(strategies, Mapping):
       if set(int(b) for b in strategies) != set(buckets):
         raise ValueError(f"strategies are given for buckets {sorted(strategies)}, "
@@ -132,13 +140,20 @@ class BegMab:
     return [float(np.median(w)) if w else float("nan") for w in self._scores[b]]
 
   def best(self, batch_size: int) -> Strategy | None:
-    """The greedy choice: highest window median among tried strategies (first one on ties)."""
+    """The greedy choice: highest window median among tried strategies (first one on ties); PLAIN
+    unless the best speculative arm beats it by more than `plain_margin`."""
     b = self.bucket(batch_size)
     medians = self.medians(b)
+    arms = self.strategies[b]
     tried = [i for i, m in enumerate(medians) if not np.isnan(m)]
     if not tried:
       return None
-    return self.strategies[b][max(tried, key=lambda i: medians[i])]
+    top = max(tried, key=lambda i: medians[i])
+    if PLAIN in arms and arms[top] != PLAIN:
+      p = arms.index(PLAIN)
+      if p in tried and medians[top] <= medians[p] * (1.0 + self.plain_margin):
+        return PLAIN
+    return arms[top]
 
   def select(self, batch_size: int, rng: np.random.Generator | None = None) -> Strategy:
     """Untried strategies first (in order), then greedy over window medians, exploring with
