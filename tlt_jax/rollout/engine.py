@@ -563,10 +563,10 @@ class RolloutSession:
       return eng._chunk(self.params, state, window=window)
     return eng.chunk_jit(self.mesh, self.params, state, window)(self.params, state)
 
-  def _program(self, state: DecodeState, strategy, window) -> tuple:
+  def _program(self, seq_shape: tuple, strategy, window, no_draft_cache: bool) -> tuple:
     """What a chunk's compiled program depends on (RolloutEngine._warm)."""
-    return ("decode" if strategy is None else tuple(strategy), state.seq_BxS.shape, window,
-            state.draft_cache is None and strategy is not None,
+    return ("decode" if strategy is None else tuple(strategy), tuple(seq_shape), window,
+            no_draft_cache and strategy is not None,
             None if self.mesh is None else self.engine._mesh_key(self.mesh))
 
   def _warm_tail(self):
@@ -582,10 +582,10 @@ class RolloutSession:
     live = np.flatnonzero(self.row_ids >= 0)
     for b in [x for x in eng.buckets if x <= eng.spec_threshold and x < rows]:
       for strategy in (None,) + tuple(eng.speculative.strategies):
-        small = self._compact_to(self.state, live[:b], b)
-        program = self._program(small, strategy, None)
+        program = self._program((b, self.state.seq_BxS.shape[1]), strategy, None, True)
         if program in eng._warm:
           continue
+        small = self._compact_to(self.state, live[:b], b)
         # its own RNG: the chunk donates its input, and `small` shares the session's RNG array
         small = small.replace(rng=jax.random.fold_in(small.rng, 1))
         _, stats = self._dispatch(small, strategy, None)
@@ -641,7 +641,7 @@ class RolloutSession:
         # it from the whole sequence (exactly a fresh `drafter_prefill` of that state).
         self.state = self.state.replace(draft_cache=None)
       phase = "decode"
-    program = self._program(self.state, strategy, window)
+    program = self._program(self.state.seq_BxS.shape, strategy, window, self.state.draft_cache is None)
     t0 = time.perf_counter()
     self.state, stats = self._dispatch(self.state, strategy, window)
     self.live_bound += grow
