@@ -300,7 +300,7 @@ def test_drafter_cache_is_fresh_after_a_plain_chunk(models, prompts):
   assert upto.min() > 6, upto  # the plain chunk's positions are among the compared slots
   for got_l, want_l in zip(dcache.k + dcache.v, fresh.k + fresh.v):
     for b, n in enumerate(upto):
-      assert_close(np.asarray(got_l[b, :n]), np.asarray(want_l[b, :n]), rtol=1e-5, atol=1e-6)
+      assert_close(np.asarray(got_l[b, :, :n]), np.asarray(want_l[b, :, :n]), rtol=1e-5, atol=1e-6)  # [K, S, D]
 
   # (2) an all-speculative control from the state after the plain chunk, its drafter cache
   # prefilled explicitly, accepts the same tokens

@@ -29,7 +29,12 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer key/value buffers `[B, S, K, Dh]` and committed lengths `[B]`."""
+  """Per-layer key/value buffers `[B, K, S, Dh]` and committed lengths `[B]`.
+
+  KV heads come before slots: a cached step's attention contracts each head's slots as one
+  contiguous [S, Dh] block, so XLA reads the cache in place. In the [B, S, K, Dh] order it copied
+  the whole cache into this order at every decode step (measured on CPU: 43 % of a d=256 step at
+  batch 64)."""
 
   k: tuple[Array, ...]
   v: tuple[Array, ...]
@@ -37,7 +42,7 @@ class KVCache:
 
   @property
   def capacity(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
   @property
   def batch_size(self) -> int:
@@ -46,7 +51,7 @@ class KVCache:
   @classmethod
   def init(cls, cfg: ModelConfig, batch_size: int, capacity: int, dtype=None) -> "KVCache":
     dtype = dtype or cfg.jnp_dtype
-    shape = (batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                lengths=jnp.zeros((batch_size,), jnp.int32))
@@ -125,16 +130,18 @@ class Linear(nnx.Module):
     return y
 
 
-def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS) -> Array:
-  """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads (H = K * G)."""
+def attention(q_BxTxHxD, k, v, mask_BxTxS, heads_first: bool = False) -> Array:
+  """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads (H = K * G); keys and values are
+  [B, S, K, D], or [B, K, S, D] with `heads_first` (the cache's order)."""
   b, t, h, d = q_BxTxHxD.shape
-  kv = k_BxSxKxD.shape[2]
+  kv = k.shape[1 if heads_first else 2]
+  kv_spec = "bksd" if heads_first else "bskd"
   q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD, preferred_element_type=jnp.float32)
+  scores = jnp.einsum(f"btkgd,{kv_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores / math.sqrt(d)
   scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v)
   return out.reshape(b, t, h * d)
 
 
@@ -171,16 +178,26 @@ class Attention(nnx.Module):
         return self.o_proj(segment_attention(q, k, v, segment_ids_BxT, attn_spec)), None
       out = attention(q, k, v, mask_BxTxT)
       return self.o_proj(out), None
-    ck, cv = kv_cache
-    write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0)))
-    ck, cv = write(ck, k, start_B), write(cv, v, start_B)
-    width = ck.shape[1] if kv_window is None else min(int(kv_window), ck.shape[1])
+    ck, cv = kv_cache  # [B, K, S, D]
+    ck, cv = write_slots(ck, k.swapaxes(1, 2), start_B), write_slots(cv, v.swapaxes(1, 2), start_B)
+    width = ck.shape[2] if kv_window is None else min(int(kv_window), ck.shape[2])
     if kv_mask_BxTxS is None:
       kv_mask_BxTxS = cache_mask(mask_BxTxT, start_B, width)
     else:
       kv_mask_BxTxS = kv_mask_BxTxS[:, :, :width]
-    out = attention(q, ck[:, :width].astype(q.dtype), cv[:, :width].astype(q.dtype), kv_mask_BxTxS)
+    out = attention(q, ck[:, :, :width].astype(q.dtype), cv[:, :, :width].astype(q.dtype), kv_mask_BxTxS,
+                    heads_first=True)
     return self.o_proj(out), (ck, cv)
+
+
+def write_slots(c_BxKxSxD: Array, new_BxKxTxD: Array, start_B: Array) -> Array:
+  """c[b, :, start_b : start_b + T] = new[b]. A batch of one is one slice update: the per-row
+  (vmapped) form becomes a scatter there, which XLA CPU turned into copies of the cache."""
+  new_BxKxTxD = new_BxKxTxD.astype(c_BxKxSxD.dtype)
+  if c_BxKxSxD.shape[0] == 1:
+    return jax.lax.dynamic_update_slice(c_BxKxSxD, new_BxKxTxD, (0, 0, start_B[0], 0))
+  return jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(c, new, (0, s, 0)))(
+      c_BxKxSxD, new_BxKxTxD, start_B)
 
 
 def cache_mask(block_mask_BxTxT: Array, start_B: Array, capacity: int) -> Array:

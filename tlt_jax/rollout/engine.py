@@ -234,7 +234,7 @@ def state_shardings(state: DecodeState, mesh, rules=None) -> DecodeState:
   def cache(c):
     if c is None:
       return None
-    kv = lambda xs: tuple(named(("batch", None, "kv_heads", None), x) for x in xs)  # noqa: E731
+    kv = lambda xs: tuple(named(("batch", "kv_heads", None, None), x) for x in xs)  # noqa: E731
     return KVCache(kv(c.k), kv(c.v), rep)
 
   return DecodeState(

@@ -239,8 +239,10 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
   moved_k, moved_v = tcache.k, tcache.v
   if k > 1:  # a chain's accepted nodes already sit in consecutive slots L+1..L+a
     src = L[:, None] + chain[:, 1:]  # slots of the accepted nodes (depth 1..d)
-    move = lambda c: _write_block(c, jnp.take_along_axis(c, src[:, :, None, None], axis=1), L + 1)
-    moved_k, moved_v = tuple(map(move, tcache.k)), tuple(map(move, tcache.v))
+    move = jax.vmap(lambda c_KxSxD, src_d, at: jax.lax.dynamic_update_slice(  # cache slots: axis 1 of a row
+        c_KxSxD, jnp.take(c_KxSxD, src_d, axis=1), (0, at, 0)), in_axes=(0, 0, 0))
+    moved_k = tuple(move(c, src, L + 1) for c in tcache.k)
+    moved_v = tuple(move(c, src, L + 1) for c in tcache.v)
   num_gen = state.num_gen_B + n_new
   last_tok = _rows(out_tok, jnp.maximum(n_new - 1, 0))
   done = state.done_B | (active & ((is_eos(last_tok, eos_ids) & (n_new > 0)) | (num_gen >= state.max_new_B)))
