@@ -229,6 +229,8 @@ def test_bubble_training_fills_the_idle_group_and_accounts_exactly():
   assert (g1["decode_s"], g1["idle_s"], g1["train_s"]) == pytest.approx((5.0, 0.0, 0.0))
   for g in (g0, g1):
     assert g["decode_s"] + g["train_s"] + g["idle_s"] == pytest.approx(acc["wall_s"])
+    # the host timings the replay reads: session start <= first dispatch <= done, host time >= 0
+    assert 0.0 <= g["start_s"] <= g["first_dispatch_s"] <= g["done_s"] and g["host_s"] >= 0.0
   assert acc["decode_s"] + acc["train_s"] + acc["idle_s"] == pytest.approx(2 * acc["wall_s"])
   assert acc["bubble_s"] == pytest.approx(4.0) and acc["bubble_utilisation"] == pytest.approx(1.0)
   assert acc["drafter_steps"] == 8 and trainer.version == 8

@@ -201,7 +201,8 @@ class TLTRuntime:
     """What a replay of this step's rollout needs (tlt/sim.py, experiments/pod_sim.py --validate):
     each row's response length by rollout group (in the group's row order), every chunk as
     [group, active batch, strategy name or None (the bandit's choice), tokens, rounds, row-rounds,
-    seconds], each group's active-batch trace and finish time, the drafter steps and their
+    seconds], each group's active-batch trace, finish time and host timings (session start, first
+    dispatch, seconds inside `advance()` after it), the drafter steps and their
     group-seconds, and the scheduling parameters. Compact JSON, one line per step."""
     from tlt_jax.tlt.costs import strategy_name
     from tlt_jax.tlt.groups import split_rows
@@ -216,6 +217,9 @@ class TLTRuntime:
         "step": int(step), "lengths": [lengths[r].tolist() for r in rows], "prompt_width": int(prompt_width),
         "chunks": chunks, "active_trace": result.stats.get("active_trace"),
         "group_done_s": [round(float(g["done_s"]), 6) for g in account["groups"]],
+        # per group: session start, first chunk dispatched (prefill done), host time inside advance()
+        "group_host_s": [[round(float(g.get(k, 0.0)), 6) for k in ("start_s", "first_dispatch_s", "host_s")]
+                         for g in account["groups"]],
         "rollout_s": round(float(account["wall_s"]), 6), "drafter_steps": int(account["drafter_steps"]),
         "drafter_train_s": round(float(account["train_s"]), 6), "bubble_s": round(float(account["bubble_s"]), 6),
         "preempt_wait_s": round(float(account["preempt_wait_s"]), 6),

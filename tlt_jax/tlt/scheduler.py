@@ -316,6 +316,8 @@ class HostScheduler:
     train_metrics: list[dict] = []
     steps_dispatched = 0
     train_groups: list[int] = []  # the groups the queued train steps run on
+    host_s = [0.0] * num_groups  # time inside each group's session.advance() (copy-out, compaction, dispatch)
+    start_s = [[0.0, 0.0] for _ in range(num_groups)]  # each session's start and first dispatch, from t0
 
     def drain_features(g):
       s = sessions[g]
@@ -334,7 +336,9 @@ class HostScheduler:
         s.drafter_params = dparams
       chunks = getattr(s, "chunks", ())
       seen = len(chunks)
+      begin = clock()
       more = s.advance()
+      host_s[g] += clock() - begin
       # the chunk that just finished was dispatched by the previous call, with that call's version
       if any(c.get("strategy") is not None for c in chunks[seen:]) and dispatched[g] is not None:
         versions_used.add(dispatched[g])
@@ -380,10 +384,13 @@ class HostScheduler:
         continue
       r = rows[g]
       _, dparams = self._drafter_for(g)
+      start_s[g][0] = clock() - t0
       sessions[g] = self._start_session(group, group_params[g], prompt_BxP[r], prompt_len_B[r],
                                         max_new_N[r], group.replicate(jax.random.fold_in(rng, g)), dparams)
       if advance(g):
         active.append(g)
+      start_s[g][1] = clock() - t0
+      host_s[g] = 0.0  # from the first chunk on
 
     while active:
       # Advance the groups whose chunk is done (a session without `chunk_ready` counts as ready),
@@ -412,6 +419,8 @@ class HostScheduler:
     result = merge_results([results[g] for g in range(num_groups)], rows, n,
                            getattr(self.engine, "pad_id", 0))
     account = self._account(timeline, done_at, t0, t_last, t_end, train_metrics, versions_used, result)
+    for g, entry in enumerate(account["groups"]):
+      entry.update(start_s=start_s[g][0], first_dispatch_s=start_s[g][1], host_s=host_s[g])
     account["buffered_rows"] = buffered
     return result, account
 
