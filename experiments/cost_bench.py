@@ -20,7 +20,9 @@ Times (tlt/costs.MeasuredCosts reads the JSON this writes; wall clock, medians o
   shared_gain           (CPU) two decode chunks dispatched at once on two devices, against one:
                         (2 x t_one / t_two) - 1 (0: the fake devices serialise on the cores)
   pair_slowdown[batch]  (CPU) a chunk at `batch` rows beside one at the largest batch, against alone
-  light_batch           (CPU) the largest batch up to which every one slows by < 15 % that way
+  pair_slowdown_large[batch]  (CPU) the largest-batch chunk beside that one, against alone
+  light_batch           (CPU) the largest batch up to which neither chunk of such a pair slows by
+                        15 % or more
   shared_gain_rollout   (CPU) the same gain through the real rollout path (TLTRuntime, two groups of
                         the largest batch at fixed lengths against one group): the simulator uses
                         this one when present
@@ -237,9 +239,9 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
     out["shared_gain"] = max(2 * one / two - 1.0, 0.0)
     log(json.dumps({"what": "shared_gain", "one_s": one, "two_s": two, "gain": out["shared_gain"]}))
 
-    # a small batch beside the largest: how much the small one slows down (a latency-bound batch
-    # may run on a core the large one leaves idle); light_batch: the largest batch up to which
-    # every one slows by < 15 %
+    # a small batch beside the largest: how much each of the two slows down (a latency-bound
+    # batch may run on a core the large one leaves idle); light_batch: the largest batch up to
+    # which neither slows by 15 % or more
     out["pair_slowdown"], out["light_batch"] = {}, 0
     for small in batches[:-1]:
       for i, rows in ((0, small), (1, b)):  # fresh states: room for every chunk below
@@ -259,11 +261,16 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
         return done
       finish_times([0, 1])  # compile / warm
       alone = min(finish_times([0])[0] for _ in range(repeats))
-      beside = min(finish_times([0, 1])[0] for _ in range(repeats))
+      alone_big = min(finish_times([1])[1] for _ in range(repeats))
+      pairs = [finish_times([0, 1]) for _ in range(repeats)]
+      beside = min(x[0] for x in pairs)
+      beside_big = min(x[1] for x in pairs)
       out["pair_slowdown"][str(small)] = beside / alone
-      log(json.dumps({"what": "pair_slowdown", "batch": small, "beside": b, "slowdown": beside / alone}))
-    for small in batches[:-1]:
-      if out["pair_slowdown"][str(small)] >= 1.15:
+      out.setdefault("pair_slowdown_large", {})[str(small)] = beside_big / alone_big
+      log(json.dumps({"what": "pair_slowdown", "batch": small, "beside": b, "slowdown": beside / alone,
+                      "large_slowdown": beside_big / alone_big}))
+    for small in batches[:-1]:  # light: neither the small one nor the large one beside it slows much
+      if max(out["pair_slowdown"][str(small)], out["pair_slowdown_large"][str(small)]) >= 1.15:
         break
       out["light_batch"] = small
     log(json.dumps({"what": "light_batch", "rows": out["light_batch"]}))
