@@ -22,7 +22,9 @@ of the run. Decode FLOPs are 2 x parameters per token (attention's share is left
 GFLOP/s are a lower bound). Every contender's generated tokens are hashed: equal hashes mean the
 same greedy outputs; `agree` is the fraction of tokens equal to this engine's.
 
-  python experiments/decode_bench.py [--batches 1,8,64] [--before DIR] [--peer_python PY]
+  python -m venv /tmp/peer && /tmp/peer/bin/pip install google-tunix==0.1.7 torch==2.13.0 transformers
+  git worktree add /tmp/before <older commit>
+  python experiments/decode_bench.py [--batches 1,8,64] [--before /tmp/before] [--peer_python /tmp/peer/bin/python]
   python experiments/decode_bench.py --profile   # where this engine's decode time goes, by XLA op kind
 
 Writes OUT/decode_bench.{jsonl,md,png}.
