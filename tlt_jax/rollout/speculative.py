@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tlt_jax.models.transformer import KVCache
+from tlt_jax.models.transformer import KVCache, write_slots
 from tlt_jax.rollout.engine import DecodeState, is_eos
 from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs, sample_from, target_logprobs
 
@@ -239,10 +239,8 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
   moved_k, moved_v = tcache.k, tcache.v
   if k > 1:  # a chain's accepted nodes already sit in consecutive slots L+1..L+a
     src = L[:, None] + chain[:, 1:]  # slots of the accepted nodes (depth 1..d)
-    move = jax.vmap(lambda c_KxSxD, src_d, at: jax.lax.dynamic_update_slice(  # cache slots: axis 1 of a row
-        c_KxSxD, jnp.take(c_KxSxD, src_d, axis=1), (0, at, 0)), in_axes=(0, 0, 0))
-    moved_k = tuple(move(c, src, L + 1) for c in tcache.k)
-    moved_v = tuple(move(c, src, L + 1) for c in tcache.v)
+    move = lambda c: write_slots(c, jnp.take_along_axis(c, src[:, None, :, None], axis=2), L + 1)  # noqa: E731
+    moved_k, moved_v = tuple(map(move, tcache.k)), tuple(map(move, tcache.v))
   num_gen = state.num_gen_B + n_new
   last_tok = _rows(out_tok, jnp.maximum(n_new - 1, 0))
   done = state.done_B | (active & ((is_eos(last_tok, eos_ids) & (n_new > 0)) | (num_gen >= state.max_new_B)))
