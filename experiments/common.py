@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -114,3 +115,18 @@ def hard_prompts(setup, n: int, seed: int = 0, min_digits: int | None = None):
   examples = [task.sample(rng, num_digits=int(rng.integers(lo, task.max_digits + 1))).with_id(i) for i in range(n)]
   width = max(len(setup.tokenizer.encode(e.prompt)) for e in examples) + 1
   return encode_prompts(examples, setup.tokenizer, width)
+
+
+def cpu_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """The CPU's dense float32 matmul rate under jax.jit (best of `repeats`), GFLOP/s."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(mm(a))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a))
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best / 1e9

@@ -17,7 +17,8 @@ processes only ever slow a run down. Contenders:
             scripts/peer_decode_bench.py with `--peer_python` (a separate virtualenv: neither is
             a dependency of this project).
 
-The CPU's float32 peak is a 2048x2048 matmul under `jax.jit`, measured at the start and the end
+The CPU's float32 peak is a 2048x2048 matmul under `jax.jit` (experiments/common.py, as
+rollout_speedup.py measures it), measured at the start and the end
 of the run. Decode FLOPs are 2 x parameters per token (attention's share is left out, so the
 GFLOP/s are a lower bound). Every contender's generated tokens are hashed: equal hashes mean the
 same greedy outputs; `agree` is the fraction of tokens equal to this engine's.
@@ -158,22 +159,6 @@ def _profile(run, new_tokens: int) -> dict:
   return {k: round(v / 1e3 / new_tokens, 4) for k, v in per_kind.most_common(8)}
 
 
-def cpu_peak_gflops() -> float:
-  jax = _jax()
-  import jax.numpy as jnp
-  a = jnp.ones((2048, 2048), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(10))
-  return 2 * 2048 ** 3 / best / 1e9
-
-
-def _timed(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
-
-
 def _run_worker(cmd, env) -> list[dict]:
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
   if out.returncode:
@@ -199,7 +184,9 @@ def main(argv):
   for peer in (p for p in args.peers.split(",") if p and args.peer_python):
     contenders[peer] = [args.peer_python, os.path.join(ROOT, "scripts", "peer_decode_bench.py"), "--impl", peer]
     envs[peer] = dict(os.environ, JAX_PLATFORMS="cpu")
-  peak0 = cpu_peak_gflops()
+  _jax()
+  from experiments.common import cpu_peak_gflops
+  peak0 = cpu_peak_gflops(repeats=10)
   say(f"CPU float32 peak (2048^2 matmul, jax.jit): {peak0:.0f} GFLOP/s")
   common = ["--batches", args.batches, "--prompt_len", str(args.prompt_len), "--new_tokens", str(args.new_tokens)]
   best: dict[tuple, dict] = {}
@@ -224,7 +211,7 @@ def main(argv):
             elif "profile_ms_per_step" in line:
               prev["profile_ms_per_step"] = line["profile_ms_per_step"]
           say(f"repeat {rep + 1}/{args.repeats} shape {shape} {name}: done")
-  peak = max(peak0, cpu_peak_gflops())
+  peak = max(peak0, cpu_peak_gflops(repeats=10))
   rows = []
   for (shape, name, b), line in sorted(best.items()):
     ours = best.get((shape, "tlt_jax", b))

@@ -27,8 +27,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import (DEFAULT_CONFIG, enable_compile_cache, ensure_policy_and_drafter,  # noqa: E402
-                                hard_prompts, run_experiment)
+from experiments.common import (DEFAULT_CONFIG, cpu_peak_gflops, enable_compile_cache,  # noqa: E402
+                                ensure_policy_and_drafter, hard_prompts, run_experiment)
 from tlt_jax import cli  # noqa: E402
 
 _CONFIG = cli.define_config_flag(DEFAULT_CONFIG)
@@ -168,21 +168,6 @@ def main(argv):
   plot(rows, batches, strategies, os.path.join(args.out, "rollout_speedup.png"))
   say(json.dumps({"plain_tok_s_batch1": auto[batches[0]]["plain_tok_s"],
                     "plain_tok_s_batch_max": auto[batches[-1]]["plain_tok_s"], "elapsed_s": elapsed}))
-
-
-def cpu_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """The CPU's dense float32 matmul rate under jax.jit (best of `repeats`), GFLOP/s."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  mm = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(mm(a))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(mm(a))
-    best = min(best, time.perf_counter() - t0)
-  return 2.0 * n ** 3 / best / 1e9
 
 
 def draft_level_cost(policy, drafter, batches, rounds: int = 50, repeats: int = 15):
