@@ -11,7 +11,8 @@ the batch size is the active batch size throughout: this is the regime of the ro
 Prints one JSON line per (batch, strategy):
   {"batch", "strategy", "plain_tok_s", "spec_tok_s", "speedup", "accept_len"}
 where strategy "auto" is the engine choosing on its own (BEG-MAB over the strategies and plain
-decoding), and writes DIR/rollout_speedup.{jsonl,md,png}. Rates are the best of the alternating
+decoding; its line adds the median over alternating pairs, the bandit's final choice and its
+decode time per arm), and writes DIR/rollout_speedup.{jsonl,md,png}. Rates are the best of the alternating
 repeats: other processes on the machine only ever slow a run down.
 """
 
@@ -41,6 +42,7 @@ flags.DEFINE_float("temperature", 1.0, "sampling temperature")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
 flags.DEFINE_integer("max_new", 96, "new tokens per prompt")
 flags.DEFINE_integer("repeats", 3, "alternating repeats (the best counts)")
+flags.DEFINE_integer("auto_repeats", 6, "alternating plain / auto pairs per batch, after the bandit's exploration")
 
 
 def main(argv):
@@ -108,23 +110,30 @@ def main(argv):
       say(json.dumps(rec))
     # The engine on its own: BEG-MAB over plain decoding and every strategy; after its
     # exploration, time it against plain decoding side by side.
+    tlt_cfg = _CONFIG.value.tlt  # the engine's own bandit settings (configs/default.py: tlt.bandit_*)
     bandit = BegMab([PLAIN] + [tuple(s) for s in strategies], buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-                    epsilon=0.1, window=8, seed=b)
+                    epsilon=float(tlt_cfg.bandit_epsilon), window=int(tlt_cfg.bandit_window), seed=b)
     for i in range(len(strategies) + 1):  # one chunk sequence per arm at least
       spec.generate(params, prompts, plens, args.max_new, jax.random.key(100 + i), drafter_params=dparams,
                     selector=bandit)
-    p_rates, s_rates, accepts = [], [], []
-    for _ in range(max(args.repeats, 2)):
+    p_rates, s_rates, accepts, arms = [], [], [], {}
+    for _ in range(max(args.auto_repeats, 2)):
       seed += 1
       p_rates.append(tok_s(run_plain(seed))[0])
       res = spec.generate(params, prompts, plens, args.max_new, jax.random.key(seed), drafter_params=dparams,
                           selector=bandit)
       s_rates.append(tok_s(res)[0])
       accepts.append(res.stats["spec_accept_len"] or 1.0)
+      for c in res.stats["chunks"]:  # decode time per arm: what auto spent its time on
+        name = c["strategy"] or "plain"
+        arms[name] = arms.get(name, 0.0) + c["time_s"]
     best = bandit.best(b)
+    total = sum(arms.values())
     rec = dict(batch=b, strategy="auto", plain_tok_s=float(np.max(p_rates)), spec_tok_s=float(np.max(s_rates)),
                accept_len=float(np.mean(accepts)),
-               chosen="plain" if best in (None, PLAIN) else Strategy(*best).name)
+               chosen="plain" if best in (None, PLAIN) else Strategy(*best).name,
+               pair_median=float(np.median(np.asarray(s_rates) / np.asarray(p_rates))),
+               time_share=" ".join(f"{k}:{v / total:.2f}" for k, v in sorted(arms.items(), key=lambda kv: -kv[1])))
     rec["speedup"] = rec["spec_tok_s"] / rec["plain_tok_s"]
     rec["plain_step_ms"] = 1000.0 * b / float(np.max(plain_runs + p_rates))
     rows.append(rec)
@@ -151,9 +160,12 @@ def main(argv):
 
   md = ["# Rollout speed-up of speculative decoding (side by side, one process)\n",
         f"Policy `{args.workdir}/sft`, drafter `{args.workdir}/drafter`, temperature {args.temperature}, "
-        f"top_p {args.top_p}, max_new {args.max_new}, best of {args.repeats} alternating repeat(s), "
-        f"{elapsed:.0f} s in all. tok/s counts decode time (prefill excluded, identical in both).\n",
-        markdown_table(rows, ["batch", "strategy", "plain_tok_s", "spec_tok_s", "speedup", "accept_len", "chosen"]),
+        f"top_p {args.top_p}, max_new {args.max_new}, best of {args.repeats} alternating repeat(s) "
+        f"({args.auto_repeats} for auto), {elapsed:.0f} s in all. tok/s counts decode time (prefill excluded, "
+        "identical in both). For auto: `pair_median` is the median over the alternating pairs of "
+        "auto / plain, `chosen` the bandit's greedy arm at the end, `time_share` its decode time per arm.\n",
+        markdown_table(rows, ["batch", "strategy", "plain_tok_s", "spec_tok_s", "speedup", "pair_median",
+                              "accept_len", "chosen", "time_share"]),
         "\n## Plain decoding cost per step vs batch (the regime)\n",
         f"GFLOP/s = 2 x {n_params:,} parameters x batch / step time (dense, attention left out); the "
         f"CPU's peak measured in the same run: a 2048x2048 float32 matmul under jax.jit, {peak:.0f} GFLOP/s.\n",

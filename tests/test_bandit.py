@@ -19,9 +19,9 @@ def play(bandit, table, rounds, noise_rng, record=None):
     for b in BUCKETS:
       arm = bandit.select(b)
       tokens_per_s = table[b][ARMS.index(arm)] * (1 + 0.1 * noise_rng.standard_normal())
-      # Split the score into its factors: accept_len * batch / time.
+      # Split the per-row score into its factors: accept_len / time.
       accept_len, time_s = 2.0, 2.0 * b / tokens_per_s
-      bandit.update(b, arm, accept_len, b, time_s)
+      bandit.update(b, arm, accept_len, time_s)
       if record is not None:
         record.append((b, arm))
 
@@ -55,7 +55,7 @@ def test_exploration_in_proportion_to_score():
   for _ in range(6000):
     arm = bandit.select(1)
     picks.append(arms.index(arm))
-    bandit.update(1, arm, 1.0, 1, 1.0 / (rates[arms.index(arm)] * (1 + 0.02 * noise.standard_normal())))
+    bandit.update(1, arm, 1.0, 1.0 / (rates[arms.index(arm)] * (1 + 0.02 * noise.standard_normal())))
   share = np.bincount(picks[100:], minlength=3) / len(picks[100:])
   assert share[2] == pytest.approx(0.3 / 3 * 0.2, abs=0.01), share  # uniform would be 0.1
   assert share[1] == pytest.approx(0.3 / 3 * 0.9, abs=0.02), share
@@ -69,12 +69,12 @@ def test_plain_wins_within_its_margin():
     bandit = BegMab(arms, (1,), epsilon=0.0, window=4, seed=0)
     for arm, rate in zip(arms, [100.0, spec_rate]):
       for _ in range(4):
-        bandit.update(1, arm, 1.0, 1, 1.0 / rate)
+        bandit.update(1, arm, 1.0, 1.0 / rate)
     assert bandit.best(1) == expect and bandit.select(1) == expect, spec_rate
   # without a plain arm, the plain margin does not apply
   bandit = BegMab([(2, 1, 2), (3, 1, 3)], (1,), epsilon=0.0, window=4)
-  bandit.update(1, (2, 1, 2), 1.0, 1, 1 / 100.0)
-  bandit.update(1, (3, 1, 3), 1.0, 1, 1 / 103.0)
+  bandit.update(1, (2, 1, 2), 1.0, 1 / 100.0)
+  bandit.update(1, (3, 1, 3), 1.0, 1 / 103.0)
   assert bandit.best(1) == (3, 1, 3)
 
 
@@ -84,7 +84,7 @@ def test_bucketing():
   with pytest.raises(ValueError):
     bandit.bucket(0)
   with pytest.raises(ValueError, match="not one of bucket"):
-    bandit.update(3, (9, 9, 9), 1.0, 3, 1.0)
+    bandit.update(3, (9, 9, 9), 1.0, 1.0)
 
 
 def test_window_forgets_when_table_changes():

@@ -365,7 +365,7 @@ def test_tlt_state_round_trips_through_the_checkpoint(tmp_path):
   assert rt.bandit.strategies[1] == [(3, 1, 3), (4, 1, 4), PLAIN]  # tlt.strategies, bucket 1
   for i in range(20):
     b = 1 + i % 4
-    rt.bandit.update(b, rt.bandit.select(b), 2.0, b, 0.01 * (1 + i % 3))
+    rt.bandit.update(b, rt.bandit.select(b), 2.0, 0.01 * (1 + i % 3))
   rt.buffer.add(*_rows(3, 0, seed=0, h=rt.buffer.hidden_size), step=0)
   rt.trainer.published = dataclasses.replace(rt.trainer.published, version=7)
   ckpt = Checkpointer(str(tmp_path), max_to_keep=1)

@@ -262,6 +262,32 @@ class _ListSelector:
     pass
 
 
+def test_each_chunk_program_compiles_once_per_kind(models, prompts):
+  """Speculative and plain chunks in any order compile one program each: a plain chunk does not
+  carry the drafter's cache, and the prefill's state and the empty drafter cache are committed
+  like every chunk's output (jit keys on committedness; a mix compiled each program twice, the
+  second time inside a timed, scored chunk)."""
+  from tlt_jax.rollout.engine import PLAIN
+  sp = SamplingParams(temperature=0.0)
+  g, dg = models["target"][0], models["good"][0]
+  strategy = Strategy(3, 1, 3)
+  toks, plen = prompts
+  uncommitted = lambda t: jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), t)  # noqa: E731
+  committed = lambda t: jax.device_put(t, jax.devices()[0])  # noqa: E731
+  # e.g. a policy from HF safetensors (uncommitted) and a drafter restored by orbax (committed)
+  for place_t, place_d in [(uncommitted, committed), (uncommitted, uncommitted), (committed, committed)]:
+    params, dparams = place_t(models["target"][1]), place_d(models["good"][1])
+    dec = SpeculativeDecoder(g, dg, sp, EOS, strategies=(strategy,), rounds_per_chunk=2)
+    eng = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=3, speculative=dec, spec_threshold=4096, compact=False)
+    for plan in ([strategy, strategy, PLAIN, strategy, PLAIN, PLAIN], [PLAIN, PLAIN, strategy, strategy, PLAIN]):
+      out = eng.generate(params, toks, plen, 40, jax.random.key(0), drafter_params=dparams,
+                         selector=_ListSelector(plan))
+      kinds = [c["strategy"] for c in out.stats["chunks"]]
+      assert None in kinds and str(strategy) in kinds, kinds
+    assert [f._cache_size() for f in dec._chunks.values()] == [1]
+    assert eng._chunk._cache_size() == 1
+
+
 def test_drafter_cache_is_fresh_after_a_plain_chunk(models, prompts):
   """[speculative, plain, speculative]: the drafter's cache is then what a fresh `drafter_prefill`
   of the same state gives at every committed slot, and the last chunk accepts exactly what an

@@ -405,7 +405,7 @@ class RolloutEngine:
     comes from `selector.select(active_batch)` (e.g. the BEG-MAB bandit, tlt/bandit.py; the
     decoder's default strategy without one); the selector may answer PLAIN = (0, 0, 0) for a plain
     chunk, and is told each chunk's outcome through `selector.update(active_batch, strategy,
-    accept_len, batch, time_per_round)`.
+    accept_len, time_per_round)`.
     """
     session = self.start(params, prompt_BxP, prompt_len_B, max_new_tokens, rng, drafter_params, selector)
     while session.advance():
@@ -450,6 +450,10 @@ class RolloutSession:
     max_new = np.concatenate([max_new_N, np.ones(pad, np.int32)])
     if mesh is None:
       state = engine._prefill(params, put(prompts), put(plens), put(max_new), rng, capacity=capacity)
+      # Committed to its device, as every chunk's output is: jit keys its programs on whether the
+      # arguments are committed, so an uncommitted first state compiled each chunk program a second
+      # time, inside the session's second chunk of that kind (timed, and scored by the selector).
+      state = jax.device_put(state, next(iter(state.done_B.devices())))
     else:
       from tlt_jax.parallel import mesh as mesh_lib
       rep = mesh_lib.replicated(mesh)
@@ -528,9 +532,10 @@ class RolloutSession:
     accept_len = tokens / max(row_rounds, 1)
     if (self.selector is not None and not cold
         and (strategy is not None or active <= self.engine.spec_threshold)):
+      # Per row of the batch the arm was chosen for, rows that finish inside the chunk included
+      # (the state still pays for them): tokens / (active x rounds) per round of dt / rounds.
       r = max(rounds, 1)
-      self.selector.update(active, PLAIN if strategy is None else tuple(strategy), accept_len,
-                           row_rounds / r, dt / r)
+      self.selector.update(active, PLAIN if strategy is None else tuple(strategy), tokens / (active * r), dt / r)
     self.chunks.append(dict(batch=active, strategy=None if strategy is None else "d{}k{}n{}".format(*strategy),
                             accept_len=accept_len, time_s=dt, rounds=rounds, tokens=tokens,
                             row_rounds=row_rounds, cold=cold))
@@ -554,24 +559,28 @@ class RolloutSession:
     return state
 
   def _dispatch(self, state: DecodeState, strategy, window):
-    """One chunk (plain when `strategy` is None) on `state`, which it donates."""
+    """One chunk (plain when `strategy` is None) on `state`, which it donates. A plain chunk runs
+    without the drafter's cache (one program whether or not speculation has started; the next
+    speculative chunk catches the cache up) and hands it back untouched."""
     eng = self.engine
     if strategy is not None:
       return eng.speculative.dispatch_chunk(self.params, self.drafter_params, state, strategy,
                                             window=window, mesh=self.mesh)
+    draft_cache, state = state.draft_cache, state.replace(draft_cache=None)
     if self.mesh is None:
-      return eng._chunk(self.params, state, window=window)
-    return eng.chunk_jit(self.mesh, self.params, state, window)(self.params, state)
+      state, stats = eng._chunk(self.params, state, window=window)
+    else:
+      state, stats = eng.chunk_jit(self.mesh, self.params, state, window)(self.params, state)
+    return state.replace(draft_cache=draft_cache), stats
 
-  def _program(self, seq_shape: tuple, strategy, window, no_draft_cache: bool) -> tuple:
+  def _program(self, seq_shape: tuple, strategy, window) -> tuple:
     """What a chunk's compiled program depends on (RolloutEngine._warm)."""
     return ("decode" if strategy is None else tuple(strategy), tuple(seq_shape), window,
-            no_draft_cache and strategy is not None,
             None if self.mesh is None else self.engine._mesh_key(self.mesh))
 
   def _warm_tail(self):
     """Compiles the tail's programs before the first timed chunk: at each bucket at or below
-    `spec_threshold`, a plain chunk and every strategy's chunk (drafter prefill included), run
+    `spec_threshold`, a plain chunk and every strategy's chunk (its drafter sync included), run
     once on a throwaway copy of a few of this state's rows (the session's state, RNG and outputs
     are untouched). Otherwise the first use of each compiles inside a chunk of some later step,
     stalling every group the host drives, and the selector would see a compile as a slow arm."""
@@ -582,7 +591,7 @@ class RolloutSession:
     live = np.flatnonzero(self.row_ids >= 0)
     for b in [x for x in eng.buckets if x <= eng.spec_threshold and x < rows]:
       for strategy in (None,) + tuple(eng.speculative.strategies):
-        program = self._program((b, self.state.seq_BxS.shape[1]), strategy, None, True)
+        program = self._program((b, self.state.seq_BxS.shape[1]), strategy, None)
         if program in eng._warm:
           continue
         small = self._compact_to(self.state, live[:b], b)
@@ -590,13 +599,7 @@ class RolloutSession:
         small = small.replace(rng=jax.random.fold_in(small.rng, 1))
         _, stats = self._dispatch(small, strategy, None)
         jax.block_until_ready(stats)
-        self._mark_warm(program)
-
-  def _mark_warm(self, program: tuple):
-    """A speculative chunk that prefilled the drafter cache compiled the chunk without it too."""
-    self.engine._warm.add(program)
-    if program[3]:
-      self.engine._warm.add(program[:3] + (False,) + program[4:])
+        self.engine._warm.add(program)
 
   def advance(self) -> bool:
     """Finishes the chunk in flight and dispatches the next; False when all rows are done."""
@@ -635,18 +638,15 @@ class RolloutSession:
     else:
       grow = eng.chunk_size
       window = live_window(self.live_bound + grow + 1, self.capacity, eng.window_block)
-      if self.state.draft_cache is not None:
-        # A plain chunk does not advance the drafter's cache, and a speculative round catches up
-        # at most max_depth + 1 positions: drop it, so that the next speculative chunk re-prefills
-        # it from the whole sequence (exactly a fresh `drafter_prefill` of that state).
-        self.state = self.state.replace(draft_cache=None)
+      # A plain chunk leaves the drafter's cache behind; the next speculative chunk catches up
+      # exactly the gap first (speculative.drafter_sync).
       phase = "decode"
-    program = self._program(self.state.seq_BxS.shape, strategy, window, self.state.draft_cache is None)
+    program = self._program(self.state.seq_BxS.shape, strategy, window)
     t0 = time.perf_counter()
     self.state, stats = self._dispatch(self.state, strategy, window)
     self.live_bound += grow
     cold = program not in eng._warm
-    self._mark_warm(program)
+    self.engine._warm.add(program)
     self._in_flight = (phase, strategy, int(active.size), t0, stats, cold)
     return True
 

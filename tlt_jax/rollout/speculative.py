@@ -87,12 +87,38 @@ def _write_block(buf_BxS, block_BxW, start_B):
 def drafter_prefill(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState, *,
                     capacity: int) -> KVCache:
   """Fills the drafter cache with the pairs (x_{t+1}, f_t), t < L - 1, of every row (L = the
-  pending position), leaving the pair of the pending token to the first round's catch-up."""
+  pending position), leaving the pair of the pending token to the first round's catch-up: one
+  drafter pass over the whole capacity. The engine fills its cache with `drafter_sync` instead
+  (cost by length); this is the reference it is tested against, and the cache's shape (AOT)."""
   tgt, drf = nnx.merge(tgt_graphdef, tparams), nnx.merge(drf_graphdef, dparams)
   b = state.seq_BxS.shape[0]
   cache = KVCache.init(drf.cfg, b, capacity)
   _, cache = drf(tgt.embed(state.seq_BxS[:, 1:]), state.feat_BxSxD[:, :-1], cache=cache)
   return cache.replace(lengths=state.cache.lengths - 1)
+
+
+def drafter_sync(tgt, drf, state: DecodeState, block: int) -> DecodeState:
+  """Catches the drafter cache up: it consumes the pairs (x_{t+1}, f_t), t in [dl, L - 1), that it
+  has not seen (dl = its length, L = the pending position) in blocks of `block` positions, in a
+  `lax.while_loop` that runs no block when it is up to date. From an empty cache (dl = 0) this is a
+  prefill whose cost follows the rows' lengths, not the capacity; after plain chunks (which do not
+  touch the drafter) it writes exactly the gap, so the cache is what `drafter_prefill` of the same
+  state gives (up to float rounding) and the next round drafts from the right root feature."""
+  dcache = state.draft_cache
+  last = state.cache.lengths - 1  # the pending pair (t = L - 1) is left to the round's catch-up
+  seq_w, feat_w = state.seq_BxS.shape[1], state.feat_BxSxD.shape[1]
+
+  def body(dc):
+    dl = dc.lengths
+    t_BxW = dl[:, None] + jnp.arange(block)[None]
+    tok_BxW = jnp.take_along_axis(state.seq_BxS, jnp.clip(t_BxW + 1, 0, seq_w - 1), axis=1)
+    feat_BxWxD = jnp.take_along_axis(state.feat_BxSxD, jnp.clip(t_BxW, 0, feat_w - 1)[..., None], axis=1)
+    _, dc = drf(tgt.embed(tok_BxW), feat_BxWxD, t_BxW, cache=dc)
+    # slots past `last` hold garbage beyond the length: masked, and rewritten by later catch-ups
+    return dc.replace(lengths=jnp.where(dl < last, jnp.minimum(dl + block, last), dl))
+
+  dcache = jax.lax.while_loop(lambda dc: jnp.any(dc.lengths < last), body, dcache)
+  return state.replace(draft_cache=dcache)
 
 
 def _draft_chain(tgt, drf, dcache, root_feat_BxD, L, d: int, n: int):
@@ -252,13 +278,17 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
 
 def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState, *,
                       strategy: Strategy, num_rounds: int, sp: SamplingParams, eos_ids,
-                      catchup_width: int, window: int | None = None, embedder=None):
-  """Up to `num_rounds` speculative rounds in one `lax.while_loop` (stops when all rows are done);
-  the target's verification reads cache slots [0, window) (None: all).
+                      catchup_width: int, window: int | None = None, embedder=None,
+                      sync_block: int = 32):
+  """Brings the drafter cache up to date (`drafter_sync`, blocks of `sync_block`: a prefill from an
+  empty cache, the gap after plain chunks, nothing otherwise), then runs up to `num_rounds`
+  speculative rounds in one `lax.while_loop` (stops when all rows are done); the target's
+  verification reads cache slots [0, window) (None: all).
 
   Returns (state, stats) with stats = (rounds, emitted tokens, active row-rounds).
   """
   tgt, drf = nnx.merge(tgt_graphdef, tparams), nnx.merge(drf_graphdef, dparams)
+  state = drafter_sync(tgt, drf, state, sync_block)
 
   def cond(carry):
     i, st, _, _ = carry
@@ -295,6 +325,7 @@ class SpeculativeDecoder:
   strategies: Sequence[Strategy] = (Strategy(4, 1, 4),)
   rounds_per_chunk: int = 8
   input_embedder: Any = None  # the target's input embeddings (SCONE's HostTable); None: plain
+  sync_block: int = 32  # positions per drafter catch-up block (drafter_sync)
 
   def __post_init__(self):
     self.strategies = tuple(Strategy.parse(s) for s in self.strategies)
@@ -304,9 +335,12 @@ class SpeculativeDecoder:
     self.max_depth = max(s.depth for s in self.strategies)
     self.max_nodes = max(s.depth * s.topk for s in self.strategies)
     self.max_verify_tokens = max(s.num_verify for s in self.strategies) + 1
+    if int(self.sync_block) < 1:
+      raise ValueError(f"sync_block={self.sync_block!r}; must be >= 1")
     self._chunks = {}
-    self._prefill = jax.jit(functools.partial(drafter_prefill, self.target_graphdef, self.drafter_graphdef),
-                            static_argnames=("capacity",))
+    drafter_cfg = lambda dparams: nnx.merge(self.drafter_graphdef, dparams).cfg  # noqa: E731
+    self._empty_cache = jax.jit(lambda dparams, rows, capacity: KVCache.init(drafter_cfg(dparams), rows, capacity),
+                                static_argnums=(1, 2))
 
   @property
   def default_strategy(self) -> Strategy:
@@ -321,7 +355,8 @@ class SpeculativeDecoder:
     return functools.partial(
         speculative_chunk, self.target_graphdef, self.drafter_graphdef, strategy=strategy,
         num_rounds=self.rounds_per_chunk, sp=self.sampling, eos_ids=self.eos_ids,
-        catchup_width=self.max_depth + 1, window=window, embedder=self.input_embedder)
+        catchup_width=self.max_depth + 1, window=window, embedder=self.input_embedder,
+        sync_block=self.sync_block)
 
   def _chunk_fn(self, strategy: Strategy, window: int | None = None, mesh=None, tparams=None,
                 dparams=None, state: DecodeState | None = None):
@@ -344,20 +379,24 @@ class SpeculativeDecoder:
     return self._chunks[key]
 
   def draft_capacity(self, target_capacity: int) -> int:
-    return target_capacity + self.max_nodes + self.max_depth + 1
+    """Slots of the drafter cache: the target's, plus room for a round's catch-up and tree or a
+    sync block written past the last committed slot."""
+    return target_capacity + max(self.max_nodes + self.max_depth + 1, self.sync_block)
 
   def dispatch_chunk(self, tparams, dparams, state: DecodeState, strategy: Strategy | None = None,
                      *, window: int | None = None, mesh=None):
-    """Dispatches one chunk of rounds (asynchronously); prefills the drafter cache on the first
-    call for this state. `window`: the target's live attention window (engine.live_window);
+    """Dispatches one chunk of rounds (asynchronously); gives the state an empty drafter cache on
+    the first call (the chunk's `drafter_sync` fills it). `window`: the target's live attention window (engine.live_window);
     `mesh`: the group's, for explicit shardings. Returns (state, (rounds, tokens, row_rounds) as
     device scalars)."""
     strategy = Strategy.parse(strategy) if strategy is not None else self.default_strategy
     if state.draft_cache is None:
       check_sizes(tparams, dparams)
-      dcache = self._prefill(tparams, dparams, state, capacity=self.draft_capacity(state.seq_BxS.shape[1]))
+      dcache = self._empty_cache(dparams, state.done_B.shape[0], self.draft_capacity(state.seq_BxS.shape[1]))
       if mesh is not None:
         from tlt_jax.rollout.engine import state_shardings
         dcache = jax.device_put(dcache, state_shardings(state.replace(draft_cache=dcache), mesh).draft_cache)
+      else:  # committed like the state (jit keys on it: RolloutSession.__init__)
+        dcache = jax.device_put(dcache, next(iter(state.done_B.devices())))
       state = state.replace(draft_cache=dcache)
     return self._chunk_fn(strategy, window, mesh, tparams, dparams, state)(tparams, dparams, state)

@@ -5,7 +5,15 @@ the active batch size (a large batch leaves less compute for verifying big trees
 the drafter and the policy change. So the bandit keeps, per active-batch-size bucket, a sliding
 window of the last W scores of every strategy,
 
-  score = accept_len * batch / time_s      (tokens committed per second),
+  score = accept_len / time_s      (tokens committed per row per second),
+
+the paper's accept_len * batch / time_s divided by the batch the strategy was chosen for: at a
+given active batch the throughput is batch x score, so the best arm is the same, but a bucket
+spans several active batch sizes whose rows cost the same (they decode in a state of the
+bucket's width), and per-row scores from 3 and from 4 live rows of a 4-row state are comparable
+where totals are not (an arm scored mostly at 3 would lose to one scored at 4 for no reason of its
+own). The divisor is the batch at the choice, not the mean live rows over the steps: rows that
+finish early still cost, and a deep arm, which finishes rows sooner, must not gain from it.
 
 and picks, per bucket: every untried strategy first (in the order given), then the one with the
 highest window MEDIAN (the median shrugs off a slow step from a compile or a hiccup; the window
@@ -77,7 +85,7 @@ def _rng_state_from_json(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class BegMab:
-  """Per-bucket epsilon-greedy over the sliding-window median of `accept_len * batch / time`.
+  """Per-bucket epsilon-greedy over the sliding-window median of `accept_len / time`.
 
   Args:
     strategies: the (depth, topk, num_verify) strategies, shared by all buckets, or a mapping
@@ -179,23 +187,23 @@ class BegMab:
 
   # --- feedback --------------------------------------------------------------------------
 
-  def update(self, batch_size: int, strategy: Sequence[int], accept_len: float, batch: int,
-             time_s: float) -> float:
-    """Records score = accept_len * batch / time_s for `strategy` in batch_size's bucket.
+  def update(self, batch_size: int, strategy: Sequence[int], accept_len: float, time_s: float) -> float:
+    """Records score = accept_len / time_s for `strategy` in batch_size's bucket.
 
-    accept_len: mean tokens committed per sequence per speculative step; batch: sequences in
-    the step; time_s: its wall time. Returns the score.
+    accept_len: tokens committed per step per row of the batch the strategy was chosen for (rows
+    that finish during the steps count: the batch still pays for them; 1 for PLAIN while no row
+    finishes); time_s: a step's wall time. Returns the score.
     """
     if not time_s > 0:
       raise ValueError(f"time_s={time_s!r}; must be > 0")
-    if accept_len < 0 or batch < 0:
-      raise ValueError(f"accept_len={accept_len!r} and batch={batch!r} must be >= 0")
+    if accept_len < 0:
+      raise ValueError(f"accept_len={accept_len!r} must be >= 0")
     b = self.bucket(batch_size)
     s = _as_strategy(strategy)
     if s not in self.strategies[b]:
       raise ValueError(f"strategy {s} is not one of bucket {b}'s strategies {self.strategies[b]}")
     i = self.strategies[b].index(s)
-    score = float(accept_len) * float(batch) / float(time_s)
+    score = float(accept_len) / float(time_s)
     self._scores[b][i].append(score)
     self._pulls[b][i] += 1
     return score

@@ -177,8 +177,8 @@ def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, acce
     gen += emitted
     if in_tail:
       r = max(rounds, 1)
-      bandit.update(active, PLAIN if strategy is None else strategy, tokens / max(row_rounds, 1),
-                    row_rounds / r, max(observed, 1e-12) / r)
+      bandit.update(active, PLAIN if strategy is None else strategy, tokens / (active * r),
+                    max(observed, 1e-12) / r)  # as RolloutSession scores a chunk
     log.append(dict(batch=active, bucket=b, strategy=None if strategy is None else strategy_name(strategy),
                     tokens=tokens, rounds=rounds, row_rounds=row_rounds, time_s=observed))
   yield costs.copy_out(held, spec.prompt_len + int(gen.max()), features), held  # the final copy-out
