@@ -450,10 +450,12 @@ class RolloutSession:
     max_new = np.concatenate([max_new_N, np.ones(pad, np.int32)])
     if mesh is None:
       state = engine._prefill(params, put(prompts), put(plens), put(max_new), rng, capacity=capacity)
-      # Committed to its device, as every chunk's output is: jit keys its programs on whether the
-      # arguments are committed, so an uncommitted first state compiled each chunk program a second
-      # time, inside the session's second chunk of that kind (timed, and scored by the selector).
-      state = jax.device_put(state, next(iter(state.done_B.devices())))
+      if not state.done_B.committed:
+        # Uncommitted params give an uncommitted state, but a chunk's output is committed when
+        # the drafter's params are (e.g. restored by orbax). jit keys its programs on whether the
+        # arguments are committed, so each chunk program compiled a second time, inside the
+        # session's second chunk of that kind (timed, and scored by the selector).
+        state = jax.device_put(state, next(iter(state.done_B.devices())))
     else:
       from tlt_jax.parallel import mesh as mesh_lib
       rep = mesh_lib.replicated(mesh)

@@ -339,8 +339,11 @@ class SpeculativeDecoder:
       raise ValueError(f"sync_block={self.sync_block!r}; must be >= 1")
     self._chunks = {}
     drafter_cfg = lambda dparams: nnx.merge(self.drafter_graphdef, dparams).cfg  # noqa: E731
-    self._empty_cache = jax.jit(lambda dparams, rows, capacity: KVCache.init(drafter_cfg(dparams), rows, capacity),
-                                static_argnums=(1, 2))
+    # Placed (and committed) like the state it joins: a jit's output lives where its committed
+    # inputs do, and `keep_unused` keeps `done_B` an input although only its shape is read.
+    self._empty_cache = jax.jit(
+        lambda dparams, done_B, capacity: KVCache.init(drafter_cfg(dparams), done_B.shape[0], capacity),
+        static_argnums=(2,), keep_unused=True)
 
   @property
   def default_strategy(self) -> Strategy:
@@ -392,11 +395,9 @@ class SpeculativeDecoder:
     strategy = Strategy.parse(strategy) if strategy is not None else self.default_strategy
     if state.draft_cache is None:
       check_sizes(tparams, dparams)
-      dcache = self._empty_cache(dparams, state.done_B.shape[0], self.draft_capacity(state.seq_BxS.shape[1]))
+      dcache = self._empty_cache(dparams, state.done_B, self.draft_capacity(state.seq_BxS.shape[1]))
       if mesh is not None:
         from tlt_jax.rollout.engine import state_shardings
         dcache = jax.device_put(dcache, state_shardings(state.replace(draft_cache=dcache), mesh).draft_cache)
-      else:  # committed like the state (jit keys on it: RolloutSession.__init__)
-        dcache = jax.device_put(dcache, next(iter(state.done_B.devices())))
       state = state.replace(draft_cache=dcache)
     return self._chunk_fn(strategy, window, mesh, tparams, dparams, state)(tparams, dparams, state)
