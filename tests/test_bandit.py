@@ -44,6 +44,24 @@ def test_tries_every_arm_first_then_converges_per_bucket():
                                for d, k, n in ARMS))
 
 
+def test_min_samples_round_robin_before_greedy():
+  """Every arm gets min_samples scores (round robin, in order) before the greedy choice: one
+  unlucky first score (here the best arm's) does not shut an arm out."""
+  bandit = BegMab(ARMS, (1,), epsilon=0.0, window=8, seed=0, min_samples=3)
+  rates = {ARMS[0]: 100.0, ARMS[1]: 150.0, ARMS[2]: 120.0}
+  picks = []
+  for i in range(12):
+    arm = bandit.select(1)
+    picks.append(arm)
+    unlucky = arm == ARMS[1] and i < len(ARMS)  # the best arm's first chunk was slow
+    bandit.update(1, arm, 1.0, 1.0 / (rates[arm] * (0.2 if unlucky else 1.0)))
+  assert picks[:9] == ARMS * 3
+  assert picks[9:] == [ARMS[1]] * 3  # median of (30, 150, 150) beats 100 and 120
+  assert BegMab(ARMS, (1,), window=2, min_samples=5).min_samples == 2  # capped at the window
+  with pytest.raises(ValueError, match="min_samples"):
+    BegMab(ARMS, (1,), min_samples=0)
+
+
 def test_exploration_in_proportion_to_score():
   """Exploring an arm at r x the best happens at about epsilon / K x r: a hopeless arm is rarely
   paid for, a close one still often checked (uniform exploration: epsilon / K each)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -402,15 +402,26 @@ class RolloutEngine:
     """Generates up to `max_new_tokens` (an int, or one per row) for each right-padded prompt.
 
     At or below `spec_threshold` active rows (and with `drafter_params`), each chunk's strategy
-    comes from `selector.select(active_batch)` (e.g. the BEG-MAB bandit, tlt/bandit.py; the
-    decoder's default strategy without one); the selector may answer PLAIN = (0, 0, 0) for a plain
-    chunk, and is told each chunk's outcome through `selector.update(active_batch, strategy,
-    accept_len, time_per_round)`.
+    comes from `selector.select(rows)` (e.g. the BEG-MAB bandit, tlt/bandit.py; the decoder's
+    default strategy without one), `rows` the state's rows (the active batch's bucket with
+    compaction); the selector may answer PLAIN = (0, 0, 0) for a plain chunk, and is told each
+    chunk's outcome through `selector.update(rows, strategy, accept_len, time_per_round)`.
     """
     session = self.start(params, prompt_BxP, prompt_len_B, max_new_tokens, rng, drafter_params, selector)
     while session.advance():
       pass
     return session.result()
+
+
+class _InFlight(NamedTuple):
+  """A dispatched chunk whose statistics the session has not read yet."""
+  phase: str  # "decode" or "speculative"
+  strategy: Any  # None: plain
+  active: int  # live rows when dispatched
+  rows: int  # the state's rows (what the chunk computes)
+  t0: float  # dispatch time (perf_counter)
+  stats: Any  # device scalars (rounds, tokens, row_rounds)
+  cold: bool  # its program compiled inside it
 
 
 class RolloutSession:
@@ -478,7 +489,8 @@ class RolloutSession:
                   "compact": 0.0}
     self.chunks: list[dict] = []
     self.spec_tokens = self.spec_row_rounds = 0
-    self._in_flight = None  # (phase, strategy, active, t_dispatch, device stats, compiled in it)
+    self._in_flight: _InFlight | None = None
+    self._drafter_behind = True  # the drafter's cache lags the sequence (start, or plain chunks since)
     self.is_done = False
     if (engine.speculative is not None and drafter_params is not None and engine.spec_threshold > 0
         and engine.compact):
@@ -493,7 +505,7 @@ class RolloutSession:
     """True when `advance()` will not wait: no chunk in flight, or its statistics (its last
     outputs) are ready. A scheduler of several sessions advances the ready ones first, so that a
     chunk's measured time (the selector's score) is its own, not a wait on another session's."""
-    return self._in_flight is None or all(x.is_ready() for x in self._in_flight[4])
+    return self._in_flight is None or all(x.is_ready() for x in self._in_flight.stats)
 
   def _copy_out(self, rows):
     st, row_ids = self.state, self.row_ids
@@ -522,7 +534,7 @@ class RolloutSession:
         self.finished_features.append((int(row_ids[r]), seq[j, :pl[j] + k], feat[j, :pl[j] + k], int(pl[j])))
 
   def _finish_chunk(self):
-    phase, strategy, active, t0, stats, cold = self._in_flight
+    phase, strategy, active, rows, t0, stats, cold = self._in_flight  # an _InFlight
     self._in_flight = None
     from tlt_jax.parallel.mesh import to_host
     rounds, tokens, row_rounds = (int(x) for x in to_host(stats))
@@ -534,10 +546,11 @@ class RolloutSession:
     accept_len = tokens / max(row_rounds, 1)
     if (self.selector is not None and not cold
         and (strategy is not None or active <= self.engine.spec_threshold)):
-      # Per row of the batch the arm was chosen for, rows that finish inside the chunk included
-      # (the state still pays for them): tokens / (active x rounds) per round of dt / rounds.
+      # Keyed by the rows the chunk computed (what an arm's cost follows; with compaction the
+      # active batch's bucket); scored by how fast a live row advances: tokens per live row per
+      # round (accept_len) over the time of a round.
       r = max(rounds, 1)
-      self.selector.update(active, PLAIN if strategy is None else tuple(strategy), tokens / (active * r), dt / r)
+      self.selector.update(rows, PLAIN if strategy is None else tuple(strategy), accept_len, dt / r)
     self.chunks.append(dict(batch=active, strategy=None if strategy is None else "d{}k{}n{}".format(*strategy),
                             accept_len=accept_len, time_s=dt, rounds=rounds, tokens=tokens,
                             row_rounds=row_rounds, cold=cold))
@@ -599,6 +612,8 @@ class RolloutSession:
         small = self._compact_to(self.state, live[:b], b)
         # its own RNG: the chunk donates its input, and `small` shares the session's RNG array
         small = small.replace(rng=jax.random.fold_in(small.rng, 1))
+        if strategy is not None:  # the drafter catch-up a speculative chunk after plain ones runs first
+          small = eng.speculative.dispatch_sync(self.params, self.drafter_params, small, mesh=self.mesh)
         _, stats = self._dispatch(small, strategy, None)
         jax.block_until_ready(stats)
         self.engine._warm.add(program)
@@ -629,7 +644,7 @@ class RolloutSession:
     strategy = None
     if (eng.speculative is not None and self.drafter_params is not None
         and active.size <= eng.spec_threshold):
-      strategy = (self.selector.select(int(active.size)) if self.selector is not None
+      strategy = (self.selector.select(int(self.state.done_B.shape[0])) if self.selector is not None
                   else eng.speculative.default_strategy)
       strategy = None if tuple(strategy) == PLAIN else strategy
     if strategy is not None:
@@ -644,12 +659,22 @@ class RolloutSession:
       # exactly the gap first (speculative.drafter_sync).
       phase = "decode"
     program = self._program(self.state.seq_BxS.shape, strategy, window)
+    if strategy is not None and self._drafter_behind:
+      # Catch the drafter up on its own, outside the chunk's time (SpeculativeDecoder.dispatch_sync):
+      # the selector then scores speculation by its rounds, not by the one-off pass over the
+      # positions it skipped, which would bias every exploring chunk amid plain ones.
+      t_sync = time.perf_counter()
+      self.state = eng.speculative.dispatch_sync(self.params, self.drafter_params, self.state, mesh=self.mesh)
+      jax.block_until_ready(self.state.draft_cache.lengths)
+      self.times["speculative"] += time.perf_counter() - t_sync
+    self._drafter_behind = strategy is None
     t0 = time.perf_counter()
     self.state, stats = self._dispatch(self.state, strategy, window)
     self.live_bound += grow
     cold = program not in eng._warm
     self.engine._warm.add(program)
-    self._in_flight = (phase, strategy, int(active.size), t0, stats, cold)
+    self._in_flight = _InFlight(phase, strategy, int(active.size), int(self.state.done_B.shape[0]), t0, stats,
+                                cold)
     return True
 
   def result(self) -> RolloutResult:

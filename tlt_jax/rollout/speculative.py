@@ -386,18 +386,47 @@ class SpeculativeDecoder:
     sync block written past the last committed slot."""
     return target_capacity + max(self.max_nodes + self.max_depth + 1, self.sync_block)
 
+  def _with_draft_cache(self, tparams, dparams, state: DecodeState, mesh=None) -> DecodeState:
+    """`state` with an empty drafter cache if it has none (placed like the state)."""
+    if state.draft_cache is not None:
+      return state
+    check_sizes(tparams, dparams)
+    dcache = self._empty_cache(dparams, state.done_B, self.draft_capacity(state.seq_BxS.shape[1]))
+    if mesh is not None:
+      from tlt_jax.rollout.engine import state_shardings
+      dcache = jax.device_put(dcache, state_shardings(state.replace(draft_cache=dcache), mesh).draft_cache)
+    return state.replace(draft_cache=dcache)
+
+  def dispatch_sync(self, tparams, dparams, state: DecodeState, *, mesh=None) -> DecodeState:
+    """Dispatches `drafter_sync` on its own (asynchronously; the state is donated): the engine
+    catches the drafter up before a speculative chunk that follows plain chunks or starts the
+    session, so that the chunk's time, the selector's score, holds only its rounds. The work is
+    the drafter's pass over positions it has not seen, which steady speculation pays inside its
+    rounds anyway."""
+    state = self._with_draft_cache(tparams, dparams, state, mesh)
+    mesh_key = None if mesh is None else (tuple(d.id for d in mesh.devices.flat), state.done_B.shape[0],
+                                          state.seq_BxS.shape[1])
+    key = ("sync", mesh_key)
+    if key not in self._chunks:
+      def sync(tparams, dparams, state):
+        tgt, drf = nnx.merge(self.target_graphdef, tparams), nnx.merge(self.drafter_graphdef, dparams)
+        return drafter_sync(tgt, drf, state, self.sync_block)
+      if mesh is None:
+        self._chunks[key] = jax.jit(sync, donate_argnums=(2,))
+      else:
+        from tlt_jax.rollout.engine import state_shardings
+        st = state_shardings(state, mesh)
+        of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+        self._chunks[key] = jax.jit(sync, in_shardings=(of(tparams), of(dparams), st), out_shardings=st,
+                                    donate_argnums=(2,))
+    return self._chunks[key](tparams, dparams, state)
+
   def dispatch_chunk(self, tparams, dparams, state: DecodeState, strategy: Strategy | None = None,
                      *, window: int | None = None, mesh=None):
     """Dispatches one chunk of rounds (asynchronously); gives the state an empty drafter cache on
-    the first call (the chunk's `drafter_sync` fills it). `window`: the target's live attention window (engine.live_window);
-    `mesh`: the group's, for explicit shardings. Returns (state, (rounds, tokens, row_rounds) as
-    device scalars)."""
+    the first call (the chunk's `drafter_sync` fills it, unless `dispatch_sync` did). `window`:
+    the target's live attention window (engine.live_window); `mesh`: the group's, for explicit
+    shardings. Returns (state, (rounds, tokens, row_rounds) as device scalars)."""
     strategy = Strategy.parse(strategy) if strategy is not None else self.default_strategy
-    if state.draft_cache is None:
-      check_sizes(tparams, dparams)
-      dcache = self._empty_cache(dparams, state.done_B, self.draft_capacity(state.seq_BxS.shape[1]))
-      if mesh is not None:
-        from tlt_jax.rollout.engine import state_shardings
-        dcache = jax.device_put(dcache, state_shardings(state.replace(draft_cache=dcache), mesh).draft_cache)
-      state = state.replace(draft_cache=dcache)
+    state = self._with_draft_cache(tparams, dparams, state, mesh)
     return self._chunk_fn(strategy, window, mesh, tparams, dparams, state)(tparams, dparams, state)

@@ -1,21 +1,23 @@
 """BEG-MAB: the bucketed epsilon-greedy bandit that picks TLT's speculative-decoding strategy.
 
 A strategy is a draft-tree shape `(depth, topk, num_verify)`. Which one is fastest depends on
-the active batch size (a large batch leaves less compute for verifying big trees) and drifts as
-the drafter and the policy change. So the bandit keeps, per active-batch-size bucket, a sliding
-window of the last W scores of every strategy,
+the batch (a large batch leaves less compute for verifying big trees) and drifts as the drafter
+and the policy change. So the bandit keeps, per bucket of the rows a chunk computes (the rollout
+state's rows: with compaction, the active batch's bucket; without, the whole batch, finished rows
+included, since they are computed all the same), a sliding window of the last W scores of every
+strategy,
 
-  score = accept_len / time_s      (tokens committed per row per second),
+  score = accept_len / time_s      (tokens per live row per second),
 
-the paper's accept_len * batch / time_s divided by the batch the strategy was chosen for: at a
-given active batch the throughput is batch x score, so the best arm is the same, but a bucket
-spans several active batch sizes whose rows cost the same (they decode in a state of the
-bucket's width), and per-row scores from 3 and from 4 live rows of a 4-row state are comparable
-where totals are not (an arm scored mostly at 3 would lose to one scored at 4 for no reason of its
-own). The divisor is the batch at the choice, not the mean live rows over the steps: rows that
-finish early still cost, and a deep arm, which finishes rows sooner, must not gain from it.
+the paper's accept_len * batch / time_s divided by the batch: how fast a live row advances. At a
+given batch the throughput is batch x score, so the best arm is the same, but a bucket holds
+chunks of several live batch sizes (rows finish), and per-row scores from 3 and from 4 live rows
+of a 4-row state are comparable where totals are not (an arm scored mostly at 3 would lose to
+one scored at 4 for no reason of its own). Rows that finish inside a step cost every arm alike
+afterwards, so they count by the rounds they were live (accept_len = tokens / live row-rounds).
 
-and picks, per bucket: every untried strategy first (in the order given), then the one with the
+and picks, per bucket: every strategy until it has `min_samples` (3) scores (round robin, in the
+order given), then the one with the
 highest window MEDIAN (the median shrugs off a slow step from a compile or a hiccup; the window
 forgets a drafter that has since improved), except that with probability epsilon it explores: a
 uniformly drawn strategy, kept with probability (its median / the best median) and otherwise
@@ -90,18 +92,20 @@ class BegMab:
   Args:
     strategies: the (depth, topk, num_verify) strategies, shared by all buckets, or a mapping
       bucket upper bound -> that bucket's strategies.
-    buckets: sorted active-batch-size upper bounds, e.g. (1, 2, 4, 8, 16, 32, 64). A batch size
-      b falls in the first bucket with b <= bound; one above the last bound in the last bucket.
+    buckets: sorted batch-size upper bounds, e.g. (1, 2, 4, 8, 16, 32, 64). A batch size b falls
+      in the first bucket with b <= bound; one above the last bound in the last bucket.
     epsilon: exploration probability once every strategy of the bucket has been tried.
     window: how many recent scores per (bucket, strategy) the median is taken over.
     seed: seed of the bandit's own numpy Generator (saved in `state_dict`).
     plain_margin: how much a speculative arm's median must beat PLAIN's (when PLAIN is an arm) to
       be the greedy choice.
+    min_samples: scores every strategy of a bucket gets before the greedy choice starts: a median
+      of one noisy chunk could shut a faster arm out for long, epsilon being its only way back.
   """
 
   def __init__(self, strategies: Sequence[Sequence[int]] | Mapping[int, Sequence[Sequence[int]]],
                buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), epsilon: float = 0.1,
-               window: int = 16, seed: int = 0, plain_margin: float = 0.05):
+               window: int = 16, seed: int = 0, plain_margin: float = 0.05, min_samples: int = 3):
     buckets = tuple(int(b) for b in buckets)
     if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
       raise ValueError(f"buckets={buckets!r}; must be strictly increasing positive ints")
@@ -109,6 +113,9 @@ class BegMab:
       raise ValueError(f"epsilon={epsilon!r}; must be in [0, 1]")
     if int(window) < 1:
       raise ValueError(f"window={window!r}; must be >= 1")
+    if int(min_samples) < 1:
+      raise ValueError(f"min_samples={min_samples!r}; must be >= 1")
+    self.min_samples = min(int(min_samples), int(window))  # a window holds at most `window` scores
     if not float(plain_margin) >= 0.0:
       raise ValueError(f"plain_margin={plain_margin!r}; must be >= 0")
     self.plain_margin = float(plain_margin)
@@ -164,16 +171,17 @@ class BegMab:
     return arms[top]
 
   def select(self, batch_size: int, rng: np.random.Generator | None = None) -> Strategy:
-    """Untried strategies first (in order), then greedy over window medians, exploring with
+    """Strategies with fewer than `min_samples` scores first (round robin, in order), then greedy
+    over window medians, exploring with
     probability epsilon in proportion to the score (module docstring).
 
     Draws from the bandit's own Generator unless `rng` is given.
     """
     b = self.bucket(batch_size)
     arms = self.strategies[b]
-    for i, w in enumerate(self._scores[b]):
-      if not w:
-        return arms[i]
+    counts = [len(w) for w in self._scores[b]]
+    if min(counts) < self.min_samples:  # round robin over the arms short of min_samples scores
+      return arms[counts.index(min(counts))]
     rng = self._rng if rng is None else rng
     best = self.best(b)
     assert best is not None
@@ -190,9 +198,8 @@ class BegMab:
   def update(self, batch_size: int, strategy: Sequence[int], accept_len: float, time_s: float) -> float:
     """Records score = accept_len / time_s for `strategy` in batch_size's bucket.
 
-    accept_len: tokens committed per step per row of the batch the strategy was chosen for (rows
-    that finish during the steps count: the batch still pays for them; 1 for PLAIN while no row
-    finishes); time_s: a step's wall time. Returns the score.
+    accept_len: tokens committed per live row per step (1 for PLAIN); time_s: a step's wall time.
+    Returns the score.
     """
     if not time_s > 0:
       raise ValueError(f"time_s={time_s!r}; must be > 0")

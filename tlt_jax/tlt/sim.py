@@ -150,7 +150,7 @@ def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, acce
     strategy = None
     in_tail = bandit is not None and active <= spec.spec_threshold
     if in_tail:
-      s = tuple(bandit.select(active))
+      s = tuple(bandit.select(b))  # keyed by the state's rows, as RolloutSession does
       strategy = None if s == PLAIN else s
     if strategy is None:
       steps = int(min(spec.chunk_size, remaining.max()))
@@ -177,7 +177,7 @@ def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, acce
     gen += emitted
     if in_tail:
       r = max(rounds, 1)
-      bandit.update(active, PLAIN if strategy is None else strategy, tokens / (active * r),
+      bandit.update(b, PLAIN if strategy is None else strategy, tokens / max(row_rounds, 1),
                     max(observed, 1e-12) / r)  # as RolloutSession scores a chunk
     log.append(dict(batch=active, bucket=b, strategy=None if strategy is None else strategy_name(strategy),
                     tokens=tokens, rounds=rounds, row_rounds=row_rounds, time_s=observed))
