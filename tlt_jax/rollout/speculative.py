@@ -97,6 +97,17 @@ def drafter_prefill(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeS
   return cache.replace(lengths=state.cache.lengths - 1)
 
 
+def _drafter_block(tgt, drf, state: DecodeState, dcache: KVCache, width: int):
+  """The drafter over the pairs (x_{t+1}, f_t), t in [dl, dl + width) (dl = the cache's length),
+  written to the cache from slot dl. Returns (the drafter's outputs [B, width, D], the cache); its
+  length is the caller's to set."""
+  t_BxW = dcache.lengths[:, None] + jnp.arange(width)[None]
+  tok_BxW = jnp.take_along_axis(state.seq_BxS, jnp.clip(t_BxW + 1, 0, state.seq_BxS.shape[1] - 1), axis=1)
+  feat_BxWxD = jnp.take_along_axis(
+      state.feat_BxSxD, jnp.clip(t_BxW, 0, state.feat_BxSxD.shape[1] - 1)[..., None], axis=1)
+  return drf(tgt.embed(tok_BxW), feat_BxWxD, t_BxW, cache=dcache)
+
+
 def drafter_sync(tgt, drf, state: DecodeState, block: int) -> DecodeState:
   """Catches the drafter cache up: it consumes the pairs (x_{t+1}, f_t), t in [dl, L - 1), that it
   has not seen (dl = its length, L = the pending position) in blocks of `block` positions, in a
@@ -106,14 +117,10 @@ def drafter_sync(tgt, drf, state: DecodeState, block: int) -> DecodeState:
   state gives (up to float rounding) and the next round drafts from the right root feature."""
   dcache = state.draft_cache
   last = state.cache.lengths - 1  # the pending pair (t = L - 1) is left to the round's catch-up
-  seq_w, feat_w = state.seq_BxS.shape[1], state.feat_BxSxD.shape[1]
 
   def body(dc):
     dl = dc.lengths
-    t_BxW = dl[:, None] + jnp.arange(block)[None]
-    tok_BxW = jnp.take_along_axis(state.seq_BxS, jnp.clip(t_BxW + 1, 0, seq_w - 1), axis=1)
-    feat_BxWxD = jnp.take_along_axis(state.feat_BxSxD, jnp.clip(t_BxW, 0, feat_w - 1)[..., None], axis=1)
-    _, dc = drf(tgt.embed(tok_BxW), feat_BxWxD, t_BxW, cache=dc)
+    _, dc = _drafter_block(tgt, drf, state, dc, block)
     # slots past `last` hold garbage beyond the length: masked, and rewritten by later catch-ups
     return dc.replace(lengths=jnp.where(dl < last, jnp.minimum(dl + block, last), dl))
 
@@ -207,11 +214,7 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
 
   # 1. Catch-up over t in [dl, L-1]; the output at t = L-1 is f̂_L.
   dl = dcache.lengths
-  t_BxW = dl[:, None] + jnp.arange(catchup_width)[None]
-  tok_BxW = jnp.take_along_axis(state.seq_BxS, jnp.clip(t_BxW + 1, 0, state.seq_BxS.shape[1] - 1), axis=1)
-  feat_BxWxD = jnp.take_along_axis(
-      state.feat_BxSxD, jnp.clip(t_BxW, 0, state.feat_BxSxD.shape[1] - 1)[..., None], axis=1)
-  out_BxWxD, dcache = drf(tgt.embed(tok_BxW), feat_BxWxD, t_BxW, cache=dcache)
+  out_BxWxD, dcache = _drafter_block(tgt, drf, state, dcache, catchup_width)
   root_feat_BxD = _rows(out_BxWxD, L - 1 - dl)
   dcache = dcache.replace(lengths=L)
 
@@ -361,25 +364,31 @@ class SpeculativeDecoder:
         catchup_width=self.max_depth + 1, window=window, embedder=self.input_embedder,
         sync_block=self.sync_block)
 
-  def _chunk_fn(self, strategy: Strategy, window: int | None = None, mesh=None, tparams=None,
-                dparams=None, state: DecodeState | None = None):
-    """The jitted chunk (state donated); on `mesh` with explicit in/out shardings (the params as
-    placed, the state by engine.state_shardings, statistics replicated)."""
-    from tlt_jax.rollout.engine import state_shardings
+  def _state_jit(self, key: tuple, fn, mesh, tparams, dparams, state: DecodeState, stats_out: bool):
+    """`fn(tparams, dparams, state)` jitted once per `key` and group shape, the state donated; on
+    `mesh` with explicit in/out shardings (the params as placed, the state by
+    engine.state_shardings, the statistics, when `stats_out`, replicated)."""
     mesh_key = None if mesh is None else (tuple(d.id for d in mesh.devices.flat),
                                           state.done_B.shape[0], state.seq_BxS.shape[1])
-    key = (strategy, window, mesh_key)
+    key = key + (mesh_key,)
     if key not in self._chunks:
-      fn = self.chunk_partial(strategy, window)
       if mesh is None:
         self._chunks[key] = jax.jit(fn, donate_argnums=(2,))
       else:
         from tlt_jax.parallel import mesh as mesh_lib
+        from tlt_jax.rollout.engine import state_shardings
         st, rep = state_shardings(state, mesh), mesh_lib.replicated(mesh)
         of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
         self._chunks[key] = jax.jit(fn, in_shardings=(of(tparams), of(dparams), st),
-                                    out_shardings=(st, (rep, rep, rep)), donate_argnums=(2,))
+                                    out_shardings=(st, (rep, rep, rep)) if stats_out else st,
+                                    donate_argnums=(2,))
     return self._chunks[key]
+
+  def _chunk_fn(self, strategy: Strategy, window: int | None = None, mesh=None, tparams=None,
+                dparams=None, state: DecodeState | None = None):
+    """The jitted chunk (`_state_jit`)."""
+    return self._state_jit((strategy, window), self.chunk_partial(strategy, window), mesh, tparams, dparams,
+                           state, stats_out=True)
 
   def draft_capacity(self, target_capacity: int) -> int:
     """Slots of the drafter cache: the target's, plus room for a round's catch-up and tree or a
@@ -404,22 +413,12 @@ class SpeculativeDecoder:
     the drafter's pass over positions it has not seen, which steady speculation pays inside its
     rounds anyway."""
     state = self._with_draft_cache(tparams, dparams, state, mesh)
-    mesh_key = None if mesh is None else (tuple(d.id for d in mesh.devices.flat), state.done_B.shape[0],
-                                          state.seq_BxS.shape[1])
-    key = ("sync", mesh_key)
-    if key not in self._chunks:
-      def sync(tparams, dparams, state):
-        tgt, drf = nnx.merge(self.target_graphdef, tparams), nnx.merge(self.drafter_graphdef, dparams)
-        return drafter_sync(tgt, drf, state, self.sync_block)
-      if mesh is None:
-        self._chunks[key] = jax.jit(sync, donate_argnums=(2,))
-      else:
-        from tlt_jax.rollout.engine import state_shardings
-        st = state_shardings(state, mesh)
-        of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-        self._chunks[key] = jax.jit(sync, in_shardings=(of(tparams), of(dparams), st), out_shardings=st,
-                                    donate_argnums=(2,))
-    return self._chunks[key](tparams, dparams, state)
+
+    def sync(tparams, dparams, state):
+      tgt, drf = nnx.merge(self.target_graphdef, tparams), nnx.merge(self.drafter_graphdef, dparams)
+      return drafter_sync(tgt, drf, state, self.sync_block)
+
+    return self._state_jit(("sync",), sync, mesh, tparams, dparams, state, stats_out=False)(tparams, dparams, state)
 
   def dispatch_chunk(self, tparams, dparams, state: DecodeState, strategy: Strategy | None = None,
                      *, window: int | None = None, mesh=None):
