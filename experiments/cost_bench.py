@@ -85,11 +85,12 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
 
   from tlt_jax.drafter.eagle import EagleDrafter
   from tlt_jax.drafter.train import TargetHead, init_drafter_train_state, make_drafter_train_step
-  from tlt_jax.parallel import aot
+  from tlt_jax.analysis import aot
+  from tlt_jax.parallel import mesh as mesh_lib
   from tlt_jax.rollout.engine import RolloutEngine
   from tlt_jax.rollout.sampling import SamplingParams
   from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
-  from tlt_jax.tlt.costs import strategy_name
+  from tlt_jax.analysis.costs import strategy_name
   from tlt_jax.tlt.runtime import parse_arms
   from tlt_jax.models.transformer import Transformer
 
@@ -110,11 +111,17 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
   rng = np.random.default_rng(0)
   reps = 2 + repeats  # chunks per state: warm-up + timed
 
-  def state_for(b, ctx, extra):
+  mesh = mesh_lib.mesh_of(params)  # one device: a 1x1x1 mesh
+
+  def state_for(b, ctx, extra, p=params):
     prompts = rng.integers(3, cfg.vocab_size, (b, ctx)).astype(np.int32)
     cap = ctx + extra
-    return eng._prefill(params, jnp.asarray(prompts), jnp.full((b,), ctx, jnp.int32),
-                        jnp.full((b,), extra, jnp.int32), jax.random.key(0), capacity=cap)
+    return eng.prefill_jit(mesh_lib.mesh_of(p), p, (b, ctx), cap)(
+        p, jnp.asarray(prompts), jnp.full((b,), ctx, jnp.int32), jnp.full((b,), extra, jnp.int32),
+        jax.random.key(0))
+
+  def plain_chunk(p, st):
+    return eng.chunk_jit(mesh_lib.mesh_of(p), p, st, None)(p, st)
 
   out = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {os.cpu_count()} cores)",
          "config": cli.config_path_of(sys.argv), "chunk_size": k, "rounds_per_chunk": rounds,
@@ -125,7 +132,7 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
       holder = {"st": state_for(b, ctx - k, k * (reps + 1))}
 
       def chunk():
-        holder["st"], stats = eng._chunk(params, holder["st"], window=None)
+        holder["st"], stats = plain_chunk(params, holder["st"])
         jax.block_until_ready(stats)
       out["decode"][str(ctx)][str(b)] = _timeit(chunk, repeats) / k
       log(json.dumps({"what": "decode_step", "ctx": ctx, "batch": b, "s": out["decode"][str(ctx)][str(b)]}))
@@ -137,7 +144,7 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
       holder = {"st": state_for(b, spec_ctx, (a[0] + 1) * rounds * (reps + 1) + 64)}
 
       def chunk(a=a):
-        holder["st"], stats = dec.dispatch_chunk(params, dparams, holder["st"], Strategy(*a))
+        holder["st"], stats = dec.dispatch_chunk(params, dparams, holder["st"], Strategy(*a), mesh=mesh)
         jax.block_until_ready(stats)
       out["spec"][name][str(b)] = _timeit(chunk, repeats) / rounds
       log(json.dumps({"what": "spec_round", "strategy": name, "batch": b, "s": out["spec"][name][str(b)]}))
@@ -162,7 +169,7 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
 
     def copy(rows, feat):
       idx = jnp.asarray(np.asarray(rows + rows[:1] * (b - len(rows)), np.int32))
-      seq, lp, ng, pl, *f = jax.device_get(eng._gather(st, idx, feat))
+      seq, lp, ng, pl, *f = jax.device_get(eng.gather_jit(mesh, st, b, feat)(st, idx))
       tokens = np.zeros((len(rows), ctx0), np.int32)
       for j in range(len(rows)):
         tokens[j, :int(ng[j])] = seq[j, pl[j]:pl[j] + ng[j]]
@@ -172,7 +179,7 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
       copy(list(range(half, b)), False)
       keep = bucket_for(half, batches)
       idx = np.concatenate([np.arange(half), np.zeros(keep - half, np.int64)]).astype(np.int32)
-      jax.block_until_ready(eng._compact(st, jnp.asarray(idx), np.int32(half)).done_B)
+      jax.block_until_ready(eng.compact_jit(mesh, st, keep)(st, jnp.asarray(idx), np.int32(half)).done_B)
     if half >= 1:
       out["compact"][str(b)] = _timeit(compact, repeats)
     out["copy_out"][str(b)] = _timeit(lambda: copy(list(range(b)), False), repeats)
@@ -222,16 +229,12 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
   if len(devs) >= 2 and jax.default_backend() == "cpu":
     b = batches[-1]
     p2 = [jax.device_put(params, d) for d in devs[:2]]
-    sts = []
-    for d in devs[:2]:
-      with jax.default_device(d):
-        sts.append(state_for(b, ctxs[0], k * (3 * reps + 2)))
-    holder = {"st": [jax.device_put(s, d) for s, d in zip(sts, devs[:2])]}
+    holder = {"st": [state_for(b, ctxs[0], k * (3 * reps + 2), p2[i]) for i in range(2)]}
 
     def run(which):
       outs = []
       for i in which:
-        holder["st"][i], stats = eng._chunk(p2[i], holder["st"][i], window=None)
+        holder["st"][i], stats = plain_chunk(p2[i], holder["st"][i])
         outs.append(stats)
       jax.block_until_ready(outs)
     one = _timeit(lambda: run([0]), repeats)
@@ -245,13 +248,12 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
     out["pair_slowdown"], out["light_batch"] = {}, 0
     for small in batches[:-1]:
       for i, rows in ((0, small), (1, b)):  # fresh states: room for every chunk below
-        with jax.default_device(devs[i]):
-          holder["st"][i] = jax.device_put(state_for(rows, ctxs[0], k * (3 * reps + 2)), devs[i])
+        holder["st"][i] = state_for(rows, ctxs[0], k * (3 * reps + 2), p2[i])
 
       def finish_times(which):
         t0, stats = time.perf_counter(), {}
         for i in which:
-          holder["st"][i], stats[i] = eng._chunk(p2[i], holder["st"][i], window=None)
+          holder["st"][i], stats[i] = plain_chunk(p2[i], holder["st"][i])
         done = {}
         while len(done) < len(stats):
           for i, x in stats.items():

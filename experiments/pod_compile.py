@@ -6,7 +6,7 @@
 Needs the TPU compiler: `pip install -e .[tpu]` (libtpu==0.0.42, the one jax 0.10.2 pairs with).
 Builds the run's mesh over the slice's devices, abstract params / optimizer state / caches /
 batches with the shardings the run uses, and compiles prefill, decode and speculative chunks per
-bucket, the drafter step, the log-prob forward and the policy update (tlt_jax/parallel/aot.py).
+bucket, the drafter step, the log-prob forward and the policy update (tlt_jax/analysis/aot.py).
 Prints one JSON line per step and writes DIR/<config>_<topology>.{jsonl,md,png}. Exits 1 with one
 line naming the step, the bytes it needs and the HBM per chip when a step does not fit.
 
@@ -44,7 +44,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from tlt_jax import config as config_lib
-  from tlt_jax.parallel import aot
+  from tlt_jax.analysis import aot
 
   topo = aot.topology(FLAGS.topology)
   for k, v in aot.tpu_env(topo).items():

@@ -1,4 +1,4 @@
-"""TLT's speed-up where its regime is real, by simulation (tlt/sim.py) at measured or compiled costs.
+"""TLT's speed-up where its regime is real, by simulation (analysis/sim.py) at measured or compiled costs.
 
 Two modes:
 
@@ -66,8 +66,8 @@ def _pod_costs(config, topo, kind: str, groups: int):
   from flax import nnx
 
   from tlt_jax.drafter.eagle import EagleDrafter
-  from tlt_jax.parallel import aot
-  from tlt_jax.tlt import costs as costs_lib
+  from tlt_jax.analysis import aot
+  from tlt_jax.analysis import costs as costs_lib
 
   cfg = aot.model_config_for(config)
   drafter = nnx.eval_shape(lambda: EagleDrafter(cfg, rngs=nnx.Rngs(0)))
@@ -95,7 +95,7 @@ def _pod_costs(config, topo, kind: str, groups: int):
 
 def _pod_case(config, costs, groups: int, threshold: int, alpha: float, decay: float, sigma: float,
               median: float, seed: int = 0):
-  from tlt_jax.tlt import sim
+  from tlt_jax.analysis import sim
 
   n = int(config.rl.prompts_per_step) * int(config.rl.group_size)
   prompt_len = int(config.rollout.max_prompt_len) + 1
@@ -117,7 +117,7 @@ def _pod_case(config, costs, groups: int, threshold: int, alpha: float, decay: f
 
 
 def predict_pod(config):
-  from tlt_jax.parallel import aot
+  from tlt_jax.analysis import aot
 
   groups0 = int(config.tlt.rollout_groups)
   name = FLAGS.topology or ("v6e-64" if groups0 == 8 else "v5p-64")
@@ -207,8 +207,8 @@ def _read_jsonl(path: str) -> list[dict]:
 def replay_variant(traces: list[dict], costs, skip: int = 5, seed: int = 0) -> tuple[list[dict], dict]:
   """Replays one variant's recorded steps: its lengths per group, its scheduling parameters and
   its recorded accept lengths per strategy, at `costs`. Returns (records, summary)."""
-  from tlt_jax.tlt import sim
-  from tlt_jax.tlt.costs import parse_strategy
+  from tlt_jax.analysis import sim
+  from tlt_jax.analysis.costs import parse_strategy
   t0 = traces[0]
   sp = t0["spec"]
   spec = sim.RolloutSpec(chunk_size=sp["chunk_size"], buckets=tuple(sp["buckets"]),
@@ -233,7 +233,7 @@ def replay_variant(traces: list[dict], costs, skip: int = 5, seed: int = 0) -> t
 
 def validate(trace_path: str, measured_path: str, e2e_path: str, out: str, skip: int = 5) -> list[dict]:
   """Predicted vs measured median step and rollout times per variant (module docstring)."""
-  from tlt_jax.tlt.costs import MeasuredCosts
+  from tlt_jax.analysis.costs import MeasuredCosts
   traces = _read_jsonl(trace_path)
   measured = _read_jsonl(e2e_path)
   with open(measured_path) as f:

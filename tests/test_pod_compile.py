@@ -72,7 +72,7 @@ def _tiny_config():
 
 
 def test_tiny_default_compiles_for_v5p8_with_the_requested_shardings():
-  from tlt_jax.parallel import aot
+  from tlt_jax.analysis import aot
   topo = aot.topology("v5p-8")
   devices = aot.topology_devices(topo)  # libtpu is a test dependency (README): never skipped
   assert len(devices) == 4 and devices[0].platform == "tpu"
@@ -99,7 +99,7 @@ def test_tiny_default_compiles_for_v5p8_with_the_requested_shardings():
 
 
 def test_a_step_that_does_not_fit_names_step_bytes_and_hbm():
-  from tlt_jax.parallel import aot
+  from tlt_jax.analysis import aot
   r = aot.StepReport("decode_chunk@64", "v6e-64", 10 * aot.GiB, 0, 30 * aot.GiB, 0, 0, 40 * aot.GiB,
                      32 * aot.GiB, False, 1.0, 1.0, 1.0, 1.0, 1.0)
   with pytest.raises(aot.PodFitError, match=r"step decode_chunk@64 needs 40.00 GiB per chip .* v6e-64 "

@@ -18,6 +18,7 @@ from tlt_jax.errors import ConfigError
 from tlt_jax.models import scone
 from tlt_jax.models.config import ModelConfig
 from tlt_jax.models.transformer import init_model
+from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rollout.engine import FixedSelector, RolloutEngine
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
@@ -230,13 +231,14 @@ def test_scone_off_is_bitwise_the_plain_model(setup):
   plain_eng = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=4)
   off_eng = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=4, input_embedder=None)
   args = (params, jnp.asarray(prompts), jnp.asarray(plen), jnp.asarray([4, 4], jnp.int32), jax.random.key(0))
-  text = [e._prefill.lower(*args, capacity=16).as_text() for e in (plain_eng, off_eng)]
+  mesh = mesh_lib.mesh_of(params)
+  text = [e.prefill_jit(mesh, params, prompts.shape, 16).lower(*args).as_text() for e in (plain_eng, off_eng)]
   assert text[0] == text[1] and "callback" not in text[0]
-  state = plain_eng._prefill(*args, capacity=16)
-  chunk = [e._chunk.lower(params, state).as_text() for e in (plain_eng, off_eng)]
+  state = plain_eng.prefill_jit(mesh, params, prompts.shape, 16)(*args)
+  chunk = [e.chunk_jit(mesh, params, state, None).lower(params, state).as_text() for e in (plain_eng, off_eng)]
   assert chunk[0] == chunk[1] and "callback" not in chunk[0]
   tab_eng = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=4, input_embedder=setup["table"])
-  assert "callback" in tab_eng._chunk.lower(params, state).as_text()
+  assert "callback" in tab_eng.chunk_jit(mesh, params, state, None).lower(params, state).as_text()
 
 
 def test_checkpoint_and_table_file_rebuild_the_table(setup, tmp_path):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tlt_jax.tlt.costs import ConstantCosts
-from tlt_jax.tlt.sim import VARIANTS, AcceptModel, RolloutSpec, simulate_rollout, simulate_run
+from tlt_jax.analysis.costs import ConstantCosts
+from tlt_jax.analysis.sim import VARIANTS, AcceptModel, RolloutSpec, simulate_rollout, simulate_run
 
 PLAIN_V, STATIC_V, TLT_V = VARIANTS
 MS = 1e-3

@@ -14,6 +14,7 @@ from scipy.stats import chi2_contingency
 
 from tests.numerics import assert_close
 from tests.spec_fixtures import EOS, copying_drafter, nearly_context_free_target, random_drafter, target_config
+from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rollout.engine import FixedSelector, RolloutEngine
 from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs
 from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
@@ -122,13 +123,14 @@ def test_compaction_compiles_per_bucket_and_cold_chunks_are_not_scored(models, p
   session = eng.start(params, toks, plen, 4, jax.random.key(0))  # 6 rows in a bucket of 8
   for k in range(1, 7):  # copy out 1..6 rows: each padded to the state's 8 rows
     session._copy_out(list(range(k)))
-  assert eng._gather._cache_size() == 1
+  assert sum(f._cache_size() for f in eng.programs("gather")) == 1
   state = session.state
+  compact, rep = eng.compact_jit(session.mesh, state, 4), mesh_lib.replicated(session.mesh)
   for n in range(1, 5):  # 1..4 live rows into a bucket of 4: one program
-    out = eng._compact(state, jnp.asarray([0, 1, 2, 3], jnp.int32), np.int32(n))
+    out = compact(state, mesh_lib.put_global(np.arange(4, dtype=np.int32), rep), mesh_lib.put_global(np.int32(n), rep))
     np.testing.assert_array_equal(np.asarray(out.done_B)[n:], True)
     np.testing.assert_array_equal(np.asarray(out.done_B)[:n], np.asarray(state.done_B)[:n])
-  assert eng._compact._cache_size() == 1
+  assert sum(f._cache_size() for f in eng.programs("compact")) == 1
 
   sel = _RecordingSelector(STRATEGIES[1])
   full = eng.generate(params, toks, plen, 12, jax.random.key(0))  # no drafter: plain throughout
@@ -137,7 +139,7 @@ def test_compaction_compiles_per_bucket_and_cold_chunks_are_not_scored(models, p
                        selector=sel)
     for r, m in enumerate(max_new):
       np.testing.assert_array_equal(out.tokens[r, :m], full.tokens[r, :m])
-    assert eng._compact._cache_size() <= 3  # 8 -> 4 -> 2 -> 1, whatever the pattern
+    assert sum(f._cache_size() for f in eng.programs("compact")) <= 3  # 8 -> 4 -> 2 -> 1, whatever the pattern
     spec = [c for c in out.stats["chunks"] if c["strategy"] is not None]
     assert spec, "speculation never switched on"
     # the session compiled the tail's programs before its first chunk (RolloutSession._warm_tail)
@@ -285,8 +287,9 @@ def test_each_chunk_program_compiles_once_per_kind(models, prompts):
       kinds = [c["strategy"] for c in out.stats["chunks"]]
       assert None in kinds and str(strategy) in kinds, kinds
     # the chunk and the drafter catch-up dispatched before it (SpeculativeDecoder.dispatch_sync)
-    assert {k: f._cache_size() for k, f in dec._chunks.items()} == {(strategy, None, None): 1, ("sync", None): 1}
-    assert eng._chunk._cache_size() == 1
+    # keyed by (kind..., the group's devices and shape): one mesh here
+    assert {k[:-1]: f._cache_size() for k, f in dec._chunks.items()} == {(strategy, None): 1, ("sync",): 1}
+    assert [f._cache_size() for f in eng.programs("chunk")] == [1]
 
 
 def test_drafter_cache_is_fresh_after_a_plain_chunk(models, prompts):

@@ -8,7 +8,7 @@ A packed row holds several whole sequences; token i of the row attends to token 
 costs O(L^2) memory per layer: 9216-token rows of a 7B policy would need ~4.6 GB of float32
 scores per row and head group. Three implementations avoid it:
 
-  "reference"  the exact math of `transformer.attention` (softmax(q k^T / sqrt(D) + mask) v,
+  "reference"  the exact math of `attention` (softmax(q k^T / sqrt(D) + mask) v,
                float32 scores) over query chunks of C rows: the chunk's mask [B, C, L] is made
                from the segment ids on the fly, and each chunk is rematerialised in the
                backward pass, so memory is O(C L) instead of O(L^2). With C >= L it is the
@@ -61,12 +61,26 @@ def _chunk_mask(seg_q_BxC: Array, seg_k_BxL: Array, pos_q_C: Array) -> Array:
   return same & (pos_k_L[None, None, :] <= pos_q_C[None, :, None])
 
 
+def attention(q_BxTxHxD, k, v, mask_BxTxS, heads_first: bool = False) -> Array:
+  """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads (H = K * G); keys and values are
+  [B, S, K, D], or [B, K, S, D] with `heads_first` (the cache's order)."""
+  b, t, h, d = q_BxTxHxD.shape
+  kv = k.shape[1 if heads_first else 2]
+  kv_spec = "bksd" if heads_first else "bskd"
+  q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum(f"btkgd,{kv_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(d)
+  scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v)
+  return out.reshape(b, t, h * d)
+
+
 def chunked_segment_attention(q_BxLxHxD: Array, k_BxLxKxD: Array, v_BxLxKxD: Array,
                               segment_ids_BxL: Array, *, chunk: int, impl: str = "reference") -> Array:
   """Attention (1) over query chunks of `chunk` rows (see the module docstring); returns
   [B, L, H * D]. Each chunk is a `jax.checkpoint`: its scores are recomputed in the backward
   pass rather than kept, so no [L, L] array lives beyond one chunk's [C, L]."""
-  from tlt_jax.models.transformer import attention  # the dense math, shared
   b, length, h, d = q_BxLxHxD.shape
   c = min(int(chunk), length)
   num = -(-length // c)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tlt_jax.models.attention import AttentionSpec, attention, remat_policy, segment_attention  # noqa: F401
 from tlt_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -130,21 +131,6 @@ class Linear(nnx.Module):
     return y
 
 
-def attention(q_BxTxHxD, k, v, mask_BxTxS, heads_first: bool = False) -> Array:
-  """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads (H = K * G); keys and values are
-  [B, S, K, D], or [B, K, S, D] with `heads_first` (the cache's order)."""
-  b, t, h, d = q_BxTxHxD.shape
-  kv = k.shape[1 if heads_first else 2]
-  kv_spec = "bksd" if heads_first else "bskd"
-  q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum(f"btkgd,{kv_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(d)
-  scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v)
-  return out.reshape(b, t, h * d)
-
-
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -174,7 +160,6 @@ class Attention(nnx.Module):
       k = apply_rope(k, positions_BxT, inv_freq)
     if kv_cache is None:
       if segment_ids_BxT is not None:
-        from tlt_jax.models.attention import segment_attention
         return self.o_proj(segment_attention(q, k, v, segment_ids_BxT, attn_spec)), None
       out = attention(q, k, v, mask_BxTxT)
       return self.o_proj(out), None
@@ -298,7 +283,6 @@ class Transformer(nnx.Module):
     else:
       segment_ids_BxT = jnp.asarray(segment_ids_BxT, jnp.int32)
     if attn_spec is None:
-      from tlt_jax.models.attention import AttentionSpec
       attn_spec = AttentionSpec(self.cfg.attention, self.cfg.attention_chunk)
     inv_freq = rope_inv_freq(self.cfg) if self.cfg.position_embedding == "rope" else None
     x = self.embed(tokens_BxT) if input_embeds_BxTxD is None else input_embeds_BxTxD.astype(self.cfg.jnp_dtype)
@@ -322,7 +306,6 @@ class Transformer(nnx.Module):
 
     The scan stacks the per-layer params inside the step ([num_layers, ...] per weight, in their
     sharding): one transient copy of the layer weights, against a layer body compiled once."""
-    from tlt_jax.models.attention import remat_policy
 
     graphdef = nnx.graphdef(self.layers[0])
     states = [nnx.state(layer) for layer in self.layers]

@@ -62,6 +62,29 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def local_mesh(device: jax.Device | None = None) -> Mesh:
+  """One device as a 1x1x1 mesh (the default device unless given): code that runs on a mesh
+  needs no separate single-device path."""
+  return Mesh(np.asarray([device or jax.devices()[0]]).reshape(1, 1, 1), MESH_AXES)
+
+
+def mesh_of(tree: Any) -> Mesh:
+  """The mesh `tree`'s arrays live on: the mesh of their NamedSharding, or a 1x1x1 mesh over the
+  one device an unsharded (e.g. uncommitted) array sits on. Raises ValueError for arrays on
+  several devices without a NamedSharding."""
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  if not leaves:
+    return local_mesh()
+  sharding = leaves[0].sharding
+  if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh):
+    return sharding.mesh
+  devices = sorted(sharding.device_set, key=lambda d: d.id)
+  if len(devices) != 1:
+    raise ValueError(f"arrays on {len(devices)} devices without a NamedSharding ({sharding}); "
+                     "allowed: a NamedSharding on a mesh, or one device")
+  return local_mesh(devices[0])
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Mapping[str, Any],
                     shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
   """Maps logical axis names to a PartitionSpec; dims the mesh axes do not divide are replicated."""
@@ -182,7 +205,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def _on_multi_host_tpu() -> bool:
   """A TPU slice of several hosts (TPU_WORKER_HOSTNAMES lists more than one), with the TPU
   platform allowed. A single host needs no initialisation, and a compile-only libtpu setup
-  (parallel/aot.py sets TPU_WORKER_HOSTNAMES=localhost) or JAX_PLATFORMS=cpu is no pod."""
+  (analysis/aot.py sets TPU_WORKER_HOSTNAMES=localhost) or JAX_PLATFORMS=cpu is no pod."""
   hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
   platforms = os.environ.get("JAX_PLATFORMS", "")
   return len(hosts) > 1 and (not platforms or "tpu" in platforms)

@@ -62,8 +62,7 @@ class KLPenaltyScorer:
 
 
 def build_scorers(config, ctx: ScorerContext) -> dict[str, tuple[float, Any]]:
-  """{name: (weight, scorer)} of the non-zero weights in `rl.token_rewards` (import late:
-  rl/prime.py registers "prime")."""
-  from tlt_jax.rl import prime  # noqa: F401  (registers the PRIME scorer)
+  """{name: (weight, scorer)} of the non-zero weights in `rl.token_rewards` (rl/prime.py
+  registers "prime" when the package is imported: rl/__init__.py)."""
   weights = dict(config.rl.get("token_rewards", None) or {})
   return {name: (float(w), _SCORERS.get(name)(config, ctx)) for name, w in weights.items() if float(w)}

@@ -174,7 +174,10 @@ class RLTrainer:
                evaluate: Callable[[Any], dict] | None = None):
     self.config, self.rl, self.task, self.tokenizer = config, config.rl, task, tokenizer
     self.workdir = workdir
-    self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+    # The run's mesh (one device: 1x1x1) for the rollout; the update's own single-device path
+    # (rl/update.py) takes None there.
+    self.run_mesh = mesh if mesh is not None else mesh_lib.local_mesh()
+    self.mesh = self.run_mesh if self.run_mesh.size > 1 else None
     self.evaluate = evaluate
     rl = self.rl
     self.batch_size = rl.prompts_per_step * rl.group_size
@@ -247,7 +250,7 @@ class RLTrainer:
 
     self.checkpointer = Checkpointer(os.path.join(workdir, "ckpt_rl"), config.checkpoint.max_to_keep)
     self.writer = MetricsWriter(workdir, "metrics")
-    # one replayable line per step for the step simulator (TLTRuntime.trace, tlt/sim.py)
+    # one replayable line per step for the step simulator (TLTRuntime.trace, analysis/sim.py)
     self.trace_writer = MetricsWriter(workdir, "traces", tensorboard=False)
     self.sample_eval_set = []
     if held_out is not None:
@@ -268,7 +271,7 @@ class RLTrainer:
       drafter = (self.drafter_graphdef, self.drafter_state, self.drafter_tx)
     self.pack_len, buffer_len = rl_lengths(self.config, self.model_cfg, self.prompt_width)
     self.tlt = TLTRuntime(self.config, self.graphdef, self.model_cfg, self.sampling,
-                          self.tokenizer.eos_ids, self.tokenizer.pad_id, self.mesh, drafter, buffer_len)
+                          self.tokenizer.eos_ids, self.tokenizer.pad_id, self.run_mesh, drafter, buffer_len)
     self.engine = self.tlt.engine
 
   # ----------------------------------------------------------------------------- checkpointing

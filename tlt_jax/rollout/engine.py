@@ -40,10 +40,11 @@ import numpy as np
 from flax import nnx
 
 from tlt_jax.models.transformer import KVCache
+from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs, sample_from, target_logprobs
+from tlt_jax.rollout.strategy import PLAIN, strategy_name
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-PLAIN = (0, 0, 0)  # the "strategy" of a plain decoding chunk
 
 
 class FixedSelector:
@@ -224,7 +225,6 @@ def state_shardings(state: DecodeState, mesh, rules=None) -> DecodeState:
   """NamedShardings of a DecodeState on `mesh` by the sampling rules: [B, ...] arrays split over
   'batch' (the caches' KV heads over 'kv_heads'), per-row vectors and the RNG replicated (see the
   module docstring)."""
-  from tlt_jax.parallel import mesh as mesh_lib
   rules = mesh_lib.SAMPLE_RULES if rules is None else rules
   rep = mesh_lib.replicated(mesh)
 
@@ -290,20 +290,15 @@ class RolloutEngine:
                                          eos_ids=self.eos_ids, keep_features=keep,
                                          live_window=self.window_block > 0,
                                          embedder=self.input_embedder)
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=("capacity",))
     self._chunk_partial = functools.partial(decode_chunk, self.graphdef, num_steps=self.chunk_size,
                                             sp=self.sampling, eos_ids=self.eos_ids,
                                             embedder=self.input_embedder)
-    self._chunk = jax.jit(self._chunk_partial, donate_argnums=(1,), static_argnames=("window",))
-    self._compact = jax.jit(lambda st, idx, n: st.compact(idx, n))
-    self._gather = jax.jit(lambda st, idx, feat: gather_rows(st, idx, feat), static_argnums=(2,))
-    self._mark_done_from = jax.jit(mark_done_from)
     self._jits: dict[tuple, Any] = {}  # (what, mesh devices, static args) -> sharded jit
     # Chunk programs dispatched before: a chunk whose program is new pays its compilation inside
     # its measured time, so its time is not a score for the selector (RolloutSession).
     self._warm: set[tuple] = set()
 
-  # --- jits with explicit shardings on a mesh ------------------------------------------------
+  # --- jits with explicit shardings on a mesh (one device is a 1x1x1 mesh) -------------------
 
   @staticmethod
   def _mesh_key(mesh) -> tuple:
@@ -315,10 +310,14 @@ class RolloutEngine:
       self._jits[k] = build()
     return self._jits[k]
 
+  def programs(self, what: str) -> list:
+    """The jitted programs of one kind ("prefill", "chunk", "compact", "gather", "mark_done")
+    built so far, one per mesh and static shape (each compiles once: `f._cache_size()`)."""
+    return [f for k, f in self._jits.items() if k[0] == what]
+
   def prefill_jit(self, mesh, params, prompt_shape: tuple[int, int], capacity: int):
     """The prefill jitted with explicit shardings on `mesh` (params as placed, prompts split over
     'batch', per-row vectors and the RNG replicated, the state by `state_shardings`)."""
-    from tlt_jax.parallel import mesh as mesh_lib
     b = prompt_shape[0]
 
     def build():
@@ -334,7 +333,6 @@ class RolloutEngine:
 
   def chunk_jit(self, mesh, params, state: DecodeState, window: int | None):
     """`decode_chunk` jitted with explicit in/out shardings on `mesh`; the state is donated."""
-    from tlt_jax.parallel import mesh as mesh_lib
 
     def build():
       st = state_shardings(state, mesh)
@@ -347,7 +345,6 @@ class RolloutEngine:
   def compact_jit(self, mesh, state: DecodeState, bucket: int):
     """Batch compaction to `bucket` rows (`DecodeState.compact`), shardings explicit (the new
     bucket's batch split)."""
-    from tlt_jax.parallel import mesh as mesh_lib
 
     def build():
       out = jax.eval_shape(lambda st: st.take(jnp.zeros((bucket,), jnp.int32)), state)
@@ -361,7 +358,6 @@ class RolloutEngine:
 
   def gather_jit(self, mesh, state: DecodeState, num_rows: int, with_features: bool):
     """`gather_rows` with replicated outputs: every host can read the rows it copies out."""
-    from tlt_jax.parallel import mesh as mesh_lib
 
     def build():
       rep = mesh_lib.replicated(mesh)
@@ -370,6 +366,12 @@ class RolloutEngine:
     has_draft = state.draft_cache is not None
     return self._sharded("gather", mesh, (state.done_B.shape[0], state.seq_BxS.shape[1], num_rows,
                                           with_features, has_draft), build)
+
+  def mark_done_jit(self, mesh, rows: int):
+    """`mark_done_from` on the replicated done flags of a state of `rows` rows."""
+    build = lambda: jax.jit(mark_done_from, in_shardings=(mesh_lib.replicated(mesh),) * 2,  # noqa: E731
+                            out_shardings=mesh_lib.replicated(mesh))
+    return self._sharded("mark_done", mesh, (rows,), build)
 
   def capacity_for(self, prompt_len: int, max_new_tokens: int) -> int:
     margin = 1
@@ -390,15 +392,16 @@ class RolloutEngine:
     `collect_features` (and a speculative decoder, which keeps the features), every row copied out
     is also appended to `session.finished_features` as (row, tokens_T, feat_TxD, prompt_len): the
     target's own features f_t of prompt + response, for the drafter buffer (tlt/buffer.py).
-    With `mesh` (the group's), every jit has explicit in/out shardings there and the host reads
-    only replicated values (module docstring).
+    Every jit has explicit in/out shardings on `mesh` (the group's; default: the mesh the params
+    live on, `mesh_lib.mesh_of`, a 1x1x1 mesh for one device) and the host reads only replicated
+    values (module docstring).
     """
     return RolloutSession(self, params, prompt_BxP, prompt_len_B, max_new_tokens, rng, drafter_params,
                           selector, place_batch=place_batch, collect_features=collect_features,
-                          mesh=mesh)
+                          mesh=mesh or mesh_lib.mesh_of(params))
 
   def generate(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
-               rng: jax.Array, drafter_params=None, selector=None) -> RolloutResult:
+               rng: jax.Array, drafter_params=None, selector=None, *, mesh=None) -> RolloutResult:
     """Generates up to `max_new_tokens` (an int, or one per row) for each right-padded prompt.
 
     At or below `spec_threshold` active rows (and with `drafter_params`), each chunk's strategy
@@ -407,7 +410,8 @@ class RolloutEngine:
     compaction); the selector may answer PLAIN = (0, 0, 0) for a plain chunk, and is told each
     chunk's outcome through `selector.update(rows, strategy, accept_len, time_per_round)`.
     """
-    session = self.start(params, prompt_BxP, prompt_len_B, max_new_tokens, rng, drafter_params, selector)
+    session = self.start(params, prompt_BxP, prompt_len_B, max_new_tokens, rng, drafter_params, selector,
+                         mesh=mesh)
     while session.advance():
       pass
     return session.result()
@@ -432,7 +436,7 @@ class RolloutSession:
 
   def __init__(self, engine: RolloutEngine, params, prompt_BxP, prompt_len_B, max_new_tokens, rng,
                drafter_params=None, selector=None, *, place_batch=None, collect_features=False,
-               mesh=None):
+               mesh):
     self.engine, self.params, self.drafter_params, self.selector = engine, params, drafter_params, selector
     self.mesh = mesh
     self.collect_features = bool(collect_features) and engine.speculative is not None
@@ -459,23 +463,16 @@ class RolloutSession:
     prompts = np.concatenate([prompt_BxP, np.repeat(prompt_BxP[:1], pad, 0)]) if pad else prompt_BxP
     plens = np.concatenate([prompt_len_B, np.repeat(prompt_len_B[:1], pad)]) if pad else prompt_len_B
     max_new = np.concatenate([max_new_N, np.ones(pad, np.int32)])
-    if mesh is None:
-      state = engine._prefill(params, put(prompts), put(plens), put(max_new), rng, capacity=capacity)
-      if not state.done_B.committed:
-        # Uncommitted params give an uncommitted state, but a chunk's output is committed when
-        # the drafter's params are (e.g. restored by orbax). jit keys its programs on whether the
-        # arguments are committed, so each chunk program compiled a second time, inside the
-        # session's second chunk of that kind (timed, and scored by the selector).
-        state = jax.device_put(state, next(iter(state.done_B.devices())))
-    else:
-      from tlt_jax.parallel import mesh as mesh_lib
-      rep = mesh_lib.replicated(mesh)
-      state = engine.prefill_jit(mesh, params, prompts.shape, capacity)(
-          params, put(prompts), mesh_lib.put_global(plens, rep), mesh_lib.put_global(max_new, rep),
-          mesh_lib.put_global(rng, rep) if not isinstance(rng, jax.Array) or rng.sharding != rep else rng)
+    # Explicit out_shardings commit the state (jit keys its programs on whether the arguments are
+    # committed: a mix compiled each chunk program twice, inside a timed, scored chunk).
+    rep = mesh_lib.replicated(mesh)
+    state = engine.prefill_jit(mesh, params, prompts.shape, capacity)(
+        params, put(prompts), mesh_lib.put_global(plens, rep), mesh_lib.put_global(max_new, rep),
+        mesh_lib.put_global(rng, rep))
     self.row_ids = np.concatenate([np.arange(n), -np.ones(pad, np.int64)])
     if pad:
-      state = state.replace(done_B=engine._mark_done_from(state.done_B, np.int32(n)))
+      state = state.replace(done_B=engine.mark_done_jit(mesh, b0)(
+          state.done_B, mesh_lib.put_global(np.int32(n), rep)))
     jax.block_until_ready(state.done_B)
     self.capacity = capacity
     self.live_bound = p  # every row's cache length stays below this (host-side bound)
@@ -515,12 +512,8 @@ class RolloutSession:
     # Padded to the state's rows (repeats of the first, ignored below): one program per state
     # bucket, not one per number of finished rows.
     idx = np.asarray(rows + rows[:1] * (len(row_ids) - len(rows)))
-    if self.mesh is None:
-      out = jax.device_get(self.engine._gather(st, jnp.asarray(idx), self.collect_features))
-    else:
-      from tlt_jax.parallel import mesh as mesh_lib
-      gather = self.engine.gather_jit(self.mesh, st, len(idx), self.collect_features)
-      out = mesh_lib.to_host(gather(st, mesh_lib.put_global(idx.astype(np.int32), mesh_lib.replicated(self.mesh))))
+    gather = self.engine.gather_jit(self.mesh, st, len(idx), self.collect_features)
+    out = mesh_lib.to_host(gather(st, mesh_lib.put_global(idx.astype(np.int32), mesh_lib.replicated(self.mesh))))
     seq, lp, ng, pl = out[:4]
     feat = out[4] if self.collect_features else None
     for j, r in enumerate(rows):
@@ -536,8 +529,7 @@ class RolloutSession:
   def _finish_chunk(self):
     phase, strategy, active, rows, t0, stats, cold = self._in_flight  # an _InFlight
     self._in_flight = None
-    from tlt_jax.parallel.mesh import to_host
-    rounds, tokens, row_rounds = (int(x) for x in to_host(stats))
+    rounds, tokens, row_rounds = (int(x) for x in mesh_lib.to_host(stats))
     dt = time.perf_counter() - t0
     self.times[phase] += dt
     if phase == "speculative":
@@ -551,7 +543,7 @@ class RolloutSession:
       # round (accept_len) over the time of a round.
       r = max(rounds, 1)
       self.selector.update(rows, PLAIN if strategy is None else tuple(strategy), accept_len, dt / r)
-    self.chunks.append(dict(batch=active, strategy=None if strategy is None else "d{}k{}n{}".format(*strategy),
+    self.chunks.append(dict(batch=active, strategy=None if strategy is None else strategy_name(strategy),
                             accept_len=accept_len, time_s=dt, rounds=rounds, tokens=tokens,
                             row_rounds=row_rounds, cold=cold))
 
@@ -563,13 +555,9 @@ class RolloutSession:
     n_live, order = np.int32(active.size), np.asarray(active)
     for level in [x for x in eng.buckets if bucket <= x < state.done_B.shape[0]][::-1]:
       idx = np.concatenate([order, np.repeat(order[:1], level - order.size)]).astype(np.int32)
-      if self.mesh is None:
-        state = eng._compact(state, jnp.asarray(idx), n_live)
-      else:
-        from tlt_jax.parallel import mesh as mesh_lib
-        rep = mesh_lib.replicated(self.mesh)
-        state = eng.compact_jit(self.mesh, state, level)(
-            state, mesh_lib.put_global(idx, rep), mesh_lib.put_global(n_live, rep))
+      rep = mesh_lib.replicated(self.mesh)
+      state = eng.compact_jit(self.mesh, state, level)(
+          state, mesh_lib.put_global(idx, rep), mesh_lib.put_global(n_live, rep))
       order = np.arange(active.size)
     return state
 
@@ -582,16 +570,13 @@ class RolloutSession:
       return eng.speculative.dispatch_chunk(self.params, self.drafter_params, state, strategy,
                                             window=window, mesh=self.mesh)
     draft_cache, state = state.draft_cache, state.replace(draft_cache=None)
-    if self.mesh is None:
-      state, stats = eng._chunk(self.params, state, window=window)
-    else:
-      state, stats = eng.chunk_jit(self.mesh, self.params, state, window)(self.params, state)
+    state, stats = eng.chunk_jit(self.mesh, self.params, state, window)(self.params, state)
     return state.replace(draft_cache=draft_cache), stats
 
   def _program(self, seq_shape: tuple, strategy, window) -> tuple:
     """What a chunk's compiled program depends on (RolloutEngine._warm)."""
     return ("decode" if strategy is None else tuple(strategy), tuple(seq_shape), window,
-            None if self.mesh is None else self.engine._mesh_key(self.mesh))
+            self.engine._mesh_key(self.mesh))
 
   def _warm_tail(self):
     """Compiles the tail's programs before the first timed chunk: at each bucket at or below
@@ -625,8 +610,7 @@ class RolloutSession:
     eng = self.engine
     if self._in_flight is not None:
       self._finish_chunk()
-    from tlt_jax.parallel.mesh import host_value
-    done = host_value(self.state.done_B) | (self.row_ids < 0)  # replicated: any host may read it
+    done = mesh_lib.host_value(self.state.done_B) | (self.row_ids < 0)  # replicated: any host may read it
     active = np.flatnonzero(~done)
     if active.size == 0:
       self._copy_out(list(range(len(self.row_ids))))

@@ -32,45 +32,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tlt_jax.models.transformer import KVCache, write_slots
-from tlt_jax.rollout.engine import DecodeState, is_eos
+from tlt_jax.parallel import mesh as mesh_lib
+from tlt_jax.rollout.engine import DecodeState, is_eos, state_shardings
 from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs, sample_from, target_logprobs
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class Strategy:
-  """A draft tree of `depth` levels, `topk` branching, verifying the best `num_verify` nodes."""
-
-  depth: int
-  topk: int
-  num_verify: int
-
-  def __post_init__(self):
-    if self.depth < 1 or self.topk < 1:
-      raise ValueError(f"strategy {self}: depth and topk must be >= 1")
-    if not 1 <= self.num_verify <= self.depth * self.topk:
-      raise ValueError(f"strategy {self}: num_verify must be in [1, depth*topk={self.depth * self.topk}]")
-
-  def __iter__(self):
-    return iter((self.depth, self.topk, self.num_verify))
-
-  def __str__(self) -> str:
-    return self.name
-
-  @property
-  def name(self) -> str:
-    return f"d{self.depth}k{self.topk}n{self.num_verify}"
-
-  @classmethod
-  def parse(cls, s: "str | Sequence[int] | Strategy") -> "Strategy":
-    if isinstance(s, Strategy):
-      return s
-    if isinstance(s, str):
-      import re
-      m = re.fullmatch(r"d(\d+)k(\d+)n(\d+)", s.strip())
-      if not m:
-        raise ValueError(f"strategy {s!r} is not of the form 'd<depth>k<topk>n<num_verify>', e.g. 'd4k1n4'")
-      return cls(*map(int, m.groups()))
-    return cls(*map(int, s))
+from tlt_jax.rollout.strategy import Strategy
 
 
 def _rows(x, idx_B):
@@ -368,24 +333,17 @@ class SpeculativeDecoder:
     """`fn(tparams, dparams, state)` jitted once per `key` and group shape, the state donated; on
     `mesh` with explicit in/out shardings (the params as placed, the state by
     engine.state_shardings, the statistics, when `stats_out`, replicated)."""
-    mesh_key = None if mesh is None else (tuple(d.id for d in mesh.devices.flat),
-                                          state.done_B.shape[0], state.seq_BxS.shape[1])
-    key = key + (mesh_key,)
+    key = key + ((tuple(d.id for d in mesh.devices.flat), state.done_B.shape[0], state.seq_BxS.shape[1]),)
     if key not in self._chunks:
-      if mesh is None:
-        self._chunks[key] = jax.jit(fn, donate_argnums=(2,))
-      else:
-        from tlt_jax.parallel import mesh as mesh_lib
-        from tlt_jax.rollout.engine import state_shardings
-        st, rep = state_shardings(state, mesh), mesh_lib.replicated(mesh)
-        of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-        self._chunks[key] = jax.jit(fn, in_shardings=(of(tparams), of(dparams), st),
-                                    out_shardings=(st, (rep, rep, rep)) if stats_out else st,
-                                    donate_argnums=(2,))
+      st, rep = state_shardings(state, mesh), mesh_lib.replicated(mesh)
+      of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+      self._chunks[key] = jax.jit(fn, in_shardings=(of(tparams), of(dparams), st),
+                                  out_shardings=(st, (rep, rep, rep)) if stats_out else st,
+                                  donate_argnums=(2,))
     return self._chunks[key]
 
-  def _chunk_fn(self, strategy: Strategy, window: int | None = None, mesh=None, tparams=None,
-                dparams=None, state: DecodeState | None = None):
+  def _chunk_fn(self, strategy: Strategy, window: int | None, mesh, tparams, dparams,
+                state: DecodeState):
     """The jitted chunk (`_state_jit`)."""
     return self._state_jit((strategy, window), self.chunk_partial(strategy, window), mesh, tparams, dparams,
                            state, stats_out=True)
@@ -395,18 +353,16 @@ class SpeculativeDecoder:
     sync block written past the last committed slot."""
     return target_capacity + max(self.max_nodes + self.max_depth + 1, self.sync_block)
 
-  def _with_draft_cache(self, tparams, dparams, state: DecodeState, mesh=None) -> DecodeState:
+  def _with_draft_cache(self, tparams, dparams, state: DecodeState, mesh) -> DecodeState:
     """`state` with an empty drafter cache if it has none (placed like the state)."""
     if state.draft_cache is not None:
       return state
     check_sizes(tparams, dparams)
     dcache = self._empty_cache(dparams, state.done_B, self.draft_capacity(state.seq_BxS.shape[1]))
-    if mesh is not None:
-      from tlt_jax.rollout.engine import state_shardings
-      dcache = jax.device_put(dcache, state_shardings(state.replace(draft_cache=dcache), mesh).draft_cache)
+    dcache = jax.device_put(dcache, state_shardings(state.replace(draft_cache=dcache), mesh).draft_cache)
     return state.replace(draft_cache=dcache)
 
-  def dispatch_sync(self, tparams, dparams, state: DecodeState, *, mesh=None) -> DecodeState:
+  def dispatch_sync(self, tparams, dparams, state: DecodeState, *, mesh) -> DecodeState:
     """Dispatches `drafter_sync` on its own (asynchronously; the state is donated): the engine
     catches the drafter up before a speculative chunk that follows plain chunks or starts the
     session, so that the chunk's time, the selector's score, holds only its rounds. The work is
@@ -421,7 +377,7 @@ class SpeculativeDecoder:
     return self._state_jit(("sync",), sync, mesh, tparams, dparams, state, stats_out=False)(tparams, dparams, state)
 
   def dispatch_chunk(self, tparams, dparams, state: DecodeState, strategy: Strategy | None = None,
-                     *, window: int | None = None, mesh=None):
+                     *, window: int | None = None, mesh):
     """Dispatches one chunk of rounds (asynchronously); gives the state an empty drafter cache on
     the first call (the chunk's `drafter_sync` fills it, unless `dispatch_sync` did). `window`:
     the target's live attention window (engine.live_window); `mesh`: the group's, for explicit

@@ -43,12 +43,13 @@ from typing import Any
 
 import numpy as np
 
+from tlt_jax.rollout.strategy import PLAIN
+
 Strategy = tuple[int, int, int]  # (depth, topk, num_verify)
 
 STATE_VERSION = 1
 
 
-PLAIN = (0, 0, 0)  # the arm "decode this chunk without speculation"
 
 
 def _as_strategy(s: Sequence[int]) -> Strategy:

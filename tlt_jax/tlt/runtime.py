@@ -34,9 +34,10 @@ from jax.sharding import Mesh
 
 from tlt_jax.drafter.train import DrafterTrainState, make_drafter_train_step
 from tlt_jax.parallel import mesh as mesh_lib
-from tlt_jax.rollout.engine import PLAIN, RolloutEngine, RolloutResult
+from tlt_jax.rollout.engine import RolloutEngine, RolloutResult
 from tlt_jax.rollout.sampling import SamplingParams
-from tlt_jax.rollout.speculative import SpeculativeDecoder, Strategy
+from tlt_jax.rollout.speculative import SpeculativeDecoder
+from tlt_jax.rollout.strategy import PLAIN, Strategy, parse_strategy, strategy_name
 from tlt_jax.tlt.bandit import BegMab
 from tlt_jax.tlt.buffer import DrafterBuffer, rows_for_budget
 from tlt_jax.tlt.groups import split_mesh
@@ -53,7 +54,7 @@ TIMING_FIELDS = ("bubble_s", "bubble_utilisation", "drafter_train_s", "idle_grou
 
 def parse_arms(names: Sequence[str]) -> list[tuple[int, int, int]]:
   """Bandit arms from names: "plain" (PLAIN = (0, 0, 0)) or "d<depth>k<topk>n<num_verify>"."""
-  return [PLAIN if str(s).strip() == "plain" else tuple(Strategy.parse(s)) for s in names]
+  return [parse_strategy(s) for s in names]
 
 
 TRAIN_WHERE = ("auto", "bubbles", "between_steps")
@@ -81,21 +82,20 @@ class TLTRuntime:
     config: the run config (sections `rollout`, `tlt`, `seed`).
     graphdef: the policy's graphdef; model_cfg its ModelConfig.
     sampling: the rollout's SamplingParams; eos_ids / pad_id the tokenizer's.
-    mesh: the run's mesh (None: one device); its `data` axis is split into the rollout groups.
+    mesh: the run's mesh (one device is a 1x1x1 mesh); its `data` axis is split into the rollout
+      groups.
     drafter: (graphdef, DrafterTrainState, optax optimizer) of the warmed-up drafter, or None.
     seq_len: the drafter buffer's row length (>= prompt width + max_new_tokens).
   """
 
   def __init__(self, config, graphdef, model_cfg, sampling: SamplingParams, eos_ids: Sequence[int],
-               pad_id: int, mesh: Mesh | None, drafter: tuple[Any, DrafterTrainState, Any] | None,
+               pad_id: int, mesh: Mesh, drafter: tuple[Any, DrafterTrainState, Any] | None,
                seq_len: int):
     r, t = config.rollout, config.tlt
     self.graphdef = graphdef
     self.spec_threshold = int(r.spec_threshold)
     self.config_strategies = tuple(str(s) for s in t.strategies)
     self.rounds_per_chunk = int(r.rounds_per_chunk)
-    if mesh is None:
-      mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
     self.groups = split_mesh(mesh, int(t.rollout_groups))
     self.speculative = bool(t.speculative) and drafter is not None
     self.train_drafter = bool(t.train_drafter) and drafter is not None
@@ -198,13 +198,12 @@ class TLTRuntime:
 
   def trace(self, step: int, result: RolloutResult, account: Mapping[str, Any], group_size: int,
             prompt_width: int) -> dict[str, Any]:
-    """What a replay of this step's rollout needs (tlt/sim.py, experiments/pod_sim.py --validate):
+    """What a replay of this step's rollout needs (analysis/sim.py, experiments/pod_sim.py --validate):
     each row's response length by rollout group (in the group's row order), every chunk as
     [group, active batch, strategy name or None (the bandit's choice), tokens, rounds, row-rounds,
     seconds], each group's active-batch trace, finish time and host timings (session start, first
     dispatch, seconds inside `advance()` after it), the drafter steps and their
     group-seconds, and the scheduling parameters. Compact JSON, one line per step."""
-    from tlt_jax.tlt.costs import strategy_name
     from tlt_jax.tlt.groups import split_rows
     lengths = np.asarray(result.lengths)
     rows = split_rows(len(lengths), int(group_size), len(self.groups))

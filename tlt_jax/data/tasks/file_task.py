@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from tlt_jax.data.readers import load_qa_file
 from tlt_jax.data.tasks.base import Example, Task, register_task
 
 ANSWER_FORMATS = ("gsm8k", "math")
@@ -121,7 +122,6 @@ class FileTask(Task):
     if self._records is None:
       if self.path is None:
         raise ValueError(f"task {self.name!r} has no data: construct it with path=... or records=...")
-      from tlt_jax.data.sources import load_qa_file
       self._records = load_qa_file(self.path, on_bad_record=self.on_bad_record)
     return self._records
 

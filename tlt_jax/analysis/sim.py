@@ -43,7 +43,7 @@ import numpy as np
 
 from tlt_jax.rollout.engine import bucket_for
 from tlt_jax.tlt.bandit import PLAIN, BegMab
-from tlt_jax.tlt.costs import CostModel, Strategy, parse_strategy, strategy_name
+from tlt_jax.analysis.costs import CostModel, Strategy, parse_strategy, strategy_name
 
 
 @dataclasses.dataclass(frozen=True)

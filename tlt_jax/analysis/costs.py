@@ -1,4 +1,4 @@
-"""Cost models for the RL step simulator (tlt/sim.py): seconds per unit of work, one interface.
+"""Cost models for the RL step simulator (analysis/sim.py): seconds per unit of work, one interface.
 
 Three sources, one interface (`CostModel`):
 
@@ -40,23 +40,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from tlt_jax.rollout.strategy import parse_strategy, strategy_name  # noqa: F401 (re-exported)
+
 Strategy = tuple[int, int, int]
 
 # bf16 dense peak per chip (Google Cloud TPU system architecture pages).
 PEAK_BF16_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
-
-
-def strategy_name(s: Sequence[int]) -> str:
-  d, k, n = (int(v) for v in s)
-  return "plain" if (d, k, n) == (0, 0, 0) else f"d{d}k{k}n{n}"
-
-
-def parse_strategy(name: str) -> Strategy:
-  if name == "plain":
-    return (0, 0, 0)
-  d, rest = name[1:].split("k")
-  k, n = rest.split("n")
-  return int(d), int(k), int(n)
 
 
 class CostModel:
