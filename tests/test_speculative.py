@@ -341,3 +341,31 @@ def test_drafter_cache_is_fresh_after_a_plain_chunk(models, prompts):
   ctl_state, (rounds, tokens, row_rounds) = chunk(params, dparams, after_plain.replace(draft_cache=ctl_cache))
   assert (int(tokens), int(row_rounds)) == (last["tokens"], last["row_rounds"])
   np.testing.assert_array_equal(np.asarray(ctl_state.seq_BxS), np.asarray(final.seq_BxS))
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_batch_above_the_bucket_ladder(models, prompts, speculate):
+  """A group of 12 rows with a ladder that stops at 4 (plain) or 8 (speculative below 2 live rows):
+  the state keeps its own 12 rows until the live rows fit the largest bucket, then compacts down
+  the ladder. Greedy outputs equal those of an engine whose ladder covers the batch."""
+  sp = SamplingParams(temperature=0.0)
+  g, params = models["target"]
+  toks, plen = (np.concatenate([x, x]) for x in prompts)
+  max_new = np.array([3, 5, 30, 8, 24, 2, 7, 1, 16, 4, 12, 6])  # rows finish one by one
+  ref = _engines(models, sp)[0].generate(params, toks, plen, max_new, jax.random.key(0))
+  if speculate:
+    dec = SpeculativeDecoder(g, models["good"][0], sp, EOS, strategies=[STRATEGIES[1]], rounds_per_chunk=3)
+    eng = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=2, buckets=(1, 2, 4, 8), speculative=dec,
+                        spec_threshold=2)
+    out = eng.generate(params, toks, plen, max_new, jax.random.key(0), drafter_params=models["good"][1],
+                       selector=FixedSelector(STRATEGIES[1]))
+    assert out.stats["spec_chunks"], "speculation never switched on"
+  else:
+    eng = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=2, buckets=(1, 2, 4))
+    out = eng.generate(params, toks, plen, max_new, jax.random.key(0))
+  trace = out.stats["active_trace"]
+  assert trace[0] > max(eng.buckets) and min(trace) <= 2, trace  # above the ladder, then down it
+  np.testing.assert_array_equal(out.lengths, ref.lengths)
+  np.testing.assert_array_equal(out.finished, ref.finished)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)

@@ -41,7 +41,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from tlt_jax.rollout.engine import bucket_for
+from tlt_jax.rollout.engine import bucket_for, compacted_rows
 from tlt_jax.tlt.bandit import PLAIN, BegMab
 from tlt_jax.analysis.costs import CostModel, Strategy, parse_strategy, strategy_name
 
@@ -141,7 +141,7 @@ def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, acce
   while (remaining > 0).any():
     act = remaining > 0
     active = int(act.sum())
-    b = bucket_for(active, spec.buckets) if spec.compact else n
+    b = compacted_rows(active, held, spec.buckets) if spec.compact else n
     ctx = spec.prompt_len + int(gen.max())
     if b < held:  # a work item of its own: the real engine times a chunk from its dispatch
       levels = [held] + [x for x in spec.buckets if b <= x < held][::-1]  # one level at a time

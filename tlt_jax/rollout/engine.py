@@ -215,10 +215,20 @@ def _shardings_of(tree):
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket that holds `n` rows; `n` itself above the ladder (a batch of its own size)."""
   for b in buckets:
     if b >= n:
       return b
   return n
+
+
+def compacted_rows(active: int, rows: int, buckets: Sequence[int]) -> int:
+  """Rows a state of `rows` rows holds once compacted to `active` live rows: the smallest bucket
+  that holds them when that is smaller than `rows`, else `rows` (no compaction). Above the ladder
+  a state keeps its own size until its live rows fit the largest bucket; then it compacts down
+  the ladder like any other."""
+  b = bucket_for(active, buckets)
+  return b if b < rows and b in buckets else rows
 
 
 def state_shardings(state: DecodeState, mesh, rules=None) -> DecodeState:
@@ -617,7 +627,7 @@ class RolloutSession:
       self.is_done = True
       self.times["total"] = time.perf_counter() - self.t_start
       return False
-    b = bucket_for(active.size, eng.buckets)
+    b = compacted_rows(active.size, len(self.row_ids), eng.buckets)
     if eng.compact and b < len(self.row_ids):
       t0 = time.perf_counter()
       self._copy_out(list(np.flatnonzero(done)))
