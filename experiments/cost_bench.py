@@ -116,12 +116,12 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
   def state_for(b, ctx, extra, p=params):
     prompts = rng.integers(3, cfg.vocab_size, (b, ctx)).astype(np.int32)
     cap = ctx + extra
-    return eng.prefill_jit(mesh_lib.mesh_of(p), p, (b, ctx), cap)(
+    return eng.jits.prefill(mesh_lib.mesh_of(p), p, (b, ctx), cap)(
         p, jnp.asarray(prompts), jnp.full((b,), ctx, jnp.int32), jnp.full((b,), extra, jnp.int32),
         jax.random.key(0))
 
   def plain_chunk(p, st):
-    return eng.chunk_jit(mesh_lib.mesh_of(p), p, st, None)(p, st)
+    return eng.jits.chunk(mesh_lib.mesh_of(p), p, st, None)(p, st)
 
   out = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {os.cpu_count()} cores)",
          "config": cli.config_path_of(sys.argv), "chunk_size": k, "rounds_per_chunk": rounds,
@@ -169,7 +169,7 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
 
     def copy(rows, feat):
       idx = jnp.asarray(np.asarray(rows + rows[:1] * (b - len(rows)), np.int32))
-      seq, lp, ng, pl, *f = jax.device_get(eng.gather_jit(mesh, st, b, feat)(st, idx))
+      seq, lp, ng, pl, *f = jax.device_get(eng.jits.gather(mesh, st, b, feat)(st, idx))
       tokens = np.zeros((len(rows), ctx0), np.int32)
       for j in range(len(rows)):
         tokens[j, :int(ng[j])] = seq[j, pl[j]:pl[j] + ng[j]]
@@ -179,7 +179,7 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
       copy(list(range(half, b)), False)
       keep = bucket_for(half, batches)
       idx = np.concatenate([np.arange(half), np.zeros(keep - half, np.int64)]).astype(np.int32)
-      jax.block_until_ready(eng.compact_jit(mesh, st, keep)(st, jnp.asarray(idx), np.int32(half)).done_B)
+      jax.block_until_ready(eng.jits.compact(mesh, st, keep)(st, jnp.asarray(idx), np.int32(half)).done_B)
     if half >= 1:
       out["compact"][str(b)] = _timeit(compact, repeats)
     out["copy_out"][str(b)] = _timeit(lambda: copy(list(range(b)), False), repeats)

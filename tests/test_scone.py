@@ -232,13 +232,13 @@ def test_scone_off_is_bitwise_the_plain_model(setup):
   off_eng = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=4, input_embedder=None)
   args = (params, jnp.asarray(prompts), jnp.asarray(plen), jnp.asarray([4, 4], jnp.int32), jax.random.key(0))
   mesh = mesh_lib.mesh_of(params)
-  text = [e.prefill_jit(mesh, params, prompts.shape, 16).lower(*args).as_text() for e in (plain_eng, off_eng)]
+  text = [e.jits.prefill(mesh, params, prompts.shape, 16).lower(*args).as_text() for e in (plain_eng, off_eng)]
   assert text[0] == text[1] and "callback" not in text[0]
-  state = plain_eng.prefill_jit(mesh, params, prompts.shape, 16)(*args)
-  chunk = [e.chunk_jit(mesh, params, state, None).lower(params, state).as_text() for e in (plain_eng, off_eng)]
+  state = plain_eng.jits.prefill(mesh, params, prompts.shape, 16)(*args)
+  chunk = [e.jits.chunk(mesh, params, state, None).lower(params, state).as_text() for e in (plain_eng, off_eng)]
   assert chunk[0] == chunk[1] and "callback" not in chunk[0]
   tab_eng = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=4, input_embedder=setup["table"])
-  assert "callback" in tab_eng.chunk_jit(mesh, params, state, None).lower(params, state).as_text()
+  assert "callback" in tab_eng.jits.chunk(mesh, params, state, None).lower(params, state).as_text()
 
 
 def test_checkpoint_and_table_file_rebuild_the_table(setup, tmp_path):

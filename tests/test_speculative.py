@@ -125,7 +125,7 @@ def test_compaction_compiles_per_bucket_and_cold_chunks_are_not_scored(models, p
     session._copy_out(list(range(k)))
   assert sum(f._cache_size() for f in eng.programs("gather")) == 1
   state = session.state
-  compact, rep = eng.compact_jit(session.mesh, state, 4), mesh_lib.replicated(session.mesh)
+  compact, rep = eng.jits.compact(session.mesh, state, 4), mesh_lib.replicated(session.mesh)
   for n in range(1, 5):  # 1..4 live rows into a bucket of 4: one program
     out = compact(state, mesh_lib.put_global(np.arange(4, dtype=np.int32), rep), mesh_lib.put_global(np.int32(n), rep))
     np.testing.assert_array_equal(np.asarray(out.done_B)[n:], True)
@@ -287,8 +287,8 @@ def test_each_chunk_program_compiles_once_per_kind(models, prompts):
       kinds = [c["strategy"] for c in out.stats["chunks"]]
       assert None in kinds and str(strategy) in kinds, kinds
     # the chunk and the drafter catch-up dispatched before it (SpeculativeDecoder.dispatch_sync)
-    # keyed by (kind..., the group's devices and shape): one mesh here
-    assert {k[:-1]: f._cache_size() for k, f in dec._chunks.items()} == {(strategy, None): 1, ("sync",): 1}
+    # keyed by kind (and the group's mesh and shape): one mesh here
+    assert {k.kind: f._cache_size() for k, f in dec.programs.items()} == {(strategy, None): 1, ("sync",): 1}
     assert [f._cache_size() for f in eng.programs("chunk")] == [1]
 
 

@@ -333,7 +333,7 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
   rep_g = mesh_lib.replicated(gmesh)
 
   def decode_state(bucket: int, with_draft: bool):
-    fn = engine._prefill_fn
+    fn = engine.jits.prefill_fn
     st = jax.eval_shape(lambda p, x, l, m, k: fn(p, x, l, m, k, capacity=shapes.capacity), sample_params,
                         jax.ShapeDtypeStruct((bucket, shapes.prompt_width), jnp.int32),
                         jax.ShapeDtypeStruct((bucket,), jnp.int32), jax.ShapeDtypeStruct((bucket,), jnp.int32),
@@ -353,7 +353,7 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
   first = shapes.buckets[-1]
 
   def prefill():
-    fn = engine.prefill_jit(gmesh, sample_params, (first, shapes.prompt_width), shapes.capacity)
+    fn = engine.jits.prefill(gmesh, sample_params, (first, shapes.prompt_width), shapes.capacity)
     prompts = jax.ShapeDtypeStruct((first, shapes.prompt_width), jnp.int32,
                                    sharding=mesh_lib.batch_sharding(gmesh, 2, mesh_lib.SAMPLE_RULES, first))
     vec = jax.ShapeDtypeStruct((first,), jnp.int32, sharding=rep_g)
@@ -364,7 +364,7 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
   def decode(bucket, window=None):
     def build():
       st = decode_state(bucket, False)
-      fn = engine.chunk_jit(gmesh, sample_params, st, window)
+      fn = engine.jits.chunk(gmesh, sample_params, st, window)
       what = "whole cache" if window is None else f"live window {window}"
       return fn, (sample_params, st), f"{engine.chunk_size} steps, cache {shapes.capacity}, {what}"
     return build

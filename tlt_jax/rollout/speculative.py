@@ -33,7 +33,8 @@ from flax import nnx
 
 from tlt_jax.models.transformer import KVCache, write_slots
 from tlt_jax.parallel import mesh as mesh_lib
-from tlt_jax.rollout.engine import DecodeState, is_eos, state_shardings
+from tlt_jax.rollout.decode import DecodeState, is_eos, state_shardings
+from tlt_jax.rollout.programs import ProgramCache, ProgramKey
 from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs, sample_from, target_logprobs
 from tlt_jax.rollout.strategy import Strategy
 
@@ -305,7 +306,7 @@ class SpeculativeDecoder:
     self.max_verify_tokens = max(s.num_verify for s in self.strategies) + 1
     if int(self.sync_block) < 1:
       raise ValueError(f"sync_block={self.sync_block!r}; must be >= 1")
-    self._chunks = {}
+    self.programs = ProgramCache()  # its chunk and catch-up programs
     drafter_cfg = lambda dparams: nnx.merge(self.drafter_graphdef, dparams).cfg  # noqa: E731
     # Placed (and committed) like the state it joins: a jit's output lives where its committed
     # inputs do, and `keep_unused` keeps `done_B` an input although only its shape is read.
@@ -333,14 +334,13 @@ class SpeculativeDecoder:
     """`fn(tparams, dparams, state)` jitted once per `key` and group shape, the state donated; on
     `mesh` with explicit in/out shardings (the params as placed, the state by
     engine.state_shardings, the statistics, when `stats_out`, replicated)."""
-    key = key + ((tuple(d.id for d in mesh.devices.flat), state.done_B.shape[0], state.seq_BxS.shape[1]),)
-    if key not in self._chunks:
+
+    def build():
       st, rep = state_shardings(state, mesh), mesh_lib.replicated(mesh)
       of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-      self._chunks[key] = jax.jit(fn, in_shardings=(of(tparams), of(dparams), st),
-                                  out_shardings=(st, (rep, rep, rep)) if stats_out else st,
-                                  donate_argnums=(2,))
-    return self._chunks[key]
+      return jax.jit(fn, in_shardings=(of(tparams), of(dparams), st),
+                     out_shardings=(st, (rep, rep, rep)) if stats_out else st, donate_argnums=(2,))
+    return self.programs.get(ProgramKey.of(key, mesh, tuple(state.seq_BxS.shape)), build)
 
   def _chunk_fn(self, strategy: Strategy, window: int | None, mesh, tparams, dparams,
                 state: DecodeState):

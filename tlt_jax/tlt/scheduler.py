@@ -45,140 +45,19 @@ drafter steps after each policy update (`train_between_steps`), "off" never trai
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tlt_jax.drafter.train import (DrafterTrainState, TargetHead, drafter_state_shardings,
-                                   target_head_shardings)
-from tlt_jax.parallel import mesh as mesh_lib
-from tlt_jax.rollout.engine import RolloutResult
-from tlt_jax.tlt.buffer import DrafterBuffer
+from tlt_jax.drafter.train import TargetHead
+from tlt_jax.rollout.records import RolloutResult
+from tlt_jax.tlt.drafter_trainer import DrafterTrainer, PublishedDrafter, target_head  # noqa: F401
 from tlt_jax.tlt.groups import RolloutGroup, place_params, split_rows, union_mesh
 
 SINGLE_GROUP_MODES = ("between_steps", "off")
 PHASES = ("decode", "train", "idle")
-
-
-def target_head(graphdef, params) -> TargetHead:
-  """The frozen embedding / LM head the drafter trains against: the current policy's."""
-  return TargetHead.from_target(nnx.merge(graphdef, params))
-
-
-# ------------------------------------------------------------------------------ drafter training
-
-
-@dataclasses.dataclass(frozen=True)
-class PublishedDrafter:
-  """A completed drafter version (immutable): `params[g]` is placed on rollout group g."""
-
-  version: int
-  params: tuple[Any, ...]
-
-
-def _same_devices(a: Mesh | None, b: Mesh) -> bool:
-  return a is not None and a.devices.shape == b.devices.shape and bool(np.all(a.devices == b.devices))
-
-
-class DrafterTrainer:
-  """The drafter's train state and jitted `drafter_train_step`, with versioned publication.
-
-  Args:
-    make_step: `mesh -> drafter_train_step(state, head, batch) -> (state, metrics)`, jitted with
-      explicit shardings on that mesh and donating the state (drafter/train.py's
-      `make_drafter_train_step(..., mesh=mesh)`); built once per mesh the drafter trains on.
-    state: the DrafterTrainState.
-    groups: the rollout groups (each published version is placed on every one).
-    buffer: the DrafterBuffer batches are drawn from.
-    batch_size: rows per drafter step.
-    version: the version of `state.params` (restored from a checkpoint, else 0).
-  """
-
-  def __init__(self, make_step: Callable[[Mesh], Callable], state: DrafterTrainState,
-               groups: Sequence[RolloutGroup], buffer: DrafterBuffer, batch_size: int, *,
-               version: int = 0):
-    self.make_step, self.groups, self.buffer = make_step, tuple(groups), buffer
-    self.batch_size = int(batch_size)
-    self.state = state
-    self._steps: dict[tuple, Callable] = {}  # device ids of a mesh -> its jitted step
-    self._mesh: Mesh | None = None  # where `state` lives (None: wherever it was given)
-    self._head = None  # (source head, mesh, placed head)
-    self._queue: collections.deque = collections.deque()  # (snapshot, metrics) in dispatch order
-    self.published = self._publication(version, self._snapshot(state.params))
-
-  @staticmethod
-  def _snapshot(params):
-    """A copy that no later (donating) train step can touch."""
-    return jax.tree.map(jnp.copy, params)
-
-  def _publication(self, version: int, params) -> PublishedDrafter:
-    return PublishedDrafter(int(version), tuple(g.replicate(params) for g in self.groups))
-
-  @property
-  def version(self) -> int:
-    return self.published.version
-
-  def restore(self, state: DrafterTrainState, version: int) -> None:
-    """Continues from a checkpointed train state whose params are drafter `version`."""
-    if self._queue:
-      raise RuntimeError("DrafterTrainer.restore with train steps in flight")
-    self.state, self._mesh, self._head = state, None, None
-    self.published = self._publication(version, self._snapshot(state.params))
-
-  @property
-  def in_flight(self) -> int:
-    return len(self._queue)
-
-  def batch_shards(self, mesh: Mesh) -> int:
-    """How many ways a drafter batch is split on `mesh` (its data x fsdp devices)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-  def place(self, mesh: Mesh) -> None:
-    """Moves the train state onto `mesh` (params and moments by their logical axes, the training
-    layout), e.g. the devices of the idle groups."""
-    if not _same_devices(self._mesh, mesh):
-      self.state = jax.device_put(self.state, drafter_state_shardings(self.state, mesh))
-      self._mesh = mesh
-
-  def dispatch(self, mesh: Mesh, head: TargetHead) -> None:
-    """Queues one train step (and the copy of its params) on `mesh`; returns without waiting."""
-    key = tuple(d.id for d in mesh.devices.flat)
-    if key not in self._steps:
-      self._steps[key] = self.make_step(mesh)
-    self.place(mesh)
-    if self._head is None or self._head[0] is not head or not _same_devices(self._head[1], mesh):
-      sharding = (target_head_shardings(head.cfg, mesh) if isinstance(head, TargetHead)
-                  else NamedSharding(mesh, P()))
-      self._head = (head, mesh, jax.device_put(head, sharding))
-    batch = jax.device_put(self.buffer.sample(self.batch_size), mesh_lib.batch_sharding(mesh, 1))
-    self.state, metrics = self._steps[key](self.state, self._head[2], batch)
-    self._queue.append((self._snapshot(self.state.params), metrics))
-
-  def oldest_ready(self) -> bool:
-    return bool(self._queue) and all(x.is_ready() for x in jax.tree.leaves(self._queue[0][0]))
-
-  def complete_one(self) -> dict[str, float]:
-    """Waits for the oldest queued step, publishes it as version + 1; returns its metrics."""
-    snapshot, metrics = self._queue.popleft()
-    jax.block_until_ready(snapshot)
-    self.published = self._publication(self.published.version + 1, snapshot)  # the atomic swap
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-  def complete_ready(self) -> list[dict[str, float]]:
-    out = []
-    while self.oldest_ready():
-      out.append(self.complete_one())
-    return out
-
-  def complete_all(self) -> list[dict[str, float]]:
-    return [self.complete_one() for _ in range(len(self._queue))]
 
 
 # ------------------------------------------------------------------------------ accounting
@@ -297,132 +176,10 @@ class HostScheduler:
     accounting (module docstring) with per-group entries, drafter versions used, accept length
     and `buffered_rows` (the rows whose features went to the buffer).
     """
-    clock, trainer, num_groups = self.clock, self.trainer, len(self.groups)
-    t0 = clock()
-    n = len(prompt_BxP)
-    rows = split_rows(n, group_size, num_groups)
-    max_new_N = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (n,))
-    training = self.train_in_bubbles and train
-    self._collect_now = self.collect_features and train
-    if training and head is None:
-      head = target_head(self.engine.graphdef, params)
-    timeline = Timeline(num_groups, t0, ["decode" if len(r) else "idle" for r in rows])
-    sessions: list[Any] = [None] * num_groups
-    results: list[RolloutResult | None] = [None] * num_groups
-    done_at = [t0 if not len(r) else None for r in rows]
-    versions_used: set[int] = set()  # drafter versions of the speculative chunks
-    dispatched: list[int | None] = [None] * num_groups  # version given to each group's chunk in flight
-    buffered = np.zeros((n,), bool)
-    train_metrics: list[dict] = []
-    steps_dispatched = 0
-    train_groups: list[int] = []  # the groups the queued train steps run on
-    host_s = [0.0] * num_groups  # time inside each group's session.advance() (copy-out, compaction, dispatch)
-    start_s = [[0.0, 0.0] for _ in range(num_groups)]  # each session's start and first dispatch, from t0
-
-    def drain_features(g):
-      s = sessions[g]
-      feats = getattr(s, "finished_features", None)
-      if not feats:
-        return
-      if trainer is not None and train:
-        trainer.buffer.add_sequences([(tok, feat, plen) for _, tok, feat, plen in feats], step)
-        buffered[rows[g][[r for r, _, _, _ in feats]]] = True
-      feats.clear()
-
-    def advance(g) -> bool:
-      s = sessions[g]
-      version, dparams = self._drafter_for(g)
-      if dparams is not None:
-        s.drafter_params = dparams
-      chunks = getattr(s, "chunks", ())
-      seen = len(chunks)
-      begin = clock()
-      more = s.advance()
-      host_s[g] += clock() - begin
-      # the chunk that just finished was dispatched by the previous call, with that call's version
-      if any(c.get("strategy") is not None for c in chunks[seen:]) and dispatched[g] is not None:
-        versions_used.add(dispatched[g])
-      dispatched[g] = version
-      drain_features(g)
-      if not more:
-        results[g] = s.result()
-        done_at[g] = clock()
-        timeline.set(g, "idle", done_at[g])
-      return more
-
-    def train_tick():
-      """Publishes completed drafter steps; keeps the queue full on the idle groups' devices."""
-      nonlocal train_groups, steps_dispatched
-      now = clock()
-      done = trainer.complete_ready()
-      train_metrics.extend(done)
-      if done and not trainer.in_flight:
-        for g in train_groups:
-          timeline.set(g, "idle", now)
-        train_groups = []
-      idle = [g for g in range(num_groups) if done_at[g] is not None]
-      if not (active and idle) or len(trainer.buffer) < trainer.batch_size:
-        return
-      idle = self._train_groups(idle)
-      if trainer.in_flight and set(idle) != set(train_groups):
-        return  # more groups went idle: they join once the queue drains
-      mesh = union_mesh([self.groups[g] for g in idle])
-      while trainer.in_flight < self.max_in_flight and not (
-          self.max_train_steps and steps_dispatched >= self.max_train_steps):
-        trainer.dispatch(mesh, head)
-        steps_dispatched += 1
-      if trainer.in_flight:
-        for g in idle:
-          if timeline.phase(g) != "train":
-            timeline.set(g, "train", now)
-        train_groups = idle
-
-    active = []
-    group_params = place_params(params, self.groups)  # sampling layout, one reshard for all groups
-    for g, group in enumerate(self.groups):  # each group's prefill overlaps the others' first chunks
-      if not len(rows[g]):
-        continue
-      r = rows[g]
-      _, dparams = self._drafter_for(g)
-      start_s[g][0] = clock() - t0
-      sessions[g] = self._start_session(group, group_params[g], prompt_BxP[r], prompt_len_B[r],
-                                        max_new_N[r], group.replicate(jax.random.fold_in(rng, g)), dparams)
-      if advance(g):
-        active.append(g)
-      start_s[g][1] = clock() - t0
-      host_s[g] = 0.0  # from the first chunk on
-
-    while active:
-      # Advance the groups whose chunk is done (a session without `chunk_ready` counts as ready),
-      # so that each chunk's time is its own and a finished group goes idle at once; poll the
-      # drafter before each, so that every chunk gets the newest version.
-      ready = [g for g in active if getattr(sessions[g], "chunk_ready", lambda: True)()]
-      if not ready:
-        if training:
-          train_tick()
-        time.sleep(self.poll_s)
-        continue
-      for g in ready:
-        if training:
-          train_tick()
-        if not advance(g):
-          active.remove(g)
-
-    t_last = max(d for d in done_at if d is not None) if any(d is not None for d in done_at) else t0
-    if training and trainer.in_flight:  # preemption: finish (and publish) the queued steps
-      train_metrics += trainer.complete_all()
-    t_end = clock()
-    for g in train_groups:
-      timeline.set(g, "idle", t_end)
-    timeline.close(t_end)
-
-    result = merge_results([results[g] for g in range(num_groups)], rows, n,
-                           getattr(self.engine, "pad_id", 0))
-    account = self._account(timeline, done_at, t0, t_last, t_end, train_metrics, versions_used, result)
-    for g, entry in enumerate(account["groups"]):
-      entry.update(start_s=start_s[g][0], first_dispatch_s=start_s[g][1], host_s=host_s[g])
-    account["buffered_rows"] = buffered
-    return result, account
+    run = _Rollout(self, params, len(prompt_BxP), group_size, step, head, train)
+    run.start(params, prompt_BxP, prompt_len_B, max_new_tokens, rng)
+    run.decode()
+    return run.finish()
 
   def _account(self, timeline: Timeline, done_at, t0, t_last, t_end, train_metrics, versions_used,
                result: RolloutResult) -> dict[str, Any]:
@@ -476,6 +233,148 @@ class HostScheduler:
       out["drafter_loss"] = float(np.mean([m["loss"] for m in metrics]))
     return out
 
+
+
+class _Rollout:
+  """The state of one `HostScheduler.rollout`: the groups' sessions and results, when each went
+  idle, the drafter versions its speculative chunks used, the buffered rows, the queued drafter
+  steps and the timeline. Its methods are the steps of the rollout: start the sessions, advance
+  the ready groups while training the drafter in the bubbles, merge and account."""
+
+  def __init__(self, sched: "HostScheduler", params, n: int, group_size: int, step: int,
+               head: TargetHead | None, train: bool):
+    self.sched, self.clock, self.trainer = sched, sched.clock, sched.trainer
+    self.t0 = self.clock()
+    num_groups = len(sched.groups)
+    self.n, self.step, self.train = n, step, train
+    self.rows = split_rows(n, group_size, num_groups)
+    self.training = sched.train_in_bubbles and train
+    sched._collect_now = sched.collect_features and train
+    self.head = target_head(sched.engine.graphdef, params) if self.training and head is None else head
+    self.timeline = Timeline(num_groups, self.t0, ["decode" if len(r) else "idle" for r in self.rows])
+    self.sessions: list[Any] = [None] * num_groups
+    self.results: list[RolloutResult | None] = [None] * num_groups
+    self.done_at = [self.t0 if not len(r) else None for r in self.rows]
+    self.versions_used: set[int] = set()  # drafter versions of the speculative chunks
+    self.dispatched: list[int | None] = [None] * num_groups  # version given to each group's chunk in flight
+    self.buffered = np.zeros((n,), bool)
+    self.train_metrics: list[dict] = []
+    self.steps_dispatched = 0
+    self.train_groups: list[int] = []  # the groups the queued train steps run on
+    self.host_s = [0.0] * num_groups  # time inside each session.advance() (copy-out, compaction, dispatch)
+    self.start_s = [[0.0, 0.0] for _ in range(num_groups)]  # each session's start and first dispatch, from t0
+    self.active: list[int] = []
+
+  def start(self, params, prompt_BxP, prompt_len_B, max_new_tokens, rng) -> None:
+    """Starts every group's session (each group's prefill overlaps the others' first chunks)."""
+    sched = self.sched
+    max_new_N = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (self.n,))
+    group_params = place_params(params, sched.groups)  # sampling layout, one reshard for all groups
+    for g, group in enumerate(sched.groups):
+      r = self.rows[g]
+      if not len(r):
+        continue
+      _, dparams = sched._drafter_for(g)
+      self.start_s[g][0] = self.clock() - self.t0
+      self.sessions[g] = sched._start_session(group, group_params[g], prompt_BxP[r], prompt_len_B[r],
+                                              max_new_N[r], group.replicate(jax.random.fold_in(rng, g)),
+                                              dparams)
+      if self.advance(g):
+        self.active.append(g)
+      self.start_s[g][1] = self.clock() - self.t0
+      self.host_s[g] = 0.0  # from the first chunk on
+
+  def drain_features(self, g: int) -> None:
+    feats = getattr(self.sessions[g], "finished_features", None)
+    if not feats:
+      return
+    if self.trainer is not None and self.train:
+      self.trainer.buffer.add_sequences([(tok, feat, plen) for _, tok, feat, plen in feats], self.step)
+      self.buffered[self.rows[g][[r for r, _, _, _ in feats]]] = True
+    feats.clear()
+
+  def advance(self, g: int) -> bool:
+    """One `advance()` of group g's session with the newest drafter; False once it is done."""
+    s = self.sessions[g]
+    version, dparams = self.sched._drafter_for(g)
+    if dparams is not None:
+      s.drafter_params = dparams
+    chunks = getattr(s, "chunks", ())
+    seen = len(chunks)
+    begin = self.clock()
+    more = s.advance()
+    self.host_s[g] += self.clock() - begin
+    # the chunk that just finished was dispatched by the previous call, with that call's version
+    if any(c.get("strategy") is not None for c in chunks[seen:]) and self.dispatched[g] is not None:
+      self.versions_used.add(self.dispatched[g])
+    self.dispatched[g] = version
+    self.drain_features(g)
+    if not more:
+      self.results[g] = s.result()
+      self.done_at[g] = self.clock()
+      self.timeline.set(g, "idle", self.done_at[g])
+    return more
+
+  def train_tick(self) -> None:
+    """Publishes completed drafter steps; keeps the queue full on the idle groups' devices."""
+    trainer, now = self.trainer, self.clock()
+    done = trainer.complete_ready()
+    self.train_metrics.extend(done)
+    if done and not trainer.in_flight:
+      for g in self.train_groups:
+        self.timeline.set(g, "idle", now)
+      self.train_groups = []
+    idle = [g for g in range(len(self.done_at)) if self.done_at[g] is not None]
+    if not (self.active and idle) or len(trainer.buffer) < trainer.batch_size:
+      return
+    idle = self.sched._train_groups(idle)
+    if trainer.in_flight and set(idle) != set(self.train_groups):
+      return  # more groups went idle: they join once the queue drains
+    mesh = union_mesh([self.sched.groups[g] for g in idle])
+    limit = self.sched.max_train_steps
+    while trainer.in_flight < self.sched.max_in_flight and not (limit and self.steps_dispatched >= limit):
+      trainer.dispatch(mesh, self.head)
+      self.steps_dispatched += 1
+    if trainer.in_flight:
+      for g in idle:
+        if self.timeline.phase(g) != "train":
+          self.timeline.set(g, "train", now)
+      self.train_groups = idle
+
+  def decode(self) -> None:
+    """Advances the groups whose chunk is done (a session without `chunk_ready` counts as ready),
+    so that each chunk's time is its own and a finished group goes idle at once; polls the
+    drafter before each, so that every chunk gets the newest version."""
+    while self.active:
+      ready = [g for g in self.active if getattr(self.sessions[g], "chunk_ready", lambda: True)()]
+      if not ready:
+        if self.training:
+          self.train_tick()
+        time.sleep(self.sched.poll_s)
+        continue
+      for g in ready:
+        if self.training:
+          self.train_tick()
+        if not self.advance(g):
+          self.active.remove(g)
+
+  def finish(self) -> tuple[RolloutResult, dict[str, Any]]:
+    """Completes the queued drafter steps (preemption), merges the results, accounts."""
+    finished = [d for d in self.done_at if d is not None]
+    t_last = max(finished) if finished else self.t0
+    if self.training and self.trainer.in_flight:  # preemption: finish (and publish) the queued steps
+      self.train_metrics += self.trainer.complete_all()
+    t_end = self.clock()
+    for g in self.train_groups:
+      self.timeline.set(g, "idle", t_end)
+    self.timeline.close(t_end)
+    result = merge_results(self.results, self.rows, self.n, getattr(self.sched.engine, "pad_id", 0))
+    account = self.sched._account(self.timeline, self.done_at, self.t0, t_last, t_end, self.train_metrics,
+                                  self.versions_used, result)
+    for g, entry in enumerate(account["groups"]):
+      entry.update(start_s=self.start_s[g][0], first_dispatch_s=self.start_s[g][1], host_s=self.host_s[g])
+    account["buffered_rows"] = self.buffered
+    return result, account
 
 def merge_results(results: Sequence[RolloutResult | None], rows: Sequence[np.ndarray], n: int,
                   pad_id: int = 0) -> RolloutResult:
