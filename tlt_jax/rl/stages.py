@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from tlt_jax.rl.packing import PackIndex, pack_sequences, repack, unpack
-from tlt_jax.rollout.engine import RolloutResult
+from tlt_jax.rollout.records import RolloutResult, merge_stats
 
 # Arrays of an update batch that travel to the device (rl/update.py BATCH_KEYS + the rest).
 ROW_KEYS = ("tokens", "positions", "segment_ids", "response_mask", "sampler_logprobs")
@@ -124,21 +124,6 @@ def _pad_cat(arrays: Sequence[np.ndarray], fill) -> np.ndarray:
                          for a in arrays])
 
 
-def merge_stats(results: Sequence[RolloutResult]) -> dict[str, Any]:
-  """Rollout statistics of several rounds: times summed, chunks pooled, accept length pooled."""
-  times: dict[str, float] = {}
-  for r in results:
-    for k, v in r.stats.get("time_s", {}).items():
-      times[k] = times.get(k, 0.0) + float(v)
-  chunks = [c for r in results for c in r.stats.get("chunks", [])]
-  spec = [c for r in results for c in r.stats.get("spec_chunks", [])]
-  row_rounds = sum(c.get("row_rounds", 0) for c in spec)
-  return dict(time_s=times, num_tokens=sum(int(r.stats.get("num_tokens", 0)) for r in results),
-              spec_accept_len=(sum(c["tokens"] for c in spec) / row_rounds) if row_rounds else None,
-              chunks=chunks, spec_chunks=spec,
-              active_trace=[r.stats.get("active_trace") for r in results])
-
-
 def merge_accounts(accounts: Sequence[dict]) -> dict[str, Any]:
   """TLT accounts of several rollout rounds: times and drafter steps summed, the last version."""
   out = dict(accounts[-1])
@@ -172,7 +157,7 @@ def assemble(parts: Sequence[tuple[Rollout, Scores, np.ndarray]], num_groups: in
   cat = lambda k: np.concatenate([s[k] for s in sel])  # noqa: E731
   result = RolloutResult(_pad_cat([s["tokens"] for s in sel], pad_id), cat("lengths"),
                          _pad_cat([s["logprobs"] for s in sel], 0.0), cat("finished"),
-                         merge_stats([p[0].result for p in parts]))
+                         merge_stats([p[0].result.stats for p in parts]))
   rollout = Rollout(examples=[e for s in sel for e in s["examples"]],
                     prompt_BxW=_pad_cat([s["prompt"] for s in sel], pad_id), prompt_len_B=cat("prompt_len"),
                     result=result, responses=[y for s in sel for y in s["responses"]],

@@ -52,7 +52,7 @@ import jax
 import numpy as np
 
 from tlt_jax.drafter.train import TargetHead
-from tlt_jax.rollout.records import RolloutResult
+from tlt_jax.rollout.records import RolloutResult, merge_stats
 from tlt_jax.tlt.drafter_trainer import DrafterTrainer, PublishedDrafter, target_head  # noqa: F401
 from tlt_jax.tlt.groups import RolloutGroup, place_params, split_rows, union_mesh
 
@@ -378,9 +378,8 @@ class _Rollout:
 
 def merge_results(results: Sequence[RolloutResult | None], rows: Sequence[np.ndarray], n: int,
                   pad_id: int = 0) -> RolloutResult:
-  """The groups' results in the original row order. Statistics: times per phase summed over
-  groups (group-seconds, not wall), accept length pooled over every speculative chunk, and each
-  group's active-batch trace."""
+  """The groups' results in the original row order, their statistics merged (records.merge_stats,
+  each chunk tagged with its group)."""
   present = [(r, idx) for r, idx in zip(results, rows) if r is not None]
   width = max(r.tokens.shape[1] for r, _ in present)
   tokens = np.full((n, width), pad_id, np.int32)
@@ -391,15 +390,5 @@ def merge_results(results: Sequence[RolloutResult | None], rows: Sequence[np.nda
     w = r.tokens.shape[1]
     tokens[idx, :w], logprobs[idx, :w] = r.tokens, r.logprobs
     lengths[idx], finished[idx] = r.lengths, r.finished
-  times: dict[str, float] = {}
-  for r, _ in present:
-    for k, v in r.stats["time_s"].items():
-      times[k] = times.get(k, 0.0) + float(v)
-  chunks = [dict(c, group=g) for g, (r, _) in enumerate(present) for c in r.stats["chunks"]]
-  spec = [c for c in chunks if c["strategy"] is not None]
-  row_rounds = sum(c["row_rounds"] for c in spec)
-  stats = dict(time_s=times, num_tokens=int(lengths.sum()),
-               spec_accept_len=(sum(c["tokens"] for c in spec) / row_rounds) if row_rounds else None,
-               chunks=chunks, spec_chunks=spec,
-               active_trace=[r.stats["active_trace"] for r, _ in present])
+  stats = dict(merge_stats([r.stats for r, _ in present], tag_groups=True), num_tokens=int(lengths.sum()))
   return RolloutResult(tokens, lengths, logprobs, finished, stats)
