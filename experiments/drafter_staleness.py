@@ -99,12 +99,12 @@ def main(argv):
         bar.update(1)
       if step % every == 0 or step == steps:
         params = group.replicate(trainer.state.params)
-        pub = trainer.tlt.trainer.published
-        row = dict(step=step, frozen=accept_len(params, frozen), adaptive=accept_len(params, pub.params[0]),
-                   drafter_version=pub.version,
+        version, adaptive = trainer.tlt.drafter_params(0)
+        row = dict(step=step, frozen=accept_len(params, frozen), adaptive=accept_len(params, adaptive),
+                   drafter_version=version,
                    reward_mean=None if not step else record.get("reward_mean"),
                    response_len_mean=None if not step else record.get("response_len_mean"),
-                   buffer_rows=len(trainer.tlt.buffer))
+                   buffer_rows=trainer.tlt.buffer_rows)
         rows.append(row)
         out.write(json.dumps(row) + "\n")
         say(json.dumps(row))

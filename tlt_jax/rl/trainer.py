@@ -447,7 +447,7 @@ class RLTrainer:
     """Stage 6: TLT's drafter buffer takes the update's own features f_t for the rows the rollout
     did not already buffer (tlt/buffer.py); with one rollout group the drafter then trains
     between steps. Packed batches are unpacked to rows first. Returns record fields."""
-    if self.tlt.trainer is None:
+    if not self.tlt.trains_drafter:
       return {}
     rows, hidden_BxLxH = batch.device, hidden
     if batch.pack is not None:
@@ -610,7 +610,7 @@ class RLTrainer:
       tlt = {k: [r[k] for r in records if isinstance(r.get(k), (int, float))]
              for k in ("accept_len", "bubble_utilisation", "spec_frac")}
       summary["tlt"] = {f"{k}_mean": float(np.mean(v)) for k, v in tlt.items() if v}
-      summary["tlt"]["drafter_version"] = self.tlt.trainer.version if self.tlt.trainer else None
+      summary["tlt"]["drafter_version"] = self.tlt.drafter_version
     if self.evaluate is not None and self.rl.eval_size:
       summary["final_eval"] = self.evaluate(nnx.merge(self.graphdef, self.state.params))
     return summary

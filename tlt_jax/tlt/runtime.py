@@ -142,6 +142,29 @@ class TLTRuntime:
         between_steps=int(t.between_steps),
         max_in_flight=int(t.max_in_flight), max_train_steps=int(t.max_drafter_steps))
 
+  # ----------------------------------------------------------------------------- the facade
+
+  @property
+  def trains_drafter(self) -> bool:
+    """Whether a drafter trains (in the bubbles or between steps) in this run."""
+    return self.trainer is not None
+
+  @property
+  def drafter_version(self) -> int | None:
+    """The published drafter version (None when no drafter trains)."""
+    return None if self.trainer is None else self.trainer.version
+
+  def drafter_params(self, group: int = 0):
+    """(version, params placed on rollout group `group`) of the drafter the next speculative
+    chunk uses: the trained drafter's newest published version, the static drafter (version 0),
+    or (None, None) without speculation."""
+    return self.scheduler.drafter_for(group)
+
+  @property
+  def buffer_rows(self) -> int:
+    """Rows in the drafter buffer (0 without drafter training)."""
+    return 0 if self.buffer is None else len(self.buffer)
+
   # ----------------------------------------------------------------------------- one step
 
   def rollout(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,

@@ -144,7 +144,8 @@ class HostScheduler:
                              self.selector, place_batch=group.place_batch,
                              collect_features=self._collect_now, mesh=group.mesh)
 
-  def _drafter_for(self, g: int):
+  def drafter_for(self, g: int):
+    """(version, params on group g) of the drafter a speculative chunk uses now."""
     if self.trainer is not None:
       pub = self.trainer.published
       return pub.version, pub.params[g]
@@ -274,7 +275,7 @@ class _Rollout:
       r = self.rows[g]
       if not len(r):
         continue
-      _, dparams = sched._drafter_for(g)
+      _, dparams = sched.drafter_for(g)
       self.start_s[g][0] = self.clock() - self.t0
       self.sessions[g] = sched._start_session(group, group_params[g], prompt_BxP[r], prompt_len_B[r],
                                               max_new_N[r], group.replicate(jax.random.fold_in(rng, g)),
@@ -296,7 +297,7 @@ class _Rollout:
   def advance(self, g: int) -> bool:
     """One `advance()` of group g's session with the newest drafter; False once it is done."""
     s = self.sessions[g]
-    version, dparams = self.sched._drafter_for(g)
+    version, dparams = self.sched.drafter_for(g)
     if dparams is not None:
       s.drafter_params = dparams
     chunks = getattr(s, "chunks", ())
