@@ -1,6 +1,6 @@
 """Costs of the rollout's and the drafter's units of work on this machine, for the step simulator.
 
-Times (tlt/costs.MeasuredCosts reads the JSON this writes; wall clock, medians of `--repeats`):
+Times (analysis/costs.MeasuredCosts reads the JSON this writes; wall clock, medians of `--repeats`):
 
   decode[ctx][batch]    one plain decoding step: the engine's jitted `decode_chunk` of
                         rollout.chunk_size steps at a padded batch and live context, / chunk_size

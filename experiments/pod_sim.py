@@ -6,7 +6,7 @@ Two modes:
       Predicts one RL step of the config on its TPU slice (Qwen2.5-7B on v5p-64: 4 rollout groups
       of 8 chips by default) for plain / static drafter / TLT, and sweeps the speculation
       threshold, the number of rollout groups, the drafter's accept rate, its staleness and the
-      tail's shape. Costs: `roofline` (tlt/costs.RooflineCosts: weights + live KV bytes over HBM
+      tail's shape. Costs: `roofline` (analysis/costs.RooflineCosts: weights + live KV bytes over HBM
       bandwidth, FLOPs over peak x MFU) or `compiled` (the TPU compiler's per-step estimates in
       experiments/results/pod_compile/, the roofline where they are missing). Response lengths:
       a lognormal long tail cut at rollout.max_new_tokens (parameters in the `sim` flags below).

@@ -2,7 +2,7 @@
 
 Why: TLT pays off where decoding is memory-bound (a step costs about the same at any batch) and
 the rollout is most of an RL step; on this CPU neither holds. The simulator runs the same
-scheduling logic as the real rollout over costs that were measured (tlt/costs.MeasuredCosts, on
+scheduling logic as the real rollout over costs that were measured (analysis/costs.MeasuredCosts, on
 this CPU or a GPU) or compiled for a TPU pod (CompiledCosts / RooflineCosts), so the two regimes
 can be compared with the same code paths:
 
