@@ -64,6 +64,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # (On 2 CPU cores a speculative round beats plain decoding at best at batch 1-2; BEG-MAB
       # falls back to plain per bucket when it loses, experiments/rollout_speedup.py.)
       spec_threshold=2, rounds_per_chunk=8,
+      window_block=0,  # live attention window granularity of a decode chunk (0: the whole cache)
+      max_prompt_len=0,  # fixed prompt width - 1 (0: the task's bound or each batch's longest)
   ))
 
   # EAGLE drafter warm-up on the SFT policy's own features of SFT traces (before RL).
@@ -131,6 +133,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       drafter_batch_size=8, buffer_capacity=256, buffer_decay=0.5,  # recency weight per RL step
       max_in_flight=1,  # drafter steps queued at once (the preemption latency at a rollout's end)
       max_drafter_steps=0,  # cap per rollout (0: as many as the bubbles fit)
+      buffer_seq_len=0,  # drafter buffer row length (0: the packed update row length)
+      buffer_bytes=0,  # host-memory budget of the buffer (0: buffer_capacity rows)
+      buffer_dtype="float32",  # the buffered features' dtype: float32 or bfloat16
+      checkpoint_buffer=True,  # the buffer's rows go into RL checkpoints
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=100, max_to_keep=3))

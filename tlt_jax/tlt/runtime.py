@@ -40,6 +40,7 @@ from tlt_jax.rollout.speculative import SpeculativeDecoder
 from tlt_jax.rollout.strategy import PLAIN, Strategy, parse_strategy, strategy_name
 from tlt_jax.tlt.bandit import BegMab
 from tlt_jax.tlt.buffer import DrafterBuffer, rows_for_budget
+from tlt_jax.tlt.config import TLTConfig
 from tlt_jax.tlt.groups import split_mesh
 from tlt_jax.tlt.scheduler import DrafterTrainer, HostScheduler, target_head
 
@@ -79,7 +80,8 @@ class TLTRuntime:
   """TLT's rollout side of one RL run (see the module docstring).
 
   Args:
-    config: the run config (sections `rollout`, `tlt`, `seed`).
+    config: the run config (sections `rollout`, `tlt`, `seed`), read through TLTConfig (or a
+      TLTConfig).
     graphdef: the policy's graphdef; model_cfg its ModelConfig.
     sampling: the rollout's SamplingParams; eos_ids / pad_id the tokenizer's.
     mesh: the run's mesh (one device is a 1x1x1 mesh); its `data` axis is split into the rollout
@@ -91,56 +93,53 @@ class TLTRuntime:
   def __init__(self, config, graphdef, model_cfg, sampling: SamplingParams, eos_ids: Sequence[int],
                pad_id: int, mesh: Mesh, drafter: tuple[Any, DrafterTrainState, Any] | None,
                seq_len: int):
-    r, t = config.rollout, config.tlt
+    c = self.config = config if isinstance(config, TLTConfig) else TLTConfig.from_config(config)
     self.graphdef = graphdef
-    self.spec_threshold = int(r.spec_threshold)
-    self.config_strategies = tuple(str(s) for s in t.strategies)
-    self.rounds_per_chunk = int(r.rounds_per_chunk)
-    self.groups = split_mesh(mesh, int(t.rollout_groups))
-    self.speculative = bool(t.speculative) and drafter is not None
-    self.train_drafter = bool(t.train_drafter) and drafter is not None
-    if drafter is None and (t.speculative or t.train_drafter):
+    self.spec_threshold, self.rounds_per_chunk = c.spec_threshold, c.rounds_per_chunk
+    self.groups = split_mesh(mesh, c.rollout_groups)
+    self.speculative = c.speculative and drafter is not None
+    self.train_drafter = c.train_drafter and drafter is not None
+    if drafter is None and (c.speculative or c.train_drafter):
       log.warning("no drafter (run the 'drafter' stage first): speculative decoding and drafter "
                   "training are off")
-    arms = parse_arms(t.strategies)
     decoder = None
     if self.speculative:
       decoder = SpeculativeDecoder(graphdef, drafter[0], sampling, tuple(eos_ids),
-                                   strategies=[Strategy(*a) for a in arms if a != PLAIN],
-                                   rounds_per_chunk=int(r.rounds_per_chunk))
+                                   strategies=[Strategy(*a) for a in c.speculative_arms],
+                                   rounds_per_chunk=c.rounds_per_chunk)
     self.engine = RolloutEngine(
-        graphdef, sampling, eos_ids=tuple(eos_ids), pad_id=pad_id, chunk_size=int(r.chunk_size),
-        buckets=tuple(int(b) for b in r.buckets), max_context=model_cfg.max_position_embeddings,
-        speculative=decoder, spec_threshold=int(r.spec_threshold) if decoder is not None else 0,
-        window_block=int(r.get("window_block", 0)))
+        graphdef, sampling, eos_ids=tuple(eos_ids), pad_id=pad_id, chunk_size=c.chunk_size,
+        buckets=c.buckets, max_context=model_cfg.max_position_embeddings, speculative=decoder,
+        spec_threshold=c.spec_threshold if decoder is not None else 0, window_block=c.window_block)
     self.bandit = None
     if self.speculative:
-      buckets = tuple(b for b in self.engine.buckets if b <= int(r.spec_threshold)) or (int(r.spec_threshold),)
-      self.bandit = BegMab(arms, buckets=buckets, epsilon=float(t.bandit_epsilon),
-                           window=int(t.bandit_window), seed=int(config.seed))
-    self.buffer, self.trainer, static = None, None, None
-    self.checkpoint_buffer = bool(t.get("checkpoint_buffer", True))
+      buckets = tuple(b for b in self.engine.buckets if b <= c.spec_threshold) or (c.spec_threshold,)
+      self.bandit = BegMab(list(c.strategies), buckets=buckets, epsilon=c.bandit_epsilon,
+                           window=c.bandit_window, seed=c.seed)
+    self.checkpoint_buffer = c.checkpoint_buffer
     self.drafter_state = None if drafter is None else drafter[1]
-    if self.train_drafter:
-      dgraph, state, tx = drafter
-      dtype = str(t.get("buffer_dtype", "float32"))
-      capacity = rows_for_budget(int(t.buffer_capacity), int(t.get("buffer_bytes", 0)), int(seq_len),
-                                 model_cfg.hidden_size, dtype)
-      self.buffer = DrafterBuffer(capacity, int(seq_len), model_cfg.hidden_size,
-                                  decay=float(t.buffer_decay), seed=int(config.seed), pad_id=pad_id,
-                                  hidden_dtype=dtype)
-      self.trainer = DrafterTrainer(lambda mesh: make_drafter_train_step(dgraph, tx, model_cfg, mesh=mesh),
-                                    state, self.groups, self.buffer, int(t.drafter_batch_size))
-    elif self.speculative:
-      static = drafter[1].params
-    self.train_where = resolve_train_where(str(t.get("train_where", "auto")), len(self.groups))
+    self.buffer, self.trainer = self._drafter_training(drafter, model_cfg, pad_id, seq_len)
+    static = drafter[1].params if self.speculative and not self.train_drafter else None
+    self.train_where = resolve_train_where(c.train_where, len(self.groups))
     if self.train_drafter:
       log.info("tlt: drafter training %s", self.train_where)
     self.scheduler = HostScheduler(
         self.engine, self.groups, trainer=self.trainer, drafter_params=static, selector=self.bandit,
-        train_in_bubbles=self.train_where.startswith("bubbles"), single_group=str(t.single_group),
-        between_steps=int(t.between_steps),
-        max_in_flight=int(t.max_in_flight), max_train_steps=int(t.max_drafter_steps))
+        train_in_bubbles=self.train_where.startswith("bubbles"), single_group=c.single_group,
+        between_steps=c.between_steps, max_in_flight=c.max_in_flight, max_train_steps=c.max_drafter_steps)
+
+  def _drafter_training(self, drafter, model_cfg, pad_id: int, seq_len: int):
+    """(buffer, trainer) of the drafter trained on the policy's features, or (None, None)."""
+    if not self.train_drafter:
+      return None, None
+    c, (dgraph, state, tx) = self.config, drafter
+    capacity = rows_for_budget(c.buffer_capacity, c.buffer_bytes, int(seq_len), model_cfg.hidden_size,
+                               c.buffer_dtype)
+    buffer = DrafterBuffer(capacity, int(seq_len), model_cfg.hidden_size, decay=c.buffer_decay, seed=c.seed,
+                           pad_id=pad_id, hidden_dtype=c.buffer_dtype)
+    trainer = DrafterTrainer(lambda mesh: make_drafter_train_step(dgraph, tx, model_cfg, mesh=mesh),
+                             state, self.groups, buffer, c.drafter_batch_size)
+    return buffer, trainer
 
   # ----------------------------------------------------------------------------- the facade
 
@@ -234,7 +233,7 @@ class TLTRuntime:
     chunks = [[int(c.get("group", 0)), int(c["batch"]),
                c["strategy"], int(c["tokens"]), int(c["rounds"]),
                int(c["row_rounds"]), round(float(c["time_s"]), 6)] for c in result.stats.get("chunks") or []]
-    arms = parse_arms(self.config_strategies) if self.speculative else []
+    arms = self.config.strategies if self.speculative else ()
     return {
         "step": int(step), "lengths": [lengths[r].tolist() for r in rows], "prompt_width": int(prompt_width),
         "chunks": chunks, "active_trace": result.stats.get("active_trace"),

@@ -1,0 +1,31 @@
+"""TLTConfig reads every key of the rollout and tlt sections and requires each."""
+
+import dataclasses
+
+import pytest
+
+from tests.test_config import default_config
+from tlt_jax.errors import ConfigError
+from tlt_jax.rollout.strategy import PLAIN
+from tlt_jax.tlt.config import ROLLOUT_KEYS, TLT_KEYS, TLTConfig
+
+
+def test_reads_the_default_config():
+  config = default_config()
+  c = TLTConfig.from_config(config)
+  assert set(ROLLOUT_KEYS) <= set(config.rollout) and set(TLT_KEYS) <= set(config.tlt)
+  for k in ROLLOUT_KEYS:
+    assert getattr(c, k) == (tuple(config.rollout[k]) if k == "buckets" else config.rollout[k]), k
+  assert c.strategies == ((3, 1, 3), (4, 1, 4), PLAIN) and c.speculative_arms == ((3, 1, 3), (4, 1, 4))
+  assert c.buffer_dtype == config.tlt.buffer_dtype and c.seed == config.seed
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    c.chunk_size = 1
+
+
+@pytest.mark.parametrize("section,key", [("rollout", "window_block"), ("tlt", "checkpoint_buffer"),
+                                         ("tlt", "strategies")])
+def test_a_missing_key_is_a_config_error_naming_it(section, key):
+  config = default_config()
+  del config[section][key]
+  with pytest.raises(ConfigError, match=f"config.{section} lacks {key}"):
+    TLTConfig.from_config(config)
