@@ -58,6 +58,23 @@ def test_make_mesh_errors_name_shape_and_device_count(shape, pattern):
 # ----------------------------------------------------------------------------- logical_to_spec
 
 
+def test_one_device_is_a_1x1x1_mesh_and_mesh_of_finds_the_arrays_mesh():
+  devs = jax.devices()
+  one = mesh_lib.local_mesh(devs[1])
+  assert one.devices.shape == (1, 1, 1) and one.axis_names == mesh_lib.MESH_AXES and one.devices.flat[0] == devs[1]
+  assert mesh_lib.mesh_of({"w": np.ones(3)}).devices.flat[0] == devs[0]  # no jax array: the default device
+  assert mesh_lib.mesh_of({"w": jax.numpy.ones(3)}).devices.flat[0] == devs[0]  # uncommitted
+  assert mesh_lib.mesh_of({"w": jax.device_put(np.ones(3), devs[2])}).devices.flat[0] == devs[2]
+  mesh = make_mesh((2, 2, 1), devs[:4])
+  sharded = jax.device_put(np.ones((4, 2)), jax.sharding.NamedSharding(mesh, P("data")))
+  assert mesh_lib.mesh_of([sharded]) is mesh
+  pos = jax.device_put(np.ones((4, 2)), jax.sharding.PositionalSharding(devs[:2]).reshape(2, 1)) if hasattr(
+      jax.sharding, "PositionalSharding") else None
+  if pos is not None:
+    with pytest.raises(ValueError, match="without a NamedSharding"):
+      mesh_lib.mesh_of(pos)
+
+
 def test_logical_to_spec_maps_rules_and_replicates_what_does_not_divide():
   mesh = make_mesh((2, 2, 2))
   assert logical_to_spec(("embed", "mlp"), TRAIN_RULES, (32, 64), mesh) == P("fsdp", "tensor")
