@@ -139,7 +139,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       checkpoint_buffer=True,  # the buffer's rows go into RL checkpoints
   ))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every=100, max_to_keep=3))
+  # async_save: orbax writes a checkpoint in the background while training goes on ("auto": on
+  # accelerators; on CPU synchronous). Either way a save that never finished leaves the previous
+  # checkpoint restorable.
+  c.checkpoint = ml_collections.ConfigDict(dict(every=100, max_to_keep=3, async_save="auto"))
+  # Multi-host runs (parallel/hosts.py): a host silent for lost_host_timeout_s is lost and the
+  # others exit (status 76) naming it; jax.distributed.shutdown waits shutdown_timeout_s for every
+  # host at its barrier.
+  c.distributed = ml_collections.ConfigDict(dict(lost_host_timeout_s=120, shutdown_timeout_s=600))
 
   if arg == "tiny":
     c.model.update(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2,

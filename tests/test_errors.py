@@ -21,6 +21,7 @@ import ml_collections
 import pytest
 
 from experiments.common import load_config
+from tlt_jax import config as config_lib
 from tlt_jax import run as run_lib
 from tlt_jax.data.sources import TaskSource, load_jsonl, load_parquet
 from tlt_jax.errors import CheckpointError, ConfigError, DataError, InputError, one_line
@@ -417,3 +418,44 @@ def test_experiment_override_of_a_missing_key(tmp_path):
                        timeout=180)
   line = _one_line_error(out, "config error:")
   assert "config.rl has no key 'lrate'; allowed keys of config.rl: [" in line and "'lr'" in line
+
+
+# ------------------------------------------------------------ over-long SFT and drafter records
+
+
+def _sft_setup(tmp_path, on_bad_record):
+  path = _jsonl(tmp_path, [GOOD, {"question": "x" * 400, "answer": "#### 1"}, GOOD])
+  config = tiny_config(**_gsm8k(path), **{"data.on_bad_record": on_bad_record, "stages": "sft,drafter"})
+  return path, run_lib.build_setup(config_lib.finalize(config), str(tmp_path / "run"))
+
+
+def test_overlong_sft_and_drafter_records_are_skipped_and_counted(tmp_path, caplog):
+  """The SFT stage's packed rows and the drafter warm-up's rows skip a record longer than their
+  row (sft.max_len; the model's context) with a counted warning, as the RL prompts do."""
+  from tlt_jax.models.transformer import Transformer
+  from flax import nnx
+  path, setup = _sft_setup(tmp_path, "skip")
+  long_ids = set(setup.tokenizer.encode("x"))
+  with caplog.at_level(logging.WARNING, logger="tlt_jax.data.sources"):
+    batch = run_lib.sft_batches(setup)(0)
+  assert batch["tokens"].shape == (setup.config.sft.batch_size, setup.config.sft.max_len)
+  assert batch["segment_ids"].max() > 0 and not long_ids & set(batch["tokens"].ravel().tolist())
+  assert re.search(rf"skipped task gsm8k \({re.escape(path)}\), record 1: 4\d\d tokens \(prompt 4\d\d "
+                   rf"\+ response \d+\), over sft.max_len={setup.config.sft.max_len} \(1 skipped so far", caplog.text)
+  caplog.clear()
+  target = Transformer(setup.model_cfg, rngs=nnx.Rngs(0))
+  with caplog.at_level(logging.WARNING, logger="tlt_jax.data.sources"):
+    pool = next(run_lib.drafter_batches(setup, target))
+  assert not long_ids & set(pool["tokens"].ravel().tolist())
+  assert "over model.max_position_embeddings=128" in caplog.text
+
+
+def test_overlong_sft_record_with_on_bad_record_error(tmp_path):
+  path, setup = _sft_setup(tmp_path, "error")
+  with pytest.raises(DataError) as info:
+    for step in range(20):  # some step draws record 1
+      run_lib.sft_batches(setup)(step)
+  line = one_line(info.value)
+  assert "\n" not in line and line.startswith("data error: ")
+  assert f"task gsm8k ({path}), record 1: 4" in line and "over sft.max_len=" in line
+  assert "data.on_bad_record='error'" in line

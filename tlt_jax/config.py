@@ -173,6 +173,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?rl.sample_eval_every", nonneg_int, "an int >= 0 (0 = off)"),
     ("?rl.sample_eval_size", nonneg_int, "an int >= 0 (0 = off)"),
     ("?checkpoint.max_to_keep", pos_int, "a positive int"),
+    ("?checkpoint.async_save", lambda v: v in ("auto", True, False), "'auto', True or False"),
+    ("?distributed.lost_host_timeout_s", pos_int, "a positive int (seconds)"),
+    ("?distributed.shutdown_timeout_s", pos_int, "a positive int (seconds)"),
     ("?data.on_bad_record", *one_of(BAD_RECORD_POLICIES)),
     # experiments/compute_optimal.py (configs/synth.py)
     ("?synth.budgets", increasing_ints, "a non-empty, strictly increasing tuple of SE samples per problem"),

@@ -26,8 +26,8 @@ import numpy as np
 from flax import nnx
 
 from tlt_jax import config as config_lib
-from tlt_jax.data.batching import encode_prompts, make_sft_batch, pack_sft_batch, prompt_check
-from tlt_jax.data.sources import describe_task
+from tlt_jax.data.batching import encode_prompts, make_sft_batch, pack_sft_batch, prompt_check, sft_check
+from tlt_jax.data.sources import BadRecords, describe_task, usable_draws
 from tlt_jax.data.tokenizer import CharTokenizer, load_tokenizer
 from tlt_jax.drafter import (collect_target_features, init_drafter, init_drafter_train_state,
                              load_drafter, save_drafter, warmup_drafter)
@@ -35,17 +35,18 @@ from tlt_jax.models import hf
 from tlt_jax.models.config import ModelConfig
 from tlt_jax.models.transformer import Transformer
 from tlt_jax.parallel import mesh as mesh_lib
+from tlt_jax.parallel.hosts import Preempted, PreemptionWatch
 from tlt_jax.errors import CheckpointError, DataError
 from tlt_jax.rl.trainer import RLTrainer, rl_context, rl_prompt_sources, round_up
 from tlt_jax.rollout.engine import RolloutEngine
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.tlt.groups import split_mesh
 from tlt_jax.train import optim
-from tlt_jax.train.checkpoint import Checkpointer
+from tlt_jax.train.checkpoint import Checkpointer, async_saves
 from tlt_jax.train.sft import run_sft
 from tlt_jax.train.state import TrainState, create_train_state
 from tlt_jax.utils.console import compact, say, track
-from tlt_jax.utils.metrics import MetricsWriter, plot_curves, read_jsonl
+from tlt_jax.utils.metrics import MetricsWriter, plot_curves, read_jsonl, writes_outputs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Setup:
   tokenizer: Any
   model_cfg: ModelConfig
   mesh: Any
+  preemption: PreemptionWatch | None = None  # asked once per step boundary by every stage
 
 
 def check_workdir(workdir: str) -> None:
@@ -109,9 +111,16 @@ def build_setup(config, workdir: str) -> Setup:
   stages = config_lib.stages(config)
   if "tlt" in config and "rl" in stages:
     try:  # rollout groups are slices of the data axis
-      split_mesh(mesh, config.tlt.rollout_groups)
+      groups = split_mesh(mesh, config.tlt.rollout_groups)
     except ValueError as e:
       raise config_lib.ConfigError(f"config.{e}") from None
+    hosts_of = [{d.process_index for d in g.mesh.devices.flat} for g in groups]
+    if any(len(h) < jax.process_count() for h in hosts_of):
+      raise config_lib.ConfigError(
+          f"config.tlt.rollout_groups={config.tlt.rollout_groups} is not allowed on this mesh: every "
+          f"rollout group must span all {jax.process_count()} hosts (every host drives every group), "
+          f"but the groups hold the devices of hosts {[sorted(h) for h in hosts_of]}; allowed: fewer "
+          "groups (1 always works)")
   if "rl" in stages:
     _check_rl_inputs(config, task, tokenizer, model_cfg, mesh)
   return Setup(config, workdir, task, tokenizer, model_cfg, mesh)
@@ -158,9 +167,13 @@ def sft_batches(setup: Setup):
   `max_len` tokens packed with whole examples (no padding waste on the long-tailed lengths)."""
   c = setup.config.sft
 
+  bad = BadRecords(setup.task, setup.config.data.on_bad_record)
+  check = sft_check(setup.tokenizer, c.max_len, "sft.max_len")
+
   def batches(step: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([setup.config.seed, 1, step])
-    return pack_sft_batch(lambda: setup.task.sample(rng), setup.tokenizer, c.batch_size, c.max_len)
+    draw = usable_draws(lambda: setup.task.sample(rng), check, bad)
+    return pack_sft_batch(draw, setup.tokenizer, c.batch_size, c.max_len)
 
   return batches
 
@@ -245,7 +258,8 @@ def run_sft_stage(setup: Setup) -> Transformer:
   mesh = setup.mesh if setup.mesh.size > 1 else None
   graphdef, params = nnx.split(model)
   state = create_train_state(params, tx, mesh)
-  ckpt = Checkpointer(os.path.join(workdir, "ckpt_sft"), c.checkpoint.max_to_keep)
+  ckpt = Checkpointer(os.path.join(workdir, "ckpt_sft"), c.checkpoint.max_to_keep,
+                      async_saves(c.checkpoint.async_save))
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state = restored[1]
@@ -259,22 +273,30 @@ def run_sft_stage(setup: Setup) -> Transformer:
 
   def on_step(st: TrainState):
     step = int(st.step)
-    if step % c.checkpoint.every == 0 or step == c.sft.steps:
+    saved = step % c.checkpoint.every == 0 or step == c.sft.steps
+    if saved:
       ckpt.save(step, st, {"stage": "sft", "step": step})
+    if setup.preemption is not None and setup.preemption.reached():
+      if not saved:
+        ckpt.save(step, st, {"stage": "sft", "step": step})
+      raise Preempted("sft", step, workdir)
 
   def on_log(step, m):
     writer.write(step, m)
     say(compact("sft", m, ("loss", "token_acc", "grad_norm", "accuracy", "response_len_mean",
                            "time_s"), total=c.sft.steps))
 
-  model, state, _ = run_sft(model, tx, sft_batches(setup), c.sft.steps, mesh=mesh,
-                            micro_batches=c.sft.micro_batches, log_every=c.sft.log_every,
-                            on_log=on_log, evaluate=evaluate, eval_every=c.sft.eval_every,
-                            state=state, on_step=on_step)
-  ckpt.close()
-  writer.close()
+  try:
+    model, state, _ = run_sft(model, tx, sft_batches(setup), c.sft.steps, mesh=mesh,
+                              micro_batches=c.sft.micro_batches, log_every=c.sft.log_every,
+                              on_log=on_log, evaluate=evaluate, eval_every=c.sft.eval_every,
+                              state=state, on_step=on_step)
+  finally:
+    ckpt.close()
+    writer.close()
   hf.save_pretrained(model, out_dir)
-  setup.tokenizer.save(out_dir)
+  if writes_outputs():
+    setup.tokenizer.save(out_dir)
   records = read_jsonl(writer.path)
   plot_curves(records, ["loss", "token_acc", "accuracy"], os.path.join(workdir, "sft.png"), "SFT")
   return model
@@ -298,9 +320,13 @@ def drafter_batches(setup: Setup, target: Transformer):
   """
   c = setup.config.drafter
   rng = np.random.default_rng([setup.config.seed, 3])
+  context = setup.model_cfg.max_position_embeddings
+  draw = usable_draws(lambda: setup.task.sample(rng),
+                      sft_check(setup.tokenizer, context, "model.max_position_embeddings"),
+                      BadRecords(setup.task, setup.config.data.on_bad_record))
   pool = []
   for _ in track(range(c.num_batches), "features", unit="batch"):
-    examples = [setup.task.sample(rng) for _ in range(c.batch_size)]
+    examples = [draw() for _ in range(c.batch_size)]
     longest = max(len(setup.tokenizer.encode(e.prompt)) + len(setup.tokenizer.encode(e.trace)) + 2
                   for e in examples)
     batch = make_sft_batch(examples, setup.tokenizer, round_up(longest, 16))
@@ -329,9 +355,15 @@ def run_drafter_stage(setup: Setup, policy: Transformer):
     writer.write(record["step"], record)
     say(compact("drafter", record, ("loss", "smooth_l1", "ce", "accuracy"), total=c.warmup_steps))
 
-  drafter, history = warmup_drafter(policy, drafter, drafter_batches(setup, policy), c.warmup_steps,
-                                    tx, log_every=c.log_every, on_log=on_log)
-  writer.close()
+  def on_step(step):
+    if setup.preemption is not None and setup.preemption.reached():
+      raise Preempted("drafter", step, setup.workdir)
+
+  try:
+    drafter, history = warmup_drafter(policy, drafter, drafter_batches(setup, policy), c.warmup_steps,
+                                      tx, log_every=c.log_every, on_log=on_log, on_step=on_step)
+  finally:
+    writer.close()
   save_drafter(drafter, out_dir, c.warmup_steps,
                {"stage": "drafter", "steps": c.warmup_steps, "final": history[-1] if history else {},
                 "target": os.path.join(setup.workdir, "sft")})
@@ -363,7 +395,7 @@ def run_rl_stage(setup: Setup, policy: Transformer, drafter=None) -> dict[str, A
   trainer = RLTrainer(c, setup.task, setup.tokenizer, policy, setup.workdir, mesh=setup.mesh,
                       reference_params=reference_params,
                       reference_source=os.path.join(setup.workdir, "sft"), drafter=bundle,
-                      evaluate=evaluate)
+                      evaluate=evaluate, preemption=setup.preemption)
   return trainer.run()
 
 
@@ -418,12 +450,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   Every input is checked first (`config_lib.finalize`, `build_setup`); only then is anything
   written to `workdir`. Ctrl-C in a stage raises `Interrupted` once the stage's own clean-up
-  (closing checkpoints and metrics) is done.
+  (closing checkpoints and metrics) is done. SIGTERM makes the running stage save at its next step
+  boundary (the same one on every host) and raise `hosts.Preempted`.
   """
   config = config_lib.finalize(config)
   setup = build_setup(config, workdir)
+  setup.preemption = PreemptionWatch()
   os.makedirs(workdir, exist_ok=True)
-  write_config(config, workdir)
+  if writes_outputs():
+    write_config(config, workdir)
   say(describe_outputs(config, workdir))
   summary: dict[str, Any] = {"workdir": workdir, "params": setup.model_cfg.num_params}
   t0 = time.perf_counter()
@@ -443,10 +478,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           drafter = loaded[0] if loaded is not None else None
         summary["rl"] = run_rl_stage(setup, model, drafter)
     except KeyboardInterrupt:
+      setup.preemption.close()
       raise Interrupted(stage, workdir) from None
+    except BaseException:
+      setup.preemption.close()
+      raise
     summary[f"{stage}_time_s"] = time.perf_counter() - t_stage
     say(f"{stage} stage done in {summary[f'{stage}_time_s']:.0f} s")
+  setup.preemption.close()
   summary["total_time_s"] = time.perf_counter() - t0
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if writes_outputs():
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   return summary

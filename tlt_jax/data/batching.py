@@ -98,6 +98,20 @@ def prompt_check(tokenizer: Tokenizer, context: int, max_new_tokens: int):
   return unusable
 
 
+def sft_check(tokenizer: Tokenizer, row_len: int, limit: str):
+  """A check for `sources.usable_draws`: the problem string of an SFT example (BOS + prompt +
+  trace + EOS) longer than `row_len` tokens (`limit` names the config key), else None."""
+
+  def unusable(ex: Example) -> str | None:
+    prompt, target = _encode_sft_example(ex, tokenizer)
+    n = len(prompt) + len(target)
+    if n > row_len:
+      return f"{n} tokens (prompt {len(prompt)} + response {len(target)}), over {limit}={row_len}"
+    return None
+
+  return unusable
+
+
 def pack_sft_batch(sample_fn, tokenizer: Tokenizer, rows: int, row_len: int) -> dict[str, np.ndarray]:
   """Packs examples drawn from `sample_fn()` into `rows` rows of `row_len` tokens.
 

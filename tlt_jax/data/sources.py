@@ -71,7 +71,12 @@ class TaskSource:
     self.num_examples, self.seed, self.stream = num_examples, int(seed), int(stream)
     self.min_difficulty, self.max_tries = int(min_difficulty), int(max_tries)
     self.unusable, self.on_bad_record = unusable, on_bad_record
-    self.skipped = 0  # unusable examples skipped so far (this process)
+    self.bad = BadRecords(task, on_bad_record)
+
+  @property
+  def skipped(self) -> int:
+    """Unusable examples skipped so far (this process)."""
+    return self.bad.skipped
 
   def __len__(self) -> int:
     return self.num_examples
@@ -91,15 +96,8 @@ class TaskSource:
       problem = self.unusable(example) if self.unusable is not None else None
       if problem is None:
         return example.with_id(i)
-      where = f"{describe_task(self.task)}, {_example_name(example)}"
-      if self.on_bad_record == "error":
-        raise DataError(f"{where}: {problem} (data.on_bad_record='error'; allowed: 'skip' to skip "
-                        "such records with a warning)")
+      self.bad.reject(example, problem)
       unusable += 1
-      self.skipped += 1
-      if self.skipped <= 5 or self.skipped % 100 == 0:
-        log.warning("skipped %s: %s (%d skipped so far; data.on_bad_record='skip')", where, problem,
-                    self.skipped)
     found = sorted(difficulties)
     raise DataError(
         f"{describe_task(self.task)}: no usable example in {self.max_tries} draws (index {i}): "
@@ -117,6 +115,45 @@ def describe_task(task: Task) -> str:
   """'task arith' or 'task gsm8k (data.jsonl)': the name, and the file a file task reads."""
   path = getattr(task, "path", None)
   return f"task {task.name}" + (f" ({path})" if path else "")
+
+
+class BadRecords:
+  """`data.on_bad_record` for the examples one stage draws from `task`: `reject(example, problem)`
+  either raises a DataError naming the task (its file), the record and the problem ("error"), or
+  counts the example as skipped and logs the first few and every hundredth ("skip"). The same rule
+  for every stage: RL prompts (`TaskSource`), SFT rows and drafter rows (`usable_draws`)."""
+
+  def __init__(self, task, on_bad_record: str = "skip"):
+    if on_bad_record not in ("skip", "error"):
+      raise ValueError(f"on_bad_record={on_bad_record!r}; allowed: 'skip' or 'error'")
+    self.task, self.on_bad_record, self.skipped = task, on_bad_record, 0
+
+  def reject(self, example: Example, problem: str) -> None:
+    where = f"{describe_task(self.task)}, {_example_name(example)}"
+    if self.on_bad_record == "error":
+      raise DataError(f"{where}: {problem} (data.on_bad_record='error'; allowed: 'skip' to skip "
+                      "such records with a warning)")
+    self.skipped += 1
+    if self.skipped <= 5 or self.skipped % 100 == 0:
+      log.warning("skipped %s: %s (%d skipped so far; data.on_bad_record='skip')", where, problem,
+                  self.skipped)
+
+
+def usable_draws(sample, check, bad: BadRecords, max_tries: int = 1000):
+  """`sample()` wrapped to return only examples that `check(example)` (a problem string or None)
+  accepts; the others go to `bad`. A stream that yields nothing usable in `max_tries` draws in a
+  row is a DataError."""
+
+  def draw() -> Example:
+    for _ in range(max_tries):
+      example = sample()
+      problem = check(example)
+      if problem is None:
+        return example
+      bad.reject(example, problem)
+    raise DataError(f"{describe_task(bad.task)}: no usable example in {max_tries} draws in a row; "
+                    f"the last: {problem}")
+  return draw
 
 
 def _example_name(example: Example) -> str:

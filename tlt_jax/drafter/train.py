@@ -220,14 +220,15 @@ def collect_target_features(target: Transformer, tokens_BxL: Array,
 def warmup_drafter(target: Transformer, drafter: EagleDrafter, batches_iter: Iterable[Batch],
                    steps: int, optimizer: optax.GradientTransformation, log_every: int = 50,
                    mesh: Mesh | None = None, on_log: Callable[[dict], None] | None = None,
-                   show_progress: bool = True):
+                   show_progress: bool = True, on_step: Callable[[int], None] | None = None):
   """Offline warm-up on the target's own features of SFT / rollout token batches.
 
   Each batch holds `tokens` and `loss_mask` (optionally `positions` and precomputed `hidden`;
   when absent, `hidden` comes from `collect_target_features`). Runs `steps` train steps, updates
   `drafter` in place and returns (drafter, history), history being the metrics (as floats, with
-  `step`) every `log_every` steps and at the last one; each is also passed to `on_log`. A
-  progress bar ("drafter") shows the latest loss and accuracy.
+  `step`) every `log_every` steps and at the last one; each is also passed to `on_log`.
+  `on_step(step)` runs after every step (it may raise to stop the warm-up). A progress bar
+  ("drafter") shows the latest loss and accuracy.
   """
   from tlt_jax.utils.console import progress
   check_compatible(drafter, target.cfg)
@@ -249,6 +250,8 @@ def warmup_drafter(target: Transformer, drafter: EagleDrafter, batches_iter: Ite
       if mesh is not None:
         batch = jax.device_put(batch, batch_sharding(mesh, 1))
       state, metrics = train_step(state, head, batch)
+      if on_step is not None:
+        on_step(i)
       if bar is not None:
         bar.update(1)
       if i % log_every == 0 or i == steps:

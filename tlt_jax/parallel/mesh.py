@@ -140,11 +140,12 @@ def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
   if isinstance(x, jax.Array):
     if x.sharding == sharding:
       return x
-    if x.is_fully_addressable and set(x.sharding.device_set) <= set(sharding.addressable_devices):
+    if (x.is_fully_addressable and sharding.is_fully_addressable
+        and set(x.sharding.device_set) <= set(sharding.addressable_devices)):
       return jax.device_put(x, sharding)  # a local move
     x = host_value(x)
   x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx], dtype=x.dtype)
 
 
 def host_value(x: Any) -> np.ndarray:
@@ -212,12 +213,13 @@ def _on_multi_host_tpu() -> bool:
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+                                 process_id: int | None = None, **timeouts) -> bool:
   """Calls `jax.distributed.initialize` for multi-host runs.
 
   On TPU pods the arguments are discovered automatically (pass none). On CPU, give all three
   (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), e.g. for two local
-  processes over gloo. Returns True when it initialised.
+  processes over gloo. `timeouts`: `jax.distributed.initialize`'s heartbeat and shutdown timeouts
+  (parallel/hosts.py sets them from the config). Returns True when it initialised.
   """
   coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
@@ -227,5 +229,5 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
   if coordinator is None and not _on_multi_host_tpu():
     return False
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                             process_id=process_id)
+                             process_id=process_id, **timeouts)
   return True

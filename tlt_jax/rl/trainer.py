@@ -44,6 +44,7 @@ from tlt_jax.data.iterator import PromptIterator, repeat_groups
 from tlt_jax.data.sources import TaskSource
 from tlt_jax.drafter.train import DrafterTrainState
 from tlt_jax.parallel import mesh as mesh_lib
+from tlt_jax.parallel.hosts import Preempted
 from tlt_jax.rl import advantages as advantages_lib
 from tlt_jax.rl import rewards as rewards_lib
 from tlt_jax.rl import scorers as scorers_lib
@@ -54,7 +55,7 @@ from tlt_jax.rl.update import UpdateConfig, make_logprob_fn, make_policy_update_
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.tlt.runtime import TIMING_FIELDS as TLT_TIMING_FIELDS, TLTRuntime
 from tlt_jax.train import optim
-from tlt_jax.train.checkpoint import Checkpointer
+from tlt_jax.train.checkpoint import Checkpointer, async_saves
 from tlt_jax.train.state import TrainState, create_train_state
 from tlt_jax.utils.console import progress
 from tlt_jax.utils.metrics import MetricsWriter, plot_curves, plot_stacked_bars, read_jsonl
@@ -171,8 +172,9 @@ class RLTrainer:
   def __init__(self, config, task, tokenizer, policy, workdir: str, *, mesh=None,
                reference_params=None, reference_source: str = "",
                drafter: tuple[Any, DrafterTrainState, Any] | None = None,
-               evaluate: Callable[[Any], dict] | None = None):
+               evaluate: Callable[[Any], dict] | None = None, preemption=None):
     self.config, self.rl, self.task, self.tokenizer = config, config.rl, task, tokenizer
+    self.preemption = preemption  # parallel.hosts.PreemptionWatch: asked at every step boundary
     self.workdir = workdir
     # The run's mesh (one device: 1x1x1) for the rollout; the update's own single-device path
     # (rl/update.py) takes None there.
@@ -248,7 +250,8 @@ class RLTrainer:
         mesh=self.mesh, temperature=self.sampling.temperature, logprob_fn=self.logprob_fn,
         micro_batches=int(rl.micro_batches)))
 
-    self.checkpointer = Checkpointer(os.path.join(workdir, "ckpt_rl"), config.checkpoint.max_to_keep)
+    self.checkpointer = Checkpointer(os.path.join(workdir, "ckpt_rl"), config.checkpoint.max_to_keep,
+                                     async_saves(config.checkpoint.async_save))
     self.writer = MetricsWriter(workdir, "metrics")
     # one replayable line per step for the step simulator (TLTRuntime.trace, analysis/sim.py)
     self.trace_writer = MetricsWriter(workdir, "traces", tensorboard=False)
@@ -566,6 +569,10 @@ class RLTrainer:
                         max=record["response_len_max"],
                         accept="-" if accept is None else f"{accept:.2f}",
                         t=f"{record['step_time_s']:.1f}s")
+        if self.preemption is not None and self.preemption.reached():
+          if last_saved < step:
+            self.save(step)
+          raise Preempted("rl", step, self.workdir)
     except TrainingDiverged:
       if last_saved < int(self.state.step):
         self.save(int(self.state.step))

@@ -1,4 +1,7 @@
-"""Metric sinks: JSON lines, TensorBoard event files and PNG plots."""
+"""Metric sinks: JSON lines, TensorBoard event files and PNG plots.
+
+In a multi-process run only process 0 writes them (the records are the same on every host).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,12 @@ import json
 import math
 import os
 from typing import Any, Iterable, Sequence
+
+
+def writes_outputs() -> bool:
+  """Whether this process writes the run's host-side outputs (process 0 of a multi-host run)."""
+  import jax
+  return jax.process_index() == 0
 
 
 def _jsonable(v: Any) -> Any:
@@ -24,13 +33,14 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, f"{name}.jsonl")
     self._tb = None
-    if tensorboard:
+    self.enabled = writes_outputs()
+    if tensorboard and self.enabled:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb", name))
 
   def truncate_after(self, step: int) -> None:
     """Drops records with step > `step` (a resumed run rewrites them)."""
-    if not os.path.exists(self.path):
+    if not self.enabled or not os.path.exists(self.path):
       return
     keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
     with open(self.path, "w") as f:
@@ -38,6 +48,8 @@ class MetricsWriter:
         f.write(json.dumps(r) + "\n")
 
   def write(self, step: int, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     record = {"step": int(step), **{k: _jsonable(v) for k, v in record.items() if k != "step"}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
@@ -61,6 +73,8 @@ def plot_curves(records: Sequence[dict[str, Any]], keys: Iterable[str], path: st
                 x: str = "step", ncols: int | None = None) -> None:
   """One subplot per key present in the records (`ncols` per row, default all in one row); saved
   as PNG."""
+  if not writes_outputs():
+    return
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -101,6 +115,8 @@ def plot_stacked_bars(records: Sequence[dict[str, Any]], parts: Sequence[tuple[s
                       title: str = "", x: str = "step") -> None:
   """One stacked bar per record: the values of `parts` ((key, label) pairs, e.g. the phases of
   a step's time), bottom to top; a missing or non-numeric value counts as 0. Saved as PNG."""
+  if not writes_outputs():
+    return
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
