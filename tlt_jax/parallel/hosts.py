@@ -126,6 +126,14 @@ def initialize(timeouts: Timeouts = Timeouts(), coordinator: str | None = None,
   return started
 
 
+def on_failure() -> None:
+  """Called with an exception in flight: in a multi-process run a failed collective usually means
+  a lost host, so give the watch time to name it (it exits the process) before the exception is
+  reported."""
+  if _watch is not None:
+    _watch._stop.wait(_watch.timeout_s + 3 * _watch.period)
+
+
 def finish() -> None:
   """Ends a multi-process run on every host together (no-op in one process)."""
   global _watch
