@@ -299,3 +299,90 @@ def test_no_development_words_in_tracked_text():
       continue  # binary
     hits += development_words(text, name)
   assert not hits, "development narrative in tracked files:\n" + "\n".join(hits)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the pages name exists: figures come from the reports, files and configs exist, commands'
+# flags are defined.
+
+DOC_PAGES = ["README.md", "experiments/results/README.md"]
+
+
+def _pages_with_commands() -> list[pathlib.Path]:
+  return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")),
+          *sorted((ROOT / "experiments" / "results").glob("*/REPORT.md"))]
+
+
+def _numbers(text: str) -> list[str]:
+  return re.findall(r"(?<![\w.])\d+(?:\.\d+)?", text)
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_headline_figures_are_quoted_from_their_reports(page):
+  """Each results-table row that links a REPORT.md quotes only figures that its report holds."""
+  path = ROOT / page
+  checked = 0
+  for line in path.read_text().splitlines():
+    link = re.search(r"\]\(([^)]*REPORT\.md)\)", line)
+    if not line.startswith("|") or not link:
+      continue
+    report = (path.parent / link.group(1)).resolve()
+    if not report.exists():
+      continue  # a report that lands separately (see PAGES_ADDED_SEPARATELY)
+    text = report.read_text()
+    headline = [c.strip() for c in line.strip().strip("|").split("|")][-2]  # the cell before the link
+    missing = [n for n in _numbers(headline) if n not in _numbers(text)]
+    assert not missing, f"{page}: {headline!r} quotes {missing}, not found in {os.path.relpath(report, ROOT)}"
+    checked += 1
+  assert checked >= 8, f"{page}: only {checked} result rows checked"
+
+
+PATH_ROOTS = ("tlt_jax/", "experiments/", "configs/", "colab/", "scripts/", "tests/", "docs/", ".ci/")
+
+
+def test_paths_named_in_docs_exist():
+  missing = []
+  for page in _pages_with_commands():
+    for i, line in enumerate(page.read_text().splitlines(), 1):
+      for m in re.finditer(r"(?<![\w/.<])((?:%s)[\w./-]*[\w/])" % "|".join(map(re.escape, PATH_ROOTS)), line):
+        if line[m.end():m.end() + 1] in ("<", "*"):
+          continue  # a pattern such as scripts/make_<name>_notebook.py
+        path = m.group(1)
+        if not (ROOT / path).exists() and path not in PAGES_ADDED_SEPARATELY:
+          missing.append(f"{page.relative_to(ROOT)}:{i}: {path}")
+  assert not missing, "named files that do not exist:\n" + "\n".join(missing)
+
+
+def test_config_variants_named_in_docs_load():
+  from tlt_jax import cli
+  named = set()
+  for page in _pages_with_commands():
+    named.update(re.findall(r"(configs/\w+\.py(?::[\w,-]+)?)", page.read_text()))
+  assert "configs/default.py:tiny" in named and "configs/qwen2_5_7b_gsm8k.py:v6e-64" in named
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    for spec in sorted(named):
+      assert cli.load_config_file(spec) is not None, spec
+  finally:
+    os.chdir(cwd)
+
+
+def _defined_flags(script: pathlib.Path) -> set[str]:
+  text = script.read_text() + (ROOT / "experiments" / "common.py").read_text()
+  return set(re.findall(r"DEFINE_\w+\(\s*[\"'](\w+)[\"']", text)) | {"config", "workdir", "helpfull"}
+
+
+def test_experiment_commands_use_defined_flags():
+  """`python experiments/X.py --flag ...` in a page: every --flag is one X.py defines."""
+  bad = []
+  for page in _pages_with_commands():
+    text = page.read_text().replace("\\\n", " ")
+    for m in re.finditer(r"python (experiments/\w+\.py)([^\n`]*)", text):
+      script = ROOT / m.group(1)
+      if not script.exists():
+        continue  # reported by test_paths_named_in_docs_exist
+      for flag in re.findall(r"(?<!\S)--([\w]+)(?=[=\s]|$)", m.group(2)):
+        if flag not in _defined_flags(script):
+          bad.append(f"{page.relative_to(ROOT)}: {m.group(1)} --{flag}")
+  assert not bad, "flags the scripts do not define:\n" + "\n".join(bad)
