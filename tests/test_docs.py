@@ -189,6 +189,20 @@ def test_readme_is_short():
   assert words <= 1600, f"README.md has {words} words; keep it under about 1,500 (details go to docs/)"
 
 
+README_COMMANDS = (
+    "python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/python -m tlt_jax.main "
+    "--config=configs/default.py --workdir=runs/default",
+    'python3 -m venv .venv && .venv/bin/pip install -q -e ".[tpu,test]" && .venv/bin/python -m pytest -q -n 2 tests',
+)
+
+
+def test_readme_gives_the_two_commands():
+  readme = (ROOT / "README.md").read_text()
+  for command in README_COMMANDS:
+    assert command in readme, f"README.md lacks the command {command!r}"
+  assert ".ci/run" in readme
+
+
 # Pages that other changes add; a link to one of them may dangle until it lands. Remove each entry
 # once its page exists.
 PAGES_ADDED_SEPARATELY = {
