@@ -400,3 +400,14 @@ def test_experiment_commands_use_defined_flags():
         if flag not in _defined_flags(script):
           bad.append(f"{page.relative_to(ROOT)}: {m.group(1)} --{flag}")
   assert not bad, "flags the scripts do not define:\n" + "\n".join(bad)
+
+
+def test_quickstart_error_example_is_what_the_validator_says():
+  from tlt_jax import cli
+  from tlt_jax import config as config_lib
+  from tlt_jax.errors import one_line
+  config = cli.load_config_file(str(ROOT / "configs" / "default.py"))
+  config.model.num_kv_heads = 3
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert one_line(e.value) in (ROOT / "docs" / "quickstart.md").read_text()
