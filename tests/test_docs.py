@@ -3,6 +3,7 @@ README stays short, relative links resolve, and no text speaks of how the code w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -25,21 +26,54 @@ def python_blocks(path: pathlib.Path) -> list[str]:
   return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
 
 
-@pytest.fixture(scope="module")
-def extending():
+def _registries():
+  """The registries the extending guide adds to."""
+  from tlt_jax.data.tasks import base as tasks_base
+  from tlt_jax.rl import advantages, losses, rewards, scorers
+  from tlt_jax.train import optim
+  return [tasks_base._TASKS, rewards._REWARDS, advantages._ADVANTAGES, losses._LOSSES, scorers._SCORERS,
+          optim._SCHEDULES]
+
+
+@contextlib.contextmanager
+def extending_namespace():
   """The namespace after executing docs/extending.md's python blocks (from the repository root,
-  as a reader would)."""
+  as a reader would). On exit the names the examples registered are removed again, so that other
+  tests in the same process see only the library's names."""
   blocks = python_blocks(ROOT / "docs" / "extending.md")
   assert len(blocks) >= 7, f"expected the six examples and the config, found {len(blocks)} blocks"
   namespace: dict = {"__name__": "docs_extending"}
   cwd = os.getcwd()
-  os.chdir(ROOT)
   try:
-    for i, block in enumerate(blocks):
-      exec(compile(block, f"docs/extending.md[python block {i}]", "exec"), namespace)  # noqa: S102
-  finally:
-    os.chdir(cwd)
-  return namespace
+    os.chdir(ROOT)
+    try:
+      for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/extending.md[python block {i}]", "exec"), namespace)  # noqa: S102
+    finally:
+      os.chdir(cwd)
+    yield namespace
+  finally:  # unregister what the examples defined (library modules imported meanwhile stay)
+    for registry in _registries():
+      for name, obj in list(registry._items.items()):
+        if getattr(obj, "__module__", None) == namespace["__name__"]:
+          del registry._items[name]
+
+
+@pytest.fixture
+def extending():
+  with extending_namespace() as namespace:
+    yield namespace
+
+
+EXAMPLE_NAMES = {"parity", "brevity", "median_baseline", "reinforce", "surprisal", "inverse_sqrt"}
+
+
+def test_extending_examples_are_unregistered_afterwards():
+  def names():
+    return {n for registry in _registries() for n in registry.names()}
+  with extending_namespace():
+    assert EXAMPLE_NAMES <= names()
+  assert not EXAMPLE_NAMES & names()
 
 
 def test_extending_task_is_registered_and_consistent(extending):
