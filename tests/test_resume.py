@@ -338,3 +338,30 @@ def test_sigterm_during_rl_above_the_bucket_ladder_saves_and_resumes_exactly(war
   traces = _records_of(os.path.join(straight, "traces.jsonl"))
   assert max(t[0] for r in traces for t in r["active_trace"]) > 4  # a group above the ladder
   assert _without_timing(resumed) == _without_timing(expected)
+
+
+_IN_FLIGHT = """
+import os, signal, sys
+import jax.numpy as jnp
+from tlt_jax.train.checkpoint import Checkpointer
+ckpt = Checkpointer(sys.argv[1], max_to_keep=3, async_save=True)
+ckpt.save(1, {"w": jnp.full((4, 3), 1.0), "big": jnp.zeros((8,), jnp.float32)}, {"step": 1}, wait=True)
+ckpt.save(2, {"w": jnp.full((4, 3), 2.0), "big": jnp.arange(48 * 2**20, dtype=jnp.float32)}, {"step": 2})
+print("in flight", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_sigkill_during_an_asynchronous_save_keeps_the_previous_checkpoint(tmp_path):
+  """An asynchronous save (orbax writes in the background) killed before it finished: the
+  previous step restores, and the unfinished one is not taken for a checkpoint."""
+  directory = str(tmp_path / "ckpt")
+  proc = subprocess.run([sys.executable, "-c", _IN_FLIGHT, directory], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == -signal.SIGKILL and "in flight" in proc.stdout, proc.stderr[-3000:]
+  assert "2" not in os.listdir(directory) and any(n.startswith("2.") for n in os.listdir(directory))
+  ckpt = Checkpointer(directory)
+  step, state, meta = ckpt.restore_latest({"w": jnp.zeros((4, 3)), "big": jnp.zeros((8,), jnp.float32)})
+  ckpt.close()
+  assert step == 1 and meta == {"step": 1}
+  np.testing.assert_array_equal(state["w"], np.full((4, 3), 1.0))
