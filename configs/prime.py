@@ -72,7 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.sft.update(steps=200, batch_size=16, max_len=128, warmup_steps=20, eval_every=200, eval_size=128,
                  log_every=50)
     c.eval.max_new_tokens = 64
-    c.rollout.update(max_new_tokens=64, buckets=(4, 8, 16, 32))
+    c.rollout.update(max_new_tokens=64, buckets=(4, 8, 16, 32, 64, 128))  # 128: a held-out half
     # RL prompts of every difficulty (1-4 digits): on >= 2 digits this policy's sampled accuracy
     # is ~0.03 (greedy 0.52 over all), and groups in the filter's band [0.2, 0.8] are rare.
     # rl.lr 1.5e-4: at the default 5e-5 this policy barely moves in 20 steps, at 5e-4 outcome-only
