@@ -78,7 +78,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # rl.lr 1.5e-4: at the default 5e-5 this policy barely moves in 20 steps, at 5e-4 outcome-only
     # RLOO collapsed it (held-out 0.39 -> 0.25, shorter responses). The PRM's LR twice the
     # policy's, as in the paper (5e-7 / 1e-6).
-    c.rl.update(prompts_per_step=8, group_size=8, sample_eval_size=256, dynamic_sampling_rounds=2, steps=30,
+    c.rl.update(prompts_per_step=8, group_size=8, sample_eval_size=128, dynamic_sampling_rounds=2, steps=20,
                 min_difficulty=1, lr=1.5e-4)
     c.prime.lr = 3e-4
   if arg == "qwen2_5_1_5b":

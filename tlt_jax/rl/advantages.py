@@ -30,6 +30,17 @@ def get_advantage(name: str, **kwargs) -> AdvantageFn:
   return _ADVANTAGES.bind(name, **kwargs)
 
 
+def batch_whiten(adv_NxG: Array, eps: float = 1e-8) -> Array:
+  """(A - mean) / sqrt(var + eps) over every response of the batch (population variance).
+
+  The batch-level normalisation of OpenRLHF-style RLOO, e.g. the efficient-reasoning runs
+  (Arora & Zanette, 2025); there the statistics weigh each response by its tokens, here each
+  response counts once.
+  """
+  a = adv_NxG.astype(jnp.float32)
+  return (a - a.mean()) * jax.lax.rsqrt(a.var() + eps)
+
+
 def _check_group(rewards_NxG: Array, min_group: int, what: str) -> None:
   if rewards_NxG.ndim != 2 or rewards_NxG.shape[1] < min_group:
     raise ValueError(f"{what} needs rewards shaped [num_prompts, G] with G >= {min_group}, "
@@ -38,44 +49,46 @@ def _check_group(rewards_NxG: Array, min_group: int, what: str) -> None:
 
 @register_advantage("grpo")
 def grpo_advantages(rewards_NxG: Array, *, normalize_std: bool = True, eps: float = 1e-6,
-                    ddof: int = 1) -> Array:
+                    ddof: int = 1, whiten: bool = False) -> Array:
   """A_i = (r_i - mean_j r_j) / (std_j r_j + eps), over the G responses to one prompt.
 
   Shao et al. (2024), "DeepSeekMath" (GRPO). The std uses `ddof` (1: the unbiased std, as in
   TRL/verl/tunix; 0: the population std). `normalize_std=False` keeps only the mean baseline,
   as in Dr. GRPO (Liu et al., 2025, "Understanding R1-Zero-Like Training"). A group whose
-  rewards are all equal gets zero advantages.
+  rewards are all equal gets zero advantages. `whiten`: then `batch_whiten` over the batch.
   """
   _check_group(rewards_NxG, 1 + ddof if normalize_std else 1, "grpo")
   r = rewards_NxG.astype(jnp.float32)
-  centered = r - r.mean(axis=1, keepdims=True)
-  if not normalize_std:
-    return centered
-  return centered / (r.std(axis=1, keepdims=True, ddof=ddof) + eps)
+  adv = r - r.mean(axis=1, keepdims=True)
+  if normalize_std:
+    adv = adv / (r.std(axis=1, keepdims=True, ddof=ddof) + eps)
+  return batch_whiten(adv) if whiten else adv
 
 
 @register_advantage("rloo")
-def rloo_advantages(rewards_NxG: Array) -> Array:
+def rloo_advantages(rewards_NxG: Array, *, whiten: bool = False) -> Array:
   """A_i = r_i - (1/(G-1)) sum_{j != i} r_j = G/(G-1) * (r_i - mean_j r_j).
 
   REINFORCE leave-one-out: Kool et al. (2019), "Buy 4 REINFORCE samples, get a baseline for
   free!"; Ahmadian et al. (2024), "Back to Basics: Revisiting REINFORCE Style Optimization".
+  `whiten`: then `batch_whiten` over the batch (the efficient-reasoning runs' RLOO).
   """
   _check_group(rewards_NxG, 2, "rloo")
   r = rewards_NxG.astype(jnp.float32)
   g = r.shape[1]
-  return r - (r.sum(axis=1, keepdims=True) - r) / (g - 1)
+  adv = r - (r.sum(axis=1, keepdims=True) - r) / (g - 1)
+  return batch_whiten(adv) if whiten else adv
 
 
 @register_advantage("dr_grpo")
-def dr_grpo_advantages(rewards_NxG: Array) -> Array:
+def dr_grpo_advantages(rewards_NxG: Array, *, whiten: bool = False) -> Array:
   """A_i = r_i - mean_j r_j: GRPO without the std normalisation.
 
   Liu et al. (2025), "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO):
   dividing by the group's std over-weights groups that are nearly all right or all wrong. Pair
   it with rl.aggregation="token" (no per-response length normalisation).
   """
-  return grpo_advantages(rewards_NxG, normalize_std=False)
+  return grpo_advantages(rewards_NxG, normalize_std=False, whiten=whiten)
 
 
 # ---------------------------------------------------------------------------------------------
