@@ -227,3 +227,27 @@ def test_config_admits_prime_with_grpo_and_reinforce_returns():
     config_lib.validate(with_overrides(base, {"rl.advantage": "grpo", "rl.advantage_kwargs": {}}))
   with pytest.raises(ConfigError, match="config.prime.process_norm='max'"):
     config_lib.validate(with_overrides(base, {"prime.process_norm": "max"}))
+
+
+def test_experiment_target_and_sample_efficiency_per_seed():
+  from experiments import prime as exp
+
+  def run(accs, rollouts_per_step=100):
+    evals = [{"step": 5 * k, "rollouts": 5 * k * rollouts_per_step, "eval_accuracy": a} for k, a in enumerate(accs)]
+    records = [{"step": s, "rollouts_total": s * rollouts_per_step, "accuracy": 0.5, "step_time_s": 1.0,
+                "prm_sign_accuracy": 0.4, "prm_pairwise_acc_before": 0.6, "prm_pairwise_acc_after": 0.7}
+               for s in range(1, 5 * (len(accs) - 1) + 1)]
+    return {"records": records, "evals": evals}
+
+  runs = {"rloo": {0: run([0.40, 0.41, 0.43]), 1: run([0.30, 0.30, 0.31])},
+          "prime": {0: run([0.40, 0.44, 0.45]), 1: run([0.30, 0.33, 0.35])}}
+  s = exp.summarize(runs, margin=0.02)
+  # seed 0: target 0.42; RLOO crosses it halfway between 500 and 1000 rollouts, PRIME at 5/4 * 500 / ...
+  assert exp.rollouts_to_reach(runs["rloo"][0]["evals"], 0.42) == pytest.approx(750.0)
+  assert exp.rollouts_to_reach(runs["prime"][0]["evals"], 0.42) == pytest.approx(500 * 0.02 / 0.04)
+  per = {p["seed"]: p for p in s["per_seed"]}
+  assert per[0]["sample_efficiency"] == pytest.approx(750.0 / 250.0)
+  assert per[1]["rollouts_to_target"]["rloo"] is None and per[1]["sample_efficiency"] is None  # censored
+  assert s["reached"] == {"rloo": 1, "prime": 2} and s["sample_efficiency"]["n"] == 1
+  assert s["final_gain_prime_minus_rloo"]["mean"] == pytest.approx(np.mean([0.02, 0.04]))
+  assert s["prm_batches"]["n"] == 20 and s["prm_batches"]["above_chance"] == 20
