@@ -66,6 +66,8 @@ def define_flags():
   flags.DEFINE_string("out", "experiments/results/prime", "output directory")
   flags.DEFINE_integer("seeds", 3, "seeds per arm (config.seed + 0, 1, ...)")
   flags.DEFINE_float("target_margin", 0.02, "target = the seed's SFT held-out accuracy + this")
+  flags.DEFINE_string("prime_run", "prime", "run-directory name of the PRIME arm (a variant of prime.* "
+                      "gets its own; the RLOO runs are shared and reused)")
   flags.DEFINE_bool("quick", False, "150 SFT steps when the policy is missing")
   from tlt_jax import cli
   return cli.define_config_flag(PRIME_CONFIG)
@@ -91,15 +93,17 @@ RECORD_KEYS = ("step", "rollouts_total", "accuracy", "reward_mean", "prm_pairwis
                "token_reward_mean", "groups_dropped", "rollout_rounds", "step_time_s")
 
 
-def run_arms(base, setup, policy, runs_dir: str, seeds: list[int], out=None) -> dict:
-  """Both arms at every seed from `policy`: {arm: {seed: {"records": ..., "evals": ...}}}."""
+def run_arms(base, setup, policy, runs_dir: str, seeds: list[int], out=None, prime_run: str = "prime") -> dict:
+  """Both arms at every seed from `policy`: {arm: {seed: {"records": ..., "evals": ...}}}; the
+  runs live in runs_dir/<arm>_s<seed> (the PRIME arm's under `prime_run`), finished ones reused."""
   from tlt_jax.utils.console import say
   from tlt_jax.utils.metrics import read_jsonl
   runs = {arm: {} for arm in ARMS}
   for seed in seeds:
     for arm, own in RUNS.items():
-      trainer = build_trainer(f"{arm}_s{seed}", base, {**run_overrides(seed, int(base.rl.steps)), **own},
-                              setup, policy, None, runs_dir)
+      name = f"{prime_run if arm == 'prime' else arm}_s{seed}"
+      trainer = build_trainer(name, base, {**run_overrides(seed, int(base.rl.steps)), **own}, setup, policy, None,
+                              runs_dir)
       trainer.run()
       records = read_jsonl(trainer.writer.path)
       evals = read_jsonl(os.path.join(trainer.workdir, "rl_eval.jsonl"))
@@ -240,11 +244,12 @@ def main(argv):
   seeds = [int(base.seed) + k for k in range(args.seeds)]
   t0 = time.perf_counter()
   with open(os.path.join(args.out, "prime.jsonl"), "w") as out:
-    runs = run_arms(base, setup, policy, os.path.join(args.workdir, "prime"), seeds, out)
+    runs = run_arms(base, setup, policy, os.path.join(args.workdir, "prime"), seeds, out, args.prime_run)
     summary = summarize(runs, args.target_margin)
     summary["elapsed_s"] = round(time.perf_counter() - t0, 1)
     summary["config"] = {"rl.steps": int(base.rl.steps), "rl.sample_eval_every": int(base.rl.sample_eval_every),
-                         "rl.sample_eval_size": int(base.rl.sample_eval_size)}
+                         "rl.sample_eval_size": int(base.rl.sample_eval_size), "prime": base.prime.to_dict(),
+                         "rl.advantage_kwargs": base.rl.advantage_kwargs.to_dict(), "rl.lr": float(base.rl.lr)}
     out.write(json.dumps({"kind": "summary", **summary}) + "\n")
   plot(runs, summary, os.path.join(args.out, "prime.png"))
   say(json.dumps({"kind": "summary", **{k: v for k, v in summary.items() if k != "per_seed"}}))
