@@ -68,6 +68,8 @@ def define_flags():
   flags.DEFINE_float("target_margin", 0.02, "target = the seed's SFT held-out accuracy + this")
   flags.DEFINE_string("prime_run", "prime", "run-directory name of the PRIME arm (a variant of prime.* "
                       "gets its own; the RLOO runs are shared and reused)")
+  flags.DEFINE_integer("length_check", 0, "only sample this many training batches from the SFT policy and "
+                       "print the within-group ranking accuracy of 'the shorter response is the correct one'")
   flags.DEFINE_bool("quick", False, "150 SFT steps when the policy is missing")
   from tlt_jax import cli
   return cli.define_config_flag(PRIME_CONFIG)
@@ -133,6 +135,24 @@ def rollouts_to_reach(evals: list[dict], target: float) -> float | None:
       frac = (target - prev["eval_accuracy"]) / (cur["eval_accuracy"] - prev["eval_accuracy"])
       return float(prev["rollouts"] + frac * (cur["rollouts"] - prev["rollouts"]))
   return None
+
+
+def length_ranking(base, setup, policy, runs_dir: str, batches: int, seed: int) -> dict:
+  """Within-group pairwise accuracy (rl/prime.pairwise_accuracy) of the score -length against the
+  verifier, on `batches` training batches sampled from `policy` (the filter included): how far
+  response length alone ranks correct above wrong answers."""
+  from tlt_jax.rl import stages
+  from tlt_jax.rl.prime import pairwise_accuracy
+  trainer = build_trainer(f"length_check_s{seed}", base, {**run_overrides(seed, 1), "rl.token_rewards.prime": 0.0,
+                                                          "rl.sample_eval_every": 0}, setup, policy, None, runs_dir)
+  g = int(base.rl.group_size)
+  accs = []
+  for step in range(1, batches + 1):
+    rollout, scores = trainer.sample(step, stages.StageClock())
+    lengths = np.asarray(rollout.result.lengths, float).reshape(-1, g)
+    accs.append(pairwise_accuracy(-lengths, np.asarray(scores.correct_B, float).reshape(-1, g)))
+  return {"kind": "length_check", "seed": seed, "batches": batches, "shorter_is_correct": float(np.nanmean(accs)),
+          "per_batch": [round(a, 4) for a in accs]}
 
 
 def _mean_sd(xs) -> dict:
@@ -242,6 +262,10 @@ def main(argv):
   setup, policy = ensure_policy(args.workdir, base, quick=args.quick)
   os.makedirs(args.out, exist_ok=True)
   seeds = [int(base.seed) + k for k in range(args.seeds)]
+  if args.length_check:
+    say(json.dumps(length_ranking(base, setup, policy, os.path.join(args.workdir, "prime"), args.length_check,
+                                  seeds[0])))
+    return
   t0 = time.perf_counter()
   with open(os.path.join(args.out, "prime.jsonl"), "w") as out:
     runs = run_arms(base, setup, policy, os.path.join(args.workdir, "prime"), seeds, out, args.prime_run)
