@@ -43,7 +43,7 @@ def _set(c, path, value):
     ("rl.steps", -1, r"config\.rl\.steps=-1 is not allowed; allowed: an int >= 0"),
     ("rl.group_size", 1, r"config\.rl\.group_size=1 is not allowed; allowed: an int >= 2"),
     ("rl.aggregation", "batch", r"config\.rl\.aggregation='batch' is not allowed; allowed: one of \('token', 'sequence'\)"),
-    ("rl.advantage", "ppo", r"config\.rl\.advantage='ppo' is not allowed; allowed: one of \('dr_grpo', 'grpo', 'rloo', 'rloo_returns'\)"),
+    ("rl.advantage", "ppo", r"config\.rl\.advantage='ppo' is not allowed; allowed: one of \('dr_grpo', 'grpo', 'grpo_returns', 'reinforce_returns', 'rloo', 'rloo_returns'\)"),
     ("rl.schedule", "step", r"config\.rl\.schedule='step' is not allowed; allowed: one of \('constant', 'cosine', 'wsd'"),
     ("rl.clip_eps", 1.5, r"config\.rl\.clip_eps=1\.5 is not allowed; allowed: a float in \(0, 1\)"),
     ("rl.micro_batches", 3, r"config\.rl\.micro_batches=3 is not allowed; allowed: a divisor of rl\.prompts_per_step \* rl\.group_size = 128"),
