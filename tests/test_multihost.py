@@ -210,7 +210,7 @@ def test_lost_process_stops_the_other_with_one_line_and_the_run_resumes(warm_sta
   log = _log(workdir, 0)
   assert codes[0] == 76, log[-3000:]
   assert waited < 120, waited
-  said = [line for line in log.splitlines() if line.startswith("distributed error:")]
+  said = [line for line in log.replace("\r", "\n").splitlines() if line.startswith("distributed error:")]
   assert len(said) == 1 and said[0].startswith("distributed error: lost process 1 of 2"), log[-3000:]
   saved = sorted(int(s) for s in os.listdir(workdir / "ckpt_rl") if s.isdigit())
   assert saved and saved[-1] >= 2

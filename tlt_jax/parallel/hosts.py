@@ -70,7 +70,7 @@ class HostWatch:
   def _lost(self, who: int, why: str) -> None:
     if self._stop.is_set():
       return
-    print(f"distributed error: lost process {who} of {self.n} ({why}); outputs up to the last "
+    print(f"\ndistributed error: lost process {who} of {self.n} ({why}); outputs up to the last "
           "checkpoint are kept. Rerun the same command on every host to resume.",
           file=sys.stderr, flush=True)
     os._exit(EXIT_LOST_HOST)
