@@ -10,7 +10,7 @@ one digit more per round, 3-5 models voting at 70 %.
 Default here: the scaled-down run for 2 CPU cores: 3 NoPE models of d=64, 4 layers on the second
 task, reverse copy, trained on 1..8 digits, then 7 rounds. (At this step budget a NoPE model of
 d=64 x 2 layers did not learn reverse addition in round 0: measured, 2000 steps on 1..5 digits
-solve 1-digit sums only; see the README.) `:paper` is reverse addition at the paper's
+solve 1-digit sums only; see experiments/results/self_improve/REPORT.md.) `:paper` is reverse addition at the paper's
 model size (for an accelerator). See tlt_jax/curriculum/self_improve.py for every key.
 """
 

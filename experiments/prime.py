@@ -1,4 +1,4 @@
-"""PRIME vs outcome-only RLOO: sample efficiency of implicit process rewards.
+"""PRIME vs outcome-only RLOO: sample efficiency of implicit process rewards, over seeds.
 
 Cui et al. (2025), "Process Reinforcement through Implicit Rewards" (PRIME): an implicit PRM
 (a language model pi_psi against the frozen SFT policy, r_t = beta log pi_psi / pi_ref), trained
@@ -6,31 +6,34 @@ online on outcome labels only, adds dense token rewards to RLOO. The paper repor
 efficiency over outcome-only RLOO and +16.7 points average over its SFT model (Eurus-2-7B-PRIME,
 7 math/coding benchmarks).
 
-Here, from ONE SFT policy (the main job's `--workdir`, made there when missing), two RL runs with
-the same seeds, steps, prompts filter and config (configs/prime.py), differing only in the PRM:
+Here, from ONE SFT policy (the main job's `--workdir`, made there when missing), two arms with
+the same config (configs/prime.py), differing only in the PRM, each run with `--seeds` seeds
+(config.seed = base seed + k: prompts, sampling and the held-out set; arm k of RLOO and of PRIME
+share them):
 
   rloo    rloo_returns with rl.token_rewards.prime = 0: RLOO on the verifier's outcome, whitened
-  prime   rloo_returns + the implicit PRM's process rewards (prime.*), the paper's recipe
+  prime   rloo_returns + the implicit PRM's process rewards (prime.*, prime.process_norm =
+          batch_norm as in the official code), the paper's recipe
 
 Both keep the groups whose accuracy lies in rl.accuracy_band (PRIME's online filter), refilled
-from fresh prompts, so rollouts per step vary: every curve is also drawn against the number of
+from fresh prompts, so rollouts per step vary: curves are drawn against steps and against the
 sampled responses (`rollouts_total`, dropped groups included). Measured:
 
-  held-out sampled accuracy (T = 1, a fixed set, the same key: coupled samples) vs step and vs
-            rollouts, every `--eval_every` steps
-  prm_accuracy  the PRM's outcome prediction sign(sum_t r_t) vs the verifier, on each batch
-            BEFORE the PRM learns from it
-  sample efficiency  rollouts the baseline needs to reach the target accuracy (default: the
-            best held-out accuracy the baseline reached) / rollouts PRIME needs (linear
-            interpolation between evaluations)
+  held-out sampled accuracy (T = 1, a fixed set per seed, one key: the arms' samples coupled)
+            every rl.sample_eval_every steps, rl.sample_eval_size prompts
+  target    fixed before any RL run: the seed's SFT held-out accuracy (step 0) + `--target_margin`
+  sample efficiency  per seed, rollouts RLOO needs to reach the target / rollouts PRIME needs
+            (linear interpolation between evaluations; a run that never reaches it is censored)
+  PRM pairwise accuracy  within-group ranking accuracy of the PRM's scores on each batch, before
+            and after its update on it (chance 0.5), and the sign accuracy beside it
 
-  python experiments/prime.py [--workdir runs/default] [--steps 40] [--out DIR] [--config.prime.lr=3e-4 ...]
+  python experiments/prime.py [--workdir runs/prime] [--seeds 3] [--target_margin 0.02] [--out DIR] \
+      [--config=configs/prime.py:small --config.rl.steps=30 --config.prime.lr=3e-4 ...]
 
-(the config defaults to configs/prime.py)
-
-Prints JSON lines (one per evaluation and a summary) and writes DIR/prime.{jsonl,md,png}. The RL
-runs live in WORKDIR/prime/<run>/ (a rerun resumes finished ones). Speculative decoding and the
-drafter are off (lossless: they change the time, not the results).
+RL steps, evaluation period and size come from the config only (rl.steps, rl.sample_eval_every,
+rl.sample_eval_size). Prints JSON lines and writes DIR/prime.{jsonl,png}. The RL runs live in
+WORKDIR/prime/<arm>_s<seed>/. Speculative decoding and the drafter are off (lossless: they change
+the time, not the results).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from experiments.common import ROOT, build_trainer, enable_compile_cache, run_ex
 
 PRIME_CONFIG = os.path.join(ROOT, "configs", "prime.py")
 RUNS = {"rloo": {"rl.token_rewards.prime": 0.0}, "prime": {}}
+ARMS = tuple(RUNS)
 PAPER = ("Paper (Eurus-2-7B-SFT -> Eurus-2-7B-PRIME, Qwen2.5-Math-7B base, 7 math/coding "
          "benchmarks): PRIME reaches RLOO's final training reward with ~40% of the steps (about "
          "2.5x sample efficiency) and improves the SFT model by +16.7 points on average. A 7B "
@@ -58,12 +62,14 @@ PAPER = ("Paper (Eurus-2-7B-SFT -> Eurus-2-7B-PRIME, Qwen2.5-Math-7B base, 7 mat
 
 def define_flags():
   from absl import flags
-  flags.DEFINE_string("workdir", "runs/default", "main-job workdir holding sft/ (made there when missing)")
+  flags.DEFINE_string("workdir", "runs/prime", "main-job workdir holding sft/ (made there when missing)")
   flags.DEFINE_string("out", "experiments/results/prime", "output directory")
-  flags.DEFINE_integer("steps", 40, "RL steps per run")
-  flags.DEFINE_integer("eval_every", 5, "held-out evaluation every this many steps")
-  flags.DEFINE_integer("eval_size", 256, "fixed held-out prompts (one sample each, T = rollout temperature)")
-  flags.DEFINE_float("target", 0.0, "target held-out accuracy (0: the best the baseline reached)")
+  flags.DEFINE_integer("seeds", 3, "seeds per arm (config.seed + 0, 1, ...)")
+  flags.DEFINE_float("target_margin", 0.02, "target = the seed's SFT held-out accuracy + this")
+  flags.DEFINE_string("prime_run", "prime", "run-directory name of the PRIME arm (a variant of prime.* "
+                      "gets its own; the RLOO runs are shared and reused)")
+  flags.DEFINE_integer("length_check", 0, "only sample this many training batches from the SFT policy and "
+                       "print the within-group ranking accuracy of 'the shorter response is the correct one'")
   flags.DEFINE_bool("quick", False, "150 SFT steps when the policy is missing")
   from tlt_jax import cli
   return cli.define_config_flag(PRIME_CONFIG)
@@ -78,36 +84,44 @@ def ensure_policy(workdir: str, config, quick: bool = False):
   return setup, run_lib.run_sft_stage(setup)
 
 
-def run_overrides(steps: int, eval_every: int, eval_size: int) -> dict:
-  return {"rl.steps": steps, "rl.sample_eval_every": eval_every, "rl.sample_eval_size": eval_size,
-          "rl.eval_size": 0, "rl.checkpoint_every": max(steps, 1),
+def run_overrides(seed: int, checkpoint_every: int) -> dict:
+  """What every run changes in the config: its seed; no drafter, no speculative decoding."""
+  return {"seed": seed, "rl.eval_size": 0, "rl.checkpoint_every": max(checkpoint_every, 1),
           "tlt.speculative": False, "tlt.train_drafter": False}
 
 
-def run_pair(base, setup, policy, runs_dir: str, overrides: dict, out=None) -> dict:
-  """The two runs from `policy`: {run: {"records": per-step metrics, "evals": held-out evals}}."""
+RECORD_KEYS = ("step", "rollouts_total", "accuracy", "reward_mean", "prm_pairwise_acc_before",
+               "prm_pairwise_acc_after", "prm_sign_accuracy", "prm_loss", "prm_score_mean",
+               "token_reward_mean", "groups_dropped", "rollout_rounds", "step_time_s")
+
+
+def run_arms(base, setup, policy, runs_dir: str, seeds: list[int], out=None, prime_run: str = "prime") -> dict:
+  """Both arms at every seed from `policy`: {arm: {seed: {"records": ..., "evals": ...}}}; the
+  runs live in runs_dir/<arm>_s<seed> (the PRIME arm's under `prime_run`), finished ones reused."""
   from tlt_jax.utils.console import say
   from tlt_jax.utils.metrics import read_jsonl
-  runs = {}
-  for name, own in RUNS.items():
-    trainer = build_trainer(name, base, {**overrides, **own}, setup, policy, None, runs_dir)
-    trainer.run()
-    records = read_jsonl(trainer.writer.path)
-    evals = read_jsonl(os.path.join(trainer.workdir, "rl_eval.jsonl"))
-    rollouts = {0: 0, **{r["step"]: r["rollouts_total"] for r in records}}
-    for e in evals:
-      e["rollouts"] = rollouts[e["step"]]
-      rec = {"kind": "eval", "run": name, "step": e["step"], "rollouts": e["rollouts"],
-             "eval_accuracy": round(e["eval_accuracy"], 4)}
-      say(json.dumps(rec))
+  runs = {arm: {} for arm in ARMS}
+  for seed in seeds:
+    for arm, own in RUNS.items():
+      name = f"{prime_run if arm == 'prime' else arm}_s{seed}"
+      trainer = build_trainer(name, base, {**run_overrides(seed, int(base.rl.steps)), **own}, setup, policy, None,
+                              runs_dir)
+      trainer.run()
+      records = read_jsonl(trainer.writer.path)
+      evals = read_jsonl(os.path.join(trainer.workdir, "rl_eval.jsonl"))
+      rollouts = {0: 0, **{r["step"]: r["rollouts_total"] for r in records}}
+      for e in evals:
+        e["rollouts"] = rollouts[e["step"]]
+        rec = {"kind": "eval", "run": arm, "seed": seed, "step": e["step"], "rollouts": e["rollouts"],
+               "eval_accuracy": round(e["eval_accuracy"], 4)}
+        say(json.dumps(rec))
+        if out:
+          out.write(json.dumps(rec) + "\n")
       if out:
-        out.write(json.dumps(rec) + "\n")
-    if out:
-      for r in records:
-        out.write(json.dumps({"kind": "rl", "run": name, **{k: r.get(k) for k in (
-            "step", "rollouts_total", "accuracy", "reward_mean", "prm_accuracy", "prm_loss",
-            "token_reward_mean", "groups_dropped", "rollout_rounds", "step_time_s")}}) + "\n")
-    runs[name] = {"records": records, "evals": evals}
+        for r in records:
+          out.write(json.dumps({"kind": "rl", "run": arm, "seed": seed, **{k: r.get(k) for k in RECORD_KEYS}}) + "\n")
+        out.flush()
+      runs[arm][seed] = {"records": records, "evals": evals}
   return runs
 
 
@@ -123,88 +137,116 @@ def rollouts_to_reach(evals: list[dict], target: float) -> float | None:
   return None
 
 
-def summarize(runs: dict, target: float = 0.0) -> dict:
-  """Sample efficiency and the final figures of both runs."""
-  base, prime = runs["rloo"]["evals"], runs["prime"]["evals"]
-  target = target or max(e["eval_accuracy"] for e in base[1:])  # the best RLOO reached
-  need_base, need_prime = rollouts_to_reach(base, target), rollouts_to_reach(prime, target)
-  prm = [r["prm_accuracy"] for r in runs["prime"]["records"] if r.get("prm_accuracy") is not None]
-  half = len(prm) // 2
-  out = {"target_accuracy": target, "sft_accuracy": base[0]["eval_accuracy"],
-         "rollouts_to_target": {"rloo": need_base, "prime": need_prime},
-         "sample_efficiency": (need_base / need_prime) if need_base and need_prime else None,
-         "final_accuracy": {k: v["evals"][-1]["eval_accuracy"] for k, v in runs.items()},
-         "best_accuracy": {k: max(e["eval_accuracy"] for e in v["evals"]) for k, v in runs.items()},
-         "rollouts_total": {k: v["records"][-1]["rollouts_total"] for k, v in runs.items()},
-         "prm_accuracy_first_half": float(np.mean(prm[:half])) if half else None,
-         "prm_accuracy_second_half": float(np.mean(prm[half:])) if prm else None,
-         "step_time_s": {k: float(np.median([r["step_time_s"] for r in v["records"]])) for k, v in runs.items()}}
-  out["gain_over_sft_points"] = {k: 100 * (a - out["sft_accuracy"]) for k, a in out["final_accuracy"].items()}
-  if need_prime is None:
-    out["note"] = "PRIME never reached the target accuracy within its rollouts"
+def length_ranking(base, setup, policy, runs_dir: str, batches: int, seed: int) -> dict:
+  """Within-group pairwise accuracy (rl/prime.pairwise_accuracy) of the score -length against the
+  verifier, on `batches` training batches sampled from `policy` (the filter included): how far
+  response length alone ranks correct above wrong answers."""
+  from tlt_jax.rl import stages
+  from tlt_jax.rl.prime import pairwise_accuracy
+  trainer = build_trainer(f"length_check_s{seed}", base, {**run_overrides(seed, 1), "rl.token_rewards.prime": 0.0,
+                                                          "rl.sample_eval_every": 0}, setup, policy, None, runs_dir)
+  g = int(base.rl.group_size)
+  accs = []
+  for step in range(1, batches + 1):
+    rollout, scores = trainer.sample(step, stages.StageClock())
+    lengths = np.asarray(rollout.result.lengths, float).reshape(-1, g)
+    accs.append(pairwise_accuracy(-lengths, np.asarray(scores.correct_B, float).reshape(-1, g)))
+  return {"kind": "length_check", "seed": seed, "batches": batches, "shorter_is_correct": float(np.nanmean(accs)),
+          "per_batch": [round(a, 4) for a in accs]}
+
+
+def _mean_sd(xs) -> dict:
+  xs = [float(x) for x in xs if x is not None and np.isfinite(x)]
+  return {"mean": float(np.mean(xs)) if xs else None, "sd": float(np.std(xs, ddof=1)) if len(xs) > 1 else None,
+          "n": len(xs), "values": xs}
+
+
+def summarize(runs: dict, margin: float) -> dict:
+  """Per seed: the target (SFT + margin), rollouts to it per arm, their ratio; final accuracies;
+  the PRM's pairwise accuracy against chance. Then mean and sd over seeds."""
+  seeds = sorted(runs["rloo"])
+  per_seed = []
+  for seed in seeds:
+    base, prime = runs["rloo"][seed]["evals"], runs["prime"][seed]["evals"]
+    sft = base[0]["eval_accuracy"]
+    target = sft + margin
+    need = {arm: rollouts_to_reach(runs[arm][seed]["evals"], target) for arm in ARMS}
+    prm = [r for r in runs["prime"][seed]["records"] if r.get("prm_pairwise_acc_before") is not None]
+    half = len(prm) // 2
+    per_seed.append({
+        "seed": seed, "sft_accuracy": sft, "prime_sft_accuracy": prime[0]["eval_accuracy"], "target": target,
+        "rollouts_to_target": need,
+        "sample_efficiency": need["rloo"] / need["prime"] if need["rloo"] and need["prime"] else None,
+        "final_accuracy": {arm: runs[arm][seed]["evals"][-1]["eval_accuracy"] for arm in ARMS},
+        "best_accuracy": {arm: max(e["eval_accuracy"] for e in runs[arm][seed]["evals"]) for arm in ARMS},
+        "rollouts_total": {arm: runs[arm][seed]["records"][-1]["rollouts_total"] for arm in ARMS},
+        "prm_pairwise_before": float(np.mean([r["prm_pairwise_acc_before"] for r in prm])) if prm else None,
+        "prm_pairwise_after": float(np.mean([r["prm_pairwise_acc_after"] for r in prm])) if prm else None,
+        "prm_pairwise_before_second_half": float(np.mean([r["prm_pairwise_acc_before"] for r in prm[half:]])) if prm else None,
+        "prm_sign_accuracy": float(np.mean([r["prm_sign_accuracy"] for r in runs["prime"][seed]["records"]])),
+        "batch_accuracy": float(np.mean([r["accuracy"] for r in runs["prime"][seed]["records"]])),
+        "step_time_s": {arm: float(np.median([r["step_time_s"] for r in runs[arm][seed]["records"]])) for arm in ARMS}})
+  out = {"seeds": seeds, "target_rule": f"the seed's SFT held-out sampled accuracy + {margin:g}", "per_seed": per_seed}
+  for key in ("sft_accuracy", "sample_efficiency", "prm_pairwise_before", "prm_pairwise_after",
+              "prm_pairwise_before_second_half", "prm_sign_accuracy", "batch_accuracy"):
+    out[key] = _mean_sd([s[key] for s in per_seed])
+  for key in ("final_accuracy", "best_accuracy", "rollouts_to_target", "rollouts_total", "step_time_s"):
+    out[key] = {arm: _mean_sd([s[key][arm] for s in per_seed]) for arm in ARMS}
+  out["final_gain_prime_minus_rloo"] = _mean_sd([s["final_accuracy"]["prime"] - s["final_accuracy"]["rloo"]
+                                                 for s in per_seed])
+  out["reached"] = {arm: sum(s["rollouts_to_target"][arm] is not None for s in per_seed) for arm in ARMS}
+  # All PRM batches of all seeds: how often the ranking beats chance.
+  prm = [r["prm_pairwise_acc_before"] for seed in seeds for r in runs["prime"][seed]["records"]
+         if r.get("prm_pairwise_acc_before") is not None]
+  out["prm_batches"] = {"n": len(prm), "above_chance": int(np.sum(np.asarray(prm) > 0.5)),
+                        "at_chance": int(np.sum(np.asarray(prm) == 0.5)),
+                        "mean": float(np.mean(prm)) if prm else None,
+                        "se": float(np.std(prm, ddof=1) / np.sqrt(len(prm))) if len(prm) > 1 else None}
   return out
 
 
-def _fmt0(x) -> str:
-  return "not reached" if x is None else f"{x:.0f}"
+def _band(ax, xs_SxN, ys_SxN, label):
+  x, y = np.mean(xs_SxN, 0), np.asarray(ys_SxN, float)
+  line, = ax.plot(x, y.mean(0), marker="o", ms=3, label=f"{label} (mean of {len(y)})")
+  ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
 
 
-def _fmt(x) -> str:
-  return "n/a" if x is None else f"{x:.3f}"
-
-
-def write_markdown(path: str, summary: dict, runs: dict, args_line: str, elapsed: float) -> None:
-  from tlt_jax.utils.metrics import markdown_table
-  rows = []
-  for name, v in runs.items():
-    for e in v["evals"]:
-      rows.append({"run": name, "step": e["step"], "rollouts": e["rollouts"], "eval_accuracy": e["eval_accuracy"]})
-  s = summary
-  eff = s["sample_efficiency"]
-  md = ["# PRIME vs outcome-only RLOO (tiny scale)\n",
-        f"{args_line}; {elapsed:.0f} s on this machine's CPU (shared, loaded: times are not benchmarks).\n",
-        "## Summary\n",
-        "| figure | RLOO (outcome only) | RLOO + PRIME | paper (7B, different scale) |",
-        "|---|---|---|---|",
-        f"| held-out sampled accuracy, SFT start | {s['sft_accuracy']:.3f} | {s['sft_accuracy']:.3f} | |",
-        f"| final held-out accuracy | {s['final_accuracy']['rloo']:.3f} | {s['final_accuracy']['prime']:.3f} | |",
-        f"| gain over SFT (points) | {s['gain_over_sft_points']['rloo']:+.1f} | {s['gain_over_sft_points']['prime']:+.1f} | +16.7 (PRIME, avg. of 7 benchmarks) |",
-        f"| rollouts to reach {s['target_accuracy']:.3f} (RLOO's best) | {_fmt0(s['rollouts_to_target']['rloo'])} | "
-        f"{_fmt0(s['rollouts_to_target']['prime'])} | |",
-        f"| sample efficiency (RLOO / PRIME rollouts) | 1 | {'n/a' if eff is None else f'{eff:.2f}x'} | ~2.5x |",
-        f"| rollouts sampled in all | {s['rollouts_total']['rloo']} | {s['rollouts_total']['prime']} | |",
-        f"| PRM outcome-prediction accuracy (first / second half of the steps) | | "
-        f"{_fmt(s['prm_accuracy_first_half'])} / {_fmt(s['prm_accuracy_second_half'])} | |",
-        f"| median step time (s) | {s['step_time_s']['rloo']:.2f} | {s['step_time_s']['prime']:.2f} | |",
-        "\n## Held-out accuracy per evaluation\n", markdown_table(rows, ["run", "step", "rollouts", "eval_accuracy"]),
-        "\n## The paper\n", PAPER + "\n"]
-  if s.get("note"):
-    md.insert(3, f"**{s['note']}.**\n")
-  with open(path, "w") as f:
-    f.write("\n".join(md))
-
-
-def plot(runs: dict, path: str) -> None:
+def plot(runs: dict, summary: dict, path: str) -> None:
+  """Held-out accuracy vs step and vs rollouts (mean over seeds, band: min-max), the PRM's
+  pairwise accuracy before / after its update per step (mean over seeds, band: min-max)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-  for name, v in runs.items():
-    ev = v["evals"]
-    axes[0].plot([e["step"] for e in ev], [e["eval_accuracy"] for e in ev], marker="o", label=name)
-    axes[1].plot([e["rollouts"] for e in ev], [e["eval_accuracy"] for e in ev], marker="o", label=name)
-  recs = runs["prime"]["records"]
-  axes[2].plot([r["step"] for r in recs], [r.get("prm_accuracy") for r in recs], marker=".", label="PRM")
-  axes[2].plot([r["step"] for r in recs], [max(r["accuracy"], 1 - r["accuracy"]) for r in recs], ls="--",
-               label="majority-class baseline")
-  for ax, (x, y, t) in zip(axes, (("RL step", "held-out sampled accuracy", "accuracy vs step"),
-                                   ("rollouts (sampled responses)", "held-out sampled accuracy", "accuracy vs rollouts"),
-                                   ("RL step", "outcome-prediction accuracy", "implicit PRM on fresh batches"))):
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  seeds = summary["seeds"]
+  for arm in ARMS:
+    evals = [runs[arm][s]["evals"] for s in seeds]
+    n = min(len(e) for e in evals)
+    steps = [[e["step"] for e in ev[:n]] for ev in evals]
+    rolls = [[e["rollouts"] for e in ev[:n]] for ev in evals]
+    accs = [[e["eval_accuracy"] for e in ev[:n]] for ev in evals]
+    _band(axes[0], steps, accs, arm)
+    _band(axes[1], rolls, accs, arm)
+  target = np.mean([s["target"] for s in summary["per_seed"]])
+  for ax in axes[:2]:
+    ax.axhline(target, color="k", ls=":", lw=0.8, label="target (mean over seeds)")
+  for key, label in (("prm_pairwise_acc_before", "before its update"), ("prm_pairwise_acc_after", "after its update")):
+    recs = [[r.get(key) for r in runs["prime"][s]["records"]] for s in seeds]
+    n = min(len(r) for r in recs)
+    y = np.array([[np.nan if v is None else v for v in r[:n]] for r in recs], float)
+    x = np.arange(1, n + 1)
+    line, = axes[2].plot(x, np.nanmean(y, 0), marker=".", label=label)
+    axes[2].fill_between(x, np.nanmin(y, 0), np.nanmax(y, 0), color=line.get_color(), alpha=0.2)
+  axes[2].axhline(0.5, color="k", ls=":", lw=0.8, label="chance")
+  for ax, (xl, yl, t) in zip(axes, (("RL step", "held-out sampled accuracy", "accuracy vs step"),
+                                    ("rollouts (sampled responses, mean over seeds)", "held-out sampled accuracy",
+                                     "accuracy vs rollouts"),
+                                    ("RL step", "pairwise ranking accuracy", "implicit PRM, within-group ranking"))):
+    ax.set_xlabel(xl)
+    ax.set_ylabel(yl)
     ax.set_title(t)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -219,19 +261,22 @@ def main(argv):
   base = args["config"].value
   setup, policy = ensure_policy(args.workdir, base, quick=args.quick)
   os.makedirs(args.out, exist_ok=True)
+  seeds = [int(base.seed) + k for k in range(args.seeds)]
+  if args.length_check:
+    say(json.dumps(length_ranking(base, setup, policy, os.path.join(args.workdir, "prime"), args.length_check,
+                                  seeds[0])))
+    return
   t0 = time.perf_counter()
   with open(os.path.join(args.out, "prime.jsonl"), "w") as out:
-    runs = run_pair(base, setup, policy, os.path.join(args.workdir, "prime"),
-                    run_overrides(args.steps, args.eval_every, args.eval_size), out)
-    summary = summarize(runs, args.target)
+    runs = run_arms(base, setup, policy, os.path.join(args.workdir, "prime"), seeds, out, args.prime_run)
+    summary = summarize(runs, args.target_margin)
+    summary["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    summary["config"] = {"rl.steps": int(base.rl.steps), "rl.sample_eval_every": int(base.rl.sample_eval_every),
+                         "rl.sample_eval_size": int(base.rl.sample_eval_size), "prime": base.prime.to_dict(),
+                         "rl.advantage_kwargs": base.rl.advantage_kwargs.to_dict(), "rl.lr": float(base.rl.lr)}
     out.write(json.dumps({"kind": "summary", **summary}) + "\n")
-  elapsed = time.perf_counter() - t0
-  given = " ".join(a for a in sys.argv[1:] if a.startswith("--config")) or "configs/prime.py"
-  args_line = (f"From the SFT policy of `{args.workdir}`; {args.steps} RL steps per run, {given}, "
-               f"held-out evaluation of {args.eval_size} fixed prompts every {args.eval_every} steps")
-  write_markdown(os.path.join(args.out, "prime.md"), summary, runs, args_line, elapsed)
-  plot(runs, os.path.join(args.out, "prime.png"))
-  say(json.dumps({"kind": "summary", **summary, "elapsed_s": round(elapsed, 1)}))
+  plot(runs, summary, os.path.join(args.out, "prime.png"))
+  say(json.dumps({"kind": "summary", **{k: v for k, v in summary.items() if k != "per_seed"}}))
 
 
 if __name__ == "__main__":

@@ -314,7 +314,7 @@ def write_markdown(path, config, records, best_of, timings, summaries):
       "## The paper's numbers (a different scale)\n",
       "Lin et al. (2025) evaluate models of billions of parameters, prompted in natural language, on "
       "1,000 puzzles of 2x2..6x6; puzzle accuracy in %. Not comparable in scale with a ~1M-parameter "
-      "policy trained on this task; shown for the shape of the curve.\n",
+      "policy trained on the task; shown for the shape of the curve.\n",
       markdown_table([{k: ("-" if v is None else v) for k, v in r.items()} for r in PAPER_RESULTS],
                      ["model", "overall", "xl"]),
       "## RL runs\n",

@@ -24,7 +24,7 @@ weak-to-strong.
 Here the task is chain-of-thought addition, where every step is checked exactly
 (`Task.check_trace`), so the FPR is exact. This notebook runs the whole of
 `experiments/compute_optimal.py` at a size that takes a minute or two on a CPU; the full-size
-table is in the README.""")
+table is in `experiments/results/compute_optimal/REPORT.md`.""")
 code(SETUP)
 code("""# 'notebook' (a minute or two on a CPU) or 'test' (the test suite's, seconds)
 SIZE = os.environ.get('COMPUTE_OPTIMAL_NOTEBOOK_SIZE', 'notebook')

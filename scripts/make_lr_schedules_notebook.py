@@ -88,7 +88,7 @@ md("""The full experiment (300-step runs, 3 seeds, a 9-point LR grid; ~16 minute
 
     python experiments/lr_schedules.py
 
-Its committed results are in `experiments/results/lr_schedules/` and the README.""")
+Its committed results are in `experiments/results/lr_schedules/REPORT.md`.""")
 
 nb["cells"] = cells
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

@@ -133,7 +133,7 @@ for name, eng in engines.items():
   t0 = time.perf_counter(); o = eng.generate(params, prompts, plen, new, jax.random.key(1)); dt = time.perf_counter() - t0
   print(f'{name:6s} decode {o.lengths.sum() / dt:,.0f} tok/s (batch 4)')""")
 md("""The full grid (|V_f| ∈ {0, 1k, 8k, 64k} × two f-gram model sizes, FLOPs, host RAM, decode cost) is
-`python experiments/scone.py`; its measured table is in the README's SCONE section.""")
+`python experiments/scone.py`; its measured table is in `experiments/results/scone/REPORT.md`.""")
 
 nb["cells"] = cells
 nb["metadata"] = {"kernelspec": {"name": "python3", "display_name": "Python 3"}, "language_info": {"name": "python"}}

@@ -86,7 +86,7 @@ plot_heatmap(histories, path)
 from IPython.display import Image, display
 display(Image(path))""")
 md("""The full run and its numbers beside the paper's (10 -> 100+ digits with a 6-layer d=384 model; a
-different scale from this CPU-sized one) are in `experiments/results/self_improve/` and the README.""")
+different scale from this CPU-sized one) are in `experiments/results/self_improve/REPORT.md`.""")
 
 nb["cells"] = cells
 nb["metadata"] = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},

@@ -38,12 +38,13 @@ def main(port: int, process_id: int, out_dir: str) -> None:
   from tlt_jax.data.tokenizer import CharTokenizer
   from tlt_jax.models.config import ModelConfig
   from tlt_jax.models.transformer import Transformer
+  from tlt_jax.parallel import hosts
   from tlt_jax.parallel import mesh as mesh_lib
   from tlt_jax.rl.trainer import TIMING_FIELDS, RLTrainer
 
   if port:
-    assert mesh_lib.maybe_initialize_distributed(coordinator=f"127.0.0.1:{port}", num_processes=2,
-                                                 process_id=process_id)
+    assert hosts.initialize(hosts.Timeouts(lost_host_timeout_s=300, shutdown_timeout_s=900),  # busy cores
+                            coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
   assert jax.device_count() == 4
   config = config_lib.finalize(load_config("configs/default.py:tiny", OVERRIDES))
   task = config_lib.build_task(config)
@@ -61,7 +62,7 @@ def main(port: int, process_id: int, out_dir: str) -> None:
   params = {"/".join(map(str, path)): mesh_lib.gather_to_host(v.get_value()) for path, v in flat}
   np.savez(f"{out_dir}/rl_process_{process_id}.npz", record=json.dumps(record), **params)
   if port:
-    jax.distributed.shutdown()
+    hosts.finish()  # a barrier of our own first: a slow process is not a failure
 
 
 if __name__ == "__main__":

@@ -26,11 +26,12 @@ def main(port: int, process_id: int, out_dir: str) -> None:
   from flax import nnx
   from jax.experimental import multihost_utils
 
+  from tlt_jax.parallel import hosts
   from tlt_jax.parallel import mesh as mesh_lib
   from tests.tiny import random_state, tiny_config
 
-  assert mesh_lib.maybe_initialize_distributed(coordinator=f"127.0.0.1:{port}", num_processes=2,
-                                               process_id=process_id)
+  assert hosts.initialize(hosts.Timeouts(lost_host_timeout_s=300, shutdown_timeout_s=900),  # busy cores
+                            coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
   assert (jax.process_count(), jax.process_index()) == (2, process_id)
   assert (jax.device_count(), jax.local_device_count()) == (4, 2)
 
@@ -54,7 +55,7 @@ def main(port: int, process_id: int, out_dir: str) -> None:
     out[f"logits_{name}"] = multihost_utils.process_allgather(logits, tiled=True)
     out[f"hidden_{name}"] = multihost_utils.process_allgather(hidden, tiled=True)
   np.savez(f"{out_dir}/process_{process_id}.npz", **out)
-  jax.distributed.shutdown()
+  hosts.finish()  # a barrier of our own first: a slow process is not a failure
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def _set(c, path, value):
     ("rl.steps", -1, r"config\.rl\.steps=-1 is not allowed; allowed: an int >= 0"),
     ("rl.group_size", 1, r"config\.rl\.group_size=1 is not allowed; allowed: an int >= 2"),
     ("rl.aggregation", "batch", r"config\.rl\.aggregation='batch' is not allowed; allowed: one of \('token', 'sequence'\)"),
-    ("rl.advantage", "ppo", r"config\.rl\.advantage='ppo' is not allowed; allowed: one of \('dr_grpo', 'grpo', 'rloo', 'rloo_returns'\)"),
+    ("rl.advantage", "ppo", r"config\.rl\.advantage='ppo' is not allowed; allowed: one of \('dr_grpo', 'grpo', 'grpo_returns', 'reinforce_returns', 'rloo', 'rloo_returns'\)"),
     ("rl.schedule", "step", r"config\.rl\.schedule='step' is not allowed; allowed: one of \('constant', 'cosine', 'wsd'"),
     ("rl.clip_eps", 1.5, r"config\.rl\.clip_eps=1\.5 is not allowed; allowed: a float in \(0, 1\)"),
     ("rl.micro_batches", 3, r"config\.rl\.micro_batches=3 is not allowed; allowed: a divisor of rl\.prompts_per_step \* rl\.group_size = 128"),
@@ -95,7 +95,7 @@ def _main(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "tlt_jax.main", "--config=configs/default.py",
                          "--workdir=/nonexistent/never_written", *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_cli_unknown_override_key_is_a_clear_error():
@@ -141,7 +141,7 @@ def test_main_gives_the_cpu_one_device_per_rollout_group():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   run = lambda *args, env=env: subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,  # noqa: E731
-                                              capture_output=True, text=True, timeout=120)
+                                              capture_output=True, text=True, timeout=600)
   assert run("--config.tlt.rollout_groups=4").stdout.split() == ["--xla_force_host_platform_device_count=4", "4"]
   assert run().stdout.split()[-1] == "2"  # the default: 2 rollout groups
   mine = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=3")

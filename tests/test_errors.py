@@ -370,7 +370,7 @@ def _main(*args, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   return subprocess.run([sys.executable, "-m", "tlt_jax.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=180)
+                        capture_output=True, text=True, timeout=600)
 
 
 def _one_line_error(out, prefix):
@@ -415,7 +415,7 @@ def test_experiment_override_of_a_missing_key(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "experiments/e2e_speedup.py", "--config.rl.lrate=1e-4",
                         f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=180)
+                       timeout=600)
   line = _one_line_error(out, "config error:")
   assert "config.rl has no key 'lrate'; allowed keys of config.rl: [" in line and "'lr'" in line
 

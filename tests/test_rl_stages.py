@@ -265,7 +265,7 @@ def test_dr_grpo_and_rloo_returns_match_numpy():
     for i in range(4):
       idx = np.flatnonzero(mask[p, i])
       per = np.zeros(L)
-      per[idx] = 0.5 * (q[p, i, idx] - np.mean([qbar[j] for j in range(4) if j != i]))
+      per[idx] = 0.5 * (q[p, i, idx] * 4 / 3 - np.sum(qbar) / 3)  # PRIME's leave-one-out per token
       per[idx[-1]] += 2.0 * (r[p, i] - np.mean([r[p, j] for j in range(4) if j != i]))
       for t in idx:
         ref[p, i, t] = per[t:].sum()

@@ -100,6 +100,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?prime.beta", pos_float, "a float > 0"),
     ("?prime.lr", pos_float, "a float > 0"),
     ("?prime.update_order", *one_of(("after", "before"))),
+    ("?prime.process_norm", *one_of(("batch_norm", "none"))),
     ("?tlt.buffer_seq_len", nonneg_int, "an int >= 0 (0 = the packed row length)"),
     ("?tlt.buffer_bytes", nonneg_int, "an int >= 0 (0 = tlt.buffer_capacity rows, no byte budget)"),
     ("?tlt.buffer_dtype", *one_of(("float32", "bfloat16"))),
@@ -361,9 +362,10 @@ def _validate_rl_stages(config) -> None:
       raise ConfigError(f"config.rl.token_rewards.{name}={weight!r} is not allowed; allowed: a finite float weight")
   on = [k for k, w in token_rewards.items() if float(w)]
   if on and not advantages.is_token_estimator(rl.advantage):
+    token_kind = tuple(n for n in advantages.registered_advantages() if advantages.is_token_estimator(n))
+    hint = f" ({rl.advantage}_returns is its token form)" if f"{rl.advantage}_returns" in token_kind else ""
     raise ConfigError(f"config.rl.advantage={rl.advantage!r} is not allowed with rl.token_rewards {on}: it "
-                      "reads sequence rewards only; allowed: a token estimator, one of "
-                      f"{tuple(n for n in advantages.registered_advantages() if advantages.is_token_estimator(n))}")
+                      f"reads sequence rewards only; allowed: a token estimator, one of {token_kind}{hint}")
   if "kl" in on and not (rl.kl_coef > 0 or rl.track_kl):
     raise ConfigError("config.rl.token_rewards.kl is not allowed without the reference's log-probs; allowed: "
                       "with rl.track_kl=True or rl.kl_coef > 0")

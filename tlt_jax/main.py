@@ -58,6 +58,9 @@ def main(argv):
   except TrainingDiverged as e:
     print(f"training stopped: {e}", file=sys.stderr)
     sys.exit(3)
+  except Exception:
+    hosts.on_failure()  # a lost host: the watch names it and exits 76
+    raise
   hosts.finish()
   print(summary_line(summary), flush=True)
 

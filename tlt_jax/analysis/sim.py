@@ -128,7 +128,7 @@ VARIANTS = (Variant("plain", False, False), Variant("static", True, False), Vari
 def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, accept: AcceptModel,
                   bandit: BegMab | None, rng: np.random.Generator, staleness: float,
                   log: list[dict], features: bool = False) -> Iterator[float]:
-  """One group's rollout as a generator of work items (seconds at full speed, the rows it
+  """One group's rollout as a generator of pieces of work (seconds at full speed, the rows it
   processes: costs.light_batch decides whether it contends for shared cores); each `send` passes
   back the item's observed wall time (the bandit scores chunks by it)."""
   remaining = np.asarray(lengths, np.int64).copy()
@@ -143,7 +143,7 @@ def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, acce
     active = int(act.sum())
     b = compacted_rows(active, held, spec.buckets) if spec.compact else n
     ctx = spec.prompt_len + int(gen.max())
-    if b < held:  # a work item of its own: the real engine times a chunk from its dispatch
+    if b < held:  # a piece of work of its own: the real engine times a chunk from its dispatch
       levels = [held] + [x for x in spec.buckets if b <= x < held][::-1]  # one level at a time
       yield sum(costs.compact(x, ctx) for x in levels[:-1]), held
     held = b

@@ -70,7 +70,7 @@ class HostWatch:
   def _lost(self, who: int, why: str) -> None:
     if self._stop.is_set():
       return
-    print(f"distributed error: lost process {who} of {self.n} ({why}); outputs up to the last "
+    print(f"\ndistributed error: lost process {who} of {self.n} ({why}); outputs up to the last "
           "checkpoint are kept. Rerun the same command on every host to resume.",
           file=sys.stderr, flush=True)
     os._exit(EXIT_LOST_HOST)
@@ -124,6 +124,14 @@ def initialize(timeouts: Timeouts = Timeouts(), coordinator: str | None = None,
     _watch = HostWatch(distributed.global_state.client, jax.process_index(), jax.process_count(),
                        timeouts.lost_host_timeout_s).start()
   return started
+
+
+def on_failure() -> None:
+  """Called with an exception in flight: in a multi-process run a failed collective usually means
+  a lost host, so give the watch time to name it (it exits the process) before the exception is
+  reported."""
+  if _watch is not None:
+    _watch._stop.wait(_watch.timeout_s + 3 * _watch.period)
 
 
 def finish() -> None:

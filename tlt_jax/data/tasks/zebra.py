@@ -84,7 +84,7 @@ class ZebraTask(Task):
   # ------------------------------------------------------------------------------- examples
 
   def make_example(self, puzzle: Puzzle) -> Example:
-    """The example of `puzzle` in this task's style, with its difficulty in meta."""
+    """The example of `puzzle` in the task's style, with its difficulty in meta."""
     steps = deduce(puzzle)
     if self.style == "compact":
       prompt = render.compact_prompt(puzzle)
