@@ -131,11 +131,12 @@ def gpu_memory_estimate(config) -> tuple[list[tuple[str, str, float, str]], dict
 
 
 def gpu_report(config, gib: float, stem: str, out_dir: str) -> bool:
-  """Prints (and writes `<stem>_gpu.md`) the estimate; True when the peak fits in `gib`."""
+  """Prints (and writes `<stem>.md`) the estimate; True when the peak fits in `gib`."""
   rows, totals = gpu_memory_estimate(config)
   lines = [f"# {stem}: one-GPU memory estimate\n",
            f"Arithmetic over the config (experiments/pod_compile.py --gpu_gib), not a measurement; "
            f"parameters counted exactly. Peak = persistent + max(rollout, update).\n",
+           f"Command: `python experiments/pod_compile.py {' '.join(sys.argv[1:])}`\n",
            "| phase | component | GiB | formula |", "|---|---|---|---|"]
   for phase, name, b, formula in rows:
     lines.append(f"| {phase} | {name} | {b / GiB:.2f} | {formula} |")
@@ -146,7 +147,7 @@ def gpu_report(config, gib: float, stem: str, out_dir: str) -> bool:
   text = "\n".join(lines) + "\n"
   print(text)
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"{stem}_gpu.md"), "w") as f:
+  with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
     f.write(text)
   return fits
 
@@ -161,7 +162,7 @@ def main(argv):
     config = _CONFIG.value
     stem = FLAGS.name or os.path.splitext(os.path.basename(cli.config_path_of(sys.argv).split(":")[0]))[0]
     arg = cli.config_path_of(sys.argv).partition(":")[2]
-    stem += f"_{arg}" if arg else ""
+    stem += f"_{arg}" if arg else "_gpu"
     if not gpu_report(ml_collections.FrozenConfigDict(config), FLAGS.gpu_gib, stem, FLAGS.out):
       print(f"pod_compile: the estimated peak does not fit in {FLAGS.gpu_gib:.0f} GiB", file=sys.stderr)
       sys.exit(1)
