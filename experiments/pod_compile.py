@@ -112,14 +112,18 @@ def gpu_memory_estimate(config) -> tuple[list[tuple[str, str, float, str]], dict
       ("persistent", "drafter + its Adam", 3 * nd_own * pb, f"{nd_own / 1e6:.0f} M own params x 3 x {pb} B"),
       ("rollout", "KV cache", rows * capacity * L * 2 * cfg.num_kv_heads * head_dim * ab,
        f"{rows} rows x {capacity} slots x {L} layers x 2 x {cfg.num_kv_heads} x {head_dim} x {ab} B"),
-      ("rollout", "prefill temporaries", prefill_rows * width * (3 * i * ab + 2 * h * ab + chunk * cfg.num_heads * 4),
-       f"{prefill_rows} rows x {width} tokens x (3 x {i} MLP + 2 x {h} + {chunk} x {cfg.num_heads} heads x 4 B scores)"),
+      ("rollout", "prefill temporaries",
+       prefill_rows * width * (3 * i * ab + 2 * h * ab + chunk * cfg.num_heads * 4),
+       f"{prefill_rows} rows x {width} tokens x (3 x {i} MLP + 2 x {h} + {chunk} x {cfg.num_heads} heads "
+       "x 4 B scores)"),
       ("rollout", "decode logits", rows * V * 4, f"{rows} rows x {V} x 4 B"),
       ("update", "gradients (float32)", n * 4, "params x 4 B"),
       ("update", "checkpointed layer inputs", update_rows * pack * L * h * ab,
        f"{update_rows} row(s) x {pack} tokens x {L} layers x {h} x {ab} B"),
-      ("update", "one layer recomputed", update_rows * pack * (3 * i * ab + 4 * h * ab) + update_rows * chunk * pack * cfg.num_heads * 4,
-       f"{update_rows} x {pack} x (3 x {i} + 4 x {h}) x {ab} B + {chunk} x {pack} x {cfg.num_heads} x 4 B scores"),
+      ("update", "one layer recomputed",
+       update_rows * pack * (3 * i * ab + 4 * h * ab) + update_rows * chunk * pack * cfg.num_heads * 4,
+       f"{update_rows} x {pack} x (3 x {i} + 4 x {h}) x {ab} B + {chunk} x {pack} x {cfg.num_heads} x 4 B "
+       "scores"),
       ("update", "logits, log-softmax, gradient", 3 * update_rows * pack * V * 4,
        f"3 x {update_rows} x {pack} x {V} x 4 B"),
   ]

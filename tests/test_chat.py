@@ -145,7 +145,8 @@ def _verl_rows():
        "ability": "math", "reward_model": {"style": "rule", "ground_truth": "\\frac{1}{2}"},
        "extra_info": {"split": "train", "index": 1, "answer": None}},
       {"data_source": "openai/gsm8k", "prompt": [], "ability": "math",  # bad: no messages
-       "reward_model": {"style": "rule", "ground_truth": "1"}, "extra_info": {"split": "train", "index": 2, "answer": None}},
+       "reward_model": {"style": "rule", "ground_truth": "1"},
+       "extra_info": {"split": "train", "index": 2, "answer": None}},
       {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "No answer."}], "ability": "math",
        "reward_model": {"style": "rule", "ground_truth": None},  # bad: no ground truth
        "extra_info": {"split": "train", "index": 3, "answer": None}},

@@ -67,7 +67,8 @@ def get_config(arg=""):
 def data(tmp_path_factory):
   d = tmp_path_factory.mktemp("real_model")
   gsm8k = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
-            "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a, b in ((3, 4), (5, 2), (7, 1), (2, 2), (6, 3), (1, 8))]
+            "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+            for a, b in ((3, 4), (5, 2), (7, 1), (2, 2), (6, 3), (1, 8))]
   pq.write_table(pa.Table.from_pylist(gsm8k), d / "gsm8k.parquet")
   math = [{"problem": f"What is ${a} \\times {b}$?", "solution": f"${a} \\times {b} = \\boxed{{{a * b}}}$",
            "level": "Level 1", "type": "Prealgebra"} for a, b in ((2, 3), (4, 2), (3, 3))]
@@ -110,7 +111,8 @@ def _check_export(workdir, out):
   tokens = np.load(CKPT / "golden.npz")["tokens"]
   _, policy, _ = export_hf.load_policy(str(workdir))
   reloaded = hf.from_pretrained(out)
-  np.testing.assert_array_equal(np.asarray(reloaded(jnp.asarray(tokens))[0]), np.asarray(policy(jnp.asarray(tokens))[0]))
+  np.testing.assert_array_equal(np.asarray(reloaded(jnp.asarray(tokens))[0]),
+                                np.asarray(policy(jnp.asarray(tokens))[0]))
   tok = load_tokenizer(str(out))
   assert tok.chat_template is not None and tok.eos_id == tok.encode("<|im_end|>")[0]
 
