@@ -1,17 +1,21 @@
 """Cells every Colab notebook starts with (the notebook generators in scripts/ import this)."""
 
-# Fresh Colab: clone and install the repository (TLT_REPO names your clone); then, anywhere, run
-# from the repository root with it on sys.path.
-SETUP = """import os, sys, subprocess
-if 'google.colab' in sys.modules:  # fresh Colab: fetch and install the repo first
-  if not os.path.exists('tlt_jax'):
-    repo = os.environ.get('TLT_REPO')
-    if not repo:
-      raise SystemExit('Set TLT_REPO to the git URL of your tlt_jax clone first, e.g. '
-                       'os.environ["TLT_REPO"] = "https://github.com/<you>/tlt_jax"')
-    subprocess.run(['git', 'clone', repo, 'tlt_jax_repo'], check=True)
-    os.chdir('tlt_jax_repo')
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', 'requirements.txt', '-e', '.'], check=True)
+# The setup cell. On Colab: clone REPO_URL (its first line, the one place to set) into
+# /content/tlt_jax unless a clone is already there, install the runtime packages (`pip install
+# -e .`: requirements.txt, no test tools) unless tlt_jax already imports, and work from the
+# clone. Each step is skipped when already done, so the cell survives a runtime restart and
+# re-runs. Anywhere else (a local checkout, the tests): run from the repository root.
+SETUP = """REPO_URL = 'https://github.com/YOUR_ACCOUNT/tlt_jax.git'  # <- the tlt_jax repository to run on Colab
+REPO_DIR = '/content/tlt_jax'
+import os, sys, subprocess
+if 'google.colab' in sys.modules:
+  if not os.path.exists(os.path.join(REPO_DIR, 'configs', 'default.py')):
+    if 'YOUR_ACCOUNT' in REPO_URL:
+      raise SystemExit('Set REPO_URL (the first line of this cell) to the git URL of your tlt_jax repository.')
+    subprocess.run(['git', 'clone', '--depth', '1', REPO_URL, REPO_DIR], check=True)
+  os.chdir(REPO_DIR)
+  if subprocess.run([sys.executable, '-c', 'import tlt_jax'], cwd='/', capture_output=True).returncode:
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-e', '.'], check=True)
 while not os.path.exists('configs/default.py') and os.getcwd() != '/':  # the repository root
   os.chdir('..')
 sys.path.insert(0, os.getcwd())

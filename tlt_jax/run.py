@@ -27,6 +27,7 @@ from flax import nnx
 
 from tlt_jax import config as config_lib
 from tlt_jax.data.batching import encode_prompts, make_sft_batch, pack_sft_batch, prompt_check, sft_check
+from tlt_jax.data.chat import configure_prompts
 from tlt_jax.data.sources import BadRecords, describe_task, usable_draws
 from tlt_jax.data.tokenizer import CharTokenizer, load_tokenizer
 from tlt_jax.drafter import (collect_target_features, init_drafter, init_drafter_train_state,
@@ -89,6 +90,10 @@ def build_setup(config, workdir: str) -> Setup:
       tokenizer = load_tokenizer(config.tokenizer)
     except (OSError, ValueError) as e:
       raise config_lib.ConfigError(f"config.tokenizer={config.tokenizer!r} is not usable: {e}") from None
+  try:  # chat template or plain prompts (task option prompt_format)
+    configure_prompts(task, tokenizer)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.task.prompt_format: {e}") from None
   mdict = dict(config.model)
   if config.init_from:
     try:

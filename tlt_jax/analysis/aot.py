@@ -65,6 +65,7 @@ TOPOLOGIES: dict[str, Topology] = {t.name: t for t in (
     Topology("v5p-8", "v5p:2x2x1", "megacore", 4, 95 * GiB, 2.765e12),
     Topology("v5p-64", "v5p:4x4x2", "megacore", 32, 95 * GiB, 2.765e12),
     Topology("v5p-128", "v5p:4x4x4", "megacore", 64, 95 * GiB, 2.765e12),
+    Topology("v6e-8", "v6e:2x4", "default", 8, 32 * GiB, 1.64e12, (2, 4, 1)),
     Topology("v6e-16", "v6e:4x4", "default", 16, 32 * GiB, 1.64e12),
     Topology("v6e-64", "v6e:8x8", "default", 64, 32 * GiB, 1.64e12),
 )}

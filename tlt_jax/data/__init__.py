@@ -12,7 +12,7 @@ from tlt_jax.data.tasks import (ArithTask, Example, FileTask, MathFileTask, Task
 from tlt_jax.data.tokenizer import CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 _SOURCE_NAMES = ("TaskSource", "TFDSSource", "RecordSource", "TaskDatasetBuilder", "build_task_dataset",
-                 "load_jsonl", "load_parquet", "load_qa_file", "make_source")
+                 "load_jsonl", "load_parquet", "load_qa_file", "load_verl_parquet", "make_source")
 
 
 def __getattr__(name):

@@ -113,10 +113,72 @@ def load_jsonl(path: str, question_field: str | None = None, answer_field: str |
   return records
 
 
+VERL_COLUMNS = ("prompt", "reward_model")  # a parquet file with both is read as verl-style data
+VERL_TRACE_KEYS = ("answer", "solution")  # extra_info keys holding a worked solution (SFT traces)
+
+
+def _verl_messages(value, where: str) -> list[dict]:
+  from tlt_jax.data.chat import check_messages
+  if hasattr(value, "tolist"):
+    value = value.tolist()
+  try:
+    return check_messages(value, f"{where}, prompt")
+  except ValueError as e:
+    raise DataError(str(e)) from None
+
+
+def _verl_record(row: Mapping, where: str) -> dict:
+  """One verl-style row as a record: messages, answer (= reward_model.ground_truth),
+  data_source, question (the last user turn), trace (extra_info's worked solution when it has
+  one) and extra (every other column, JSON-ready)."""
+  messages = _verl_messages(row.get("prompt"), where)
+  reward = row.get("reward_model")
+  if not isinstance(reward, Mapping) or reward.get("ground_truth") is None:
+    raise DataError(f"{where}: reward_model.ground_truth is missing (reward_model={reward!r:.80}); allowed: "
+                    "a struct with a ground_truth string")
+  answer = _field_text(reward["ground_truth"], "reward_model.ground_truth", where)
+  users = [m["content"] for m in messages if m["role"] == "user"]
+  if not users:
+    raise DataError(f"{where}: prompt has no user message (roles {[m['role'] for m in messages]})")
+  record = {"messages": messages, "question": users[-1], "answer": answer}
+  if row.get("data_source") is not None:
+    record["data_source"] = _field_text(row["data_source"], "data_source", where)
+  extra = {k: v for k, v in row.items() if k not in ("prompt", "reward_model", "data_source") and v is not None}
+  info = extra.get("extra_info")
+  if isinstance(info, Mapping):
+    for key in VERL_TRACE_KEYS:
+      if isinstance(info.get(key), str) and info[key].strip():
+        record["trace"] = info[key]
+        break
+  if extra:
+    record["extra"] = json.loads(json.dumps(extra, default=str))
+  return record
+
+
+def load_verl_parquet(path: str, on_bad_record: str = "error") -> list[dict]:
+  """Reads verl-style RL data: a `prompt` column of chat messages [{role, content}], a
+  `reward_model` struct whose `ground_truth` is the reference answer, and `data_source` (which
+  picks the verifier, see tasks/file_task.py). Other columns (ability, extra_info, ...) are kept
+  under "extra" and end up in each example's meta. Errors and `on_bad_record` as `load_jsonl`."""
+  import pyarrow.parquet as pq
+
+  path = _check_file(path, PARQUET_SUFFIXES, "parquet")
+  rows = pq.read_table(path).to_pylist()
+  records, skipped = _parse_records(path, ((f"{path}, row {i}", row) for i, row in enumerate(rows)),
+                                    lambda where, row: _verl_record(row, where), on_bad_record)
+  if not records:
+    raise DataError(f"verl-style parquet file {path!r} holds no usable rows ({len(rows)} rows, {len(skipped)} "
+                    f"unusable{': ' + skipped[0] if skipped else ''}); allowed: rows with a prompt of "
+                    "{role, content} messages and reward_model.ground_truth")
+  _report_skipped(path, skipped, len(rows))
+  return records
+
+
 def load_parquet(path: str, question_field: str | None = None, answer_field: str | None = None,
                  on_bad_record: str = "error") -> list[dict]:
   """Reads question/answer records from a parquet file (pyarrow); same fields, errors and
-  `on_bad_record` as `load_jsonl`, with rows counted from 0."""
+  `on_bad_record` as `load_jsonl`, with rows counted from 0. A file with `prompt` and
+  `reward_model` columns (and no explicit fields) is verl-style data: `load_verl_parquet`."""
   import pyarrow
   import pyarrow.parquet as pq
 
@@ -126,6 +188,8 @@ def load_parquet(path: str, question_field: str | None = None, answer_field: str
   except (pyarrow.ArrowException, OSError) as e:
     raise DataError(f"parquet file {path!r} is unreadable ({type(e).__name__}: {e}); allowed: a parquet "
                     "file with question and answer columns") from None
+  if question_field is None and answer_field is None and all(c in names for c in VERL_COLUMNS):
+    return load_verl_parquet(path, on_bad_record)
   qf = _pick_field(names, question_field, QUESTION_FIELDS, "question", f"{path}, columns")
   af = _pick_field(names, answer_field, ANSWER_FIELDS, "answer", f"{path}, columns")
   columns = [qf, af] + [c for c in EXTRA_FIELDS if c in names and c not in (qf, af)]

@@ -8,7 +8,9 @@ Interface (`Tokenizer`):
   * `encode(text, add_bos=False) -> list[int]` never adds EOS or any template tokens;
   * `decode(ids, skip_special=True) -> str`;
   * `save(path)`: a path ending in `.json` is the file itself, anything else a directory that
-    receives `tokenizer.json`. `load_tokenizer` reads either back.
+    receives `tokenizer.json`. `load_tokenizer` reads either back;
+  * `chat_template`: the checkpoint's `ChatTemplate` (tlt_jax/data/chat.py), None when it has none
+    (always None for `CharTokenizer`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,15 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def save(self, path: str) -> str:
     """Writes the tokenizer; returns the file written."""
+
+  @property
+  def chat_template(self):
+    """The conversation template shipped with the tokenizer, or None."""
+    return None
+
+  def is_special(self, token_id: int) -> bool:
+    """True for control tokens (BOS/EOS/PAD and the vocabulary's special added tokens)."""
+    return token_id == self.pad_id or token_id == self.bos_id or token_id in self.eos_ids
 
 
 def _file_for(path: str) -> str:
@@ -193,6 +204,22 @@ class HFTokenizer(Tokenizer):
                        "/ generation_config.json; pass eos=<token string or id>")
     self._eos = tuple(eos_ids)
     self._pad = self._eos[0] if pad is None else self._resolve(pad, "pad")
+    from tlt_jax.data.chat import ChatTemplate  # jinja2 only where a checkpoint is read
+    self._chat = ChatTemplate.from_directory(os.path.dirname(file))
+    self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+  @property
+  def chat_template(self):
+    return self._chat
+
+  def is_special(self, token_id: int) -> bool:
+    return super().is_special(token_id) or int(token_id) in self._special_ids
+
+  def use_end_of_turn(self, token_id: int) -> None:
+    """Makes `token_id` (a chat template's end-of-turn token) the EOS that SFT targets end with
+    (the first of `eos_ids`); the other end tokens still stop a response."""
+    token_id = self._resolve(int(token_id), "end-of-turn")
+    self._eos = (token_id,) + tuple(i for i in self._eos if i != token_id)
 
   @staticmethod
   def _side_configs(directory: str) -> dict:
@@ -260,8 +287,10 @@ class HFTokenizer(Tokenizer):
       with open(side) as f:
         cfg = json.load(f)
     cfg.update(names)
+    if self._chat is not None and not os.path.isfile(os.path.join(os.path.dirname(file), "chat_template.jinja")):
+      cfg["chat_template"] = self._chat.source
     with open(side, "w") as f:
-      json.dump(cfg, f, indent=1)
+      json.dump(cfg, f, indent=1, ensure_ascii=False)
     if len(self._eos) > 1:
       gen = os.path.join(os.path.dirname(file), "generation_config.json")
       gcfg = {}
