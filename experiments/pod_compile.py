@@ -85,7 +85,7 @@ def gpu_memory_estimate(config) -> tuple[list[tuple[str, str, float, str]], dict
   from tlt_jax.drafter.eagle import EagleDrafter, drafter_config
   from tlt_jax.models.config import ModelConfig
   from tlt_jax.models.transformer import Transformer
-  from tlt_jax.parallel.aot import round_up
+  from tlt_jax.analysis.aot import round_up
 
   cfg = ModelConfig.from_dict(dict(config.model))
   r, rl, t = config.rollout, config.rl, config.tlt

@@ -211,7 +211,7 @@ class FileTask(Task):
                          record.get("messages"))
 
   def render_prompt(self, record: Mapping) -> str:
-    """The prompt text of `record` in this task's format."""
+    """The prompt text of `record` in the task's format."""
     if self._chat is not None:
       text = self._chat.render(self.messages(record), add_generation_prompt=True)
       if self._bos_text and text.startswith(self._bos_text):
