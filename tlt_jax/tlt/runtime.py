@@ -88,7 +88,7 @@ class TLTRuntime:
 
   def __init__(self, config, graphdef, model_cfg, sampling: SamplingParams, eos_ids: Sequence[int],
                pad_id: int, mesh: Mesh | None, drafter: tuple[Any, DrafterTrainState, Any] | None,
-               seq_len: int):
+               seq_len: int, input_embedder=None):
     r, t = config.rollout, config.tlt
     self.graphdef = graphdef
     self.spec_threshold = int(r.spec_threshold)
@@ -107,12 +107,12 @@ class TLTRuntime:
     if self.speculative:
       decoder = SpeculativeDecoder(graphdef, drafter[0], sampling, tuple(eos_ids),
                                    strategies=[Strategy(*a) for a in arms if a != PLAIN],
-                                   rounds_per_chunk=int(r.rounds_per_chunk))
+                                   rounds_per_chunk=int(r.rounds_per_chunk), input_embedder=input_embedder)
     self.engine = RolloutEngine(
         graphdef, sampling, eos_ids=tuple(eos_ids), pad_id=pad_id, chunk_size=int(r.chunk_size),
         buckets=tuple(int(b) for b in r.buckets), max_context=model_cfg.max_position_embeddings,
         speculative=decoder, spec_threshold=int(r.spec_threshold) if decoder is not None else 0,
-        window_block=int(r.get("window_block", 0)))
+        window_block=int(r.get("window_block", 0)), input_embedder=input_embedder)
     self.bandit = None
     if self.speculative:
       buckets = tuple(b for b in self.engine.buckets if b <= int(r.spec_threshold)) or (int(r.spec_threshold),)
