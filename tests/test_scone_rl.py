@@ -125,3 +125,29 @@ def test_rl_policy_needs_a_scone_model():
                     num_kv_heads=2, max_position_embeddings=64)
   with pytest.raises(ConfigError, match="a SconeLM is needed"):
     scone.rl_policy(scone.build_model(cfg, None), None)
+
+
+def test_run_builds_the_scone_policy_from_a_checkpoint(scone_rl, tmp_path):
+  """`run.scone_rl_policy`: config.scone.checkpoint (a SCONE checkpoint) -> the main model and a
+  table equal to the one exported from the saved f-gram model; a bad directory is a ConfigError."""
+  import types
+
+  import ml_collections
+
+  from tlt_jax import run as run_lib
+
+  tok, table = scone_rl["tokenizer"], scone_rl["table"]
+  sc = scone_config()
+  cfg = ModelConfig.from_dict(dict(sc.model, vocab_size=tok.vocab_size))
+  scfg = scone.SconeConfig.from_mapping(dict(sc.scone, fgram_vocab_size=256))
+  model = scone.build_model(cfg, scfg, seed=0)
+  scone.save_checkpoint(str(tmp_path / "scone"), 1, model, table.vocab)
+  setup = types.SimpleNamespace(tokenizer=tok, config=ml_collections.ConfigDict(
+      {"scone": {"checkpoint": str(tmp_path / "scone")}}))
+  main, loaded = run_lib.scone_rl_policy(setup)
+  np.testing.assert_allclose(loaded.table_FxD, table.table_FxD, rtol=1e-6, atol=1e-7)
+  assert main.cfg == cfg
+  setup.config.scone.checkpoint = str(tmp_path / "missing")
+  with pytest.raises(ConfigError, match="config.scone.checkpoint=.*is not usable"):
+    run_lib.scone_rl_policy(setup)
+  assert run_lib.scone_rl_policy(types.SimpleNamespace(config=ml_collections.ConfigDict({}))) is None
