@@ -83,7 +83,8 @@ def eval_examples(task, sizes, per_size: int, seed: int):
   out = []
   for n, m in sizes:
     for k in range(per_size):
-      puzzle = generate_puzzle(np.random.default_rng([seed, n, m, k]), n, m, seed_info=f"eval-{n}x{m}-{k}")
+      puzzle = generate_puzzle(np.random.default_rng([seed, n, m, k]), n, m, seed_info=f"eval-{n}x{m}-{k}",
+                               recipe=task.recipe)
       out.append(task.make_example(puzzle).with_id(len(out)))
   return out
 

@@ -323,6 +323,11 @@ def test_recipes_give_unique_minimal_puzzles_and_reject_unknown_names():
         assert count_solutions(p, p.clues[:i] + p.clues[i + 1:], limit=2) == 2
   with pytest.raises(ValueError, match="recipe='nope' is not allowed"):
     generate_puzzle(np.random.default_rng(0), 3, 3, recipe="nope")
+  halving = get_task("zebra", recipe="halving").sample(np.random.default_rng(4), 3, 3)
+  assert halving.answer == get_task("zebra").make_example(
+      generate_puzzle(np.random.default_rng(4), 3, 3, recipe="halving")).answer
+  with pytest.raises(ValueError, match="zebra.recipe='nope' is not allowed"):
+    get_task("zebra", recipe="nope")
 
 
 def test_pooled_cell_accuracy_is_zeroevals_micro_average():
