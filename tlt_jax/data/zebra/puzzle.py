@@ -14,14 +14,17 @@ Clue types, with p = house of the first value, q = house of the second (Lin et a
   directly_left  q == p + 1             one_between  |p - q| == 2
   two_between    |p - q| == 3
 
-Generation follows the ZebraLogic generator (Lin et al. 2025; its code descends from
-tuchandra/zebra and is reproduced in the ZebraLogic release and in reasoning-gym's
-`logic_puzzle/generate.py`), in this project's words (`RECIPES["zebralogic"]`, the default):
+Generation follows the ZebraLogic generator (Lin et al. 2025; a descendant of tuchandra/zebra,
+reproduced in reasoning-gym's `logic_puzzle/generate.py`, whose `try_to_remove` and
+`reduce_clues` give the weights and the schedule below), in this project's words
+(`RECIPES["zebralogic"]`, the default):
 
-  * candidate pool: every clue true of the solution -- found_at and not_at for each value and
-    house, same_house for values sharing a house, left_of OR right_of for each pair in different
-    houses (a fair coin picks the phrasing), directly_left OR beside for each adjacent pair (a
-    fair coin again: the reference never offers both), one_between and two_between.
+  * candidate pool: the reference's clue generators, one clue per true fact -- found_at and
+    not_at for each value and house, same_house for values sharing a house, left_of OR right_of
+    for each pair in different houses (a fair coin picks the phrasing), directly_left OR beside
+    for each adjacent pair (a fair coin again: the reference never offers both), one_between
+    and two_between. (reasoning-gym's copy enables only some of its generators in its
+    `generate_puzzle`; every type is offered here.)
   * batch removal: draw n clues WITH replacement, each draw picking a clue with probability
     proportional to its type's weight (`REMOVAL_WEIGHTS`: found_at, not_at, same_house 0.75;
     beside, left_of, right_of 1.2; one_between, two_between 1.5; directly_left, which the
