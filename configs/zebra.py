@@ -35,7 +35,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Small grids: 2..3 houses x 2..3 attributes (search space 4 .. 216: the small bucket).
   # Z3's conflict count is left out of training examples (evaluation sets compute it).
   c.task = ml_collections.ConfigDict(dict(name="zebra", min_houses=2, max_houses=3, min_attributes=2,
-                                          max_attributes=3, style="compact", z3=False))
+                                          max_attributes=3, style="compact", z3=False,
+                                          recipe="zebralogic"))  # or "halving": zebra/puzzle.py RECIPES
   # 4 layers at d=128; 320 positions hold a 4x4 prompt (<= ~70 tokens) + 224 new tokens (a 3x3
   # deduction trace is <= ~110 characters, 4x4 <= ~190, for the sizes evaluated beyond training).
   c.model.num_layers = 4

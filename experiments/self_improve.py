@@ -128,8 +128,12 @@ def write_markdown(path: str, histories, config, elapsed: float, argv_overrides:
         f"{m.position_embedding!r}) trained on 1..{si.initial_digits} digits in round 0 "
         f"({config.sft.round0_steps} steps at lr {config.sft.lr}), then one WSD phase of "
         f"{config.sft.round_steps} steps per round (peak {config.sft.round_lr or config.sft.lr}, "
-        f"cooldown share {config.sft.round_decay_frac}; pool labels at most {si.pool_frac} of a batch, "
-        f"mixed as if the initial data were {si.initial_size} problems); {si.problems_per_round} problems labelled per round, {si.digits_per_round} new digit(s) "
+        f"cooldown share {config.sft.round_decay_frac}; " + (
+            f"{si.newest_frac} of each batch from the newest round's labels, the rest earlier labels and "
+            f"fresh problems, weighted as if the initial data were {si.initial_size} problems"
+            if si.mixture == "newest" else
+            f"pool labels at most {si.pool_frac} of a batch, mixed as if the initial data were "
+            f"{si.initial_size} problems") + f"); {si.problems_per_round} problems labelled per round, {si.digits_per_round} new digit(s) "
         f"per round, vote threshold {si.vote_threshold}; held-out: {si.eval_per_digit} problems per "
         f"length 1..{si.eval_max_digits}, greedy exact match, mean over the models. {argv_overrides}. "
         f"{elapsed:.0f} s in all on this (shared, loaded) 2-core CPU.\n",

@@ -83,7 +83,8 @@ def eval_examples(task, sizes, per_size: int, seed: int):
   out = []
   for n, m in sizes:
     for k in range(per_size):
-      puzzle = generate_puzzle(np.random.default_rng([seed, n, m, k]), n, m, seed_info=f"eval-{n}x{m}-{k}")
+      puzzle = generate_puzzle(np.random.default_rng([seed, n, m, k]), n, m, seed_info=f"eval-{n}x{m}-{k}",
+                               recipe=task.recipe)
       out.append(task.make_example(puzzle).with_id(len(out)))
   return out
 
@@ -139,16 +140,23 @@ def majority_at(answers, correct, k: int) -> float:
 
 
 def score_puzzles(task, examples, responses, best_of) -> list[dict]:
-  """Per puzzle: puzzle / cell accuracy at N=1 (mean), best-of-N, majority-of-N."""
+  """Per puzzle: puzzle / cell accuracy at N=1 (mean), best-of-N, majority-of-N, and the right /
+  total cell counts that `aggregate` pools as ZeroEval does."""
+  from tlt_jax.data.zebra import render
   rows = []
   for ex, samples in zip(examples, responses):
     answers = [task.extract_answer(t) if f else None for t, f in samples]
     correct = [a is not None and task.answers_match(a, ex.answer) for a in answers]
     cells = [task.cell_accuracy_of(a, ex.answer) for a in answers]
+    reference = json.loads(ex.answer)
+    counts = [render.cell_counts(None if a is None else json.loads(a), reference) for a in answers]
     n, c = len(samples), sum(correct)
     row = {"size": ex.meta["size"], "bucket": ex.meta["bucket"], "search_space": ex.meta["search_space"],
            "z3_conflicts": ex.meta["z3_conflicts"], "z3_bin": z3_bin(ex.meta["z3_conflicts"]),
-           "puzzle_acc": c / n, "cell_acc": sum(cells) / n, "answered": sum(a is not None for a in answers) / n}
+           "puzzle_acc": c / n, "cell_acc": sum(cells) / n, "answered": sum(a is not None for a in answers) / n,
+           "cells_right": sum(r for r, _ in counts), "cells_total": sum(t for _, t in counts),
+           # a uniformly random grid: right with probability 1 / (N!)^M, each cell with 1 / N
+           "chance_puzzle": 1.0 / ex.meta["search_space"], "chance_cell": 1.0 / ex.meta["num_houses"]}
     for k in best_of:
       row[f"best_of_{k}"] = pass_at(n, c, k)
       row[f"majority_of_{k}"] = majority_at(answers, correct, k)
@@ -161,7 +169,7 @@ def aggregate(rows, key: str, policy: str, best_of) -> list[dict]:
   groups = collections.OrderedDict()
   for r in rows:
     groups.setdefault(r[key], []).append(r)
-  fields = ["puzzle_acc", "cell_acc", "answered"] + [f"{p}_{k}" for k in best_of
+  fields = ["puzzle_acc", "cell_acc", "answered", "chance_puzzle", "chance_cell"] + [f"{p}_{k}" for k in best_of
                                                      for p in ("best_of", "majority_of", "best_cell_of")]
   out = []
   for name, rs in groups.items():
@@ -169,6 +177,8 @@ def aggregate(rows, key: str, policy: str, best_of) -> list[dict]:
            "search_space": min(r["search_space"] for r in rs),
            "z3_mean": sum(r["z3_conflicts"] for r in rs) / len(rs)}
     rec.update({f: sum(r[f] for r in rs) / len(rs) for f in fields})
+    # ZeroEval's pooling: right cells over all cells of all samples, unparsed answers counting 0
+    rec["cell_acc_pooled"] = sum(r["cells_right"] for r in rs) / max(1, sum(r["cells_total"] for r in rs))
     out.append(rec)
   return out
 
@@ -275,7 +285,8 @@ def write_markdown(path, config, records, best_of, timings, summaries):
 
   top = max(best_of)
   pct = lambda v: None if v is None else round(100 * v, 1)  # noqa: E731
-  cols = ["policy", "size", "bucket", "search_space", "z3_mean", "puzzles", "puzzle_acc", "cell_acc"]
+  cols = ["policy", "size", "bucket", "search_space", "z3_mean", "puzzles", "puzzle_acc", "chance_puzzle",
+          "cell_acc", "cell_acc_pooled", "chance_cell"]
   cols += [f"best_of_{k}" for k in best_of if k > 1] + [f"majority_of_{k}" for k in best_of if k > 1]
   size_rows = []
   for r in records:
@@ -283,17 +294,18 @@ def write_markdown(path, config, records, best_of, timings, summaries):
       row = dict(r)
       row["bucket"] = _bucket(r["search_space"])
       for c in cols:
-        if c.startswith(("puzzle_acc", "cell_acc", "best_of", "majority_of")):
+        if c.startswith(("puzzle_acc", "cell_acc", "best_of", "majority_of", "chance")):  # cell_acc_pooled too
           row[c] = pct(r[c])
       size_rows.append(row)
-  bucket_cols = ["policy", "bucket", "puzzles", "puzzle_acc", "cell_acc"] + [
+  bucket_cols = ["policy", "bucket", "puzzles", "puzzle_acc", "chance_puzzle", "cell_acc", "cell_acc_pooled",
+                 "chance_cell"] + [
       f"{p}_{k}" for k in best_of if k > 1 for p in ("best_of", "majority_of")]
   bucket_rows = [{**r, **{c: pct(r[c]) for c in bucket_cols[3:]}} for r in records
                  if r["kind"] in ("bucket", "overall")]
   for r in bucket_rows:
     if r["kind"] == "overall":
       r["bucket"] = "overall"
-  z3_cols = ["policy", "z3_bin", "puzzles", "puzzle_acc", "cell_acc", f"best_of_{top}", f"majority_of_{top}"]
+  z3_cols = ["policy", "z3_bin", "puzzles", "puzzle_acc", "cell_acc", "cell_acc_pooled", f"best_of_{top}", f"majority_of_{top}"]
   z3_rows = [{**r, **{c: pct(r[c]) for c in z3_cols[3:]}} for r in records if r["kind"] == "z3"]
   t = config.task
   lines = [
@@ -305,8 +317,11 @@ def write_markdown(path, config, records, best_of, timings, summaries):
       f"{config.rl.rewards.format} * format; `grpo_cells`: + {config.zebra.cell_reward_weight} * cell "
       f"accuracy). Evaluation: {config.zebra.eval_per_size} fixed puzzles per size, {config.zebra.samples} "
       f"samples each at T={config.rollout.temperature}. Accuracies in %: puzzle_acc and cell_acc are single "
-      "samples (N=1, averaged over the samples); best_of_N is the oracle pass@N; majority_of_N the "
-      "most frequent answer of N. Sizes with N above the training range are out of distribution.\n",
+      "samples (N=1, averaged over the samples); cell_acc_pooled is ZeroEval's pooling (right cells over all "
+      "cells of all samples, unparsed answers counting 0); best_of_N is the oracle pass@N; majority_of_N the "
+      "most frequent answer of N; chance_puzzle and chance_cell are a uniformly random grid's "
+      "(1 / (N!)^M per puzzle, 1 / N per cell, averaged over the puzzles). Sizes with N above the "
+      "training range are out of distribution.\n",
       "## By size\n", markdown_table(size_rows, cols),
       "## By search-space bucket (small < 1e3 <= medium < 1e6 <= large < 1e10 <= XL)\n",
       markdown_table(bucket_rows, bucket_cols),

@@ -23,8 +23,9 @@ addition on short numbers. Then, each round, the models label problems one digit
 seen (greedy, batched through the rollout engine), the labels are filtered, and each model continues
 training on them for one WSD phase from its checkpoint.
 
-Filters: **length** keeps an answer only if it ended with EOS and has exactly n + 1 digits; **majority
-vote** keeps a problem only if at least 70 % of the k models (different seeds) agree. This notebook
+Filters: **length** keeps an answer only if it ended with EOS and has a well-formed length (n or
+n + 1 digits; exactly n + 1 when padded); **majority vote** keeps a problem only if at least 70 % of
+the k models (different seeds) agree. This notebook
 runs the three variants of `experiments/self_improve.py` (no filter, length only, length + vote) for a
 few rounds at a small size and draws the accuracy-by-digits heatmap.""")
 code(SETUP)
@@ -34,13 +35,19 @@ print(SIZE)""")
 
 md("""## 1. The task and its verifier
 
-Operands and answer are written least-significant digit first, zero-padded: n digits each, n + 1 for
-the sum. The verifier is exact; the length filter checks the answer's form only.""")
+Operands and answer are written least-significant digit first. The default is the official code's
+format, unpadded (`{a[::-1]}+{b[::-1]}=`, the reversed sum: n or n + 1 digits); `padded=True`
+zero-pads the operands to n digits and the sum to n + 1. The verifier is exact; the length filter
+checks the answer's form only.""")
 code("""from tlt_jax.data.tasks import get_task
-task = get_task('reverse_add')
+task = get_task('reverse_add')                 # unpadded, the default
 ex = task.make_example(347, 85)
-print(repr(ex.prompt), '->', repr(ex.answer), '| verify:', task.verify('2340', ex), task.verify('234', ex),
-      '| well formed:', task.well_formed('2350', 3), task.well_formed('23500', 3))""")
+print(repr(ex.prompt), '->', repr(ex.answer), '| verify:', task.verify('234', ex), task.verify('2340', ex),
+      '| well formed:', task.well_formed('234', 3), task.well_formed('2340', 3))
+task = get_task('reverse_add', padded=True)    # zero-padded: the planted labels below use it
+ex = task.make_example(347, 85)
+print(repr(ex.prompt), '->', repr(ex.answer), '| well formed:', task.well_formed('2350', 3),
+      task.well_formed('23500', 3))""")
 
 md("""## 2. The filters on planted labels
 

@@ -91,8 +91,32 @@ def test_nope_config_and_hf_export_refused():
 # ----------------------------------------------------------------------------- tasks
 
 
-def test_reverse_add_format_and_exact_verifier():
+def test_reverse_add_unpadded_format_round_trips():
+  """The official format, `{a[::-1]}+{b[::-1]}=` and the reversed sum, without padding."""
   task = get_task("reverse_add", max_digits=12)
+  assert not task.padded
+  ex = task.make_example(347, 85)
+  assert (ex.prompt, ex.answer, ex.meta["num_digits"]) == ("743+58=", "234", 3)
+  assert task.make_example(999, 1).answer == "0001" and task.make_example(0, 0).answer == "0"
+  assert task.verify("234", ex) and not task.verify("2340", ex)
+  assert task.well_formed("234", 3) and task.well_formed("0001", 3)
+  for bad in ("2340", "23", "2305", "23a", "0002"):  # trailing zero, short, carry digit > 1, junk
+    assert not task.well_formed(bad, 3), bad
+  rng = np.random.default_rng(0)
+  for n in (1, 4, 12):
+    for _ in range(30):  # parse the prompt back: the answer is the reversed sum of the reversed operands
+      e = task.sample(rng, num_digits=n)
+      a, b = e.prompt[:-1].split("+")
+      assert (a[::-1], b[::-1]) == (e.meta["a"], e.meta["b"]) and max(len(a), len(b)) == n
+      assert not (len(a) > 1 and a.endswith("0")) and not (len(b) > 1 and b.endswith("0"))
+      assert e.answer == str(int(a[::-1]) + int(b[::-1]))[::-1] and task.well_formed(e.answer, n)
+      assert task.make_example(a[::-1], b[::-1]) == e
+  with pytest.raises(ValueError, match="padded='yes'"):
+    get_task("reverse_add", padded="yes")
+
+
+def test_reverse_add_format_and_exact_verifier():
+  task = get_task("reverse_add", max_digits=12, padded=True)
   ex = task.make_example(347, 85)
   assert (ex.prompt, ex.answer, ex.trace, ex.meta["difficulty"]) == ("743+580=", "2340", "2340", 3)
   assert task.verify("2340", ex) and task.verify(" 2340\n", ex)
@@ -121,7 +145,7 @@ def test_reverse_add_format_and_exact_verifier():
 
 def _planted():
   """Three problems of 3 digits with their true answers, and three models' answers."""
-  task = get_task("reverse_add")
+  task = get_task("reverse_add", padded=True)
   exs = [task.make_example(347, 85), task.make_example(999, 1), task.make_example(100, 200)]
   truth = [e.answer for e in exs]  # 2340, 0001, 0030
   answers = [["2340", "0001", "003"],     # model 0: last one too short
@@ -170,6 +194,61 @@ def test_config_errors_name_key_and_value():
   bad = get_config("tiny")
   bad.model.position_embedding = "alibi"
   with pytest.raises(ConfigError, match=r"model.position_embedding='alibi'"):
+    si.validate(bad)
+
+
+# ----------------------------------------------------------------------------- data mixture
+
+
+def _pool(rounds_sizes):
+  task = get_task("reverse_add")
+  pool = []
+  for r, size in rounds_sizes:
+    for i in range(size):
+      ex = task.make_example(10 ** (r + 2) + i, 7)
+      pool.append({"prompt": ex.prompt, "label": ex.answer, "round": r, "digits": r + 3, "true": ex.answer})
+  return pool
+
+
+def test_mixture_gives_the_newest_round_half_of_each_batch():
+  """The official mixture: half of every batch from the newest round's labels, whatever the
+  pool's history; the rest older labels and fresh problems in proportion. The earlier "pool"
+  mixture gives the newest round only its share of the pool."""
+  config = get_config("tiny")
+  config.sft.batch_size = 64
+  parts = si.build_parts(config)
+  pool = _pool([(1, 300), (2, 300), (3, 300), (4, 40)])
+  newest = {e["prompt"] for e in pool if e["round"] == 4}
+  older = {e["prompt"] for e in pool if e["round"] != 4}
+  tok = parts.tokenizer
+
+  def shares(cfg, steps=60):
+    batches = si.batch_fn(parts, cfg, 0, pool)
+    new = old = rows = 0
+    for step in range(steps):
+      b = batches(step)
+      for row in b["tokens"]:
+        text = tok.decode(row.tolist())
+        prompt = text.split("=")[0] + "="
+        new += prompt in newest
+        old += prompt in older
+        rows += 1
+    return new / rows, old / rows, rows
+
+  p_new, p_old, n = shares(config)
+  assert si.mixture_shares(config, pool)[:2] == pytest.approx((0.5, 0.5 * 900 / 2900))
+  noise = 4 * np.sqrt(0.25 / n)
+  assert abs(p_new - 0.5) < noise, p_new
+  assert abs(p_old - 0.5 * 900 / 2900) < noise, p_old
+  legacy = copy.deepcopy(config)
+  legacy.self_improve.mixture = "pool"
+  p_new, p_old, n = shares(legacy)
+  expected_pool = min(0.5, 940 / (940 + 2000))
+  assert abs(p_new + p_old - expected_pool) < noise and abs(p_new - expected_pool * 40 / 940) < noise
+  assert si.mixture_shares(config, []) == (0.0, 0.0, -1)
+  bad = get_config("tiny")
+  bad.self_improve.mixture = "uniform"
+  with pytest.raises(ConfigError, match=r"self_improve.mixture='uniform'.*allowed"):
     si.validate(bad)
 
 

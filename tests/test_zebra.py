@@ -263,3 +263,106 @@ def test_zebra_config_is_valid():
     assert len(ex.prompt) + 1 + config.rollout.max_new_tokens <= config.model.max_position_embeddings
   with pytest.raises(ValueError, match="argument 'big' is not allowed"):
     module.get_config("big")
+
+
+def test_removal_follows_the_zebralogic_weights_and_batch_schedule():
+  """The reference generator's removal: draws with replacement in proportion to the type weights
+  (relational clues first), batches of 10 % -> 5 % -> 1 of the current count."""
+  from tlt_jax.data.zebra.puzzle import REMOVAL_WEIGHTS, all_true_clues, removal_draw
+
+  rng = np.random.default_rng(0)
+  house_of = tuple(tuple(int(h) for h in rng.permutation(4)) for _ in range(4))
+  clues = all_true_clues(house_of, rng)
+  counts = {k: sum(c.kind == k for c in clues) for k in REMOVAL_WEIGHTS}
+  assert counts["directly_left"] + counts["beside"] == 3 * 16  # one of the two per adjacent pair
+  assert counts["directly_left"] > 0 and counts["beside"] > 0
+  total_weight = sum(REMOVAL_WEIGHTS[k] * c for k, c in counts.items())
+  draws = removal_draw(clues, 200_000, REMOVAL_WEIGHTS, np.random.default_rng(1))
+  drawn = {k: 0 for k in REMOVAL_WEIGHTS}
+  for i in draws.tolist():
+    drawn[clues[i].kind] += 1
+  for kind, c in counts.items():
+    expected = REMOVAL_WEIGHTS[kind] * c / total_weight
+    share = drawn[kind] / len(draws)
+    assert abs(share - expected) < 4 * np.sqrt(expected * (1 - expected) / len(draws)) + 1e-9, kind
+  # per clue, a one_between clue is drawn twice as often as a found_at clue (1.5 vs 0.75)
+  per_clue = {k: drawn[k] / counts[k] for k in ("found_at", "one_between", "left_of") if counts[k]}
+  assert per_clue["one_between"] / per_clue["found_at"] == pytest.approx(2.0, rel=0.05)
+  assert per_clue["left_of"] / per_clue["found_at"] == pytest.approx(1.6, rel=0.05)
+
+  # the batch schedule, with an oracle that accepts removals while more than 30 clues remain
+  trace = []
+  kept = reduce_clues(clues, lambda cs: len(cs) >= 30, np.random.default_rng(2), trace=trace)
+  assert len(kept) == 30
+  size = len(clues)
+  step = "tenth"
+  for n, distinct, ok in trace:
+    want = {"tenth": size // 10, "twentieth": size // 20, "one": 1}[step]
+    assert n == want, (n, want, step)
+    assert distinct <= n
+    if ok:
+      size -= distinct
+      step = "tenth"
+    else:
+      step = {"tenth": "twentieth", "twentieth": "one", "one": "end"}[step]
+  assert step == "end" and {n for n, _, _ in trace} >= {size // 10, 1}
+  # generated puzzles keep relational clues more often than the halving recipe does
+  def relational_share(recipe):
+    kinds = [c.kind for k in range(6) for c in generate_puzzle(np.random.default_rng([3, 4, 4, k]), 4, 4,
+                                                               recipe=recipe).clues]
+    return sum(k not in ("found_at", "not_at", "same_house") for k in kinds) / len(kinds)
+  assert relational_share("zebralogic") < relational_share("halving")
+
+
+def test_recipes_give_unique_minimal_puzzles_and_reject_unknown_names():
+  for recipe in ("zebralogic", "halving"):
+    for n, m in [(3, 3), (4, 3)]:
+      p = generate_puzzle(np.random.default_rng([9, n, m]), n, m, recipe=recipe)
+      assert brute_force_solutions(p) == [p.house_of]
+      for i in range(len(p.clues)):
+        assert count_solutions(p, p.clues[:i] + p.clues[i + 1:], limit=2) == 2
+  with pytest.raises(ValueError, match="recipe='nope' is not allowed"):
+    generate_puzzle(np.random.default_rng(0), 3, 3, recipe="nope")
+  halving = get_task("zebra", recipe="halving").sample(np.random.default_rng(4), 3, 3)
+  assert halving.answer == get_task("zebra").make_example(
+      generate_puzzle(np.random.default_rng(4), 3, 3, recipe="halving")).answer
+  with pytest.raises(ValueError, match="zebra.recipe='nope' is not allowed"):
+    get_task("zebra", recipe="nope")
+
+
+def test_pooled_cell_accuracy_is_zeroevals_micro_average():
+  """ZeroEval pools cells over puzzles (unparsed answers count 0); the per-sample mean weights
+  every puzzle equally. A 2x2 fully right and an unparsed 4x4: mean 0.5, pooled 4 / 20."""
+  from experiments.zebra_scaling import aggregate, score_puzzles
+
+  task = get_task("zebra", style="natural")
+  small, big = task.make_example(puzzle(2, 2)), task.make_example(puzzle(4, 4))
+  right = render.natural_trace(puzzle(2, 2), deduce(puzzle(2, 2)))
+  rows = score_puzzles(task, [small, big], [[(right, True)], [("no grid here", True)]], best_of=[1])
+  assert [(r["cells_right"], r["cells_total"]) for r in rows] == [(4, 4), (0, 16)]
+  for r in rows:
+    r["bucket"] = "all"
+  (rec,) = aggregate(rows, "bucket", "p", [1])
+  assert rec["cell_acc"] == pytest.approx(0.5)
+  assert rec["cell_acc_pooled"] == pytest.approx(4 / 20)
+
+
+def test_public_records_reject_blanked_solutions_and_json_arrays(tmp_path):
+  record = bench.to_public_record(puzzle(2, 2))
+  blanked = json.loads(json.dumps(record))
+  blanked["solution"]["rows"] = [[r[0]] + ["___"] * (len(r) - 1) for r in blanked["solution"]["rows"]]
+  path = tmp_path / "blank.jsonl"
+  path.write_text(json.dumps(blanked) + "\n")
+  with pytest.raises(ValueError, match="record 0: the solution is blanked"):
+    bench.load_public_records(str(path))
+  empty = dict(record, solution={"header": record["solution"]["header"], "rows": []})
+  path.write_text(json.dumps(empty) + "\n")
+  with pytest.raises(ValueError, match="the solution is blanked"):
+    bench.load_public_records(str(path))
+  array = tmp_path / "array.json"
+  array.write_text(json.dumps([record, record]))
+  with pytest.raises(ValueError, match="line 1: the file holds a JSON array"):
+    bench.load_public_records(str(array))
+  array.write_text(json.dumps([record], indent=1))
+  with pytest.raises(ValueError, match="the file holds a JSON array"):
+    bench.load_public_records(str(array))

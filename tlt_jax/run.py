@@ -212,13 +212,15 @@ class Response:
 
 def generate_responses(model: Transformer, setup: Setup, examples, max_new_tokens: int, *,
                        temperature: float = 0.0, seed: int = 0, chunk_size: int = 16,
-                       batch_size: int = 256) -> list[Response]:
+                       batch_size: int = 256, input_embedder=None) -> list[Response]:
   """One response per example from `model` (greedy at temperature 0, else sampled from
-  softmax(logits / T) with RNG key `seed`), decoded and verified."""
+  softmax(logits / T) with RNG key `seed`), decoded and verified. `input_embedder`: SCONE's
+  f-gram table for a SCONE policy (`scone_rl_policy`), else None."""
   graphdef, params = nnx.split(model)
   engine = RolloutEngine(graphdef, SamplingParams(temperature=float(temperature)),
                          eos_ids=setup.tokenizer.eos_ids, pad_id=setup.tokenizer.pad_id,
-                         chunk_size=chunk_size, max_context=setup.model_cfg.max_position_embeddings)
+                         chunk_size=chunk_size, max_context=setup.model_cfg.max_position_embeddings,
+                         input_embedder=input_embedder)
   out = []
   max_prompt = max(len(setup.tokenizer.encode(e.prompt)) for e in examples) + 1
   for i in track(range(0, len(examples), batch_size), "eval", unit="batch",
@@ -234,11 +236,11 @@ def generate_responses(model: Transformer, setup: Setup, examples, max_new_token
 
 
 def evaluate_accuracy(model: Transformer, setup: Setup, examples, max_new_tokens: int,
-                      chunk_size: int = 16, batch_size: int = 256) -> dict[str, float]:
+                      chunk_size: int = 16, batch_size: int = 256, input_embedder=None) -> dict[str, float]:
   """Greedy accuracy (task verifier) and response lengths on `examples`, overall and per
   difficulty (`acc_d<k>`)."""
   responses = generate_responses(model, setup, examples, max_new_tokens, chunk_size=chunk_size,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, input_embedder=input_embedder)
   by_diff = {}
   for ex, r in zip(examples, responses):
     by_diff.setdefault(ex.meta.get("difficulty", 0), []).append(r.correct)
@@ -385,9 +387,28 @@ def drafter_bundle(config, drafter):
   return nnx.graphdef(drafter), init_drafter_train_state(drafter, drafter_tx), drafter_tx
 
 
-def run_rl_stage(setup: Setup, policy: Transformer, drafter=None) -> dict[str, Any]:
+def scone_rl_policy(setup: Setup):
+  """(main transformer, f-gram table) of the SCONE policy named by `config.scone.checkpoint` (a
+  directory of `models/scone.py` `save_checkpoint`, with the model and `scone` sections of
+  configs/scone.py in its meta), or None when the config has no SCONE checkpoint."""
+  c = setup.config
+  if "scone" not in c or not c.scone.get("checkpoint", ""):
+    return None
+  from tlt_jax.models import scone as scone_lib
+  try:
+    model, vocab, _ = scone_lib.load_checkpoint(str(c.scone.checkpoint))
+  except CheckpointError as e:
+    raise config_lib.ConfigError(f"config.scone.checkpoint={c.scone.checkpoint!r} is not usable: {e}") from None
+  if model.cfg.vocab_size < setup.tokenizer.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.scone.checkpoint={c.scone.checkpoint!r} holds a model of vocab_size {model.cfg.vocab_size}; "
+        f"allowed: one at least the tokenizer's ({setup.tokenizer.vocab_size})")
+  return scone_lib.rl_policy(model, vocab)
+
+
+def run_rl_stage(setup: Setup, policy: Transformer, drafter=None, input_embedder=None) -> dict[str, Any]:
   """GRPO/RLOO from `policy` (the SFT model, also the frozen KL reference); resumes from
-  `<workdir>/ckpt_rl`."""
+  `<workdir>/ckpt_rl`. `input_embedder`: the f-gram table of a SCONE policy (`scone_rl_policy`)."""
   c = setup.config
   reference_params = jax.tree.map(lambda x: x.copy(), nnx.state(policy))
   bundle = drafter_bundle(c, drafter)
@@ -395,12 +416,12 @@ def run_rl_stage(setup: Setup, policy: Transformer, drafter=None) -> dict[str, A
 
   def evaluate(model):
     return evaluate_accuracy(model, setup, eval_set, c.eval.max_new_tokens, c.eval.chunk_size,
-                             c.eval.batch_size)
+                             c.eval.batch_size, input_embedder=input_embedder)
 
   trainer = RLTrainer(c, setup.task, setup.tokenizer, policy, setup.workdir, mesh=setup.mesh,
                       reference_params=reference_params,
                       reference_source=os.path.join(setup.workdir, "sft"), drafter=bundle,
-                      evaluate=evaluate, preemption=setup.preemption)
+                      evaluate=evaluate, preemption=setup.preemption, input_embedder=input_embedder)
   return trainer.run()
 
 
@@ -477,11 +498,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         model = model or load_policy(setup)
         drafter = run_drafter_stage(setup, model)
       elif stage == "rl":
+        scone_policy = scone_rl_policy(setup)  # config.scone.checkpoint: a SCONE policy instead
+        embedder = None
+        if scone_policy is not None:
+          model, embedder = scone_policy
         model = model or load_policy(setup)
         if drafter is None:  # a drafter made earlier on this workdir joins the RL state
           loaded = load_drafter(os.path.join(workdir, "drafter"), model.cfg)
           drafter = loaded[0] if loaded is not None else None
-        summary["rl"] = run_rl_stage(setup, model, drafter)
+        summary["rl"] = run_rl_stage(setup, model, drafter, input_embedder=embedder)
     except KeyboardInterrupt:
       setup.preemption.close()
       raise Interrupted(stage, workdir) from None

@@ -18,10 +18,15 @@ Challenges". The loop (`run_self_improve`):
                answers (self-labelling); "none" keeps every answer as it is;
             4. add the kept labels to each model's pool (earlier rounds' labels stay);
             5. continue training each model from its state for one WSD phase of `round_steps`
-               (stable at `round_lr`, then the cooldown), on batches drawn from the union of the
-               model's pool and an initial set counted as `initial_size` fresh 1..N problems
-               (each row a pool label with probability |pool| / (|pool| + initial_size), at
-               most `pool_frac`).
+               (stable at `round_lr`, then the cooldown). Batches (`mixture`):
+               "newest" (the official code's, JackCai1206/arithmetic-self-improve): each row is
+               one of the newest round's labels with probability `newest_frac` (0.5), else
+               drawn from the older data: the earlier rounds' labels together with an initial
+               set counted as `initial_size` fresh 1..N problems (an earlier label with
+               probability |earlier| / (|earlier| + initial_size)).
+               "pool" (the rule this module used first): each row a label drawn uniformly over
+               all rounds with probability min(pool_frac, |pool| / (|pool| + initial_size)),
+               else a fresh 1..N problem, so the newest length's share shrinks round by round.
 
 After every round each model is evaluated on fixed held-out sets of 1..eval_max_digits digits,
 far past the frontier. Exact match there is computed teacher-forced: a greedy response is right
@@ -72,6 +77,7 @@ from tlt_jax.train.state import TrainState, create_train_state
 log = logging.getLogger(__name__)
 
 FILTERS = ("none", "length", "length+vote")
+MIXTURES = ("newest", "pool")
 # Config sections whose values round 0 depends on: a resumed run must match them.
 ROUND0_KEYS = ("seed", "task", "model", "sft")
 _SEQ_BUCKET = 16  # batch widths are rounded up to a multiple of this (few compiled shapes)
@@ -98,6 +104,8 @@ def validate(config) -> None:
   c(config, si + "fast_accuracy", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
   c(config, si + "reach_accuracy", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
   c(config, si + "pool_frac", lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
+  c(config, si + "mixture", lambda v: v in MIXTURES, f"one of {MIXTURES}")
+  c(config, si + "newest_frac", lambda v: 0.0 < v < 1.0, "a fraction in (0, 1)")
   c(config, si + "initial_size", pos, "a positive int")
   if config.self_improve.eval_max_digits < config.self_improve.initial_digits:
     raise ConfigError(f"config.self_improve.eval_max_digits={config.self_improve.eval_max_digits} is not "
@@ -277,14 +285,33 @@ def _seq_len(entry_or_example, tokenizer) -> int:
   return 1 + len(tokenizer.encode(prompt)) + len(tokenizer.encode(trace)) + 1
 
 
+def mixture_shares(config, pool: list[dict]) -> tuple[float, float, int]:
+  """(p_newest, p_earlier, newest round): the probability that a batch row is one of the newest
+  round's labels, and that it is an earlier pool label (the rest are fresh 1..initial_digits
+  problems), under `self_improve.mixture` (module docstring). Under "pool" every label counts as
+  "earlier"."""
+  si = config.self_improve
+  initial = int(si.initial_size)
+  if not pool:
+    return 0.0, 0.0, -1
+  if si.get("mixture", "newest") == "pool":
+    return 0.0, min(float(si.pool_frac), len(pool) / (len(pool) + initial)), -1
+  newest = max(int(e.get("round", 0)) for e in pool)
+  earlier = sum(int(e.get("round", 0)) != newest for e in pool)
+  p_new = float(si.get("newest_frac", 0.5))
+  return p_new, (1.0 - p_new) * earlier / (earlier + initial), newest
+
+
 def batch_fn(parts: Parts, config, model_index: int, pool: list[dict]) -> Callable[[int], dict]:
-  """`batches(step)`: `sft.batch_size` rows, each a label drawn uniformly from the model's pool of
-  self-labelled problems with probability p = min(pool_frac, |pool| / (|pool| + initial_size)),
-  else a fresh problem of 1..initial_digits digits; every draw keyed by (seed, model, step). Rows
-  are padded to one width per call (the longest the pool or the initial range can need, rounded
-  up to 16)."""
+  """`batches(step)`: `sft.batch_size` rows, each (independently) one of the newest round's
+  labels, an earlier pool label, or a fresh problem of 1..initial_digits digits, with the
+  probabilities of `mixture_shares`; a label is drawn uniformly within its group, every draw
+  keyed by (seed, model, step). Rows are padded to one width per call (the longest the pool or
+  the initial range can need, rounded up to 16)."""
   si, b = config.self_improve, int(config.sft.batch_size)
-  p_pool = min(float(si.pool_frac), len(pool) / (len(pool) + int(si.initial_size)))
+  p_new, p_old, newest = mixture_shares(config, pool)
+  newest_rows = [e for e in pool if int(e.get("round", 0)) == newest]
+  older_rows = [e for e in pool if int(e.get("round", 0)) != newest]
   probe = parts.task.sample(np.random.default_rng(0), num_digits=si.initial_digits)
   width = max([_seq_len(probe, parts.tokenizer)] + [_seq_len(e, parts.tokenizer) for e in pool])
   width = _round_up(width)
@@ -292,10 +319,11 @@ def batch_fn(parts: Parts, config, model_index: int, pool: list[dict]) -> Callab
 
   def batches(step: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([int(config.seed), 2, model_index, int(step)])
-    n_pool = int(rng.binomial(b, p_pool)) if pool else 0
-    examples = [base.sample(rng) for _ in range(b - n_pool)]
-    if n_pool:
-      examples += [_example_of(pool[int(j)]) for j in rng.integers(0, len(pool), size=n_pool)]
+    n_new, n_old, n_fresh = (int(x) for x in rng.multinomial(b, [p_new, p_old, 1.0 - p_new - p_old]))
+    examples = [base.sample(rng) for _ in range(n_fresh)]
+    for group, n in ((older_rows, n_old), (newest_rows, n_new)):
+      if n:
+        examples += [_example_of(group[int(j)]) for j in rng.integers(0, len(group), size=n)]
     full = make_sft_batch(examples, parts.tokenizer, width)
     return {"tokens": full["tokens"], "loss_mask": full["loss_mask"]}
 
@@ -463,7 +491,7 @@ def run_self_improve(config, workdir: str, *, on_record: Callable[[dict], None] 
         for m in range(k):
           for i, lab in enumerate(out.labels[m]):
             if lab is not None:
-              pools[m].append({"prompt": problems[i].prompt, "label": lab,
+              pools[m].append({"prompt": problems[i].prompt, "label": lab, "round": r,
                                "digits": problems[i].meta["num_digits"], "true": problems[i].answer})
         raw_wrong = sum(a[0][i].strip() != problems[i].answer or not a[1][i]
                         for a in answers for i in range(len(problems)))

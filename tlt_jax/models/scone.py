@@ -264,6 +264,20 @@ class HostTable:
                  par_blk_BxJ: Array) -> Array:
     return self.embed(model, tree_contexts(seq_BxS, blk_tok_BxJ, blk_pos_BxJ, par_blk_BxJ, self.max_n))
 
+  def embed_packed(self, model: Transformer, tokens_BxL: Array, positions_BxL: Array) -> Array:
+    """Input embeddings of training rows that pack several sequences (traced; the RL trainer's
+    forward): token t's context is tokens t-max_n+1 .. t of its own sequence, where a sequence's
+    positions count 0, 1, ... over consecutive slots, so a slot back is in the sequence iff its
+    position stays >= 0. These are the contexts the engine looked up when it generated them."""
+    back = jnp.arange(self.max_n - 1, -1, -1, dtype=jnp.int32)
+    b, length = tokens_BxL.shape
+    idx_LxN = jnp.arange(length, dtype=jnp.int32)[:, None] - back
+    tok = jnp.take_along_axis(tokens_BxL, jnp.broadcast_to(jnp.clip(idx_LxN, 0, length - 1).reshape(-1),
+                                                           (b, length * self.max_n)), axis=1)
+    inside = (positions_BxL[..., None] - back >= 0) & (idx_LxN >= 0)
+    ctx = jnp.where(inside, tok.reshape(b, length, self.max_n), NO_TOKEN)
+    return self.embed(model, ctx.astype(jnp.int32))
+
   def embed_sequences(self, model: Transformer, tokens_BxT) -> Array:
     """Full-forward input embeddings of whole rows (no cache), e.g. for evaluation."""
     return self.embed(model, jnp.asarray(sequence_contexts(np.asarray(tokens_BxT), self.max_n), jnp.int32))
@@ -298,6 +312,17 @@ class HostTable:
 
 def build_table(model: SconeLM, vocab: FgramVocab) -> HostTable:
   return HostTable(vocab, export_table(model.fgram, vocab))
+
+
+def rl_policy(model: SconeLM, vocab: FgramVocab) -> tuple[Transformer, HostTable]:
+  """A SCONE policy as the RL trainer takes it: (the main transformer, the f-gram table exported
+  from the f-gram model). RL updates the main model; the table stays frozen, as it is served at
+  inference (the f-gram model is not on the device). Pass the table to `RLTrainer` as
+  `input_embedder`: rollouts, speculative verification and the trainer's forwards read it."""
+  if not isinstance(model, SconeLM):
+    raise ConfigError(f"scone.rl_policy: a SconeLM is needed (SCONE on, scone.fgram_vocab_size > 0), "
+                      f"got {type(model).__name__}")
+  return model.main, build_table(model, vocab)
 
 
 # --- checkpoints: main model, f-gram model and vocabulary together ------------------------------

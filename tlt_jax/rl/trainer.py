@@ -167,12 +167,15 @@ class RLTrainer:
     reference_source: where the reference comes from (a directory), recorded in checkpoints.
     drafter: (graphdef, DrafterTrainState, optimizer) of the EAGLE drafter, or None.
     evaluate: optional `evaluate(model) -> dict` run on the final policy.
+    input_embedder: SCONE's f-gram table (models/scone.py `HostTable`, from `scone.rl_policy`)
+      for a SCONE policy, None for a plain one: rollouts (plain and speculative) and the
+      trainer's forwards read their input embeddings from it; the update trains the main model.
   """
 
   def __init__(self, config, task, tokenizer, policy, workdir: str, *, mesh=None,
                reference_params=None, reference_source: str = "",
                drafter: tuple[Any, DrafterTrainState, Any] | None = None,
-               evaluate: Callable[[Any], dict] | None = None, preemption=None):
+               evaluate: Callable[[Any], dict] | None = None, preemption=None, input_embedder=None):
     self.config, self.rl, self.task, self.tokenizer = config, config.rl, task, tokenizer
     self.preemption = preemption  # parallel.hosts.PreemptionWatch: asked at every step boundary
     self.workdir = workdir
@@ -181,6 +184,7 @@ class RLTrainer:
     self.run_mesh = mesh if mesh is not None else mesh_lib.local_mesh()
     self.mesh = self.run_mesh if self.run_mesh.size > 1 else None
     self.evaluate = evaluate
+    self.input_embedder = input_embedder
     rl = self.rl
     self.batch_size = rl.prompts_per_step * rl.group_size
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"] if self.mesh is not None else 1
@@ -217,9 +221,9 @@ class RLTrainer:
                                    top_k=int(config.rollout.top_k), top_p=float(config.rollout.top_p))
     self.update_cfg = UpdateConfig.from_config(rl, self.sampling.temperature)
     self.update_step = make_policy_update_step(self.graphdef, self.tx, self.update_cfg, self.state,
-                                               self.mesh, with_ref=self.with_ref)
+                                               self.mesh, with_ref=self.with_ref, embedder=input_embedder)
     self.logprob_fn = make_logprob_fn(self.graphdef, self.sampling.temperature, self.state.params,
-                                      self.mesh, micro_batches=int(rl.micro_batches))
+                                      self.mesh, micro_batches=int(rl.micro_batches), embedder=input_embedder)
     advantage_kwargs = dict(rl.get("advantage_kwargs", None) or {})
     self.token_estimator = advantages_lib.is_token_estimator(rl.advantage)
     self.advantage_fn = jax.jit(advantages_lib.token_advantages(rl.advantage, **advantage_kwargs)
@@ -274,7 +278,8 @@ class RLTrainer:
       drafter = (self.drafter_graphdef, self.drafter_state, self.drafter_tx)
     self.pack_len, buffer_len = rl_lengths(self.config, self.model_cfg, self.prompt_width)
     self.tlt = TLTRuntime(self.config, self.graphdef, self.model_cfg, self.sampling,
-                          self.tokenizer.eos_ids, self.tokenizer.pad_id, self.run_mesh, drafter, buffer_len)
+                          self.tokenizer.eos_ids, self.tokenizer.pad_id, self.run_mesh, drafter, buffer_len,
+                          input_embedder=self.input_embedder)
     self.engine = self.tlt.engine
 
   # ----------------------------------------------------------------------------- checkpointing

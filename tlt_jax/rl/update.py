@@ -130,22 +130,26 @@ def token_logprobs_aligned(logits_BxLxV: Array, tokens_BxL: Array,
 
 def policy_forward(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxL: Array,
                    positions_BxL: Array, segment_ids_BxL: Array, temperature: float,
-                   mesh: Mesh | None = None):
+                   mesh: Mesh | None = None, embedder=None):
   """One uncached forward, attention within each sequence (segment) of a row, without a dense
   [L, L] mask (models/attention.py: splash on a TPU `mesh`, chunked elsewhere; the model's
   cfg.attention / attention_chunk): (logp_BxL, entropy_BxL, hidden_BxLxH), see
-  `token_logprobs_aligned`; hidden is the final normed hidden state f_t (EAGLE's feature)."""
+  `token_logprobs_aligned`; hidden is the final normed hidden state f_t (EAGLE's feature).
+  `embedder` (SCONE's `HostTable`, None for the plain model) gives the input embeddings, looked
+  up per sequence of the packed rows as the rollout engine looked them up."""
   model = nnx.merge(graphdef, params)
   spec = AttentionSpec(model.cfg.attention, model.cfg.attention_chunk, mesh)
+  extra = {} if embedder is None else {
+      "input_embeds_BxTxD": embedder.embed_packed(model, tokens_BxL, positions_BxL)}
   logits_BxLxV, hidden_BxLxH, _ = model(tokens_BxL, positions_BxL, segment_ids_BxT=segment_ids_BxL,
-                                        attn_spec=spec)
+                                        attn_spec=spec, **extra)
   logp_BxL, entropy_BxL = token_logprobs_aligned(logits_BxLxV, tokens_BxL, temperature)
   return logp_BxL, entropy_BxL, hidden_BxLxH
 
 
 def policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                        cfg: UpdateConfig, state: TrainState, batch: Mapping[str, Array],
-                       mesh: Mesh | None = None):
+                       mesh: Mesh | None = None, embedder=None):
   """One PPO-clip update: (state, batch) -> (state, metrics, hidden_BxLxH). Pure.
 
   Metrics (replicated scalars): loss, pg_loss, kl (k3 to the reference; 0 without one),
@@ -162,7 +166,7 @@ def policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
   def loss_fn(params, mb):
     mask = mb["response_mask"].astype(jnp.float32)
     logp, entropy, hidden = policy_forward(graphdef, params, mb["tokens"], mb["positions"],
-                                           mb["segment_ids"], cfg.temperature, mesh)
+                                           mb["segment_ids"], cfg.temperature, mesh, embedder)
     loss, m = policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask,
                           logp_ref_BxT=mb["ref_logprobs"] if has_ref else None,
                           kl_coef=cfg.kl_coef, weights_BxT=mb["loss_weights"],
@@ -191,7 +195,7 @@ def update_batch_shardings(mesh: Mesh, with_ref: bool, rules=mesh_lib.TRAIN_RULE
 
 def make_policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                             cfg: UpdateConfig, state: TrainState, mesh: Mesh | None,
-                            with_ref: bool | None = None):
+                            with_ref: bool | None = None, embedder=None):
   """The jitted `policy_update_step(state, batch) -> (state, metrics, hidden)`.
 
   With `mesh`, in/out shardings are explicit: the state keeps its placement (params by their
@@ -200,7 +204,7 @@ def make_policy_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTra
   """
   if with_ref is None:
     with_ref = cfg.kl_coef > 0
-  fn = functools.partial(policy_update_step, graphdef, optimizer, cfg, mesh=mesh)
+  fn = functools.partial(policy_update_step, graphdef, optimizer, cfg, mesh=mesh, embedder=embedder)
   if mesh is None:
     return jit_step(fn, state, None, None, num_outputs_extra=2)
   return jit_step(fn, state, update_batch_shardings(mesh, with_ref), mesh, num_outputs_extra=2,
@@ -221,7 +225,7 @@ def logprob_gap_metrics(sampler_BxL: Array, recomputed_BxL: Array, mask_BxL: Arr
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, temperature: float, params_like: Any = None,
-                    mesh: Mesh | None = None, micro_batches: int = 1):
+                    mesh: Mesh | None = None, micro_batches: int = 1, embedder=None):
   """Jitted `(params, tokens, positions, segment_ids, response_mask, sampler_logprobs) ->
   (logp_BxL, metrics)`:
   a forward without gradients that recomputes log-probs (old ones before the update, or the
@@ -230,11 +234,12 @@ def make_logprob_fn(graphdef: nnx.GraphDef, temperature: float, params_like: Any
   With `mesh`, params keep the shardings of `params_like` and the batch is split over 'batch'.
   With `micro_batches` > 1 the rows go through the forward in that many slices (`lax.map`, as
   the update's micro-batches), so the [rows, L, V] logits of only one slice exist at a time.
+  `embedder`: SCONE's input embeddings (`policy_forward`).
   """
 
   def forward(params, tokens_BxL, positions_BxL, segment_ids_BxL):
     return policy_forward(graphdef, params, tokens_BxL, positions_BxL, segment_ids_BxL,
-                          temperature, mesh)[0]
+                          temperature, mesh, embedder)[0]
 
   def fn(params, tokens_BxL, positions_BxL, segment_ids_BxL, mask_BxL, sampler_BxL):
     if micro_batches == 1:

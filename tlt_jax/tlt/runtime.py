@@ -92,7 +92,7 @@ class TLTRuntime:
 
   def __init__(self, config, graphdef, model_cfg, sampling: SamplingParams, eos_ids: Sequence[int],
                pad_id: int, mesh: Mesh, drafter: tuple[Any, DrafterTrainState, Any] | None,
-               seq_len: int):
+               seq_len: int, input_embedder=None):
     c = self.config = config if isinstance(config, TLTConfig) else TLTConfig.from_config(config)
     self.graphdef = graphdef
     self.spec_threshold, self.rounds_per_chunk = c.spec_threshold, c.rounds_per_chunk
@@ -106,11 +106,12 @@ class TLTRuntime:
     if self.speculative:
       decoder = SpeculativeDecoder(graphdef, drafter[0], sampling, tuple(eos_ids),
                                    strategies=[Strategy(*a) for a in c.speculative_arms],
-                                   rounds_per_chunk=c.rounds_per_chunk)
+                                   rounds_per_chunk=c.rounds_per_chunk, input_embedder=input_embedder)
     self.engine = RolloutEngine(
         graphdef, sampling, eos_ids=tuple(eos_ids), pad_id=pad_id, chunk_size=c.chunk_size,
         buckets=c.buckets, max_context=model_cfg.max_position_embeddings, speculative=decoder,
-        spec_threshold=c.spec_threshold if decoder is not None else 0, window_block=c.window_block)
+        spec_threshold=c.spec_threshold if decoder is not None else 0, window_block=c.window_block,
+        input_embedder=input_embedder)
     self.bandit = None
     if self.speculative:
       buckets = tuple(b for b in self.engine.buckets if b <= c.spec_threshold) or (c.spec_threshold,)

@@ -2,16 +2,26 @@
 Lee et al. (2025), "Self-Improving Transformers Overcome Easy-to-Hard and Length Generalization
 Challenges".
 
-Reverse addition ("reverse_add"). For a + b with n = max(digits(a), digits(b)), both operands are
-written least-significant digit first and zero-padded to n digits, and the answer is the sum
-written least-significant digit first, zero-padded to n + 1 digits:
+Reverse addition ("reverse_add"). For a + b with n = max(digits(a), digits(b)), both operands
+and the sum are written least-significant digit first. By default (`padded=False`) nothing is
+padded, the format of the paper's official code (JackCai1206/arithmetic-self-improve,
+`{a[::-1]}+{b[::-1]}=`):
 
   347 + 85 = 432
-  prompt  "743+580="      (n = 3)
-  answer  "2340"          (n + 1 = 4 digits, the response's whole text)
+  prompt  "743+58="       (n = 3)
+  answer  "234"           (the sum's digits, reversed: n or n + 1 of them)
 
-So answer digit i depends only on operand digits <= i and every answer has exactly n + 1 digits,
-which is what the self-improvement length filter checks (curriculum/self_improve.py).
+A well-formed answer has n or n + 1 digits and no zero in its most significant (last) place
+unless it is the single digit 0; a sum of two n-digit numbers that carries out ends in "1".
+
+With `padded=True` (the format this project used first) both operands are zero-padded to n
+digits and the answer to n + 1, so that digit i of every string sits at the same offset:
+
+  prompt  "743+580="      answer  "2340"
+
+There answer digit i depends only on operand digits <= i, every answer has exactly n + 1 digits,
+and the position of a digit in the prompt tells which place it holds: a simplification for a
+model without position embeddings that the unpadded format does not give.
 
 Reverse copy ("reverse_copy"), the second task: the prompt is n digits then "=", the answer is
 those digits in reverse order (n digits).
@@ -87,21 +97,38 @@ class _DigitsTask(Task):
 @register_task("reverse_add")
 @dataclasses.dataclass(frozen=True)
 class ReverseAddTask(_DigitsTask):
-  """Reverse addition, zero-padded (see module docstring); n ~ U{min_digits..max_digits} digits
-  for the longer operand, the other has m ~ U{1..n} digits, and the two are swapped at random."""
+  """Reverse addition, unpadded or with `padded=True` zero-padded (see module docstring);
+  n ~ U{min_digits..max_digits} digits for the longer operand, the other has m ~ U{1..n} digits,
+  and the two are swapped at random."""
 
   min_digits: int = 1
   max_digits: int = 8
+  padded: bool = False
 
   def __post_init__(self):
     _check_digits_range("reverse_add", self.min_digits, self.max_digits)
+    if not isinstance(self.padded, bool):
+      raise ValueError(f"reverse_add.padded={self.padded!r} is not allowed; allowed: True or False")
 
   @property
   def charset(self) -> str:
     return DIGITS + "+="
 
   def answer_length(self, num_digits: int) -> int:
+    """The longest well-formed answer: n + 1 digits (exactly that many when padded)."""
     return num_digits + 1
+
+  def well_formed(self, response: str, num_digits: int) -> bool:
+    """Padded: exactly n + 1 digits. Unpadded: n or n + 1 digits, the last (most significant)
+    not 0 unless the answer is "0", and a carry digit (the (n+1)-th) can only be 1."""
+    if self.padded:
+      return super().well_formed(response, num_digits)
+    text = response.strip()
+    if not text or any(c not in DIGITS for c in text) or len(text) not in (num_digits, num_digits + 1):
+      return False
+    if len(text) == num_digits + 1:
+      return text[-1] == "1"
+    return text[-1] != "0" or text == "0"
 
   def make_example(self, a: int | str, b: int | str) -> Example:
     """The example for a + b (ordinary decimal, non-negative)."""
@@ -112,8 +139,11 @@ class ReverseAddTask(_DigitsTask):
                          "leading zeros")
     n = max(len(a_str), len(b_str))
     total = str(int(a_str) + int(b_str))
-    prompt = a_str[::-1].ljust(n, "0") + "+" + b_str[::-1].ljust(n, "0") + "="
-    answer = total[::-1].ljust(n + 1, "0")
+    if self.padded:
+      prompt = a_str[::-1].ljust(n, "0") + "+" + b_str[::-1].ljust(n, "0") + "="
+      answer = total[::-1].ljust(n + 1, "0")
+    else:
+      prompt, answer = a_str[::-1] + "+" + b_str[::-1] + "=", total[::-1]
     meta = {"difficulty": n, "num_digits": n, "a": a_str, "b": b_str}
     return Example(prompt=prompt, trace=answer, answer=answer, meta=meta)
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from tlt_jax.data.tasks.base import Example, Task, register_task
 from tlt_jax.data.zebra import render
-from tlt_jax.data.zebra.puzzle import (MAX_ATTRIBUTES, MAX_HOUSES, MIN_ATTRIBUTES, MIN_HOUSES, Puzzle,
+from tlt_jax.data.zebra.puzzle import (MAX_ATTRIBUTES, MAX_HOUSES, MIN_ATTRIBUTES, MIN_HOUSES, RECIPES, Puzzle,
                                        generate_puzzle, search_space, size_bucket)
 from tlt_jax.data.zebra.solve import deduce, z3_conflicts
 
@@ -49,6 +49,8 @@ class ZebraTask(Task):
 
   style: "compact" (char tokenizer) or "natural" (English + JSON, HF tokenizers).
   z3: record Z3's conflict count in meta (a few ms per puzzle).
+  recipe: the generator's recipe (zebra/puzzle.py `RECIPES`): "zebralogic" (the ZebraLogic
+    generator's removal weights and schedule) or "halving" (the earlier one).
   """
 
   min_houses: int = 2
@@ -57,6 +59,7 @@ class ZebraTask(Task):
   max_attributes: int = 3
   style: str = "compact"
   z3: bool = True
+  recipe: str = "zebralogic"
 
   def __post_init__(self):
     for key, lo, hi in (("min_houses", MIN_HOUSES, MAX_HOUSES), ("max_houses", MIN_HOUSES, MAX_HOUSES),
@@ -74,6 +77,8 @@ class ZebraTask(Task):
       raise ValueError(f"zebra.style={self.style!r} is not allowed; allowed: {STYLES}")
     if not isinstance(self.z3, bool):
       raise ValueError(f"zebra.z3={self.z3!r} must be a bool")
+    if self.recipe not in RECIPES:
+      raise ValueError(f"zebra.recipe={self.recipe!r} is not allowed; allowed: {sorted(RECIPES)}")
 
   @property
   def charset(self) -> str:
@@ -109,7 +114,7 @@ class ZebraTask(Task):
     """Draws N and M uniformly from the task's ranges (unless given) and a puzzle of that size."""
     n = int(rng.integers(self.min_houses, self.max_houses + 1)) if num_houses is None else num_houses
     m = int(rng.integers(self.min_attributes, self.max_attributes + 1)) if num_attributes is None else num_attributes
-    return self.make_example(generate_puzzle(rng, n, m))
+    return self.make_example(generate_puzzle(rng, n, m, recipe=self.recipe))
 
   def example_from_public_record(self, record: Mapping[str, Any], index: int = -1) -> Example:
     """An example of the public benchmark's grid-mode record (natural prompt, no trace: these

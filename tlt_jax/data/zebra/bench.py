@@ -60,8 +60,18 @@ def _plain(value: Any) -> Any:
   return value
 
 
+def _blank(cell: Any) -> bool:
+  """An empty or placeholder cell ("", "___", "?", None): how a release hides its answers."""
+  return cell is None or str(cell).strip().strip("_?-*").strip() == ""
+
+
 def check_public_record(record: Mapping, where: str) -> dict[str, Any]:
-  """A grid-mode record with its fields checked; errors name the place and the field."""
+  """A grid-mode record with its fields checked; errors name the place and the field. A blanked
+  solution (no rows, or a cell that is empty or a placeholder such as "___") is an error: there
+  is nothing to score against."""
+  if not isinstance(record, Mapping):
+    raise ValueError(f"{where}: a ZebraLogic record must be a JSON object, got {type(record).__name__}; "
+                     "a .json/.jsonl file holds one record object a line (not a JSON array)")
   for field in ("puzzle", "solution"):
     if field not in record:
       raise ValueError(f"{where}: ZebraLogic record has no field {field!r} (fields: {sorted(record)}); "
@@ -72,6 +82,10 @@ def check_public_record(record: Mapping, where: str) -> dict[str, Any]:
   if not isinstance(solution, Mapping) or "header" not in solution or "rows" not in solution:
     raise ValueError(f"{where}: field 'solution' must be {{'header': [...], 'rows': [[...]]}}, got "
                      f"{str(solution)[:80]!r}")
+  rows = solution["rows"]
+  if not rows or any(not row or any(_blank(cell) for cell in row[1:]) for row in rows):
+    raise ValueError(f"{where}: the solution is blanked ({str(rows)[:80]!r}); the records carry no "
+                     "answers to score against (the public release hides them)")
   return {"id": str(record.get("id", "")), "size": str(record.get("size", "")),
           "puzzle": str(record["puzzle"]), "solution": solution}
 
@@ -88,6 +102,10 @@ def load_public_records(path: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
       for lineno, line in enumerate(f, start=1):
         if line.strip():
+          if not rows and line.lstrip().startswith("["):
+            raise ValueError(f"{path}, line {lineno}: the file holds a JSON array; expected one record "
+                             "object a line (JSONL), e.g. write it with `for r in records: "
+                             "print(json.dumps(r))`")
           try:
             rows.append(json.loads(line))
           except json.JSONDecodeError as e:

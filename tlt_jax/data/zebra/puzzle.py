@@ -14,13 +14,32 @@ Clue types, with p = house of the first value, q = house of the second (Lin et a
   directly_left  q == p + 1             one_between  |p - q| == 2
   two_between    |p - q| == 3
 
-Generation (ZebraLogic's recipe, in this project's words): draw the attributes and the solution,
-list ALL clues that are true of it, then remove clues, first in random batches and then one at a
-time, each removal kept only while the solution stays the unique model of the remaining clues
-(checked by a SAT solver, `solve.UniquenessOracle`). Removal order is random, weighted by type
-(`REMOVAL_WEIGHTS`): direct clues (found_at, not_at) go first, so that what remains asks for
-relational reasoning. The one-at-a-time pass visits every surviving clue, so the result is
-minimal: dropping any kept clue admits a second solution. Everything is a function of the
+Generation follows the ZebraLogic generator (Lin et al. 2025; a descendant of tuchandra/zebra,
+reproduced in reasoning-gym's `logic_puzzle/generate.py`, whose `try_to_remove` and
+`reduce_clues` give the weights and the schedule below), in this project's words
+(`RECIPES["zebralogic"]`, the default):
+
+  * candidate pool: the reference's clue generators, one clue per true fact -- found_at and
+    not_at for each value and house, same_house for values sharing a house, left_of OR right_of
+    for each pair in different houses (a fair coin picks the phrasing), directly_left OR beside
+    for each adjacent pair (a fair coin again: the reference never offers both), one_between
+    and two_between. (reasoning-gym's copy enables only some of its generators in its
+    `generate_puzzle`; every type is offered here.)
+  * batch removal: draw n clues WITH replacement, each draw picking a clue with probability
+    proportional to its type's weight (`REMOVAL_WEIGHTS`: found_at, not_at, same_house 0.75;
+    beside, left_of, right_of 1.2; one_between, two_between 1.5; directly_left, which the
+    reference weights by its default, 1.0), and drop the distinct clues drawn if the solution stays
+    unique. n is 10 % of the current count; after a failed 10 % try, 5 %; after a failed 5 % try,
+    one clue; any success restarts at 10 %, and a failed single-clue try ends the phase. So the
+    relational clues (higher weight) tend to go first and the direct ones to stay.
+  * single pass: visit every surviving clue in uniform random order, dropping each whose removal
+    leaves the solution unique (checked by a SAT solver, `solve.UniquenessOracle`). Fewer clues
+    never admit fewer solutions, so one pass already makes the result minimal.
+
+`RECIPES["halving"]` is the generator this module used before: the same relations but with both
+directly_left and beside offered for adjacent pairs, removal without replacement weighted to
+remove direct clues first (`HALVING_REMOVAL_WEIGHTS`), batches halving from 50 % of the clues
+down to 2, and a weighted single pass. Everything is a function of the
 `np.random.Generator` passed in.
 """
 
@@ -57,10 +76,19 @@ NAME = "Name"
 CLUE_KINDS = ("found_at", "not_at", "same_house", "left_of", "right_of", "directly_left", "beside",
               "one_between", "two_between")
 UNARY_KINDS = ("found_at", "not_at")
-# Relative chance of being picked for removal: direct clues go first, relational ones stay.
-REMOVAL_WEIGHTS = {"found_at": 1.5, "not_at": 2.0, "same_house": 1.0, "left_of": 1.5,
-                   "right_of": 1.5, "directly_left": 1.0, "beside": 1.0, "one_between": 1.0,
-                   "two_between": 1.0}
+# Relative chance of a clue being drawn for removal, by type: the ZebraLogic generator's weights
+# (relational clues go first, direct ones stay; directly_left gets the reference's default 1.0).
+REMOVAL_WEIGHTS = {"found_at": 0.75, "not_at": 0.75, "same_house": 0.75, "beside": 1.2,
+                   "left_of": 1.2, "right_of": 1.2, "one_between": 1.5, "two_between": 1.5,
+                   "directly_left": 1.0}
+# The earlier generator's weights (`RECIPES["halving"]`): direct clues go first.
+HALVING_REMOVAL_WEIGHTS = {"found_at": 1.5, "not_at": 2.0, "same_house": 1.0, "left_of": 1.5,
+                           "right_of": 1.5, "directly_left": 1.0, "beside": 1.0, "one_between": 1.0,
+                           "two_between": 1.0}
+# recipe -> (adjacent pairs: "one" of directly_left/beside or "both", removal weights, schedule)
+RECIPES = {"zebralogic": ("one", REMOVAL_WEIGHTS, "tenth"),
+           "halving": ("both", HALVING_REMOVAL_WEIGHTS, "halving")}
+DEFAULT_RECIPE = "zebralogic"
 
 # Search-space buckets of the ZebraLogic paper: (name, lower bound inclusive) on (N!)^M.
 SIZE_BUCKETS = (("small", 0.0), ("medium", 1e3), ("large", 1e6), ("xl", 1e10))
@@ -188,10 +216,21 @@ def check_size(num_houses, num_attributes) -> None:
       raise ValueError(f"zebra: {key}={value!r} is not allowed; allowed: an int in [{lo}, {hi}]")
 
 
-def all_true_clues(house_of: Sequence[Sequence[int]], rng: np.random.Generator) -> list[Clue]:
+def check_recipe(recipe: str) -> str:
+  if recipe not in RECIPES:
+    raise ValueError(f"zebra: recipe={recipe!r} is not allowed; allowed: {sorted(RECIPES)}")
+  return recipe
+
+
+def all_true_clues(house_of: Sequence[Sequence[int]], rng: np.random.Generator,
+                   adjacent: str = "one") -> list[Clue]:
   """Every clue true of the solution: found_at and not_at for each value and house, and for each
-  unordered pair of values every binary relation that holds (left_of or right_of, with the
-  direction drawn from `rng`, so both phrasings occur)."""
+  unordered pair of values the binary relations that hold: left_of or right_of (the phrasing
+  drawn from `rng`, so both occur), for adjacent pairs directly_left or beside (`adjacent="one"`,
+  a coin picks, as the ZebraLogic generator does) or both (`adjacent="both"`), one_between and
+  two_between."""
+  if adjacent not in ("one", "both"):
+    raise ValueError(f"all_true_clues: adjacent={adjacent!r} is not allowed; allowed: 'one', 'both'")
   num_attributes, num_houses = len(house_of), len(house_of[0])
   values = [(a, v) for a in range(num_attributes) for v in range(num_houses)]
   clues = []
@@ -211,8 +250,13 @@ def all_true_clues(house_of: Sequence[Sequence[int]], rng: np.random.Generator) 
         clues.append(Clue("right_of", right, left))
       distance = abs(p - q)
       if distance == 1:
-        clues.append(Clue("directly_left", left, right))
-        clues.append(Clue("beside", x, y))
+        if adjacent == "both":
+          clues.append(Clue("directly_left", left, right))
+          clues.append(Clue("beside", x, y))
+        elif rng.random() < 0.5:
+          clues.append(Clue("directly_left", left, right))
+        else:
+          clues.append(Clue("beside", x, y))
       elif distance == 2:
         clues.append(Clue("one_between", x, y))
       elif distance == 3:
@@ -228,31 +272,65 @@ def _weighted_order(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray
   return np.argsort(-keys, kind="stable")
 
 
+def removal_draw(kept: Sequence[Clue], n: int, weights: dict[str, float],
+                 rng: np.random.Generator) -> np.ndarray:
+  """n indices into `kept` drawn WITH replacement, each with probability proportional to its
+  clue type's weight (the ZebraLogic generator's batch draw; duplicates are possible)."""
+  if n <= 0 or not kept:
+    return np.zeros(0, dtype=np.int64)
+  w = np.array([weights[c.kind] for c in kept], dtype=np.float64)
+  return rng.choice(len(kept), size=n, replace=True, p=w / w.sum())
+
+
 def reduce_clues(clues: Sequence[Clue], is_unique, rng: np.random.Generator,
-                 weights: dict[str, float] | None = None, min_batch: int = 2) -> list[Clue]:
+                 weights: dict[str, float] | None = None, min_batch: int = 2,
+                 schedule: str = "tenth", trace: list | None = None) -> list[Clue]:
   """Removes clues while `is_unique(kept)` stays True; returns a minimal subset.
 
-  Batch phase: try removing a weighted random batch of b clues (b starts at half of them); keep
-  the removal if the rest is still unique, else halve b; stop when b < `min_batch`. Then one at
-  a time, in weighted random order over all survivors, keeping each removal that leaves the
-  solution unique. Since fewer clues never admit fewer solutions, a clue kept in that pass is
-  still needed at the end, so the result is minimal.
+  `schedule="tenth"` (the ZebraLogic generator's): batches of n = 10 % of the current count,
+  then 5 %, then 1, drawn by `removal_draw`; a successful removal restarts at 10 %, a failed
+  single-clue try ends the phase. `schedule="halving"` (the earlier generator's): a weighted
+  batch without replacement of half the clues, halved after each failure, until below
+  `min_batch`. Then one pass over the survivors (uniform order for "tenth", weighted for
+  "halving"), keeping each removal that leaves the solution unique. Since fewer clues never
+  admit fewer solutions, a clue kept in that pass is still needed at the end: the result is
+  minimal. `trace`, if given, receives one (requested n, distinct clues tried, accepted) tuple
+  per batch try.
   """
-  weights = weights or REMOVAL_WEIGHTS
+  if schedule not in ("tenth", "halving"):
+    raise ValueError(f"reduce_clues: schedule={schedule!r} is not allowed; allowed: 'tenth', 'halving'")
+  weights = weights or (REMOVAL_WEIGHTS if schedule == "tenth" else HALVING_REMOVAL_WEIGHTS)
   kept = list(clues)
   if not is_unique(kept):
     raise ValueError("reduce_clues: the full clue set does not determine a unique solution")
-  batch = len(kept) // 2
-  while batch >= min_batch and len(kept) > batch:
-    w = np.array([weights[c.kind] for c in kept])
-    drop = set(_weighted_order(w, rng)[:batch].tolist())
+
+  def try_remove(drop: set[int], n: int) -> bool:
+    nonlocal kept
     trial = [c for i, c in enumerate(kept) if i not in drop]
-    if is_unique(trial):
+    ok = bool(drop) and is_unique(trial)
+    if trace is not None:
+      trace.append((n, len(drop), ok))
+    if ok:
       kept = trial
-    else:
-      batch //= 2
-  w = np.array([weights[c.kind] for c in kept])
-  for clue in [kept[i] for i in _weighted_order(w, rng)]:
+    return ok
+
+  if schedule == "tenth":
+    while len(kept) > 1:
+      if try_remove(set(removal_draw(kept, len(kept) // 10, weights, rng).tolist()), len(kept) // 10):
+        continue
+      if try_remove(set(removal_draw(kept, len(kept) // 20, weights, rng).tolist()), len(kept) // 20):
+        continue
+      if not try_remove(set(removal_draw(kept, 1, weights, rng).tolist()), 1):
+        break
+    order = rng.permutation(len(kept))
+  else:
+    batch = len(kept) // 2
+    while batch >= min_batch and len(kept) > batch:
+      w = np.array([weights[c.kind] for c in kept])
+      if not try_remove(set(_weighted_order(w, rng)[:batch].tolist()), batch):
+        batch //= 2
+    order = _weighted_order(np.array([weights[c.kind] for c in kept]), rng)
+  for clue in [kept[i] for i in order]:
     trial = [c for c in kept if c != clue]
     if is_unique(trial):
       kept = trial
@@ -273,17 +351,21 @@ def draw_attributes(num_houses: int, num_attributes: int, rng: np.random.Generat
 
 
 def generate_puzzle(rng: np.random.Generator, num_houses: int, num_attributes: int,
-                    weights: dict[str, float] | None = None, seed_info: str = "") -> Puzzle:
-  """A random puzzle of N houses and M attributes whose clues have a unique, minimal solution."""
+                    weights: dict[str, float] | None = None, seed_info: str = "",
+                    recipe: str = DEFAULT_RECIPE) -> Puzzle:
+  """A random puzzle of N houses and M attributes whose clues have a unique, minimal solution,
+  generated by `recipe` (`RECIPES`; "zebralogic" is the ZebraLogic generator's, see the module
+  docstring); `weights` overrides the recipe's removal weights."""
   from tlt_jax.data.zebra.solve import UniquenessOracle
 
   check_size(num_houses, num_attributes)
+  adjacent, recipe_weights, schedule = RECIPES[check_recipe(recipe)]
   num_houses, num_attributes = int(num_houses), int(num_attributes)
   attributes, values = draw_attributes(num_houses, num_attributes, rng)
   house_of = tuple(tuple(int(h) for h in rng.permutation(num_houses)) for _ in range(num_attributes))
-  candidates = all_true_clues(house_of, rng)
+  candidates = all_true_clues(house_of, rng, adjacent)
   oracle = UniquenessOracle(num_houses, num_attributes, candidates, house_of)
-  kept = reduce_clues(candidates, oracle.is_unique, rng, weights)
+  kept = reduce_clues(candidates, oracle.is_unique, rng, weights or recipe_weights, schedule=schedule)
   order = rng.permutation(len(kept))
   clues = tuple(kept[i] for i in order)
   return Puzzle(num_houses, attributes, values, house_of, clues, seed_info)

@@ -256,10 +256,17 @@ def grid_to_text(grid: Grid) -> str:
   return json.dumps(grid, sort_keys=True, separators=(",", ":"))
 
 
-def cell_accuracy(predicted: Grid | None, reference: Grid) -> float:
-  """Fraction of the reference's N*M cells the prediction gets right (missing cells are wrong)."""
+def cell_counts(predicted: Grid | None, reference: Grid) -> tuple[int, int]:
+  """(cells right, cells in the reference); an unparsed prediction (None) gets 0 right. Summed
+  over puzzles these give ZeroEval's pooled cell accuracy."""
   total = sum(len(row) for row in reference.values())
   if predicted is None or total == 0:
-    return 0.0
+    return 0, total
   right = sum(predicted.get(h, {}).get(k) == v for h, row in reference.items() for k, v in row.items())
-  return right / total
+  return int(right), total
+
+
+def cell_accuracy(predicted: Grid | None, reference: Grid) -> float:
+  """Fraction of the reference's N*M cells the prediction gets right (missing cells are wrong)."""
+  right, total = cell_counts(predicted, reference)
+  return right / total if total else 0.0
