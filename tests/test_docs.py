@@ -297,7 +297,7 @@ def test_results_markdown_has_no_machine_local_paths():
 DEVELOPMENT_WORDS = [
     re.compile(r"\bsession [0-9]", re.I),
     re.compile(r"\bsessions? \d", re.I),
-    re.compile(r"was lent", re.I),
+    re.compile(r"was[ ]lent", re.I),
     re.compile(r"\blent\b", re.I),
     re.compile(r"this task", re.I),
     re.compile(r"\bthe issue\b", re.I),
