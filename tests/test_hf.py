@@ -63,7 +63,7 @@ def test_fixtures_cover_both_layouts():
   assert l.head_dim * l.num_heads != l.hidden_size
   assert (FIXTURES / "llama_tiny" / hf.INDEX_NAME).exists()
   assert not (FIXTURES / "qwen2_tiny" / hf.INDEX_NAME).exists()
-  assert sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file()) < 1_000_000
+  assert sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file()) < 1_500_000  # three tiny checkpoints (Qwen2, Llama, Qwen2 chat)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -95,8 +95,6 @@ def run_sft(model, tx, batches: Callable[[int], dict[str, np.ndarray]], steps: i
       if mesh is not None:
         batch = mesh_lib.shard_batch(batch, mesh)
       state, metrics = step_fn(state, batch)
-      if on_step is not None:
-        on_step(state)
       if bar is not None:
         bar.update(1)
       if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -109,6 +107,8 @@ def run_sft(model, tx, batches: Callable[[int], dict[str, np.ndarray]], steps: i
           bar.set_postfix(loss=f"{m['loss']:.4f}", token_acc=f"{m['token_acc']:.3f}")
         if on_log is not None:
           on_log(step + 1, m)
+      if on_step is not None:  # after the step's record: a stop here (preemption) keeps it
+        on_step(state)
   finally:
     if bar is not None:
       bar.close()
