@@ -167,11 +167,11 @@ def _two_process_workdir(warm_start, path):  # noqa: F811
   return path
 
 
-def _resume_completes(workdir):
-  codes = _wait_all(_start_two(workdir), workdir)
+def _resume_completes(workdir, *extra, steps=RL_STEPS):
+  codes = _wait_all(_start_two(workdir, *extra), workdir)
   assert codes == [0, 0], [_log(workdir, i)[-3000:] for i in range(2)]
-  assert _steps(workdir) == list(range(1, RL_STEPS + 1))
-  assert json.loads((workdir / "summary.json").read_text())["rl"]["rl_steps"] == RL_STEPS
+  assert _steps(workdir) == list(range(1, steps + 1))
+  assert json.loads((workdir / "summary.json").read_text())["rl"]["rl_steps"] == steps
   return _log(workdir, 0)
 
 
@@ -180,7 +180,9 @@ def test_sigterm_on_one_process_saves_the_same_step_on_both(warm_start, tmp_path
   on the next step boundary (JAX's preemption sync point), save that step together, exit 75 with
   one line each, and the same command on both resumes from it to the end."""
   workdir = _two_process_workdir(warm_start, tmp_path / "run")
-  procs = _start_two(workdir, "--config.rl.checkpoint_every=100")
+  steps = 12  # tiny steps take about a second: room for the notice to reach both before the end
+  extra = ("--config.rl.checkpoint_every=100", f"--config.rl.steps={steps}")
+  procs = _start_two(workdir, *extra)
   _when(procs, workdir, lambda: len(_steps(workdir)) >= 1, "RL step 1")
   procs[1].send_signal(signal.SIGTERM)
   codes = _wait_all(procs, workdir)
@@ -191,8 +193,8 @@ def test_sigterm_on_one_process_saves_the_same_step_on_both(warm_start, tmp_path
   saved = {int(s[0].split("saved step ")[1].split()[0]) for s in said}
   assert len(saved) == 1, said  # the same step on both
   step = saved.pop()
-  assert sorted(int(s) for s in os.listdir(workdir / "ckpt_rl") if s.isdigit()) == [step] and step < RL_STEPS
-  assert f"resumed RL from step {step}" in _resume_completes(workdir)
+  assert sorted(int(s) for s in os.listdir(workdir / "ckpt_rl") if s.isdigit()) == [step] and step < steps
+  assert f"resumed RL from step {step}" in _resume_completes(workdir, *extra, steps=steps)
 
 
 def test_lost_process_stops_the_other_with_one_line_and_the_run_resumes(warm_start, tmp_path):  # noqa: F811
