@@ -191,18 +191,21 @@ def test_checkpointer_falls_back_past_a_corrupt_latest_step(tmp_path, caplog):
 # exit status 130, everything saved so far kept, and the rerun finishes the job.
 
 
-def _interrupt_when(proc, workdir, ready, what, timeout=600):
+def _signal_when(proc, workdir, ready, what, sig=signal.SIGINT, status=130, prefix="interrupted:",
+                 timeout=600):
+  """Sends `sig` once `ready()`; the run must exit with `status` and say one line starting with
+  `prefix`, with no traceback. Returns (that line, the log)."""
   t0 = time.perf_counter()
   while not ready():
     assert proc.poll() is None, f"the run ended before {what}: " + open(os.path.join(workdir, "stderr.log")).read()[-3000:]
     assert time.perf_counter() - t0 < timeout, f"never reached {what}"
     time.sleep(0.05)
-  os.kill(proc.pid, signal.SIGINT)
+  os.kill(proc.pid, sig)
   rc = proc.wait(timeout=600)
   out = open(os.path.join(workdir, "stderr.log")).read()
-  assert rc == 130, out[-3000:]
+  assert rc == status, out[-3000:]
   assert "Traceback" not in out, out[-3000:]
-  said = [line for line in out.replace("\r", "\n").splitlines() if line.startswith("interrupted:")]
+  said = [line for line in out.replace("\r", "\n").splitlines() if line.startswith(prefix)]
   assert len(said) == 1, out[-3000:]
   return said[0], out
 
@@ -223,7 +226,7 @@ def test_sigint_during_sft_then_resume(tmp_path):
          "--config.sft.log_every=5", "--config.sft.eval_every=80")
   ckpt = os.path.join(workdir, "ckpt_sft")
   proc = _start(workdir, *cmd)
-  last, _ = _interrupt_when(proc, workdir, lambda: os.path.isdir(ckpt) and any(
+  last, _ = _signal_when(proc, workdir, lambda: os.path.isdir(ckpt) and any(
       s.isdigit() and int(s) >= 10 for s in os.listdir(ckpt)), "an SFT checkpoint at step 10")
   assert last.startswith("interrupted: interrupted during the sft stage") and "Rerun the same command" in last
   saved = max(int(s) for s in os.listdir(ckpt) if s.isdigit())
@@ -244,7 +247,7 @@ def test_sigint_during_drafter_warmup_then_resume(warm_start, tmp_path):
   cmd = ("--config.stages=drafter", "--config.drafter.warmup_steps=200", "--config.drafter.log_every=2")
   log = os.path.join(workdir, "drafter.jsonl")
   proc = _start(workdir, *cmd)
-  last, _ = _interrupt_when(proc, workdir, lambda: os.path.exists(log) and os.path.getsize(log) > 0,
+  last, _ = _signal_when(proc, workdir, lambda: os.path.exists(log) and os.path.getsize(log) > 0,
                             "a drafter log record")
   assert last.startswith("interrupted: interrupted during the drafter stage") and "warm-up restarts" in last
   assert not os.listdir(os.path.join(workdir, "drafter")) if os.path.isdir(os.path.join(workdir, "drafter")) else True
@@ -257,7 +260,7 @@ def test_sigint_during_rl_then_resume(warm_start, tmp_path):
   workdir = _workdir_from(warm_start, tmp_path / "rl")
   metrics = os.path.join(workdir, "metrics.jsonl")
   proc = _start(workdir)
-  last, _ = _interrupt_when(proc, workdir, lambda: os.path.exists(metrics) and any(
+  last, _ = _signal_when(proc, workdir, lambda: os.path.exists(metrics) and any(
       r["step"] >= 2 for r in _records_of(metrics)), "RL step 2")
   assert last.startswith("interrupted: interrupted during the rl stage") and "ckpt_rl" in last
   kept = _steps_of(metrics)
@@ -274,20 +277,11 @@ def test_sigint_during_rl_then_resume(warm_start, tmp_path):
 # the records of an uninterrupted run.
 
 
-def _sigterm_when(proc, workdir, ready, what, timeout=600):
-  t0 = time.perf_counter()
-  while not ready():
-    assert proc.poll() is None, f"the run ended before {what}: " + open(os.path.join(workdir, "stderr.log")).read()[-3000:]
-    assert time.perf_counter() - t0 < timeout, f"never reached {what}"
-    time.sleep(0.05)
-  os.kill(proc.pid, signal.SIGTERM)
-  rc = proc.wait(timeout=300)
-  out = open(os.path.join(workdir, "stderr.log")).read()
-  assert rc == 75, out[-3000:]
-  assert "Traceback" not in out, out[-3000:]
-  said = [line for line in out.replace("\r", "\n").splitlines() if line.startswith("preempted:")]
-  assert len(said) == 1 and "rerun the same command to resume" in said[0], out[-3000:]
-  return int(said[0].split("saved step ")[1].split()[0]), said[0]
+def _sigterm_when(proc, workdir, ready, what):
+  """SIGTERM once `ready()`: exit 75 and one `preempted:` line; returns (the saved step, the line)."""
+  line, out = _signal_when(proc, workdir, ready, what, signal.SIGTERM, 75, "preempted:")
+  assert "rerun the same command to resume" in line, out[-3000:]
+  return int(line.split("saved step ")[1].split()[0]), line
 
 
 def _no_time(records):
