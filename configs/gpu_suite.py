@@ -10,18 +10,15 @@ regime TLT is built for; speculation starts at 16 active rows.
   configs/gpu_suite.py:tiny   the same pipeline at seconds scale (a CPU test runs it)
 """
 
-import importlib.util
 import os
+
+from tlt_jax.cli import config_of
 
 SIZES = ("", "tiny")
 
 
 def _default(arg=""):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("tlt_default_config_gpu", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_of(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"), arg)
 
 
 def get_config(arg: str = ""):

@@ -31,10 +31,11 @@ chips (mesh (1, -1, 1): every chip on the fsdp axis):
   python experiments/pod_compile.py --config=configs/prime.py:qwen2_5_1_5b --topology=v5e-8
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from tlt_jax.cli import config_of
 
 SIZES = ("", "tiny", "small", "qwen2_5_1_5b")
 
@@ -46,11 +47,7 @@ QWEN2_5_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
 
 
 def _default_config(arg: str) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("tlt_default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_of(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"), arg)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -22,16 +22,13 @@ Lengths come from here, never from the model's 32k context: prompts of at most 1
 buffer rows of 9,216 tokens.
 """
 
-import importlib.util
 import os
+
+from tlt_jax.cli import config_of
 
 
 def _default():
-  spec = importlib.util.spec_from_file_location("tlt_default_config",
-                                                os.path.join(os.path.dirname(__file__), "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_of(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))
 
 
 # Qwen2.5-7B-Instruct's architecture (its config.json): used when init_from is not on this

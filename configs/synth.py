@@ -14,20 +14,17 @@ smaller than both (knowledge distillation).
   python experiments/compute_optimal.py --config=configs/synth.py               # the experiment
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from tlt_jax.cli import config_of
 
 ROLES = ("se", "wc", "student")
 
 
 def _default_config() -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("tlt_default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_of(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))
 
 
 def _model(layers: int, hidden: int, ffn: int, heads: int = 4, kv_heads: int = 2) -> dict:

@@ -10,18 +10,15 @@ best-of-N and majority-of-N).
   configs/zebra.py:quick   a smaller, shorter run (the Colab notebook)
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from tlt_jax.cli import config_of
+
 
 def _default_config() -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("tlt_default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_of(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))
 
 
 ARGS = ("", "quick")

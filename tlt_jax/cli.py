@@ -41,23 +41,30 @@ def load_config_file(path: str):
   """`get_config(arg)` of the config file `path[:arg]`; ConfigError naming the file when it does
   not exist, has no get_config, or refuses the argument."""
   file, *arg = path.split(":", 1)
+  return config_of(file, *arg, flag=f"--config={path}")
+
+
+def config_of(file: str, arg: str = "", flag: str = ""):
+  """`get_config(arg)` of the config file `file`; derived configs load their base with it
+  (e.g. `config_of(os.path.join(os.path.dirname(__file__), "default.py"))`)."""
+  flag = flag or f"config file {file}"
   if not os.path.isfile(file):
-    raise config_lib.ConfigError(f"--config={path}: no such config file {file!r}; allowed: a Python file "
+    raise config_lib.ConfigError(f"{flag}: no such config file {file!r}; allowed: a Python file "
                                  "with get_config(), e.g. configs/default.py or configs/default.py:tiny")
   spec = importlib.util.spec_from_file_location("_tlt_config_file", file)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
   except Exception as e:  # noqa: BLE001 - any failure of the user's config file
-    raise config_lib.ConfigError(f"--config={path}: the config file failed to load: "
+    raise config_lib.ConfigError(f"{flag}: the config file failed to load: "
                                  f"{type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
-    raise config_lib.ConfigError(f"--config={path}: {file!r} defines no get_config(); allowed: a config "
+    raise config_lib.ConfigError(f"{flag}: {file!r} defines no get_config(); allowed: a config "
                                  "file like configs/default.py")
   try:
-    return module.get_config(*arg)
+    return module.get_config(arg) if arg else module.get_config()
   except (ValueError, TypeError) as e:
-    raise config_lib.ConfigError(f"--config={path}: {e}") from None
+    raise config_lib.ConfigError(f"{flag}: {e}") from None
 
 
 def _config_file_of(argv: list[str]):
