@@ -22,6 +22,7 @@ from tlt_jax.drafter.train import (DrafterTrainState, TargetHead, init_drafter_t
                                    make_drafter_train_step)
 from tlt_jax.parallel.mesh import make_mesh
 from tlt_jax.rollout.engine import RolloutEngine, RolloutResult
+from tlt_jax.rollout.records import ChunkRecord, RolloutStats
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.rollout.speculative import SpeculativeDecoder
 from tlt_jax.tlt.bandit import PLAIN, BegMab
@@ -144,7 +145,8 @@ class FakeSession:
   def advance(self):
     if self.in_flight:
       self.clock.t += self.chunk_s
-      self.chunks.append({"strategy": "d1k1n1"})
+      self.chunks.append(ChunkRecord(batch=self.n, rows=self.n, strategy="d1k1n1", tokens=self.n, rounds=1,
+                                     row_rounds=self.n, time_s=self.chunk_s))
     if self.left == 0:
       self.in_flight = False
       return False
@@ -158,7 +160,7 @@ class FakeSession:
   def result(self):
     z = np.zeros((self.n, 2), np.int32)
     return RolloutResult(z, np.zeros(self.n, np.int32), z.astype(np.float32), np.ones(self.n, bool),
-                         dict(time_s={}, chunks=[], active_trace=[]))
+                         RolloutStats(time_s={}, num_tokens=0))
 
 
 @jax.jit
@@ -289,7 +291,7 @@ def test_merge_results_restores_row_order():
   rows = split_rows(6, 2, 2)
   parts = [RolloutResult(np.full((len(r), 3), g + 1, np.int32), np.full(len(r), g + 1, np.int32),
                          np.zeros((len(r), 3), np.float32), np.ones(len(r), bool),
-                         dict(time_s={"decode": 1.0}, chunks=[], active_trace=[len(r)]))
+                         RolloutStats(time_s={"decode": 1.0}, num_tokens=0, active_trace=(len(r),)))
            for g, r in enumerate(rows)]
   out = merge_results(parts, rows, 6)
   np.testing.assert_array_equal(out.lengths, [1, 1, 1, 1, 2, 2])

@@ -62,7 +62,7 @@ def test_compaction_and_copy_out_costs():
   group = [np.array([3, 3, 3, 12])]
   plain = simulate_rollout(group, SPEC, costs, AcceptModel(), PLAIN_V)
   assert plain["rollout_s"] == pytest.approx((2 + 4.5 + 0.375 + 4.5 + 3.5 + 0.125) * MS)
-  assert [c["bucket"] for c in plain["chunks"]] == [4, 1, 1]
+  assert [c.rows for c in plain["chunks"]] == [4, 1, 1]
   tlt = simulate_rollout(group, SPEC, costs, AcceptModel(), TLT_V)
   assert tlt["rollout_s"] == pytest.approx((2 + 4.5 + 0.375 + 4.5 + 3.5 + 1.0) * MS)
 

@@ -1,33 +1,41 @@
 """A step simulator for TLT: replays RL steps for R rollout groups at given costs.
 
 Why: TLT pays off where decoding is memory-bound (a step costs about the same at any batch) and
-the rollout is most of an RL step; on this CPU neither holds. The simulator runs the same
-scheduling logic as the real rollout over costs that were measured (analysis/costs.MeasuredCosts, on
-this CPU or a GPU) or compiled for a TPU pod (CompiledCosts / RooflineCosts), so the two regimes
-can be compared with the same code paths:
+the rollout is most of an RL step; on this CPU neither holds. The simulator runs the runtime's
+own host scheduler (tlt/scheduler.HostScheduler) over simulated groups, sessions and drafter
+trainer on a virtual clock, at costs that were measured (analysis/costs.MeasuredCosts, on this
+CPU or a GPU) or compiled for a TPU pod (CompiledCosts / RooflineCosts), so the two regimes are
+compared with the same scheduling code, and a change to the scheduler is a change to the
+simulator:
 
-  per group (rows split over groups by whole prompt groups, as tlt/groups.split_rows):
-    prefill (it samples each row's first token; the host starts the sessions one after another
-    and blocks on each prefill, which waits for the chunks running on the other groups: see
-    simulate_rollout); then chunks: while rows remain, the active rows are padded to their batch bucket
-    (compaction: costs.compact per bucket level the batch goes down, before the next chunk; the final
-    copy-out of the rows: costs.copy_out); at or below `spec_threshold` active rows (speculative variants) the strategy of
-    the chunk is the BEG-MAB bandit's choice (tlt/bandit.BegMab, the runtime's own class, fed the
-    simulated chunk's accept length and its observed time), a speculative chunk being up to
-    `rounds_per_chunk` rounds in which each active row emits an accept length drawn from the
-    AcceptModel; else `chunk_size` plain steps (fewer when every row finishes sooner).
-  across groups: jobs progress at costs.throughput(k) / k when k jobs run at once (1 each on
-    accelerators: disjoint chips; less on a CPU whose fake devices share the cores), except
-    items of at most costs.light_batch rows, which a CPU runs beside the others at full speed
+  the scheduler (unchanged): starts one session per group, one after another; advances the
+    groups whose chunk is done; trains the drafter on the idle groups while others decode
+    (`max_in_flight` steps queued, data-parallel over the idle groups whose split divides the
+    drafter batch); preempts at a step boundary; accounts decode / train / idle per group;
+    with one group or `train_in_bubbles=False` trains `between_steps` drafter steps after the
+    update. Its `clock` is the virtual device's, and its `sleep` returns at the next completion.
+  a simulated session (`SimSession`, one group's rows; a row generates exactly its recorded or
+    drawn response length): its prefill blocks the host, and a prefill dispatched while other
+    groups' work runs completes after it (measured: cost_bench's session_prefill beside_s), so
+    it waits for every queued job, then runs; `advance()` reads the chunk in flight, compacts the
+    state to the live rows' bucket (costs.compact per bucket level, a job of its own before the
+    chunk), dispatches the next chunk and emits the same ChunkRecords as the real session; at
+    or below `spec_threshold` active rows (speculative variants) the chunk's strategy is the
+    runtime's BEG-MAB selector's choice (tlt/runtime.rollout_selector), scored as the real
+    session scores it (accept length per live row-round over the time from dispatch to the
+    read, per round); a speculative chunk is up to `rounds_per_chunk` rounds in which every
+    live row emits an accept length drawn from the AcceptModel, a plain one `chunk_size` steps
+    (fewer when every row finishes sooner); the final copy-out (costs.copy_out) blocks the host.
+  the virtual device (`VirtualDevice`): jobs queue per group (and one queue for the drafter's
+    steps) and progress at costs.throughput(k) / k when k jobs run at once (1 each on
+    accelerators: disjoint chips; less on a CPU whose fake devices share the cores), except jobs
+    on at most costs.light_batch rows, which a CPU runs beside the others at full speed
     (measured: a latency-bound small batch takes a core the large batch leaves idle);
-  drafter training (TLT): while some group decodes and some are idle, one drafter step at a time
-    runs data-parallel over the idle groups; when the last group finishes, the step in flight
-    completes (preemption at a step boundary) and its remainder is the preemption wait;
   drafter staleness: a static drafter's accept length decays with the RL steps since it was
-    trained (AcceptModel.decay per step); TLT's is refreshed by `refresh_steps` drafter steps in a
-    step's bubbles (or between steps: one group, or `train_in_bubbles=False` as on shared CPU
-    cores, where `between_steps` drafter steps follow each update);
-  step time = rollout + costs.update(tokens) + a fixed per-step host time.
+    trained (AcceptModel.decay per step); TLT's is refreshed by `refresh_steps` drafter steps in
+    a step (in the bubbles, or between steps);
+  step time = rollout + costs.update(tokens) + the between-steps drafter training + a fixed
+    per-step host time.
 
 Outputs per step: step / rollout time, bubble (group-seconds idle before training fills it),
 bubble utilisation (train / bubble), drafter steps, preemption wait, tokens and their share
@@ -37,13 +45,20 @@ decoded speculatively.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from tlt_jax.rollout.engine import bucket_for, compacted_rows
-from tlt_jax.tlt.bandit import PLAIN, BegMab
 from tlt_jax.analysis.costs import CostModel, Strategy, parse_strategy, strategy_name
+from tlt_jax.rollout.decode import bucket_for, compacted_rows
+from tlt_jax.rollout.records import ChunkRecord, RolloutResult, RolloutStats
+from tlt_jax.rollout.strategy import PLAIN
+from tlt_jax.tlt.config import TLTConfig
+from tlt_jax.tlt.drafter_trainer import PublishedDrafter
+from tlt_jax.tlt.runtime import rollout_selector
+from tlt_jax.tlt.scheduler import HostScheduler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +77,18 @@ class RolloutSpec:
   max_drafter_steps: int = 0  # per rollout (0: as many as the bubbles fit)
   between_steps: int = 0  # drafter steps after the update when not training in bubbles
   train_in_bubbles: bool = True  # False: TLT trains between steps (one group, or shared CPU cores)
+  drafter_batch_size: int = 8  # the idle groups a drafter step runs on split it evenly
+  max_in_flight: int = 1  # drafter steps queued at once
   seed: int = 0
 
   @classmethod
   def from_config(cls, config, prompt_len: int) -> "RolloutSpec":
-    r, t = config.rollout, config.tlt
-    return cls(chunk_size=int(r.chunk_size), buckets=tuple(int(b) for b in r.buckets),
-               spec_threshold=int(r.spec_threshold), rounds_per_chunk=int(r.rounds_per_chunk),
-               arms=tuple(parse_strategy(str(s).strip()) for s in t.strategies), prompt_len=int(prompt_len),
-               bandit_epsilon=float(t.bandit_epsilon), bandit_window=int(t.bandit_window),
-               max_drafter_steps=int(t.max_drafter_steps), between_steps=int(t.between_steps),
-               seed=int(config.seed))
+    c = TLTConfig.from_config(config)
+    return cls(chunk_size=c.chunk_size, buckets=c.buckets, spec_threshold=c.spec_threshold,
+               rounds_per_chunk=c.rounds_per_chunk, arms=c.strategies, prompt_len=int(prompt_len),
+               bandit_epsilon=c.bandit_epsilon, bandit_window=c.bandit_window,
+               max_drafter_steps=c.max_drafter_steps, between_steps=c.between_steps,
+               drafter_batch_size=c.drafter_batch_size, max_in_flight=c.max_in_flight, seed=c.seed)
 
 
 @dataclasses.dataclass
@@ -125,216 +141,359 @@ class Variant:
 VARIANTS = (Variant("plain", False, False), Variant("static", True, False), Variant("tlt", True, True))
 
 
-def _group_chunks(lengths: np.ndarray, spec: RolloutSpec, costs: CostModel, accept: AcceptModel,
-                  bandit: BegMab | None, rng: np.random.Generator, staleness: float,
-                  log: list[dict], features: bool = False) -> Iterator[float]:
-  """One group's rollout as a generator of pieces of work (seconds at full speed, the rows it
-  processes: costs.light_batch decides whether it contends for shared cores); each `send` passes
-  back the item's observed wall time (the bandit scores chunks by it)."""
-  remaining = np.asarray(lengths, np.int64).copy()
-  n = len(remaining)
-  b0 = bucket_for(n, spec.buckets) if spec.compact else n
-  yield costs.session_prefill(b0, spec.prompt_len), b0  # the session's prefill (it runs alone)
-  gen = (remaining > 0).astype(np.int64)  # the prefill samples each row's first token
-  remaining = remaining - gen
-  held = bucket_for(n, spec.buckets) if spec.compact else n  # rows the device state holds
-  while (remaining > 0).any():
-    act = remaining > 0
-    active = int(act.sum())
-    b = compacted_rows(active, held, spec.buckets) if spec.compact else n
-    ctx = spec.prompt_len + int(gen.max())
-    if b < held:  # a piece of work of its own: the real engine times a chunk from its dispatch
-      levels = [held] + [x for x in spec.buckets if b <= x < held][::-1]  # one level at a time
-      yield sum(costs.compact(x, ctx) for x in levels[:-1]), held
-    held = b
+# ------------------------------------------------------------------------------ the virtual device
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+  """Work on the virtual device: `left` seconds at full speed, on `rows` rows (None: a drafter
+  step, which always contends), started once every job of `after` is done."""
+
+  left: float
+  rows: int | None
+  after: tuple["_Job", ...]
+  done: bool = False
+
+
+class VirtualDevice:
+  """The rollout groups' devices on a virtual clock (processor sharing, module docstring).
+  `clock()` and `sleep(s)` are the scheduler's; `submit` queues a job behind its queue's last
+  one (or behind every queued job: `barrier`); `wait(job)` blocks the host until it is done."""
+
+  EPS = 1e-15
+
+  def __init__(self, costs: CostModel):
+    self.costs, self.t = costs, 0.0
+    self._jobs: list[_Job] = []  # queued or running, in submission order
+    self._last: dict[Any, _Job] = {}  # queue -> its last job
+
+  def clock(self) -> float:
+    return self.t
+
+  def submit(self, queue, seconds: float, rows: int | None, *, barrier: bool = False) -> _Job:
+    last = self._last.get(queue)
+    after = tuple(self._jobs) if barrier else (last,) if last is not None and not last.done else ()
+    job = _Job(float(seconds), rows, after)
+    self._jobs.append(job)
+    self._last[queue] = job
+    return job
+
+  def _advance(self) -> None:
+    """Runs the device to its next completion (every job finishing then is done)."""
+    running = [j for j in self._jobs if all(a.done for a in j.after)]
+    if not running:
+      raise RuntimeError("virtual device: the host waits, but no job is queued")
+    heavy = [j for j in running if j.rows is None or j.rows > self.costs.light_batch]
+    shared = self.costs.throughput(len(heavy)) / len(heavy) if heavy else 1.0
+    rate = {id(j): shared if (j.rows is None or j.rows > self.costs.light_batch) else 1.0 for j in running}
+    dt = min(j.left / rate[id(j)] for j in running)
+    self.t += dt
+    for j in running:
+      j.left -= dt * rate[id(j)]
+      if j.left <= self.EPS:
+        j.done = True
+    self._jobs = [j for j in self._jobs if not j.done]
+
+  def wait(self, job: _Job) -> None:
+    while not job.done:
+      self._advance()
+
+  def sleep(self, seconds: float) -> None:
+    """The host's wait between polls: nothing changes before the next completion, so it wakes
+    there."""
+    del seconds
+    self._advance()
+
+
+# ------------------------------------------------------------------------------ simulated parts
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SimGroup:
+  """A rollout group of the simulation: its index and a one-"device" mesh (the device is its
+  index), enough for the scheduler to form the idle groups' union (tlt/groups.union_mesh)."""
+
+  index: int
+  mesh: Mesh
+  parent: None = None
+  rules: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def make(cls, index: int) -> "SimGroup":
+    return cls(index, Mesh(np.array([[[index]]]), ("data", "fsdp", "tensor")))
+
+  def replicate(self, tree: Any) -> Any:
+    return tree
+
+
+class _Rows:
+  """The drafter buffer of the simulation: always a batch's worth of rows (the model assumes the
+  drafter has data from its warm-up on)."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+
+  def __len__(self) -> int:
+    return self.batch_size
+
+  def add_sequences(self, *args, **kwargs) -> None:
+    pass
+
+
+class SimDrafterTrainer:
+  """The DrafterTrainer's interface on the virtual device: a step on the idle groups' union mesh
+  costs costs.drafter_train_step(its groups) on the drafter's own queue; each completed step
+  is published as the next version."""
+
+  def __init__(self, device: VirtualDevice, costs: CostModel, num_groups: int, batch_size: int):
+    self.device, self.costs, self.num_groups = device, costs, num_groups
+    self.batch_size = int(batch_size)
+    self.buffer = _Rows(self.batch_size)
+    self.published = PublishedDrafter(0, (0,) * num_groups)
+    self._queue: list[_Job] = []
+
+  @property
+  def version(self) -> int:
+    return self.published.version
+
+  @property
+  def in_flight(self) -> int:
+    return len(self._queue)
+
+  def batch_shards(self, mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def dispatch(self, mesh: Mesh, head) -> None:
+    del head
+    self._queue.append(self.device.submit("drafter", self.costs.drafter_train_step(mesh.shape["data"]), None))
+
+  def complete_one(self) -> dict[str, float]:
+    self.device.wait(self._queue.pop(0))
+    v = self.published.version + 1
+    self.published = PublishedDrafter(v, (v,) * self.num_groups)
+    return {}
+
+  def complete_ready(self) -> list[dict[str, float]]:
+    out = []
+    while self._queue and self._queue[0].done:
+      out.append(self.complete_one())
+    return out
+
+  def complete_all(self) -> list[dict[str, float]]:
+    return [self.complete_one() for _ in range(len(self._queue))]
+
+
+class SimSession:
+  """One group's rows on the virtual device, with RolloutSession's interface (`advance`,
+  `chunk_ready`, `result`, `drafter_params`, `chunks`, `finished_features`); row i generates
+  exactly `lengths[i]` tokens (module docstring)."""
+
+  def __init__(self, sim: "Simulation", group: int, lengths: np.ndarray, prompt_len: int, drafter_params):
+    self.sim, self.queue, spec = sim, group, sim.spec
+    self.drafter_params = drafter_params
+    self.prompt_len = int(prompt_len)
+    self.chunks: list[ChunkRecord] = []
+    self.finished_features: list = []
+    self.n = n = len(lengths)
+    self.lengths = np.asarray(lengths, np.int64)
+    self.held = bucket_for(n, spec.buckets) if spec.compact else n  # rows the device state holds
+    t0 = sim.device.t
+    sim.device.wait(sim.device.submit(group, sim.costs.session_prefill(self.held, self.prompt_len), self.held,
+                                      barrier=True))
+    self.times = {"prefill": sim.device.t - t0, "decode": 0.0, "speculative": 0.0, "compact": 0.0}
+    self.gen = (self.lengths > 0).astype(np.int64)  # the prefill samples each row's first token
+    self.remaining = self.lengths - self.gen
+    self.trace: list[int] = []
+    self._in_flight = None  # (job, dispatch time, strategy, active, rows, emitted, rounds, row_rounds)
+    self.is_done = False
+
+  def chunk_ready(self) -> bool:
+    return self._in_flight is None or self._in_flight[0].done
+
+  def _finish_chunk(self) -> None:
+    job, t0, strategy, active, rows, emitted, rounds, row_rounds = self._in_flight
+    self._in_flight = None
+    self.sim.device.wait(job)
+    dt = self.sim.device.t - t0
+    self.times["decode" if strategy is None else "speculative"] += dt
+    self.remaining -= emitted
+    self.gen += emitted
+    chunk = ChunkRecord(batch=active, rows=rows, strategy=None if strategy is None else strategy_name(strategy),
+                        tokens=int(emitted.sum()), rounds=rounds, row_rounds=row_rounds, time_s=dt)
+    selector = self.sim.selector
+    if selector is not None and (strategy is not None or active <= self.sim.spec.spec_threshold):
+      selector.update(rows, PLAIN if strategy is None else strategy, chunk.accept_len,
+                      max(dt, 1e-12) / max(rounds, 1))  # as RolloutSession scores a chunk
+    self.chunks.append(chunk)
+
+  def _plain(self, b: int, ctx: int):
+    steps = int(min(self.sim.spec.chunk_size, self.remaining.max()))
+    emitted = np.minimum(self.remaining, steps)
+    cost = steps * self.sim.costs.decode_step(b, ctx + steps // 2) + self.sim.costs.chunk_overhead
+    return cost, emitted, steps, int(emitted.sum())
+
+  def _speculative(self, b: int, ctx: int, strategy: Strategy):
+    sim = self.sim
+    cost, emitted, rounds, row_rounds = sim.costs.chunk_overhead, np.zeros(self.n, np.int64), 0, 0
+    left = self.remaining.copy()
+    for _ in range(sim.spec.rounds_per_chunk):
+      live = left > 0
+      if not live.any():
+        break
+      e = np.zeros(self.n, np.int64)
+      e[live] = np.minimum(sim.accept.draw(sim.rng, strategy, int(live.sum()), sim.staleness), left[live])
+      cost += sim.costs.spec_round(b, strategy, ctx + int((self.gen + emitted).max()))
+      emitted += e
+      left -= e
+      rounds += 1
+      row_rounds += int(live.sum())
+    return cost, emitted, rounds, row_rounds
+
+  def advance(self) -> bool:
+    if self.is_done:
+      return False
+    sim, spec = self.sim, self.sim.spec
+    if self._in_flight is not None:
+      self._finish_chunk()
+    active = int((self.remaining > 0).sum())
+    ctx = self.prompt_len + int(self.gen.max())
+    if active == 0:  # the final copy-out: the host reads every row
+      sim.device.wait(sim.device.submit(self.queue, sim.costs.copy_out(self.held, ctx, sim.variant.train),
+                                        self.held))
+      self.is_done = True
+      return False
+    b = compacted_rows(active, self.held, spec.buckets) if spec.compact else self.n
+    if b < self.held:  # down the bucket ladder one level at a time, as the engine compacts
+      levels = [self.held] + [x for x in spec.buckets if b <= x < self.held][::-1]
+      sim.device.submit(self.queue, sum(sim.costs.compact(x, ctx) for x in levels[:-1]), self.held)
+      self.held = b
+    self.trace.append(active)
     strategy = None
-    in_tail = bandit is not None and active <= spec.spec_threshold
-    if in_tail:
-      s = tuple(bandit.select(b))  # keyed by the state's rows, as RolloutSession does
-      strategy = None if s == PLAIN else s
-    if strategy is None:
-      steps = int(min(spec.chunk_size, remaining.max()))
-      cost = steps * costs.decode_step(b, ctx + steps // 2) + costs.chunk_overhead
-      emitted = np.minimum(remaining, steps) * act
-      rounds, row_rounds = steps, int(emitted.sum())
-    else:
-      cost, emitted, rounds, row_rounds = costs.chunk_overhead, np.zeros(n, np.int64), 0, 0
-      left = remaining.copy()
-      for _ in range(spec.rounds_per_chunk):
-        live = left > 0
-        if not live.any():
-          break
-        e = np.zeros(n, np.int64)
-        e[live] = np.minimum(accept.draw(rng, strategy, int(live.sum()), staleness), left[live])
-        cost += costs.spec_round(b, strategy, ctx + int((gen + emitted).max()))
-        emitted += e
-        left -= e
-        rounds += 1
-        row_rounds += int(live.sum())
-    tokens = int(emitted.sum())
-    observed = yield cost, b
-    remaining -= emitted
-    gen += emitted
-    if in_tail:
-      r = max(rounds, 1)
-      bandit.update(b, PLAIN if strategy is None else strategy, tokens / max(row_rounds, 1),
-                    max(observed, 1e-12) / r)  # as RolloutSession scores a chunk
-    log.append(dict(batch=active, bucket=b, strategy=None if strategy is None else strategy_name(strategy),
-                    tokens=tokens, rounds=rounds, row_rounds=row_rounds, time_s=observed))
-  yield costs.copy_out(held, spec.prompt_len + int(gen.max()), features), held  # the final copy-out
+    if sim.selector is not None and self.drafter_params is not None and active <= spec.spec_threshold:
+      strategy = tuple(sim.selector.select(b))
+      strategy = None if strategy == PLAIN else strategy
+    cost, emitted, rounds, row_rounds = (self._plain(b, ctx) if strategy is None
+                                         else self._speculative(b, ctx, strategy))
+    job = sim.device.submit(self.queue, cost, b)
+    self._in_flight = (job, sim.device.t, strategy, active, b, emitted, rounds, row_rounds)
+    return True
+
+  def result(self) -> RolloutResult:
+    lengths = self.lengths.astype(np.int32)
+    stats = RolloutStats(time_s=self.times, num_tokens=int(lengths.sum()), chunks=tuple(self.chunks),
+                         active_trace=tuple(self.trace))
+    empty = np.zeros((self.n, 0), np.int32)
+    return RolloutResult(empty, lengths, empty.astype(np.float32), np.ones(self.n, bool), stats)
+
+
+# ------------------------------------------------------------------------------ the simulation
+
+
+@dataclasses.dataclass(frozen=True)
+class _Engine:
+  pad_id: int = 0
+
+
+class Simulation:
+  """The runtime's HostScheduler over `num_groups` simulated groups on one virtual device, for
+  one variant; one per run (the bandit and the drafter's version carry over between steps).
+  `staleness` is the drafter's age in RL steps for the next rollout's accept lengths."""
+
+  def __init__(self, spec: RolloutSpec, costs: CostModel, accept: AcceptModel, variant: "Variant",
+               num_groups: int, *, selector=None, rng: np.random.Generator | None = None):
+    self.spec, self.costs, self.accept, self.variant = spec, costs, accept, variant
+    self.rng = rng if rng is not None else np.random.default_rng(spec.seed)
+    self.staleness = 0.0
+    self.selector = selector if variant.speculative and spec.spec_threshold > 0 else None
+    self.device = VirtualDevice(costs)
+    groups = [SimGroup.make(g) for g in range(num_groups)]
+    self.trainer = (SimDrafterTrainer(self.device, costs, num_groups, spec.drafter_batch_size)
+                    if variant.train else None)
+    static = "static drafter" if variant.speculative and not variant.train else None
+    self.scheduler = HostScheduler(
+        _Engine(), groups, trainer=self.trainer, drafter_params=static, selector=self.selector,
+        train_in_bubbles=spec.train_in_bubbles, between_steps=spec.between_steps,
+        max_in_flight=spec.max_in_flight, max_train_steps=spec.max_drafter_steps,
+        clock=self.device.clock, sleep=self.device.sleep, start_session=self._start)
+    self._key = jax.random.key(spec.seed)
+
+  def _start(self, group, params, prompt_BxP, prompt_len_B, max_new_B, rng, drafter_params) -> SimSession:
+    del params, prompt_BxP, rng
+    return SimSession(self, group.index, max_new_B, int(np.max(prompt_len_B)), drafter_params)
+
+  def rollout(self, group_lengths: Sequence[np.ndarray]) -> dict[str, Any]:
+    """One rollout whose group g's rows generate `group_lengths[g]` tokens each."""
+    sizes = [len(x) for x in group_lengths]
+    rows = np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1])
+    lengths = np.concatenate([np.asarray(x, np.int64) for x in group_lengths])
+    n = len(lengths)
+    result, acc = self.scheduler.rollout({}, np.zeros((n, 1), np.int32), np.full(n, self.spec.prompt_len),
+                                         lengths, self._key, head=(), rows=rows)
+    stats = result.stats
+    tokens = sum(c.tokens for c in stats.chunks)
+    spec_tokens = sum(c.tokens for c in stats.spec_chunks)
+    return dict(rollout_s=acc["wall_s"], last_group_s=acc["wall_s"] - acc["preempt_wait_s"],
+                preempt_wait_s=acc["preempt_wait_s"], group_done_s=[g["done_s"] for g in acc["groups"]],
+                bubble_s=acc["bubble_s"], drafter_train_s=acc["train_s"],
+                bubble_utilisation=acc["bubble_utilisation"], drafter_steps=acc["drafter_steps"],
+                tokens=tokens, spec_frac=spec_tokens / max(tokens, 1),
+                tail_frac=sum(c.tokens for c in stats.tail(self.spec.spec_threshold)) / max(tokens, 1),
+                accept_len=stats.spec_accept_len if spec_tokens else None, chunks=list(stats.chunks))
+
+  def between_steps(self) -> dict[str, Any]:
+    """The scheduler's drafter training after the update (nothing when it trains in bubbles)."""
+    return self.scheduler.train_between_steps(())
+
+
+def make_selector(spec: RolloutSpec):
+  """The runtime's BEG-MAB selector for `spec`'s arms and buckets."""
+  return rollout_selector(tuple(spec.arms) or ((3, 1, 3),), spec.buckets, spec.spec_threshold,
+                          spec.bandit_epsilon, spec.bandit_window, spec.seed)
 
 
 def simulate_rollout(group_lengths: Sequence[np.ndarray], spec: RolloutSpec, costs: CostModel,
-                     accept: AcceptModel, variant: Variant, *, bandit: BegMab | None = None,
-                     staleness: float = 0.0, rng: np.random.Generator | None = None) -> dict[str, Any]:
-  """One rollout over the groups (module docstring). Returns its timings and accounting."""
-  rng = rng if rng is not None else np.random.default_rng(spec.seed)
-  num_groups = len(group_lengths)
-  logs: list[list[dict]] = [[] for _ in range(num_groups)]
-  use_bandit = bandit if variant.speculative and spec.spec_threshold > 0 else None
-  gens, work, rows, started = {}, {}, {}, {}
-  done_at: dict[int, float] = {}
-  t = 0.0
-  waiting = []  # groups whose session has not started: the host starts them one after another
-  for g, lengths in enumerate(group_lengths):
-    if len(lengths) == 0:
-      done_at[g] = 0.0
-      continue
-    waiting.append(g)
-  # The host starts the sessions one after another and blocks on each prefill (RolloutSession),
-  # and a prefill dispatched while another group's chunk runs completes after that chunk (measured:
-  # cost_bench's session_prefill beside_s): so a session's prefill waits for the running items,
-  # then runs alone, and while the host is blocked no group gets its next item ("stalled") until
-  # every session has started.
-  pending = None  # (group, seconds, rows): a session's prefill waiting for the running items
-  prefilling: set[int] = set()
-  stalled: set[int] = set()
-
-  def start_next():
-    nonlocal pending
-    if waiting:
-      g = waiting.pop(0)
-      gens[g] = _group_chunks(np.asarray(group_lengths[g]), spec, costs, accept, use_bandit, rng, staleness,
-                              logs[g], features=variant.train)
-      pending = (g, *next(gens[g]))
-
-  def maybe_start_pending():
-    nonlocal pending
-    if pending is not None and not work:
-      g, seconds, n_rows = pending
-      pending = None
-      work[g], rows[g], started[g] = seconds, n_rows, t
-      prefilling.add(g)
-
-  def resume(g):
-    try:
-      work[g], rows[g] = gens[g].send(t - started[g])
-      started[g] = t
-    except StopIteration:
-      del gens[g]
-      done_at[g] = t
-
-  start_next()
-  maybe_start_pending()
-  train_left, train_groups, train_gs, steps = None, 0, 0.0, 0
-  can_train = variant.train and num_groups > 1 and spec.train_in_bubbles
-
-  def maybe_start_training():
-    nonlocal train_left, train_groups
-    idle = [g for g in range(num_groups) if g in done_at]
-    if (can_train and train_left is None and gens and idle
-        and not (spec.max_drafter_steps and steps >= spec.max_drafter_steps)):
-      train_groups = len(idle)
-      train_left = costs.drafter_train_step(train_groups)
-
-  maybe_start_training()
-  while gens:
-    assert work or train_left is not None, "simulator: nothing runs while groups remain"
-    # light items (<= costs.light_batch rows) run at full speed beside the rest; the others (and
-    # a drafter step) share the cores: each at throughput(k) / k
-    heavy = [g for g in work if rows[g] > costs.light_batch] + (["train"] if train_left is not None else [])
-    shared = costs.throughput(len(heavy)) / len(heavy) if heavy else 1.0
-    rate = {g: (shared if g in heavy else 1.0) for g in work}
-    dt = min([work[g] / rate[g] for g in work] + ([train_left / shared] if train_left is not None else []))
-    t += dt
-    for g in work:
-      work[g] -= dt * rate[g]
-    if train_left is not None:
-      train_left -= dt * shared
-      train_gs += dt * train_groups
-      if train_left <= 1e-15:
-        steps, train_left = steps + 1, None
-    for g in [g for g, w in work.items() if w <= 1e-15]:
-      del work[g], rows[g]
-      if g in prefilling:  # the host dispatches the group's first chunk, then starts the next one
-        prefilling.discard(g)
-        resume(g)
-        start_next()
-      elif pending is not None or prefilling or waiting:
-        stalled.add(g)
-      else:
-        resume(g)
-    if pending is None and not prefilling and not waiting and stalled:
-      for g in sorted(stalled):
-        resume(g)
-      stalled.clear()
-    maybe_start_pending()
-    maybe_start_training()
-  t_last = t
-  if train_left is not None:  # preemption: the step in flight completes, alone
-    wait = train_left / costs.throughput(1)
-    train_gs += wait * train_groups
-    t += wait
-    steps += 1
-  bubble = sum(t - d for d in done_at.values())
-  chunks = [c for log in logs for c in log]
-  tokens = sum(c["tokens"] for c in chunks)
-  spec_tokens = sum(c["tokens"] for c in chunks if c["strategy"] is not None)
-  tail = [c for c in chunks if c["batch"] <= spec.spec_threshold]
-  return dict(rollout_s=t, last_group_s=t_last, preempt_wait_s=t - t_last,
-              group_done_s=[done_at[g] for g in range(num_groups)], bubble_s=bubble,
-              drafter_train_s=train_gs, bubble_utilisation=(train_gs / bubble) if bubble > 0 else None,
-              drafter_steps=steps, tokens=tokens, spec_frac=spec_tokens / max(tokens, 1),
-              tail_frac=sum(c["tokens"] for c in tail) / max(tokens, 1),
-              accept_len=(spec_tokens / max(sum(c["row_rounds"] for c in chunks if c["strategy"]), 1))
-              if spec_tokens else None, chunks=chunks)
+                     accept: AcceptModel, variant: "Variant", *, bandit=None, staleness: float = 0.0,
+                     rng: np.random.Generator | None = None) -> dict[str, Any]:
+  """One rollout over the groups (module docstring). Returns its timings and accounting; with
+  `bandit` None a speculative variant gets a fresh selector."""
+  if bandit is None and variant.speculative and spec.spec_threshold > 0:
+    bandit = make_selector(spec)
+  sim = Simulation(spec, costs, accept, variant, len(group_lengths), selector=bandit, rng=rng)
+  sim.staleness = float(staleness)
+  return sim.rollout(group_lengths)
 
 
 def simulate_run(steps: Sequence[Sequence[np.ndarray]], spec: RolloutSpec, costs: CostModel,
-                 accept: AcceptModel, variant: Variant, *, update_tokens: Sequence[int] | None = None,
+                 accept: AcceptModel, variant: "Variant", *, update_tokens: Sequence[int] | None = None,
                  other_s: float = 0.0, refresh_steps: int = 1, staleness0: float = 0.0,
                  seed: int = 0) -> list[dict[str, Any]]:
-  """RL steps in order, one bandit across them (as the runtime keeps one). `steps[i]` = step i's
-  response lengths per group. Staleness: a static drafter ages one unit per step from
-  `staleness0`; TLT's returns to 0 after a step with >= `refresh_steps` drafter steps.
-  `update_tokens[i]`: tokens the update processes (default: prompt + responses of every row)."""
-  rng = np.random.default_rng(seed)
-  arms = tuple(spec.arms) or ((3, 1, 3),)
-  bandit = None
-  if variant.speculative and spec.spec_threshold > 0:
-    buckets = tuple(b for b in spec.buckets if b <= spec.spec_threshold) or (spec.spec_threshold,)
-    bandit = BegMab(arms, buckets=buckets, epsilon=spec.bandit_epsilon, window=spec.bandit_window,
-                    seed=spec.seed)
-  staleness = float(staleness0)
+  """RL steps in order, one scheduler, selector and drafter across them (as the runtime keeps
+  them). `steps[i]` = step i's response lengths per group. Staleness: a static drafter ages one
+  unit per step from `staleness0`; TLT's returns to 0 after a step with >= `refresh_steps`
+  drafter steps. `update_tokens[i]`: tokens the update processes (default: prompt + responses
+  of every row)."""
+  selector = make_selector(spec) if variant.speculative and spec.spec_threshold > 0 else None
+  sim = Simulation(spec, costs, accept, variant, len(steps[0]) if steps else 1, selector=selector,
+                   rng=np.random.default_rng(seed))
+  sim.staleness = float(staleness0)
   records = []
   for i, groups in enumerate(steps):
-    ro = simulate_rollout(groups, spec, costs, accept, variant, bandit=bandit, staleness=staleness, rng=rng)
+    ro = sim.rollout(groups)
     n_rows = sum(len(g) for g in groups)
     tokens = (int(update_tokens[i]) if update_tokens is not None
               else int(sum(int(np.sum(g)) for g in groups) + n_rows * spec.prompt_len))
-    between = 0.0
-    if variant.train and (len(groups) == 1 or not spec.train_in_bubbles) and spec.between_steps:
-      between = spec.between_steps * costs.drafter_train_step(1)
-      ro["drafter_steps"] += spec.between_steps
+    between = sim.between_steps()
+    ro["drafter_steps"] += between["drafter_steps"]
     update_s = costs.update(tokens)
-    rec = dict(variant=variant.name, step=i + 1, step_time_s=ro["rollout_s"] + update_s + between + other_s,
-               rollout_time_s=ro["rollout_s"], update_time_s=update_s, between_steps_train_s=between,
-               staleness=staleness, **{k: v for k, v in ro.items() if k not in ("rollout_s", "chunks")})
+    rec = dict(variant=variant.name, step=i + 1,
+               step_time_s=ro["rollout_s"] + update_s + between["train_s"] + other_s,
+               rollout_time_s=ro["rollout_s"], update_time_s=update_s, between_steps_train_s=between["train_s"],
+               staleness=sim.staleness, **{k: v for k, v in ro.items() if k not in ("rollout_s", "chunks")})
     records.append(rec)
     if variant.train:
-      staleness = 0.0 if ro["drafter_steps"] >= refresh_steps else staleness + 1.0
+      sim.staleness = 0.0 if ro["drafter_steps"] >= refresh_steps else sim.staleness + 1.0
     elif variant.speculative:
-      staleness += 1.0
+      sim.staleness += 1.0
   return records
 
 

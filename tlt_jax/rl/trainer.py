@@ -473,8 +473,8 @@ class RLTrainer:
     # whole response for token ones.
     first_B = np.argmax(batch.rows["response_mask"] > 0, axis=1)
     adv_B = advantages_BxL[np.arange(len(first_B)), first_B]
-    lengths, times = result.lengths, result.stats["time_s"]
-    accept = result.stats.get("spec_accept_len")
+    lengths, times = result.lengths, result.stats.time_s
+    accept = result.stats.spec_accept_len
     up = batch.device["tokens"]
     record = {
         "step": step,
@@ -509,7 +509,7 @@ class RLTrainer:
     record.update(token_rewards.metrics)
     record.update(self.tlt.record(result, rollout.account))
     if rollout.rounds > 1:  # TLT's token shares over every round's tokens, not the kept rows'
-      scale = float(lengths.sum()) / max(int(result.stats["num_tokens"]), 1)
+      scale = float(lengths.sum()) / max(int(result.stats.num_tokens), 1)
       record.update(spec_frac=record["spec_frac"] * scale, tail_frac=record["tail_frac"] * scale)
     return record
 

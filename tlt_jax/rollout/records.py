@@ -1,4 +1,10 @@
-"""Typed results of a rollout: what a session, the scheduler and the RL stages hand each other."""
+"""Typed results of a rollout: what a session, the scheduler and the RL stages hand each other.
+
+`ChunkRecord` is one decoding chunk, `RolloutStats` the statistics of one result, with one merge
+(`merge_stats`) for a step's rollout groups and for its rollout rounds. Records are frozen; each
+also answers `record["field"]` by its field name (the names the metrics JSONL, the replay traces
+and the plots use), read-only.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,70 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+
+class _ByName:
+  """Read-only access by field name: `record["tokens"]` is `record.tokens`."""
+
+  def __getitem__(self, key: str) -> Any:
+    if not isinstance(key, str) or key.startswith("_") or not hasattr(self, key):
+      raise KeyError(key)
+    return getattr(self, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkRecord(_ByName):
+  """One decoding chunk of a session: `batch` live rows when dispatched, `rows` the state's rows
+  it computed (the bucket), `strategy` the name of its speculative strategy (None: plain),
+  `tokens` committed, `rounds` (steps, or speculative rounds), `row_rounds` (live row-rounds),
+  `time_s` from dispatch to the host reading its statistics, `cold` (its program compiled inside
+  it), `group` (the rollout group, once merged)."""
+
+  batch: int
+  rows: int
+  strategy: str | None
+  tokens: int
+  rounds: int
+  row_rounds: int
+  time_s: float
+  cold: bool = False
+  group: int = 0
+
+  @property
+  def accept_len(self) -> float:
+    """Tokens per live row per round."""
+    return self.tokens / max(self.row_rounds, 1)
+
+  @property
+  def speculative(self) -> bool:
+    return self.strategy is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutStats(_ByName):
+  """Statistics of a rollout result: seconds per phase (`time_s`: prefill, decode, speculative,
+  compact; group-seconds once merged), tokens generated, every chunk, and the active-batch trace
+  (a session's: live rows per chunk; merged: one trace per part)."""
+
+  time_s: Mapping[str, float]
+  num_tokens: int
+  chunks: tuple[ChunkRecord, ...] = ()
+  active_trace: tuple = ()
+
+  @property
+  def spec_chunks(self) -> tuple[ChunkRecord, ...]:
+    return tuple(c for c in self.chunks if c.speculative)
+
+  @property
+  def spec_accept_len(self) -> float | None:
+    """Tokens per live row-round over every speculative chunk (None: none ran)."""
+    spec = self.spec_chunks
+    row_rounds = sum(c.row_rounds for c in spec)
+    return sum(c.tokens for c in spec) / row_rounds if row_rounds else None
+
+  def tail(self, threshold: int) -> tuple[ChunkRecord, ...]:
+    """The chunks dispatched at an active batch <= `threshold` (where speculation may run)."""
+    return tuple(c for c in self.chunks if c.batch <= threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,21 +87,24 @@ class RolloutResult:
   lengths: np.ndarray
   logprobs: np.ndarray
   finished: np.ndarray
-  stats: dict[str, Any]
+  stats: RolloutStats
 
 
-def merge_stats(stats: Sequence[Mapping[str, Any]], *, tag_groups: bool = False) -> dict[str, Any]:
+def merge_stats(stats: Sequence[RolloutStats], *, tag_groups: bool = False,
+                num_tokens: int | None = None) -> RolloutStats:
   """The statistics of several results (a step's rollout groups, or its rollout rounds) as one:
-  times per phase summed (group-seconds, not wall), tokens summed, chunks pooled (each tagged
-  with its `group` index with `tag_groups`), the accept length pooled over every speculative
-  chunk, and each part's active-batch trace."""
+  times per phase summed (group-seconds, not wall), tokens summed (or `num_tokens`), chunks
+  pooled (each tagged with its `group` index with `tag_groups`), and the parts' active-batch
+  traces side by side (a merged part contributes each of its own)."""
   times: dict[str, float] = {}
   for st in stats:
-    for k, v in st.get("time_s", {}).items():
+    for k, v in st.time_s.items():
       times[k] = times.get(k, 0.0) + float(v)
-  chunks = [dict(c, group=g) if tag_groups else c for g, st in enumerate(stats) for c in st.get("chunks", [])]
-  spec = [c for c in chunks if c["strategy"] is not None]
-  row_rounds = sum(c.get("row_rounds", 0) for c in spec)
-  return dict(time_s=times, num_tokens=sum(int(st.get("num_tokens", 0)) for st in stats),
-              spec_accept_len=(sum(c["tokens"] for c in spec) / row_rounds) if row_rounds else None,
-              chunks=chunks, spec_chunks=spec, active_trace=[st.get("active_trace") for st in stats])
+  chunks = tuple(dataclasses.replace(c, group=g) if tag_groups else c
+                 for g, st in enumerate(stats) for c in st.chunks)
+  traces: list = []
+  for st in stats:
+    nested = bool(st.active_trace) and not isinstance(st.active_trace[0], (int, np.integer))
+    traces.extend(st.active_trace if nested else [st.active_trace])
+  total = sum(int(st.num_tokens) for st in stats) if num_tokens is None else int(num_tokens)
+  return RolloutStats(time_s=times, num_tokens=total, chunks=chunks, active_trace=tuple(traces))

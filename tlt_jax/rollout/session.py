@@ -17,7 +17,7 @@ import numpy as np
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rollout.decode import DecodeState, bucket_for, compacted_rows, live_window
 from tlt_jax.rollout.programs import ProgramKey
-from tlt_jax.rollout.records import RolloutResult
+from tlt_jax.rollout.records import ChunkRecord, RolloutResult, RolloutStats
 from tlt_jax.rollout.strategy import PLAIN, strategy_name
 
 
@@ -101,8 +101,7 @@ class RolloutSession:
     self.trace: list[int] = []
     self.times = {"prefill": time.perf_counter() - self.t_start, "decode": 0.0, "speculative": 0.0,
                   "compact": 0.0}
-    self.chunks: list[dict] = []
-    self.spec_tokens = self.spec_row_rounds = 0
+    self.chunks: list[ChunkRecord] = []
     self._in_flight: _InFlight | None = None
     self._drafter_behind = True  # the drafter's cache lags the sequence (start, or plain chunks since)
     self.is_done = False
@@ -149,20 +148,16 @@ class RolloutSession:
     rounds, tokens, row_rounds = (int(x) for x in mesh_lib.to_host(stats))
     dt = time.perf_counter() - t0
     self.times[phase] += dt
-    if phase == "speculative":
-      self.spec_tokens += tokens
-      self.spec_row_rounds += row_rounds
-    accept_len = tokens / max(row_rounds, 1)
+    chunk = ChunkRecord(batch=active, rows=rows, strategy=None if strategy is None else strategy_name(strategy),
+                        tokens=tokens, rounds=rounds, row_rounds=row_rounds, time_s=dt, cold=cold)
     if (self.selector is not None and not cold
         and (strategy is not None or active <= self.engine.spec_threshold)):
       # Keyed by the rows the chunk computed (what an arm's cost follows; with compaction the
       # active batch's bucket); scored by how fast a live row advances: tokens per live row per
       # round (accept_len) over the time of a round.
       r = max(rounds, 1)
-      self.selector.update(rows, PLAIN if strategy is None else tuple(strategy), accept_len, dt / r)
-    self.chunks.append(dict(batch=active, strategy=None if strategy is None else strategy_name(strategy),
-                            accept_len=accept_len, time_s=dt, rounds=rounds, tokens=tokens,
-                            row_rounds=row_rounds, cold=cold))
+      self.selector.update(rows, PLAIN if strategy is None else tuple(strategy), chunk.accept_len, dt / r)
+    self.chunks.append(chunk)
 
   def _compact_to(self, state: DecodeState, active: np.ndarray, bucket: int) -> DecodeState:
     """Rows `active` of `state` (padded with done rows) in a state of `bucket` rows. Down the
@@ -281,7 +276,6 @@ class RolloutSession:
   def result(self) -> RolloutResult:
     if not self.is_done:
       raise RuntimeError("RolloutSession.result() before all rows are done; call advance() until False")
-    stats = dict(active_trace=self.trace, time_s=self.times, num_tokens=int(self.lengths.sum()),
-                 spec_accept_len=(self.spec_tokens / self.spec_row_rounds) if self.spec_row_rounds else None,
-                 chunks=self.chunks, spec_chunks=[c for c in self.chunks if c["strategy"] is not None])
+    stats = RolloutStats(time_s=dict(self.times), num_tokens=int(self.lengths.sum()), chunks=tuple(self.chunks),
+                         active_trace=tuple(self.trace))
     return RolloutResult(self.tokens, self.lengths, self.logprobs, self.finished, stats)

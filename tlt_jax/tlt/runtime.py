@@ -61,6 +61,14 @@ def parse_arms(names: Sequence[str]) -> list[tuple[int, int, int]]:
 TRAIN_WHERE = ("auto", "bubbles", "between_steps")
 
 
+def rollout_selector(strategies: Sequence[Strategy], buckets: Sequence[int], spec_threshold: int,
+                     epsilon: float, window: int, seed: int) -> BegMab:
+  """The BEG-MAB selector of a run's speculative chunks: arms `strategies`, one bandit bucket per
+  rollout bucket at or below `spec_threshold` (the rows a tail chunk computes)."""
+  tail = tuple(b for b in buckets if b <= spec_threshold) or (spec_threshold,)
+  return BegMab(list(strategies), buckets=tail, epsilon=epsilon, window=window, seed=seed)
+
+
 def resolve_train_where(where: str, num_groups: int, backend: str | None = None) -> str:
   """The drafter-training mode (module docstring) with its reason, e.g. "between_steps (the 2
   rollout groups share the CPU's cores)"."""
@@ -114,9 +122,8 @@ class TLTRuntime:
         input_embedder=input_embedder)
     self.bandit = None
     if self.speculative:
-      buckets = tuple(b for b in self.engine.buckets if b <= c.spec_threshold) or (c.spec_threshold,)
-      self.bandit = BegMab(list(c.strategies), buckets=buckets, epsilon=c.bandit_epsilon,
-                           window=c.bandit_window, seed=c.seed)
+      self.bandit = rollout_selector(c.strategies, self.engine.buckets, c.spec_threshold, c.bandit_epsilon,
+                                     c.bandit_window, c.seed)
     self.checkpoint_buffer = c.checkpoint_buffer
     self.drafter_state = None if drafter is None else drafter[1]
     self.buffer, self.trainer = self._drafter_training(drafter, model_cfg, pad_id, seq_len)
@@ -199,12 +206,10 @@ class TLTRuntime:
     tail_frac: share of the tokens decoded at an active batch <= rollout.spec_threshold (where
     speculation may run); tail_time_frac: the share of the groups' chunk time spent there;
     spec_frac: share of the tokens decoded speculatively."""
-    spec = result.stats.get("spec_chunks") or []
-    spec_tokens = sum(c["tokens"] for c in spec)
-    chunks = result.stats.get("chunks") or []
-    tail = [c for c in chunks if c["batch"] <= self.spec_threshold]
-    tail_tokens = sum(c["tokens"] for c in tail)
-    chunk_time = sum(c["time_s"] for c in chunks)
+    stats = result.stats
+    spec, tail = stats.spec_chunks, stats.tail(self.spec_threshold)
+    spec_tokens, tail_tokens = sum(c.tokens for c in spec), sum(c.tokens for c in tail)
+    chunk_time = sum(c.time_s for c in stats.chunks)
     used = account.get("drafter_versions_used") or []
     return {
         "rollout_groups": account["num_groups"], "decode_group_s": account["decode_s"],
@@ -216,7 +221,7 @@ class TLTRuntime:
         "drafter_loss": account.get("drafter_loss"), "drafter_accuracy": account.get("drafter_accuracy"),
         "spec_chunks": len(spec), "spec_frac": spec_tokens / max(int(result.lengths.sum()), 1),
         "tail_frac": tail_tokens / max(int(result.lengths.sum()), 1),
-        "tail_time_frac": sum(c["time_s"] for c in tail) / chunk_time if chunk_time > 0 else 0.0,
+        "tail_time_frac": sum(c.time_s for c in tail) / chunk_time if chunk_time > 0 else 0.0,
     }
 
   def trace(self, step: int, result: RolloutResult, account: Mapping[str, Any], group_size: int,
@@ -231,13 +236,12 @@ class TLTRuntime:
     lengths = np.asarray(result.lengths)
     rows = split_rows(len(lengths), int(group_size), len(self.groups))
     eng = self.engine
-    chunks = [[int(c.get("group", 0)), int(c["batch"]),
-               c["strategy"], int(c["tokens"]), int(c["rounds"]),
-               int(c["row_rounds"]), round(float(c["time_s"]), 6)] for c in result.stats.get("chunks") or []]
+    chunks = [[c.group, c.batch, c.strategy, c.tokens, c.rounds, c.row_rounds, round(float(c.time_s), 6)]
+              for c in result.stats.chunks]
     arms = self.config.strategies if self.speculative else ()
     return {
         "step": int(step), "lengths": [lengths[r].tolist() for r in rows], "prompt_width": int(prompt_width),
-        "chunks": chunks, "active_trace": result.stats.get("active_trace"),
+        "chunks": chunks, "active_trace": [list(t) for t in result.stats.active_trace],
         "group_done_s": [round(float(g["done_s"]), 6) for g in account["groups"]],
         # per group: session start, first chunk dispatched (prefill done), host time inside advance()
         "group_host_s": [[round(float(g.get(k, 0.0)), 6) for k in ("start_s", "first_dispatch_s", "host_s")]

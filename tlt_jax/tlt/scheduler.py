@@ -85,6 +85,12 @@ class Timeline:
       self.set(g, self.current[g][0], t)
 
 
+def _mean_metrics(metrics: Sequence[dict]) -> dict[str, float]:
+  """drafter_loss / drafter_accuracy: the mean over the completed drafter steps that report them."""
+  return {f"drafter_{k}": float(np.mean([m[k] for m in metrics])) for k in ("loss", "accuracy")
+          if metrics and k in metrics[0]}
+
+
 # ------------------------------------------------------------------------------ the scheduler
 
 
@@ -105,7 +111,9 @@ class HostScheduler:
     max_in_flight: drafter steps queued at once (2 keeps the device fed between polls).
     max_train_steps: cap on drafter steps per rollout (0: as many as the bubbles fit).
     poll_s: sleep between polls while every group's chunk is still running.
-    clock: the time source (a fake one in tests).
+    clock: the time source (a fake one in tests, the simulator's virtual one).
+    sleep: `sleep(seconds)`, the host's wait between polls (the simulator's returns at the next
+      completion on its virtual clock).
     start_session: `(group, params, prompts, prompt_lens, max_new, rng, drafter_params) -> session`;
       default `engine.start` on the group's devices. A session has `advance()`, `result()`,
       `drafter_params` and `finished_features`.
@@ -115,7 +123,8 @@ class HostScheduler:
                drafter_params=None, selector=None, train_in_bubbles: bool = True,
                single_group: str = "between_steps", between_steps: int = 0, max_in_flight: int = 2,
                max_train_steps: int = 0, poll_s: float = 2e-4,
-               clock: Callable[[], float] = time.perf_counter, start_session: Callable | None = None):
+               clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
+               start_session: Callable | None = None):
     if single_group not in SINGLE_GROUP_MODES:
       raise ValueError(f"tlt.single_group={single_group!r} is not allowed; allowed: one of {SINGLE_GROUP_MODES}")
     if max_in_flight < 1:
@@ -127,7 +136,7 @@ class HostScheduler:
     self.train_in_bubbles = bool(train_in_bubbles) and trainer is not None and len(self.groups) > 1
     self.single_group, self.between_steps = single_group, int(between_steps)
     self.max_in_flight, self.max_train_steps = int(max_in_flight), int(max_train_steps)
-    self.clock, self.poll_s = clock, float(poll_s)
+    self.clock, self.sleep, self.poll_s = clock, sleep, float(poll_s)
     self._start_session = start_session or self._engine_session
     self.collect_features = trainer is not None
     self._collect_now = self.collect_features
@@ -167,9 +176,9 @@ class HostScheduler:
 
   def rollout(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
               rng: jax.Array, *, step: int = 0, group_size: int = 1, head: TargetHead | None = None,
-              train: bool = True) -> tuple[RolloutResult, dict[str, Any]]:
+              train: bool = True, rows: Sequence[np.ndarray] | None = None) -> tuple[RolloutResult, dict[str, Any]]:
     """Generates for every row (as RolloutEngine.generate), rows split over the groups by whole
-    prompt groups of `group_size`. With `train` (and a trainer), finished rows' features go to
+    prompt groups of `group_size` (or as `rows`: each group's row indices). With `train` (and a trainer), finished rows' features go to
     the trainer's buffer (tagged with RL `step`) and the drafter trains in the bubbles against
     `head` (default: the head of `params`); `train=False` only decodes (e.g. an evaluation).
 
@@ -177,7 +186,8 @@ class HostScheduler:
     accounting (module docstring) with per-group entries, drafter versions used, accept length
     and `buffered_rows` (the rows whose features went to the buffer).
     """
-    run = _Rollout(self, params, len(prompt_BxP), group_size, step, head, train)
+    rows = split_rows(len(prompt_BxP), group_size, len(self.groups)) if rows is None else list(rows)
+    run = _Rollout(self, params, len(prompt_BxP), rows, step, head, train)
     run.start(params, prompt_BxP, prompt_len_B, max_new_tokens, rng)
     run.decode()
     return run.finish()
@@ -199,11 +209,7 @@ class HostScheduler:
         preempt_wait_s=t_end - t_last, drafter_steps=len(train_metrics),
         drafter_version=None if self.trainer is None else self.trainer.version,
         drafter_versions_used=sorted(versions_used),
-        accept_len=result.stats.get("spec_accept_len"))
-    if train_metrics:
-      for k in ("loss", "accuracy"):
-        if k in train_metrics[0]:
-          account[f"drafter_{k}"] = float(np.mean([m[k] for m in train_metrics]))
+        accept_len=result.stats.spec_accept_len, **_mean_metrics(train_metrics))
     return account
 
   # --- between steps (R = 1) ---------------------------------------------------------------
@@ -229,10 +235,8 @@ class HostScheduler:
         metrics.append(trainer.complete_one())
       trainer.dispatch(mesh, head)
     metrics += trainer.complete_all()
-    out = {"train_s": self.clock() - t0, "drafter_steps": len(metrics), "drafter_version": trainer.version}
-    if metrics:
-      out["drafter_loss"] = float(np.mean([m["loss"] for m in metrics]))
-    return out
+    return {"train_s": self.clock() - t0, "drafter_steps": len(metrics), "drafter_version": trainer.version,
+            **_mean_metrics(metrics)}
 
 
 
@@ -242,13 +246,13 @@ class _Rollout:
   steps and the timeline. Its methods are the steps of the rollout: start the sessions, advance
   the ready groups while training the drafter in the bubbles, merge and account."""
 
-  def __init__(self, sched: "HostScheduler", params, n: int, group_size: int, step: int,
+  def __init__(self, sched: "HostScheduler", params, n: int, rows: Sequence[np.ndarray], step: int,
                head: TargetHead | None, train: bool):
     self.sched, self.clock, self.trainer = sched, sched.clock, sched.trainer
     self.t0 = self.clock()
     num_groups = len(sched.groups)
     self.n, self.step, self.train = n, step, train
-    self.rows = split_rows(n, group_size, num_groups)
+    self.rows = rows
     self.training = sched.train_in_bubbles and train
     sched._collect_now = sched.collect_features and train
     self.head = target_head(sched.engine.graphdef, params) if self.training and head is None else head
@@ -306,7 +310,7 @@ class _Rollout:
     more = s.advance()
     self.host_s[g] += self.clock() - begin
     # the chunk that just finished was dispatched by the previous call, with that call's version
-    if any(c.get("strategy") is not None for c in chunks[seen:]) and self.dispatched[g] is not None:
+    if any(c.speculative for c in chunks[seen:]) and self.dispatched[g] is not None:
       self.versions_used.add(self.dispatched[g])
     self.dispatched[g] = version
     self.drain_features(g)
@@ -351,7 +355,7 @@ class _Rollout:
       if not ready:
         if self.training:
           self.train_tick()
-        time.sleep(self.sched.poll_s)
+        self.sched.sleep(self.sched.poll_s)
         continue
       for g in ready:
         if self.training:
@@ -391,5 +395,5 @@ def merge_results(results: Sequence[RolloutResult | None], rows: Sequence[np.nda
     w = r.tokens.shape[1]
     tokens[idx, :w], logprobs[idx, :w] = r.tokens, r.logprobs
     lengths[idx], finished[idx] = r.lengths, r.finished
-  stats = dict(merge_stats([r.stats for r, _ in present], tag_groups=True), num_tokens=int(lengths.sum()))
+  stats = merge_stats([r.stats for r, _ in present], tag_groups=True, num_tokens=int(lengths.sum()))
   return RolloutResult(tokens, lengths, logprobs, finished, stats)
