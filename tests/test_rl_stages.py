@@ -19,7 +19,7 @@ from tlt_jax.rl.packing import pack_sequences
 from tlt_jax.rl.trainer import RLTrainer
 from tlt_jax.rl.update import UpdateConfig, make_logprob_fn, make_policy_update_step, policy_forward
 from tlt_jax.rollout.engine import RolloutResult
-from tlt_jax.rollout.records import RolloutStats
+from tlt_jax.rollout.records import GroupAccount, RolloutStats, StepAccount
 from tlt_jax.train.state import TrainState, accumulate_gradients, create_train_state, jit_step
 
 CFG = ModelConfig(vocab_size=24, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -74,7 +74,9 @@ def _rollout(seed: int, num_prompts: int = P, responses=None) -> stages.Rollout:
   result = RolloutResult(tokens.astype(np.int32), lengths, logprobs, finished,
                          RolloutStats(time_s={"decode": 0.1}, num_tokens=int(lengths.sum())))
   return stages.Rollout(examples, prompt.astype(np.int32), prompt_len, result, list(responses),
-                        rng.uniform(size=b) < 0.5, {"buffered_rows": None, "decode_s": 1.0}, rollouts=b)
+                        rng.uniform(size=b) < 0.5, StepAccount.of_groups(
+                            [GroupAccount(1.0, 0.0, 0.0, 0.0, 1.0)], wall_s=1.0, preempt_wait_s=0.0,
+                            drafter_steps=0), rollouts=b)
 
 
 def _trainer(rollouts, *, pack=True, advantage="grpo", filtering=False, band=(0.0, 1.0), rounds=0):

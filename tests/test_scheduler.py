@@ -238,7 +238,7 @@ def test_bubble_training_fills_the_idle_group_and_accounts_exactly():
   assert acc["drafter_steps"] == 8 and trainer.version == 8
   # group 1's chunks got versions 0, 0, 2, 4: each tick publishes the two completed steps
   assert seen == [[0], [0, 0, 2, 4]]
-  assert acc["drafter_versions_used"] == [0, 2, 4]
+  assert acc.drafter_versions_used == (0, 2, 4)
 
 
 def test_training_is_preempted_at_a_step_boundary_and_published_whole():

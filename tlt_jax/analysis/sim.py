@@ -53,7 +53,7 @@ from jax.sharding import Mesh
 
 from tlt_jax.analysis.costs import CostModel, Strategy, parse_strategy, strategy_name
 from tlt_jax.rollout.decode import bucket_for, compacted_rows
-from tlt_jax.rollout.records import ChunkRecord, RolloutResult, RolloutStats
+from tlt_jax.rollout.records import BetweenSteps, ChunkRecord, RolloutResult, RolloutStats
 from tlt_jax.rollout.strategy import PLAIN
 from tlt_jax.tlt.config import TLTConfig
 from tlt_jax.tlt.drafter_trainer import PublishedDrafter
@@ -432,15 +432,15 @@ class Simulation:
     stats = result.stats
     tokens = sum(c.tokens for c in stats.chunks)
     spec_tokens = sum(c.tokens for c in stats.spec_chunks)
-    return dict(rollout_s=acc["wall_s"], last_group_s=acc["wall_s"] - acc["preempt_wait_s"],
-                preempt_wait_s=acc["preempt_wait_s"], group_done_s=[g["done_s"] for g in acc["groups"]],
-                bubble_s=acc["bubble_s"], drafter_train_s=acc["train_s"],
-                bubble_utilisation=acc["bubble_utilisation"], drafter_steps=acc["drafter_steps"],
+    return dict(rollout_s=acc.wall_s, last_group_s=acc.wall_s - acc.preempt_wait_s,
+                preempt_wait_s=acc.preempt_wait_s, group_done_s=[g.done_s for g in acc.groups],
+                bubble_s=acc.bubble_s, drafter_train_s=acc.train_s,
+                bubble_utilisation=acc.bubble_utilisation, drafter_steps=acc.drafter_steps,
                 tokens=tokens, spec_frac=spec_tokens / max(tokens, 1),
                 tail_frac=sum(c.tokens for c in stats.tail(self.spec.spec_threshold)) / max(tokens, 1),
                 accept_len=stats.spec_accept_len if spec_tokens else None, chunks=list(stats.chunks))
 
-  def between_steps(self) -> dict[str, Any]:
+  def between_steps(self) -> BetweenSteps:
     """The scheduler's drafter training after the update (nothing when it trains in bubbles)."""
     return self.scheduler.train_between_steps(())
 
@@ -483,11 +483,11 @@ def simulate_run(steps: Sequence[Sequence[np.ndarray]], spec: RolloutSpec, costs
     tokens = (int(update_tokens[i]) if update_tokens is not None
               else int(sum(int(np.sum(g)) for g in groups) + n_rows * spec.prompt_len))
     between = sim.between_steps()
-    ro["drafter_steps"] += between["drafter_steps"]
+    ro["drafter_steps"] += between.drafter_steps
     update_s = costs.update(tokens)
     rec = dict(variant=variant.name, step=i + 1,
-               step_time_s=ro["rollout_s"] + update_s + between["train_s"] + other_s,
-               rollout_time_s=ro["rollout_s"], update_time_s=update_s, between_steps_train_s=between["train_s"],
+               step_time_s=ro["rollout_s"] + update_s + between.train_s + other_s,
+               rollout_time_s=ro["rollout_s"], update_time_s=update_s, between_steps_train_s=between.train_s,
                staleness=sim.staleness, **{k: v for k, v in ro.items() if k not in ("rollout_s", "chunks")})
     records.append(rec)
     if variant.train:

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from tlt_jax.rl.packing import PackIndex, pack_sequences, repack, unpack
-from tlt_jax.rollout.records import RolloutResult, merge_stats
+from tlt_jax.rollout.records import RolloutResult, StepAccount, merge_accounts, merge_stats
 
 # Arrays of an update batch that travel to the device (rl/update.py BATCH_KEYS + the rest).
 ROW_KEYS = ("tokens", "positions", "segment_ids", "response_mask", "sampler_logprobs")
@@ -59,7 +59,7 @@ class Rollout:
   result: RolloutResult
   responses: list
   buffered_B: np.ndarray
-  account: dict
+  account: StepAccount
   rollouts: int
   dropped_groups: int = 0
   rounds: int = 1
@@ -122,20 +122,6 @@ def _pad_cat(arrays: Sequence[np.ndarray], fill) -> np.ndarray:
   width = max(a.shape[1] for a in arrays)
   return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
                          for a in arrays])
-
-
-def merge_accounts(accounts: Sequence[dict]) -> dict[str, Any]:
-  """TLT accounts of several rollout rounds: times and drafter steps summed, the last version."""
-  out = dict(accounts[-1])
-  for k in ("wall_s", "decode_s", "train_s", "idle_s", "bubble_s", "preempt_wait_s", "drafter_steps"):
-    if all(k in a for a in accounts):
-      out[k] = sum(a[k] for a in accounts)
-  out["bubble_utilisation"] = (out["train_s"] / out["bubble_s"]) if out.get("bubble_s") else None
-  out["drafter_versions_used"] = sorted({v for a in accounts for v in a.get("drafter_versions_used") or []})
-  for k in ("drafter_loss", "drafter_accuracy"):
-    vals = [a[k] for a in accounts if a.get(k) is not None]
-    out[k] = float(np.mean(vals)) if vals else None
-  return out
 
 
 def assemble(parts: Sequence[tuple[Rollout, Scores, np.ndarray]], num_groups: int,

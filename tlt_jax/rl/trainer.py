@@ -367,7 +367,7 @@ class RLTrainer:
                                        group_size=self.rl.group_size if train else 1, train=train)
     responses = [_decode(self.tokenizer, result.tokens[i, :result.lengths[i]])
                  for i in range(len(examples))]
-    buffered = account.get("buffered_rows")
+    buffered = account.buffered_rows
     buffered = np.zeros(len(examples), bool) if buffered is None else np.asarray(buffered, bool)
     return Rollout(list(examples), prompts, prompt_lens, result, responses, buffered, account,
                    rollouts=len(examples))

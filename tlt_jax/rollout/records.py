@@ -108,3 +108,90 @@ def merge_stats(stats: Sequence[RolloutStats], *, tag_groups: bool = False,
     traces.extend(st.active_trace if nested else [st.active_trace])
   total = sum(int(st.num_tokens) for st in stats) if num_tokens is None else int(num_tokens)
   return RolloutStats(time_s=times, num_tokens=total, chunks=chunks, active_trace=tuple(traces))
+
+
+# ------------------------------------------------------------------------------ the step's account
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupAccount(_ByName):
+  """One rollout group's time during a rollout (host clock, seconds): decoding, training the
+  drafter, idle (decode + train + idle = the rollout's wall time), its bubble (idle time before
+  training filled it: from its finish to the rollout's end), its finish, and the host's timings
+  (its session's start and first dispatch from the rollout's start, time inside `advance()`)."""
+
+  decode_s: float
+  train_s: float
+  idle_s: float
+  bubble_s: float
+  done_s: float
+  start_s: float = 0.0
+  first_dispatch_s: float = 0.0
+  host_s: float = 0.0
+
+
+def _mean(values) -> float | None:
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepAccount(_ByName):
+  """The scheduler's account of a rollout (or of a step's rollout rounds, `merge_accounts`):
+  group-seconds per phase summed over the groups, the bubble and the share training filled, the
+  preemption wait (the last group's finish to the rollout's end), the drafter steps completed,
+  the published version at the end and the versions the speculative chunks used, the drafter's
+  mean loss / accuracy over its steps, each group's own account (the last round's) and the rows
+  whose features went to the drafter buffer."""
+
+  wall_s: float
+  groups: tuple[GroupAccount, ...]
+  decode_s: float
+  train_s: float
+  idle_s: float
+  bubble_s: float
+  preempt_wait_s: float
+  drafter_steps: int
+  drafter_version: int | None = None
+  drafter_versions_used: tuple[int, ...] = ()
+  drafter_loss: float | None = None
+  drafter_accuracy: float | None = None
+  buffered_rows: np.ndarray | None = None
+
+  @property
+  def num_groups(self) -> int:
+    return len(self.groups)
+
+  @property
+  def bubble_utilisation(self) -> float | None:
+    return self.train_s / self.bubble_s if self.bubble_s > 0 else None
+
+  @classmethod
+  def of_groups(cls, groups: Sequence[GroupAccount], **fields) -> "StepAccount":
+    """The account of one rollout: the phase totals summed over `groups`."""
+    groups = tuple(groups)
+    return cls(groups=groups, **{k: sum(getattr(g, k) for g in groups)
+                                 for k in ("decode_s", "train_s", "idle_s", "bubble_s")}, **fields)
+
+
+def merge_accounts(accounts: Sequence[StepAccount]) -> StepAccount:
+  """The accounts of a step's rollout rounds as one: times and drafter steps summed, the last
+  round's version and groups, every version used, the losses averaged over the rounds."""
+  last = accounts[-1]
+  total = lambda k: sum(getattr(a, k) for a in accounts)  # noqa: E731
+  return dataclasses.replace(
+      last, **{k: total(k) for k in ("wall_s", "decode_s", "train_s", "idle_s", "bubble_s", "preempt_wait_s",
+                                     "drafter_steps")},
+      drafter_versions_used=tuple(sorted({v for a in accounts for v in a.drafter_versions_used})),
+      drafter_loss=_mean(a.drafter_loss for a in accounts), drafter_accuracy=_mean(a.drafter_accuracy for a in accounts))
+
+
+@dataclasses.dataclass(frozen=True)
+class BetweenSteps(_ByName):
+  """Drafter training between policy steps: its seconds, the steps completed, the published
+  version after them and their mean loss."""
+
+  train_s: float
+  drafter_steps: int
+  drafter_version: int | None
+  drafter_loss: float | None = None

@@ -34,7 +34,8 @@ from jax.sharding import Mesh
 
 from tlt_jax.drafter.train import DrafterTrainState, make_drafter_train_step
 from tlt_jax.parallel import mesh as mesh_lib
-from tlt_jax.rollout.engine import RolloutEngine, RolloutResult
+from tlt_jax.rollout.engine import RolloutEngine
+from tlt_jax.rollout.records import RolloutResult, StepAccount
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.rollout.speculative import SpeculativeDecoder
 from tlt_jax.rollout.strategy import PLAIN, Strategy, parse_strategy, strategy_name
@@ -176,7 +177,7 @@ class TLTRuntime:
 
   def rollout(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
               rng: jax.Array, *, step: int = 0, group_size: int = 1,
-              train: bool = True) -> tuple[RolloutResult, dict[str, Any]]:
+              train: bool = True) -> tuple[RolloutResult, StepAccount]:
     """A rollout over the groups, the drafter trained in their bubbles (HostScheduler.rollout;
     `train=False` for evaluations: no buffering, no training)."""
     return self.scheduler.rollout(params, prompt_BxP, prompt_len_B, max_new_tokens, rng, step=step,
@@ -196,12 +197,12 @@ class TLTRuntime:
       self.buffer.add_update_batch(tokens, hidden, mask, step, rows=rows)
     out = self.scheduler.train_between_steps(target_head(self.graphdef, next_params))
     record = {"buffer_rows": len(self.buffer)}
-    if out["drafter_steps"]:
-      record.update(between_steps_train_s=out["train_s"], between_steps_drafter_steps=out["drafter_steps"],
-                    drafter_version=out["drafter_version"])
+    if out.drafter_steps:
+      record.update(between_steps_train_s=out.train_s, between_steps_drafter_steps=out.drafter_steps,
+                    drafter_version=out.drafter_version)
     return record
 
-  def record(self, result: RolloutResult, account: Mapping[str, Any]) -> dict[str, Any]:
+  def record(self, result: RolloutResult, account: StepAccount) -> dict[str, Any]:
     """The step's TLT fields for the metrics record (group-seconds summed over the groups).
     tail_frac: share of the tokens decoded at an active batch <= rollout.spec_threshold (where
     speculation may run); tail_time_frac: the share of the groups' chunk time spent there;
@@ -210,21 +211,21 @@ class TLTRuntime:
     spec, tail = stats.spec_chunks, stats.tail(self.spec_threshold)
     spec_tokens, tail_tokens = sum(c.tokens for c in spec), sum(c.tokens for c in tail)
     chunk_time = sum(c.time_s for c in stats.chunks)
-    used = account.get("drafter_versions_used") or []
+    used = account.drafter_versions_used
     return {
-        "rollout_groups": account["num_groups"], "decode_group_s": account["decode_s"],
-        "drafter_train_s": account["train_s"], "idle_group_s": account["idle_s"],
-        "bubble_s": account["bubble_s"], "bubble_utilisation": account["bubble_utilisation"],
-        "preempt_wait_s": account["preempt_wait_s"], "drafter_steps": account["drafter_steps"],
-        "drafter_version": account["drafter_version"],
+        "rollout_groups": account.num_groups, "decode_group_s": account.decode_s,
+        "drafter_train_s": account.train_s, "idle_group_s": account.idle_s,
+        "bubble_s": account.bubble_s, "bubble_utilisation": account.bubble_utilisation,
+        "preempt_wait_s": account.preempt_wait_s, "drafter_steps": account.drafter_steps,
+        "drafter_version": account.drafter_version,
         "drafter_version_min": min(used) if used else None,
-        "drafter_loss": account.get("drafter_loss"), "drafter_accuracy": account.get("drafter_accuracy"),
+        "drafter_loss": account.drafter_loss, "drafter_accuracy": account.drafter_accuracy,
         "spec_chunks": len(spec), "spec_frac": spec_tokens / max(int(result.lengths.sum()), 1),
         "tail_frac": tail_tokens / max(int(result.lengths.sum()), 1),
         "tail_time_frac": sum(c.time_s for c in tail) / chunk_time if chunk_time > 0 else 0.0,
     }
 
-  def trace(self, step: int, result: RolloutResult, account: Mapping[str, Any], group_size: int,
+  def trace(self, step: int, result: RolloutResult, account: StepAccount, group_size: int,
             prompt_width: int) -> dict[str, Any]:
     """What a replay of this step's rollout needs (analysis/sim.py, experiments/pod_sim.py --validate):
     each row's response length by rollout group (in the group's row order), every chunk as
@@ -242,13 +243,13 @@ class TLTRuntime:
     return {
         "step": int(step), "lengths": [lengths[r].tolist() for r in rows], "prompt_width": int(prompt_width),
         "chunks": chunks, "active_trace": [list(t) for t in result.stats.active_trace],
-        "group_done_s": [round(float(g["done_s"]), 6) for g in account["groups"]],
+        "group_done_s": [round(float(g.done_s), 6) for g in account.groups],
         # per group: session start, first chunk dispatched (prefill done), host time inside advance()
-        "group_host_s": [[round(float(g.get(k, 0.0)), 6) for k in ("start_s", "first_dispatch_s", "host_s")]
-                         for g in account["groups"]],
-        "rollout_s": round(float(account["wall_s"]), 6), "drafter_steps": int(account["drafter_steps"]),
-        "drafter_train_s": round(float(account["train_s"]), 6), "bubble_s": round(float(account["bubble_s"]), 6),
-        "preempt_wait_s": round(float(account["preempt_wait_s"]), 6),
+        "group_host_s": [[round(float(x), 6) for x in (g.start_s, g.first_dispatch_s, g.host_s)]
+                         for g in account.groups],
+        "rollout_s": round(float(account.wall_s), 6), "drafter_steps": int(account.drafter_steps),
+        "drafter_train_s": round(float(account.train_s), 6), "bubble_s": round(float(account.bubble_s), 6),
+        "preempt_wait_s": round(float(account.preempt_wait_s), 6),
         "speculative": self.speculative, "train_drafter": self.train_drafter,
         "train_in_bubbles": self.scheduler.train_in_bubbles, "between_steps": self.scheduler.between_steps,
         "spec": {"chunk_size": eng.chunk_size, "buckets": list(eng.buckets), "compact": eng.compact,

@@ -52,7 +52,8 @@ import jax
 import numpy as np
 
 from tlt_jax.drafter.train import TargetHead
-from tlt_jax.rollout.records import RolloutResult, merge_stats
+from tlt_jax.rollout.records import (BetweenSteps, GroupAccount, RolloutResult, StepAccount,
+                                     merge_stats)
 from tlt_jax.tlt.drafter_trainer import DrafterTrainer, PublishedDrafter, target_head  # noqa: F401
 from tlt_jax.tlt.groups import RolloutGroup, place_params, split_rows, union_mesh
 
@@ -176,15 +177,14 @@ class HostScheduler:
 
   def rollout(self, params, prompt_BxP: np.ndarray, prompt_len_B: np.ndarray, max_new_tokens,
               rng: jax.Array, *, step: int = 0, group_size: int = 1, head: TargetHead | None = None,
-              train: bool = True, rows: Sequence[np.ndarray] | None = None) -> tuple[RolloutResult, dict[str, Any]]:
+              train: bool = True, rows: Sequence[np.ndarray] | None = None) -> tuple[RolloutResult, StepAccount]:
     """Generates for every row (as RolloutEngine.generate), rows split over the groups by whole
     prompt groups of `group_size` (or as `rows`: each group's row indices). With `train` (and a trainer), finished rows' features go to
     the trainer's buffer (tagged with RL `step`) and the drafter trains in the bubbles against
     `head` (default: the head of `params`); `train=False` only decodes (e.g. an evaluation).
 
-    Returns (result, account): result merged in the input row order; account = the step's
-    accounting (module docstring) with per-group entries, drafter versions used, accept length
-    and `buffered_rows` (the rows whose features went to the buffer).
+    Returns (result, account): result merged in the input row order; account the step's
+    StepAccount (module docstring), `buffered_rows` the rows whose features went to the buffer.
     """
     rows = split_rows(len(prompt_BxP), group_size, len(self.groups)) if rows is None else list(rows)
     run = _Rollout(self, params, len(prompt_BxP), rows, step, head, train)
@@ -192,41 +192,20 @@ class HostScheduler:
     run.decode()
     return run.finish()
 
-  def _account(self, timeline: Timeline, done_at, t0, t_last, t_end, train_metrics, versions_used,
-               result: RolloutResult) -> dict[str, Any]:
-    wall = t_end - t0
-    per_group = []
-    for g, tot in enumerate(timeline.totals):
-      per_group.append(dict(decode_s=tot["decode"], train_s=tot["train"], idle_s=tot["idle"],
-                            bubble_s=t_end - done_at[g], done_s=done_at[g] - t0))
-    bubble = sum(p["bubble_s"] for p in per_group)
-    train = sum(p["train_s"] for p in per_group)
-    account = dict(
-        wall_s=wall, groups=per_group, num_groups=len(per_group),
-        decode_s=sum(p["decode_s"] for p in per_group), train_s=train,
-        idle_s=sum(p["idle_s"] for p in per_group), bubble_s=bubble,
-        bubble_utilisation=(train / bubble) if bubble > 0 else None,
-        preempt_wait_s=t_end - t_last, drafter_steps=len(train_metrics),
-        drafter_version=None if self.trainer is None else self.trainer.version,
-        drafter_versions_used=sorted(versions_used),
-        accept_len=result.stats.spec_accept_len, **_mean_metrics(train_metrics))
-    return account
-
   # --- between steps (R = 1) ---------------------------------------------------------------
 
-  def train_between_steps(self, head: TargetHead, num_steps: int | None = None) -> dict[str, Any]:
+  def train_between_steps(self, head: TargetHead, num_steps: int | None = None) -> BetweenSteps:
     """When the drafter does not train in bubbles (one rollout group with `single_group=
     "between_steps"`, or several groups that share cores, tlt/runtime.resolve_train_where):
     `num_steps` (default `between_steps`) drafter steps on all groups' devices, synchronously,
-    after the policy update. Returns {train_s, drafter_steps, drafter_version}; nothing runs when
-    the drafter trains in bubbles, with one group in mode "off", or with too few buffered rows."""
+    after the policy update. Nothing runs when the drafter trains in bubbles, with one group in
+    mode "off", or with too few buffered rows."""
     trainer = self.trainer
     num_steps = self.between_steps if num_steps is None else int(num_steps)
     if (trainer is None or self.train_in_bubbles
         or (len(self.groups) == 1 and self.single_group != "between_steps")
         or num_steps <= 0 or len(trainer.buffer) < trainer.batch_size):
-      return {"train_s": 0.0, "drafter_steps": 0,
-              "drafter_version": None if trainer is None else trainer.version}
+      return BetweenSteps(0.0, 0, None if trainer is None else trainer.version)
     t0 = self.clock()
     mesh = union_mesh([self.groups[g] for g in self._train_groups(list(range(len(self.groups))))])
     metrics = []
@@ -235,8 +214,8 @@ class HostScheduler:
         metrics.append(trainer.complete_one())
       trainer.dispatch(mesh, head)
     metrics += trainer.complete_all()
-    return {"train_s": self.clock() - t0, "drafter_steps": len(metrics), "drafter_version": trainer.version,
-            **_mean_metrics(metrics)}
+    return BetweenSteps(self.clock() - t0, len(metrics), trainer.version,
+                        _mean_metrics(metrics).get("drafter_loss"))
 
 
 
@@ -363,7 +342,7 @@ class _Rollout:
         if not self.advance(g):
           self.active.remove(g)
 
-  def finish(self) -> tuple[RolloutResult, dict[str, Any]]:
+  def finish(self) -> tuple[RolloutResult, StepAccount]:
     """Completes the queued drafter steps (preemption), merges the results, accounts."""
     finished = [d for d in self.done_at if d is not None]
     t_last = max(finished) if finished else self.t0
@@ -374,11 +353,16 @@ class _Rollout:
       self.timeline.set(g, "idle", t_end)
     self.timeline.close(t_end)
     result = merge_results(self.results, self.rows, self.n, getattr(self.sched.engine, "pad_id", 0))
-    account = self.sched._account(self.timeline, self.done_at, self.t0, t_last, t_end, self.train_metrics,
-                                  self.versions_used, result)
-    for g, entry in enumerate(account["groups"]):
-      entry.update(start_s=self.start_s[g][0], first_dispatch_s=self.start_s[g][1], host_s=self.host_s[g])
-    account["buffered_rows"] = self.buffered
+    groups = [GroupAccount(decode_s=tot["decode"], train_s=tot["train"], idle_s=tot["idle"],
+                           bubble_s=t_end - self.done_at[g], done_s=self.done_at[g] - self.t0,
+                           start_s=self.start_s[g][0], first_dispatch_s=self.start_s[g][1], host_s=self.host_s[g])
+              for g, tot in enumerate(self.timeline.totals)]
+    trainer = self.trainer
+    account = StepAccount.of_groups(
+        groups, wall_s=t_end - self.t0, preempt_wait_s=t_end - t_last, drafter_steps=len(self.train_metrics),
+        drafter_version=None if trainer is None else trainer.version,
+        drafter_versions_used=tuple(sorted(self.versions_used)), buffered_rows=self.buffered,
+        **_mean_metrics(self.train_metrics))
     return result, account
 
 def merge_results(results: Sequence[RolloutResult | None], rows: Sequence[np.ndarray], n: int,
