@@ -100,11 +100,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       aggregation="token",  # "token" (DAPO) or "sequence" (GRPO)
       kl_coef=0.0,  # > 0 adds k3 KL to the frozen SFT policy (one more forward per step)
       lr=5e-5, schedule="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+      lr_from_bound="",  # as sft.lr_from_bound: '' (off) or the reference schedule rl.lr is tuned for
       micro_batches=1,
       max_consecutive_skips=3,  # stop after this many non-finite (skipped) updates in a row
       # Sequence packing: the update's rows hold several whole (prompt + response) sequences
       # (rl/packing.py), so a long-tailed batch is not padded to its longest response.
       pack=True, pack_rows_multiple=8,  # packed row count: a multiple of this (fewer compiles)
+      pack_len=0,  # packed row length (0: prompt width + rollout.max_new_tokens, to length_bucket)
       length_bucket=32,  # update rows (unpacked) are cut to a multiple of this many tokens
       track_kl=True,  # log k3 KL to the SFT policy even when kl_coef = 0 (costs one forward)
       checkpoint_every=10,

@@ -94,7 +94,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?model.position_embedding", *one_of(("rope", "none"))),
     ("?rollout.max_prompt_len", nonneg_int, "an int >= 0 (0 = the task's bound or each batch's longest)"),
     ("?rollout.window_block", nonneg_int, "an int >= 0 (0 = attend to the whole cache)"),
-    ("?rl.pack_len", nonneg_int, "an int >= 0 (0 = prompt width + rollout.max_new_tokens)"),
+    ("rl.pack_len", nonneg_int, "an int >= 0 (0 = prompt width + rollout.max_new_tokens)"),
     ("?rl.dynamic_sampling", is_bool, "True or False"),
     ("?rl.dynamic_sampling_rounds", nonneg_int, "an int >= 0 (extra rollout rounds per step that refill dropped groups)"),
     ("?prime.beta", pos_float, "a float > 0"),
@@ -121,6 +121,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?sft.lr_from_bound", lambda v: isinstance(v, str),
      "a string: '' (off) or a reference schedule '<name>[:<option>=<number>,...]' whose tuned LR "
      "sft.lr is"),
+    ("?rl.lr_from_bound", lambda v: isinstance(v, str),
+     "a string: '' (off) or a reference schedule '<name>[:<option>=<number>,...]' whose tuned LR "
+     "rl.lr is"),
     ("?checkpoint.every", pos_int, "a positive int"),
     ("?rollout.max_new_tokens", pos_int, "a positive int"),
     ("?rollout.chunk_size", pos_int, "a positive int"),
@@ -245,7 +248,7 @@ def _check_schedule(config, section: str) -> None:
   if c.steps > 0 and not 0 <= c.warmup_steps <= c.steps:
     raise ConfigError(f"config.{section}.warmup_steps={c.warmup_steps} is not allowed with "
                       f"config.{section}.steps={c.steps}; allowed: an int in [0, {c.steps}]")
-  if c.get("lr_from_bound"):
+  if c.lr_from_bound:
     try:
       optim.parse_lr_reference(c.lr_from_bound)
     except ValueError as e:
@@ -336,15 +339,15 @@ def _validate_rl_stages(config) -> None:
   rl.token_rewards (device scorers, which need a token estimator), the online filters, prime."""
   from tlt_jax.rl import advantages, losses, scorers  # registries; imported late (they import jax)
   rl = config.rl
-  kwargs = dict(rl.get("advantage_kwargs", None) or {})
+  kwargs = dict(rl.advantage_kwargs)
   try:
     advantages.get_advantage(rl.advantage, **kwargs)
   except ValueError as e:
     raise ConfigError(f"config.rl.advantage_kwargs={kwargs} is not allowed: {e}") from None
-  loss = rl.get("loss", "ppo_clip")
+  loss = rl.loss
   if loss not in losses.registered_losses():
     raise ConfigError(f"config.rl.loss={loss!r} is not allowed; allowed: one of {tuple(losses.registered_losses())}")
-  loss_kwargs = dict(rl.get("loss_kwargs", None) or {})
+  loss_kwargs = dict(rl.loss_kwargs)
   try:
     losses.get_loss(loss, **loss_kwargs)
   except ValueError as e:
@@ -353,7 +356,7 @@ def _validate_rl_stages(config) -> None:
     raise ConfigError(f"config.rl.loss_kwargs.aggregation={loss_kwargs['aggregation']!r} is not allowed; "
                       f"allowed: one of {losses.AGGREGATIONS}")
   from tlt_jax.rl import prime  # noqa: F401  (registers the "prime" scorer)
-  token_rewards = {k: v for k, v in dict(rl.get("token_rewards", None) or {}).items()}
+  token_rewards = dict(rl.token_rewards)
   for name, weight in token_rewards.items():
     if name not in scorers.registered_scorers():
       raise ConfigError(f"config.rl.token_rewards.{name} is not allowed: {name!r} is no registered device "
@@ -369,7 +372,7 @@ def _validate_rl_stages(config) -> None:
   if "kl" in on and not (rl.kl_coef > 0 or rl.track_kl):
     raise ConfigError("config.rl.token_rewards.kl is not allowed without the reference's log-probs; allowed: "
                       "with rl.track_kl=True or rl.kl_coef > 0")
-  band = rl.get("accuracy_band", (0.0, 1.0))
+  band = rl.accuracy_band
   if not (len(band) == 2 and all(frac(x) for x in band) and band[0] <= band[1]):
     raise ConfigError(f"config.rl.accuracy_band={band!r} is not allowed; allowed: (lo, hi) with 0 <= lo <= hi <= 1")
   if "prime" in on:

@@ -129,7 +129,7 @@ def rl_prompt_sources(config, task, tokenizer, context: int) -> tuple[TaskSource
 def prompt_width(config, task) -> int | None:
   """The rollout's static prompt width: `rollout.max_prompt_len` (+ BOS, rounded to 8) when set,
   else the task's own bound when it knows one, else None (each batch's longest prompt)."""
-  fixed = int(config.rollout.get("max_prompt_len", 0))
+  fixed = int(config.rollout.max_prompt_len)
   bound = fixed if fixed > 0 else getattr(task, "max_prompt_len", None)
   return round_up(bound + 1, 8) if isinstance(bound, int) else None
 
@@ -137,7 +137,7 @@ def prompt_width(config, task) -> int | None:
 def rl_context(config, model_cfg) -> int:
   """The longest prompt + response the RL stage admits: the model's context, or less when
   `rollout.max_prompt_len` caps the prompts (longer ones are skipped as unusable records)."""
-  fixed = int(config.rollout.get("max_prompt_len", 0))
+  fixed = int(config.rollout.max_prompt_len)
   context = model_cfg.max_position_embeddings
   return min(context, fixed + 1 + int(config.rollout.max_new_tokens)) if fixed > 0 else context
 
@@ -150,8 +150,8 @@ def rl_lengths(config, model_cfg, width: int | None) -> tuple[int, int]:
   r, rl = config.rollout, config.rl
   longest = (width or model_cfg.max_position_embeddings) + int(r.max_new_tokens)
   seq_len = min(round_up(longest, 16), round_up(model_cfg.max_position_embeddings, 16))
-  pack_len = int(rl.get("pack_len", 0)) or round_up(seq_len, rl.length_bucket)
-  buffer_len = int(config.tlt.get("buffer_seq_len", 0)) if "tlt" in config else 0
+  pack_len = int(rl.pack_len) or round_up(seq_len, rl.length_bucket)
+  buffer_len = int(config.tlt.buffer_seq_len)
   return pack_len, buffer_len or seq_len
 
 
@@ -189,8 +189,8 @@ class RLTrainer:
     self.batch_size = rl.prompts_per_step * rl.group_size
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"] if self.mesh is not None else 1
     # Packed update batches have a multiple of this many rows (whole micro-batches per shard).
-    self.pack_rows_multiple = int(np.lcm(int(rl.get("pack_rows_multiple", 8)), rl.micro_batches * shards))
-    self.pack = bool(rl.get("pack", False))
+    self.pack_rows_multiple = int(np.lcm(int(rl.pack_rows_multiple), rl.micro_batches * shards))
+    self.pack = bool(rl.pack)
     if self.mesh is not None and not self.pack:
       if (self.batch_size // rl.micro_batches) % shards:
         raise ValueError(
@@ -224,17 +224,17 @@ class RLTrainer:
                                                self.mesh, with_ref=self.with_ref, embedder=input_embedder)
     self.logprob_fn = make_logprob_fn(self.graphdef, self.sampling.temperature, self.state.params,
                                       self.mesh, micro_batches=int(rl.micro_batches), embedder=input_embedder)
-    advantage_kwargs = dict(rl.get("advantage_kwargs", None) or {})
+    advantage_kwargs = dict(rl.advantage_kwargs)
     self.token_estimator = advantages_lib.is_token_estimator(rl.advantage)
     self.advantage_fn = jax.jit(advantages_lib.token_advantages(rl.advantage, **advantage_kwargs)
                                 if self.token_estimator else
                                 advantages_lib.get_advantage(rl.advantage, **advantage_kwargs))
     # Online filters of sampled groups (stage `sample`): DAPO's dynamic sampling, PRIME's band.
-    self.dynamic_sampling = bool(rl.get("dynamic_sampling", False))
-    band = tuple(float(x) for x in rl.get("accuracy_band", (0.0, 1.0)))
+    self.dynamic_sampling = bool(rl.dynamic_sampling)
+    band = tuple(float(x) for x in rl.accuracy_band)
     self.accuracy_band = (band[0], band[1])
     self.filtering = self.dynamic_sampling or band[0] > 0.0 or band[1] < 1.0
-    self.filter_rounds = int(rl.get("dynamic_sampling_rounds", 0))
+    self.filter_rounds = int(rl.dynamic_sampling_rounds)
     weights = {k: float(v) for k, v in dict(rl.rewards).items()}
     kwargs = {k: dict(v) for k, v in dict(rl.reward_kwargs).items() if float(weights.get(k, 0.0))}
     self.reward_fn = rewards_lib.safe_reward(
