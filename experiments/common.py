@@ -1,4 +1,5 @@
-"""Shared pieces of the experiments: the command line, the default policy and drafter, prompts,
+"""Shared pieces of the experiments: the command line (the config flags, --out, --workdir), the
+output writer (JSONL, markdown, PNG), the timing loop, the default policy and drafter, prompts,
 the compile cache.
 
 Every experiment takes the main job's config flags, on the same locked, validated config:
@@ -12,9 +13,11 @@ Variants inside an experiment apply their own overrides with `with_overrides` (a
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 import time
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -130,3 +133,103 @@ def cpu_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     jax.block_until_ready(mm(a))
     best = min(best, time.perf_counter() - t0)
   return 2.0 * n ** 3 / best / 1e9
+
+
+# ------------------------------------------------------------------------------ the harness
+
+
+def define_output_flags(out: str, workdir: str | None = None, *, out_help: str = "output directory",
+                        workdir_help: str = "main-job workdir holding sft/ and drafter/") -> None:
+  """The flags the experiments share: --out (default `out`) and, for one that builds on the main
+  job's stages, --workdir (default `workdir`). They count as the calling script's own flags
+  (its --help lists them)."""
+  from absl import flags
+  caller = sys._getframe(1).f_globals.get("__name__", "")
+  module = sys.argv[0] if caller == "__main__" else caller  # how absl names a script's flags
+  flags.DEFINE_string("out", out, out_help, module_name=module)
+  if workdir is not None:
+    flags.DEFINE_string("workdir", workdir, workdir_help, module_name=module)
+
+
+def pyplot():
+  """matplotlib's pyplot, drawing to files only (the Agg backend)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+class JsonlWriter:
+  """`write(record)` appends one JSON line and flushes it; `close()` (or the end of a `with`)."""
+
+  def __init__(self, path: str, append: bool = False):
+    self.path = path
+    self._file = open(path, "a" if append else "w")
+
+  def __call__(self, record: Any) -> None:
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+  def __enter__(self) -> "JsonlWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class Output:
+  """An experiment's output directory: JSONL records (one line each, flushed, so the finished
+  part of a long run survives an interruption), markdown pages and PNG figures."""
+
+  def __init__(self, directory: str):
+    self.dir = directory
+    os.makedirs(directory, exist_ok=True)
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.dir, name)
+
+  def jsonl(self, name: str, append: bool = False) -> "JsonlWriter":
+    """A writer of DIR/`name` (truncated first unless `append`); `with output.jsonl(...) as write`."""
+    return JsonlWriter(self.path(name), append)
+
+  def write_jsonl(self, name: str, records: Iterable[Any]) -> str:
+    with self.jsonl(name) as write:
+      for r in records:
+        write(r)
+    return self.path(name)
+
+  def json(self, name: str, obj: Any) -> str:
+    """DIR/`name` holding `obj` as indented JSON."""
+    with open(self.path(name), "w") as f:
+      json.dump(obj, f, indent=1)
+    return self.path(name)
+
+  def markdown(self, name: str, text: str | Sequence[str]) -> str:
+    """DIR/`name` holding `text` (a sequence of blocks is joined with newlines)."""
+    body = text if isinstance(text, str) else "\n".join(text)
+    with open(self.path(name), "w") as f:
+      f.write(body if body.endswith("\n") else body + "\n")
+    return self.path(name)
+
+  def figure(self, fig, name: str, dpi: int = 100) -> str:
+    """Saves `fig` as DIR/`name` and closes it."""
+    fig.savefig(self.path(name), dpi=dpi)
+    pyplot().close(fig)
+    return self.path(name)
+
+
+def timed(fn: Callable[[], Any], repeats: int, *, warm: bool = True) -> list[float]:
+  """Wall seconds of `repeats` calls of `fn`, each up to its result being ready
+  (jax.block_until_ready); with `warm`, one untimed call first (compiles)."""
+  import jax
+  if warm:
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times

@@ -52,10 +52,10 @@ cli.set_cpu_devices(sys.argv, minimum=2)
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from experiments.common import run_experiment  # noqa: E402
+from experiments.common import Output, define_output_flags, run_experiment, timed  # noqa: E402
 
 _CONFIG = cli.define_config_flag()
-flags.DEFINE_string("out", "experiments/results/cost_bench/cpu.json", "output JSON")
+define_output_flags("experiments/results/cost_bench/cpu.json", out_help="output JSON")
 flags.DEFINE_string("ctx", "48,96,160", "live contexts (tokens) of the decode grid")
 flags.DEFINE_string("batches", "", "batch sizes (default: the config's rollout buckets up to the rows per group)")
 flags.DEFINE_integer("spec_ctx", 96, "context of the speculative-round grid")
@@ -67,13 +67,8 @@ FLAGS = flags.FLAGS
 
 
 def _timeit(fn, repeats):
-  fn()  # compile / warm
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
+  """Median seconds of `repeats` calls after a warm-up call (experiments.common.timed)."""
+  return float(np.median(timed(fn, repeats)))
 
 
 def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int, log=print,
@@ -295,7 +290,7 @@ def measure(config, repeats: int, ctxs, batches, spec_ctx: int, prefill_len: int
       runs = []
 
       def rollout():
-        runs.append(rt.rollout(params, prompts, plens, new, jax.random.key(2))[0].stats["time_s"]["prefill"])
+        runs.append(rt.rollout(params, prompts, plens, new, jax.random.key(2))[0].stats.time_s["prefill"])
       times[groups] = _timeit(rollout, repeats)
       prefills[groups] = float(np.median(runs[1:]))  # the sessions' prefills, summed over groups
     out["shared_gain_rollout"] = max(2 * times[1] / times[2] - 1.0, 0.0)
@@ -323,9 +318,8 @@ def main(argv):
   lens = [int(x) for x in FLAGS.prefill_lens.split(",") if x.strip()]
   out = measure(config, FLAGS.repeats, ctxs, batches, FLAGS.spec_ctx, FLAGS.prefill_len,
                 prefill_lens=[] if FLAGS.tiny else lens)
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(out, f, indent=1)
+  path = os.path.abspath(FLAGS.out)
+  Output(os.path.dirname(path)).json(os.path.basename(path), out)
   print(f"wrote {FLAGS.out}", flush=True)
 
 

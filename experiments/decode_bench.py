@@ -42,7 +42,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 from absl import flags
@@ -50,12 +49,15 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(ROOT)  # after PYTHONPATH: the 'before' worker imports the other checkout's tlt_jax
 
+from experiments.common import Output, define_output_flags, pyplot, run_experiment, timed  # noqa: E402
+
 SHAPES = {
     "A": dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=4, vocab_size=256),
     "B": dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=4, vocab_size=256),
     "default": None,  # configs/default.py's model, vocabulary from its tokenizer
 }
 
+define_output_flags("experiments/results/decode_bench")
 flags.DEFINE_string("shapes", "A,B,default", "model shapes (A, B, default)")
 flags.DEFINE_string("batches", "1,8,64", "batch sizes")
 flags.DEFINE_integer("prompt_len", 16, "prompt tokens per row")
@@ -64,7 +66,6 @@ flags.DEFINE_integer("repeats", 2, "alternating sweeps over the contenders (the 
 flags.DEFINE_string("before", "", "another checkout of this project to time as 'before'")
 flags.DEFINE_string("peer_python", "", "python of a virtualenv with torch+transformers and google-tunix")
 flags.DEFINE_string("peers", "hf,tunix", "peer implementations run with --peer_python")
-flags.DEFINE_string("out", "experiments/results/decode_bench", "output directory")
 flags.DEFINE_bool("profile", False, "also profile this engine's decode chunk per XLA op kind")
 flags.DEFINE_string("worker_ckpt", "", "(internal) time this engine on the checkpoint DIR")
 flags.DEFINE_integer("window_block", 0, "(internal) the worker engine's live-window block")
@@ -128,12 +129,10 @@ def worker(ckpt: str, batches, prompt_len: int, new_tokens: int, profile: bool, 
     lens = np.full((b,), prompt_len, np.int32)
 
     def run():
-      t0 = time.perf_counter()
-      res = engine.generate(params, prompt, lens, new_tokens, jax.random.key(0))
-      return time.perf_counter() - t0, res
+      return engine.generate(params, prompt, lens, new_tokens, jax.random.key(0))
 
-    run()  # compiles
-    best, res = min((run() for _ in range(3)), key=lambda r: r[0])
+    best = min(timed(run, 3))  # the first (untimed) call compiles
+    res = run()
     line = dict(batch=b, best_s=best, tok_s=b * new_tokens / best,
                 tokens_sha=tokens_sha(res.tokens[:, :new_tokens]),
                 tokens=res.tokens[:, :new_tokens].tolist())
@@ -233,8 +232,8 @@ def main(argv):
 
 
 def _write(out: str, rows, infos, peak: float, args) -> None:
-  with open(os.path.join(out, "decode_bench.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
+  output = Output(out)
+  output.write_jsonl("decode_bench.jsonl", rows)
   order = ["tlt_jax", "tlt_jax_live", "before", "tunix", "hf"]
   names = sorted(dict.fromkeys(r["contender"] for r in rows), key=lambda n: order.index(n) if n in order else 99)
   md = [f"# Plain greedy decoding on this CPU ({args.prompt_len}-token prompts, {args.new_tokens} new tokens)", "",
@@ -261,12 +260,8 @@ def _write(out: str, rows, infos, peak: float, args) -> None:
     for r in prof:
       top = ", ".join(f"{k} {v:.3f}" for k, v in r["profile_ms_per_step"].items())
       md.append(f"| {r['shape']} | {r['batch']} | {r['ms_per_step']:.3f} | {top} |")
-  with open(os.path.join(out, "decode_bench.md"), "w") as f:
-    f.write("\n".join(md) + "\n")
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(infos), figsize=(4.5 * len(infos), 3.6), squeeze=False)
+  output.markdown("decode_bench.md", md)
+  fig, axes = pyplot().subplots(1, len(infos), figsize=(4.5 * len(infos), 3.6), squeeze=False)
   for ax, shape in zip(axes[0], infos):
     for n in names:
       pts = sorted((r["batch"], r["tok_s"]) for r in rows if r["shape"] == shape and r["contender"] == n)
@@ -275,9 +270,8 @@ def _write(out: str, rows, infos, peak: float, args) -> None:
     ax.legend(fontsize=8)
   fig.suptitle("Greedy decode on this CPU (best of alternating runs)")
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "decode_bench.png"), dpi=110)
+  output.figure(fig, "decode_bench.png", dpi=110)
 
 
 if __name__ == "__main__":
-  from experiments.common import run_experiment
   run_experiment(main)

@@ -32,12 +32,12 @@ cli.set_cpu_devices(sys.argv, minimum=2)  # a fake device per rollout group; bef
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from experiments.common import (DEFAULT_CONFIG, build_trainer, enable_compile_cache,  # noqa: E402
-                                ensure_policy_and_drafter, hard_prompts, run_experiment)
+from experiments.common import (DEFAULT_CONFIG, Output, build_trainer, define_output_flags,  # noqa: E402
+                                enable_compile_cache, ensure_policy_and_drafter, hard_prompts, pyplot,
+                                run_experiment)
 
 _CONFIG = cli.define_config_flag(DEFAULT_CONFIG)
-flags.DEFINE_string("workdir", "runs/default", "main-job workdir holding sft/ and drafter/")
-flags.DEFINE_string("out", "experiments/results/drafter_staleness", "output directory")
+define_output_flags("experiments/results/drafter_staleness", workdir="runs/default")
 flags.DEFINE_integer("steps", 0, "RL steps (default: the config's rl.steps)")
 flags.DEFINE_bool("quick", False, "8 RL steps, probes every 2")
 flags.DEFINE_integer("probe_every", 0, "default: steps // 8 (at least 1)")
@@ -66,7 +66,7 @@ def main(argv):
   overrides = {"rl.steps": steps, "rl.eval_size": 0, "rl.sample_eval_every": 0,
                "tlt.speculative": True, "tlt.train_drafter": True}
   setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick, config=base)
-  os.makedirs(args.out, exist_ok=True)
+  output = Output(args.out)
   trainer = build_trainer("tlt", base, overrides, setup, policy, drafter, os.path.join(args.workdir, "drafter_staleness"))
 
   tok = setup.tokenizer
@@ -92,7 +92,7 @@ def main(argv):
   rows = []
   t0 = time.perf_counter()
   bar = progress(steps, "staleness")
-  with open(os.path.join(args.out, "drafter_staleness.jsonl"), "w") as out:
+  with output.jsonl("drafter_staleness.jsonl") as write:
     for step in range(0, steps + 1):
       if step:
         record = trainer.step(step)
@@ -106,14 +106,13 @@ def main(argv):
                    response_len_mean=None if not step else record.get("response_len_mean"),
                    buffer_rows=trainer.tlt.buffer_rows)
         rows.append(row)
-        out.write(json.dumps(row) + "\n")
+        write(row)
         say(json.dumps(row))
         bar.set_postfix(frozen=f"{row['frozen']:.2f}", adaptive=f"{row['adaptive']:.2f}")
   bar.close()
   elapsed = time.perf_counter() - t0
-  sched = trainer.tlt.scheduler
-  mode = ("in the rollout groups' bubbles" if sched.train_in_bubbles else
-          f"between RL steps ({sched.between_steps} drafter steps after each update, one rollout group)")
+  mode = ("in the rollout groups' bubbles" if trainer.tlt.trains_in_bubbles else
+          f"between RL steps ({trainer.tlt.config.between_steps} drafter steps after each update)")
 
   md = ["# Drafter staleness: accept length over RL steps\n",
         f"Strategy {strategy.name}, {args.probe_prompts} fixed probe prompts x {args.probe_repeats} keys, "
@@ -123,17 +122,12 @@ def main(argv):
         f"TLT's drafter as trained so far {mode} (version = completed drafter steps).\n",
         markdown_table(rows, ["step", "frozen", "adaptive", "drafter_version", "buffer_rows", "reward_mean",
                               "response_len_mean"])]
-  with open(os.path.join(args.out, "drafter_staleness.md"), "w") as f:
-    f.write("\n".join(md))
-  plot(rows, os.path.join(args.out, "drafter_staleness.png"), strategy.name)
+  output.markdown("drafter_staleness.md", md)
+  plot(rows, output, strategy.name)
 
 
-def plot(rows, path, strategy):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 3.6))
+def plot(rows, output: Output, strategy):
+  fig, ax = pyplot().subplots(figsize=(6, 3.6))
   for key in ("frozen", "adaptive"):
     ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=key)
   ax.set_xlabel("RL step")
@@ -141,8 +135,7 @@ def plot(rows, path, strategy):
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  output.figure(fig, "drafter_staleness.png")
 
 
 if __name__ == "__main__":

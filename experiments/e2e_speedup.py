@@ -36,12 +36,11 @@ cli.set_cpu_devices(sys.argv, minimum=2)  # a fake device per rollout group; bef
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from experiments.common import (DEFAULT_CONFIG, build_trainer, enable_compile_cache,  # noqa: E402
-                                ensure_policy_and_drafter, run_experiment)
+from experiments.common import (DEFAULT_CONFIG, Output, build_trainer, define_output_flags,  # noqa: E402
+                                enable_compile_cache, ensure_policy_and_drafter, pyplot, run_experiment)
 
 _CONFIG = cli.define_config_flag(DEFAULT_CONFIG)
-flags.DEFINE_string("workdir", "runs/default", "main-job workdir holding sft/ and drafter/")
-flags.DEFINE_string("out", "experiments/results/e2e_speedup", "output directory")
+define_output_flags("experiments/results/e2e_speedup", workdir="runs/default")
 flags.DEFINE_integer("steps", 0, "RL steps per variant (default: the config's rl.steps)")
 flags.DEFINE_bool("quick", False, "8 steps per variant")
 flags.DEFINE_integer("warmup", 5, "first steps left out of the medians (compiles)")
@@ -65,14 +64,13 @@ def main(argv):
   import jax
 
   from tlt_jax.utils.console import progress, say
-  from tlt_jax.utils.metrics import markdown_table
 
   base = _CONFIG.value
   steps = args.steps or (8 if args.quick else int(base.rl.steps))
   common = {"rl.steps": steps, "rl.eval_size": 0, "rl.sample_eval_every": 0}
   setup, policy, drafter = ensure_policy_and_drafter(args.workdir, quick=args.quick, config=base)
   names = args.variants.split(",")
-  os.makedirs(args.out, exist_ok=True)
+  output = Output(args.out)
   runs = os.path.join(args.workdir, "e2e_speedup")  # the trainers' own files (beside the main job's)
   trainers = {n: build_trainer(n, base, {**common, **VARIANTS[n]}, setup, policy, drafter, runs)
               for n in names}
@@ -86,31 +84,31 @@ def main(argv):
           "preempt_wait_s")
   t_start = time.perf_counter()
   bar = progress(steps * len(names), "e2e")
-  with open(os.path.join(args.out, "e2e_speedup.jsonl"), "w") as out:
+  with output.jsonl("e2e_speedup.jsonl") as write:
     for step in range(1, steps + 1):
       for n in names[(step - 1) % len(names):] + names[:(step - 1) % len(names)]:  # rotate who goes first
         record = trainers[n].step(step)
         rec = {"variant": n, **{k: record.get(k) for k in keep}}
         records[n].append(rec)
-        out.write(json.dumps(rec) + "\n")
+        write(rec)
         say(json.dumps(rec))
         bar.update(1)
         bar.set_postfix(variant=n, step=step, t=f"{rec['step_time_s']:.2f}s")
   bar.close()
   elapsed = time.perf_counter() - t_start
-  collect_traces(runs, names, steps, os.path.join(args.out, "traces.jsonl"))
+  collect_traces(runs, names, steps, output)
 
   summary = summarise(records, names, args.warmup)
   for row in summary:
     print(json.dumps(row), flush=True)
   write_report(args, summary, records, names, steps, elapsed)
-  plot(records, names, os.path.join(args.out, "e2e_speedup.png"))
+  plot(records, names, output)
 
 
-def collect_traces(runs: str, names, steps: int, path: str) -> None:
+def collect_traces(runs: str, names, steps: int, output: Output) -> None:
   """Every variant's per-step rollout traces (the trainers' `traces.jsonl`, TLTRuntime.trace),
   tagged with the variant, into one file for `experiments/pod_sim.py --validate`."""
-  with open(path, "w") as out:
+  with output.jsonl("traces.jsonl") as write:
     for n in names:
       src = os.path.join(runs, n, "traces.jsonl")
       if not os.path.exists(src):
@@ -122,7 +120,7 @@ def collect_traces(runs: str, names, steps: int, path: str) -> None:
           if tr["step"] <= steps:
             latest[tr["step"]] = tr  # a rerun's step replaces an earlier run's
       for step in sorted(latest):
-        out.write(json.dumps({"variant": n, **latest[step]}) + "\n")
+        write({"variant": n, **latest[step]})
 
 
 def report_from_jsonl(args):
@@ -142,7 +140,7 @@ def report_from_jsonl(args):
     print(json.dumps(row), flush=True)
   steps = len(records[names[0]])
   write_report(args, summary, records, names, steps, float("nan"))
-  plot(records, names, os.path.join(args.out, "e2e_speedup.png"))
+  plot(records, names, Output(args.out))
 
 
 def summarise(records, names, warmup):
@@ -178,8 +176,7 @@ def write_report(args, summary, records, names, steps, elapsed):
         f"> {args.warmup}; {elapsed:.0f} s in all.{extra} speedup_* are over `{names[0]}`; amdahl_bound = "
         "1 / (1 - rollout share of the step): the most any rollout speed-up can give end to end.\n",
         markdown_table(summary, cols), limits(summary, names)]
-  with open(os.path.join(args.out, "e2e_speedup.md"), "w") as f:
-    f.write("\n".join(md))
+  Output(args.out).markdown("e2e_speedup.md", md)
 
 
 def limits(summary, names) -> str:
@@ -208,14 +205,10 @@ def limits(summary, names) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(records, names, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+def plot(records, names, output: Output):
   panels = [("step_time_s", "step time (s)"), ("rollout_time_s", "rollout time (s)"),
             ("reward_mean", "reward (mean over the batch)"), ("accuracy", "accuracy (verifier)")]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+  fig, axes = pyplot().subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
   for ax, (key, title) in zip(axes, panels):
     for n in names:
       pts = [(r["step"], r[key]) for r in records[n] if isinstance(r.get(key), (int, float))]
@@ -225,8 +218,7 @@ def plot(records, names, path):
     ax.grid(alpha=0.3)
   axes[0].legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  output.figure(fig, "e2e_speedup.png")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from experiments.common import (ROOT, build_trainer, enable_compile_cache, run_experiment,  # noqa: E402
-                                with_overrides)
+from experiments.common import (ROOT, Output, build_trainer, define_output_flags,  # noqa: E402
+                                enable_compile_cache, pyplot, run_experiment, with_overrides)
 
 ER_CONFIG = os.path.join(ROOT, "configs", "efficient_reasoning.py")
 
@@ -55,8 +55,8 @@ def define_flags():
   from absl import flags
 
   from tlt_jax import cli
-  flags.DEFINE_string("workdir", "runs/er", "main-job workdir holding sft/ (made there when missing)")
-  flags.DEFINE_string("out", "experiments/results/efficient_reasoning", "output directory")
+  define_output_flags("experiments/results/efficient_reasoning", workdir="runs/er",
+                      workdir_help="main-job workdir holding sft/ (made there when missing)")
   flags.DEFINE_string("alphas", "0,0.1,0.4", "length-penalty alphas, one RL run each per seed (0 added)")
   flags.DEFINE_integer("seeds", 3, "seeds per alpha (config.seed + 0, 1, ...)")
   flags.DEFINE_string("lrs", "", "alpha = 0 LR sweep; the family takes the largest LR that keeps the "
@@ -135,7 +135,7 @@ def evaluate(policy, setup, examples, samples: int) -> dict:
   return out
 
 
-def train_and_evaluate(name, base, overrides, setup, policy, examples, samples, runs_dir, out):
+def train_and_evaluate(name, base, overrides, setup, policy, examples, samples, runs_dir, write):
   """One RL run from `policy`, its final policy evaluated on `examples`: {band: stats}."""
   from flax import nnx
   trainer = build_trainer(name, base, overrides, setup, policy, None, runs_dir)
@@ -143,8 +143,8 @@ def train_and_evaluate(name, base, overrides, setup, policy, examples, samples, 
   with open(trainer.writer.path) as f:
     for line in f:
       r = json.loads(line)
-      out.write(json.dumps({"kind": "rl", "run": name, **{k: r.get(k) for k in (
-          "step", "reward_mean", "accuracy", "response_len_mean", "kl")}}) + "\n")
+      write({"kind": "rl", "run": name, **{k: r.get(k) for k in (
+          "step", "reward_mean", "accuracy", "response_len_mean", "kl")}})
   return evaluate(nnx.merge(trainer.graphdef, trainer.state.params), setup, examples, samples)
 
 
@@ -211,13 +211,10 @@ def tables_markdown(rows: list[dict]) -> str:
   return "\n".join(out) + "\n"
 
 
-def plot_pareto(rows, path):
+def plot_pareto(rows, output: Output):
   """Accuracy vs tokens per alpha (mean over seeds, bars: sd), all problems and per band."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   bands = [b for b in BANDS if any(r["band"] == b for r in rows)]
-  fig, axes = plt.subplots(1, len(bands), figsize=(4 * len(bands), 3.6))
+  fig, axes = pyplot().subplots(1, len(bands), figsize=(4 * len(bands), 3.6))
   for ax, band in zip(axes, bands):
     for kind, marker in (("sampled", "o"), ("greedy", "s")):
       pts = [r for r in rows if r["band"] == band and r["alpha"] != "sft"]
@@ -237,19 +234,15 @@ def plot_pareto(rows, path):
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  output.figure(fig, "efficient_reasoning_pareto.png")
 
 
-def plot_bands(rows, path):
+def plot_bands(rows, output: Output):
   """Paired changes against alpha = 0 per band (mean over seeds, bars: sd)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   present = {r["band"] for r in rows}
   bands = [b for b, _, _ in DIFFICULTY_BANDS if b in present]
   alphas = sorted({r["alpha"] for r in rows if r["alpha"] not in ("sft", 0.0)})
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.6))
   width = 0.8 / max(len(alphas), 1)
   for k, alpha in enumerate(alphas):
     sel = {r["band"]: r for r in rows if r["alpha"] == alpha}
@@ -265,8 +258,7 @@ def plot_bands(rows, path):
     ax.grid(alpha=0.3, axis="y")
   axes[0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  output.figure(fig, "efficient_reasoning_difficulty.png")
 
 
 def main(argv):
@@ -279,24 +271,24 @@ def main(argv):
   base = args["config"].value
   setup, policy = ensure_policy(args.workdir, base, quick=args.quick)
   examples = held_out(setup.task, args.eval_per_digit)
-  os.makedirs(args.out, exist_ok=True)
+  output = Output(args.out)
   runs_dir = os.path.join(args.workdir, "efficient_reasoning")
   seeds = [int(base.seed) + k for k in range(args.seeds)]
   alphas = sorted(set([0.0] + [float(a) for a in args.alphas.split(",") if a]))
   t0 = time.perf_counter()
-  with open(os.path.join(args.out, "efficient_reasoning.jsonl"), "w") as out:
+  with output.jsonl("efficient_reasoning.jsonl") as write:
     sft = evaluate(policy, setup, examples, args.samples)
     for band in sft.values():
       band["samples"] = args.samples
-    out.write(json.dumps({"kind": "eval", "alpha": "sft", "stats": sft}) + "\n")
+    write({"kind": "eval", "alpha": "sft", "stats": sft})
     lr, sweep = float(base.rl.lr), []
     family = {a: {} for a in alphas}
     for sweep_lr in [float(x) for x in args.lrs.split(",") if x]:
       stats = train_and_evaluate(f"alpha_0_lr{sweep_lr:g}_s{seeds[0]}", base, rl_overrides(0.0, seeds[0], sweep_lr),
-                                 setup, policy, examples, args.samples, runs_dir, out)
+                                 setup, policy, examples, args.samples, runs_dir, write)
       keeps = keeps_sft(stats, sft)
       sweep.append({"lr": sweep_lr, "keeps_sft": keeps, **{k: stats["all"][k] for k in METRICS}})
-      out.write(json.dumps({"kind": "sweep", "lr": sweep_lr, "keeps_sft": keeps, "stats": stats}) + "\n")
+      write({"kind": "sweep", "lr": sweep_lr, "keeps_sft": keeps, "stats": stats})
       say(json.dumps({"kind": "sweep", **sweep[-1]}))
       family.setdefault("sweep", {})[sweep_lr] = stats
     if sweep:
@@ -310,27 +302,25 @@ def main(argv):
           continue
         family[alpha][seed] = train_and_evaluate(f"alpha_{alpha:g}_lr{lr:g}_s{seed}", base,
                                                  rl_overrides(alpha, seed, lr), setup, policy, examples,
-                                                 args.samples, runs_dir, out)
-        out.write(json.dumps({"kind": "eval", "alpha": alpha, "seed": seed, "lr": lr,
-                              "stats": family[alpha][seed]}) + "\n")
-        out.flush()
+                                                 args.samples, runs_dir, write)
+        write({"kind": "eval", "alpha": alpha, "seed": seed, "lr": lr, "stats": family[alpha][seed]})
         say(json.dumps({"kind": "eval", "alpha": alpha, "seed": seed,
                         **{k: round(v, 4) for k, v in family[alpha][seed]["all"].items() if k in METRICS}}))
     rows = summarize(family, sft, seeds)
     elapsed = time.perf_counter() - t0
-    out.write(json.dumps({"kind": "summary", "lr": lr, "sweep": sweep, "seeds": seeds, "rows": rows,
-                          "elapsed_s": round(elapsed, 1), "rl.steps": int(base.rl.steps),
-                          "eval_per_digit": args.eval_per_digit, "samples": args.samples}) + "\n")
+    write({"kind": "summary", "lr": lr, "sweep": sweep, "seeds": seeds, "rows": rows,
+           "elapsed_s": round(elapsed, 1), "rl.steps": int(base.rl.steps),
+           "eval_per_digit": args.eval_per_digit, "samples": args.samples})
   sweep_md = ["| rl.lr | keeps SFT accuracy | sampled acc | greedy acc | sampled tokens |", "|---|---|---|---|---|",
               f"| (SFT) | | {sft['all']['sampled_acc']:.3f} | {sft['all']['greedy_acc']:.3f} | {sft['all']['sampled_tokens']:.1f} |"]
   sweep_md += [f"| {s['lr']:g} | {'yes' if s['keeps_sft'] else 'no'} | {s['sampled_acc']:.3f} | {s['greedy_acc']:.3f} | "
                f"{s['sampled_tokens']:.1f} |" for s in sweep]
-  with open(os.path.join(args.out, "efficient_reasoning_tables.md"), "w") as f:
-    f.write(f"## LR sweep (alpha = 0, seed {seeds[0]}); the family's LR: {lr:g}\n\n" + "\n".join(sweep_md) + "\n"
-            f"\n## The family: mean ± sd over seeds {seeds}; changes paired against alpha = 0 of the same seed "
-            "(* : |mean| > 2 sd / sqrt(seeds))\n" + tables_markdown(rows))
-  plot_pareto(rows, os.path.join(args.out, "efficient_reasoning_pareto.png"))
-  plot_bands(rows, os.path.join(args.out, "efficient_reasoning_difficulty.png"))
+  output.markdown("efficient_reasoning_tables.md", (
+      f"## LR sweep (alpha = 0, seed {seeds[0]}); the family's LR: {lr:g}\n\n" + "\n".join(sweep_md) + "\n"
+      f"\n## The family: mean ± sd over seeds {seeds}; changes paired against alpha = 0 of the same seed "
+      "(* : |mean| > 2 sd / sqrt(seeds))\n" + tables_markdown(rows)))
+  plot_pareto(rows, output)
+  plot_bands(rows, output)
   say(json.dumps({"kind": "done", "lr": lr, "elapsed_s": round(elapsed, 1)}))
 
 

@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)
 
 from absl import flags  # noqa: E402
 
-from experiments.common import run_experiment, with_overrides  # noqa: E402
+from experiments.common import Output, define_output_flags, pyplot, run_experiment, with_overrides  # noqa: E402
 from tlt_jax import cli  # noqa: E402
 
 cli.skip_absent_tpu()  # one CPU device: a small model trains fastest unsharded
@@ -84,7 +84,7 @@ REFERENCE = "cosine"
 PAPER = {"horizon_gain": (0.006, 0.011), "models": "124M / 210M Llama-style", "steps": "50k -> 100k / 200k"}
 
 _CONFIG = cli.define_config_flag(os.path.join(ROOT, "configs", "default.py") + ":tiny")
-flags.DEFINE_string("out", "experiments/results/lr_schedules", "output directory")
+define_output_flags("experiments/results/lr_schedules")
 flags.DEFINE_string("size", "default", f"experiment size: one of {tuple(SIZES)}")
 flags.DEFINE_integer("seeds", 0, "seeds per setting (0: the size's)")
 flags.DEFINE_integer("steps", 0, "T, SFT steps per run (0: the size's)")
@@ -435,10 +435,8 @@ def report(analysis: dict, plan: Plan, elapsed: float, command: str) -> str:
   return "\n".join(md)
 
 
-def plot(records: list[dict], analysis: dict, plan: Plan, out_dir: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+def plot(records: list[dict], analysis: dict, plan: Plan, output: Output) -> None:
+  plt = pyplot()
   import numpy as np
 
   from tlt_jax.train import optim
@@ -477,8 +475,7 @@ def plot(records: list[dict], analysis: dict, plan: Plan, out_dir: str) -> None:
     axes[2].set_ylim(lo * 0.9, lo * 3)
   fig.suptitle(f"(i) Schedules at peak LR {plan.lr:g}: measured loss vs the convex bound")
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "lr_schedules_curves.png"), dpi=100)
-  plt.close(fig)
+  output.figure(fig, "lr_schedules_curves.png")
 
   # (ii) sweep: measured final loss vs LR, bound vs LR
   sweep = analysis.get("sweep", {})
@@ -505,8 +502,7 @@ def plot(records: list[dict], analysis: dict, plan: Plan, out_dir: str) -> None:
       ax.legend(fontsize=8)
     fig.suptitle("(ii) LR sweep per schedule")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "lr_schedules_sweep.png"), dpi=100)
-    plt.close(fig)
+    output.figure(fig, "lr_schedules_sweep.png")
 
   # (iii) cooldown
   cd = analysis.get("cooldown", [])
@@ -528,8 +524,7 @@ def plot(records: list[dict], analysis: dict, plan: Plan, out_dir: str) -> None:
     ax.set_title(f"(iii) WSD cooldown fraction, Spearman {analysis.get('cooldown_spearman', float('nan')):.2f}",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "lr_schedules_cooldown.png"), dpi=100)
-    plt.close(fig)
+    output.figure(fig, "lr_schedules_cooldown.png")
 
   # (iv) horizon
   hz = [r for r in records if r["part"] == "horizon"]
@@ -555,8 +550,7 @@ def plot(records: list[dict], analysis: dict, plan: Plan, out_dir: str) -> None:
       ax.legend(fontsize=8)
     fig.suptitle(f"(iv) Extending a tuned {T}-step WSD run to {2 * T} steps")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "lr_schedules_horizon.png"), dpi=100)
-    plt.close(fig)
+    output.figure(fig, "lr_schedules_horizon.png")
 
 
 # --- the experiment --------------------------------------------------------------------------
@@ -630,19 +624,15 @@ def run_all(config, plan: Plan, parts: set[str], workdir: str, out_dir: str, res
   PNGs)."""
   from tlt_jax.utils.compile_cache import enable_compile_cache
   enable_compile_cache()  # every run of a horizon compiles the same step: later ones load it
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, "lr_schedules.jsonl")
+  output = Output(out_dir)
+  path = output.path("lr_schedules.jsonl")
   done = {}
   if resume and os.path.isfile(path):
     from tlt_jax.utils.metrics import read_jsonl
     done = {r["key"]: r for r in read_jsonl(path) if "key" in r}
   t0 = time.perf_counter()
   setup, heldout = build(config, plan, workdir)
-  with open(path, "a" if resume else "w") as f:
-    def sink(rec):
-      f.write(json.dumps(rec) + "\n")
-      f.flush()
-
+  with output.jsonl("lr_schedules.jsonl", append=resume) as sink:
     records = execute(planned_runs(plan, parts), setup, heldout, plan, done, sink)
     tuned = analyse(records, plan)["tuned_wsd_lr"]
     records += execute(planned_runs(plan, parts - {"i", "ii"}, tuned), setup, heldout, plan, done, sink)
@@ -651,9 +641,9 @@ def run_all(config, plan: Plan, parts: set[str], workdir: str, out_dir: str, res
 
 def finish(records, plan, out_dir, elapsed, command) -> dict:
   analysis = analyse(records, plan)
-  with open(os.path.join(out_dir, "lr_schedules.md"), "w") as f:
-    f.write(report(analysis, plan, elapsed, command))
-  plot(records, analysis, plan, out_dir)
+  output = Output(out_dir)
+  output.markdown("lr_schedules.md", report(analysis, plan, elapsed, command))
+  plot(records, analysis, plan, output)
   return analysis
 
 

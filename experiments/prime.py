@@ -48,7 +48,8 @@ import numpy as np
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import ROOT, build_trainer, enable_compile_cache, run_experiment, with_overrides  # noqa: E402
+from experiments.common import (ROOT, Output, build_trainer, define_output_flags, enable_compile_cache,  # noqa: E402
+                                pyplot, run_experiment, with_overrides)
 
 PRIME_CONFIG = os.path.join(ROOT, "configs", "prime.py")
 RUNS = {"rloo": {"rl.token_rewards.prime": 0.0}, "prime": {}}
@@ -62,8 +63,8 @@ PAPER = ("Paper (Eurus-2-7B-SFT -> Eurus-2-7B-PRIME, Qwen2.5-Math-7B base, 7 mat
 
 def define_flags():
   from absl import flags
-  flags.DEFINE_string("workdir", "runs/prime", "main-job workdir holding sft/ (made there when missing)")
-  flags.DEFINE_string("out", "experiments/results/prime", "output directory")
+  define_output_flags("experiments/results/prime", workdir="runs/prime",
+                      workdir_help="main-job workdir holding sft/ (made there when missing)")
   flags.DEFINE_integer("seeds", 3, "seeds per arm (config.seed + 0, 1, ...)")
   flags.DEFINE_float("target_margin", 0.02, "target = the seed's SFT held-out accuracy + this")
   flags.DEFINE_string("prime_run", "prime", "run-directory name of the PRIME arm (a variant of prime.* "
@@ -95,7 +96,7 @@ RECORD_KEYS = ("step", "rollouts_total", "accuracy", "reward_mean", "prm_pairwis
                "token_reward_mean", "groups_dropped", "rollout_rounds", "step_time_s")
 
 
-def run_arms(base, setup, policy, runs_dir: str, seeds: list[int], out=None, prime_run: str = "prime") -> dict:
+def run_arms(base, setup, policy, runs_dir: str, seeds: list[int], write=None, prime_run: str = "prime") -> dict:
   """Both arms at every seed from `policy`: {arm: {seed: {"records": ..., "evals": ...}}}; the
   runs live in runs_dir/<arm>_s<seed> (the PRIME arm's under `prime_run`), finished ones reused."""
   from tlt_jax.utils.console import say
@@ -115,12 +116,11 @@ def run_arms(base, setup, policy, runs_dir: str, seeds: list[int], out=None, pri
         rec = {"kind": "eval", "run": arm, "seed": seed, "step": e["step"], "rollouts": e["rollouts"],
                "eval_accuracy": round(e["eval_accuracy"], 4)}
         say(json.dumps(rec))
-        if out:
-          out.write(json.dumps(rec) + "\n")
-      if out:
+        if write:
+          write(rec)
+      if write:
         for r in records:
-          out.write(json.dumps({"kind": "rl", "run": arm, "seed": seed, **{k: r.get(k) for k in RECORD_KEYS}}) + "\n")
-        out.flush()
+          write({"kind": "rl", "run": arm, "seed": seed, **{k: r.get(k) for k in RECORD_KEYS}})
       runs[arm][seed] = {"records": records, "evals": evals}
   return runs
 
@@ -211,13 +211,10 @@ def _band(ax, xs_SxN, ys_SxN, label):
   ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
 
 
-def plot(runs: dict, summary: dict, path: str) -> None:
+def plot(runs: dict, summary: dict, output: Output) -> None:
   """Held-out accuracy vs step and vs rollouts (mean over seeds, band: min-max), the PRM's
   pairwise accuracy before / after its update per step (mean over seeds, band: min-max)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  fig, axes = pyplot().subplots(1, 3, figsize=(14, 3.8))
   seeds = summary["seeds"]
   for arm in ARMS:
     evals = [runs[arm][s]["evals"] for s in seeds]
@@ -248,8 +245,7 @@ def plot(runs: dict, summary: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  output.figure(fig, "prime.png")
 
 
 def main(argv):
@@ -260,22 +256,22 @@ def main(argv):
   from tlt_jax.utils.console import say
   base = args["config"].value
   setup, policy = ensure_policy(args.workdir, base, quick=args.quick)
-  os.makedirs(args.out, exist_ok=True)
+  output = Output(args.out)
   seeds = [int(base.seed) + k for k in range(args.seeds)]
   if args.length_check:
     say(json.dumps(length_ranking(base, setup, policy, os.path.join(args.workdir, "prime"), args.length_check,
                                   seeds[0])))
     return
   t0 = time.perf_counter()
-  with open(os.path.join(args.out, "prime.jsonl"), "w") as out:
-    runs = run_arms(base, setup, policy, os.path.join(args.workdir, "prime"), seeds, out, args.prime_run)
+  with output.jsonl("prime.jsonl") as write:
+    runs = run_arms(base, setup, policy, os.path.join(args.workdir, "prime"), seeds, write, args.prime_run)
     summary = summarize(runs, args.target_margin)
     summary["elapsed_s"] = round(time.perf_counter() - t0, 1)
     summary["config"] = {"rl.steps": int(base.rl.steps), "rl.sample_eval_every": int(base.rl.sample_eval_every),
                          "rl.sample_eval_size": int(base.rl.sample_eval_size), "prime": base.prime.to_dict(),
                          "rl.advantage_kwargs": base.rl.advantage_kwargs.to_dict(), "rl.lr": float(base.rl.lr)}
-    out.write(json.dumps({"kind": "summary", **summary}) + "\n")
-  plot(runs, summary, os.path.join(args.out, "prime.png"))
+    write({"kind": "summary", **summary})
+  plot(runs, summary, output)
   say(json.dumps({"kind": "summary", **{k: v for k, v in summary.items() if k != "per_seed"}}))
 
 

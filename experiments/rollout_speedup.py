@@ -28,13 +28,13 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import (DEFAULT_CONFIG, cpu_peak_gflops, enable_compile_cache,  # noqa: E402
-                                ensure_policy_and_drafter, hard_prompts, run_experiment)
+from experiments.common import (DEFAULT_CONFIG, Output, cpu_peak_gflops, define_output_flags,  # noqa: E402
+                                enable_compile_cache, ensure_policy_and_drafter, hard_prompts, pyplot,
+                                run_experiment, timed)
 from tlt_jax import cli  # noqa: E402
 
 _CONFIG = cli.define_config_flag(DEFAULT_CONFIG)
-flags.DEFINE_string("workdir", "runs/default", "main-job workdir holding sft/ and drafter/")
-flags.DEFINE_string("out", "experiments/results/rollout_speedup", "output directory")
+define_output_flags("experiments/results/rollout_speedup", workdir="runs/default")
 flags.DEFINE_bool("quick", False, "reduced sweep (< 3 min once the policy exists)")
 flags.DEFINE_string("batches", "1,2,4,8,16,32,64", "active batch sizes")
 flags.DEFINE_string("strategies", "d3k1n3,d5k1n5,d4k2n6,d6k2n8", "draft strategies d<depth>k<topk>n<verify>")
@@ -77,12 +77,12 @@ def main(argv):
                        spec_threshold=1 << 30)
 
   def tok_s(result):
-    t = result.stats["time_s"]
-    return result.stats["num_tokens"] / (t["decode"] + t["speculative"]), result.stats["spec_accept_len"]
+    t = result.stats.time_s
+    return result.stats.num_tokens / (t["decode"] + t["speculative"]), result.stats.spec_accept_len
 
-  os.makedirs(args.out, exist_ok=True)
+  output = Output(args.out)
   rows = []
-  out_jsonl = open(os.path.join(args.out, "rollout_speedup.jsonl"), "w")
+  write = output.jsonl("rollout_speedup.jsonl")
   t_start = time.perf_counter()
   seed = 0
   for b in track(batches, "batches", unit="batch"):
@@ -106,7 +106,7 @@ def main(argv):
                  spec_tok_s=float(np.max(s_rates)), accept_len=float(np.mean(accepts)))
       rec["speedup"] = rec["spec_tok_s"] / rec["plain_tok_s"]
       rows.append(rec)
-      out_jsonl.write(json.dumps(rec) + "\n")
+      write(rec)
       say(json.dumps(rec))
     # The engine on its own: BEG-MAB over plain decoding and every strategy; after its
     # exploration, time it against plain decoding side by side.
@@ -123,10 +123,10 @@ def main(argv):
       res = spec.generate(params, prompts, plens, args.max_new, jax.random.key(seed), drafter_params=dparams,
                           selector=bandit)
       s_rates.append(tok_s(res)[0])
-      accepts.append(res.stats["spec_accept_len"] or 1.0)
-      for c in res.stats["chunks"]:  # decode time per arm: what auto spent its time on
-        name = c["strategy"] or "plain"
-        arms[name] = arms.get(name, 0.0) + c["time_s"]
+      accepts.append(res.stats.spec_accept_len or 1.0)
+      for c in res.stats.chunks:  # decode time per arm: what auto spent its time on
+        name = c.strategy or "plain"
+        arms[name] = arms.get(name, 0.0) + c.time_s
     best = bandit.best(b)
     total = sum(arms.values())
     rec = dict(batch=b, strategy="auto", plain_tok_s=float(np.max(p_rates)), spec_tok_s=float(np.max(s_rates)),
@@ -137,7 +137,7 @@ def main(argv):
     rec["speedup"] = rec["spec_tok_s"] / rec["plain_tok_s"]
     rec["plain_step_ms"] = 1000.0 * b / float(np.max(plain_runs + p_rates))
     rows.append(rec)
-    out_jsonl.write(json.dumps(rec) + "\n")
+    write(rec)
     say(json.dumps(rec))
   verify = verify_cost(policy, [1, 2, 3, 5, 9])
   draft = draft_level_cost(policy, drafter, [1, 8])
@@ -151,11 +151,11 @@ def main(argv):
     regime.append(dict(batch=b, plain_step_ms=ms, plain_tok_s=auto[b]["plain_tok_s"], gflop_s=gflops,
                        frac_of_peak=gflops / peak))
   for rec in regime + draft + [dict(regime="cpu_peak", gflop_s=peak, params=n_params)]:
-    out_jsonl.write(json.dumps(dict(rec, regime=rec.get("regime", "plain_step"))) + "\n")
+    write(dict(rec, regime=rec.get("regime", "plain_step")))
   for rec in verify:
-    out_jsonl.write(json.dumps(rec) + "\n")
+    write(rec)
     say(json.dumps(rec))
-  out_jsonl.close()
+  write.close()
   elapsed = time.perf_counter() - t_start
 
   md = ["# Rollout speed-up of speculative decoding (side by side, one process)\n",
@@ -175,9 +175,8 @@ def main(argv):
         "\n## One draft level (drafter layer + the shared LM head, one token per row)\n",
         "A d-deep chain costs d of these plus one verify of d + 1 tokens per round.\n",
         markdown_table(draft, ["batch", "ms", "vs_target_1_token"])]
-  with open(os.path.join(args.out, "rollout_speedup.md"), "w") as f:
-    f.write("\n".join(md))
-  plot(rows, batches, strategies, os.path.join(args.out, "rollout_speedup.png"))
+  output.markdown("rollout_speedup.md", md)
+  plot(rows, batches, strategies, output)
   say(json.dumps({"plain_tok_s_batch1": auto[batches[0]]["plain_tok_s"],
                     "plain_tok_s_batch_max": auto[batches[-1]]["plain_tok_s"], "elapsed_s": elapsed}))
 
@@ -209,13 +208,7 @@ def draft_level_cost(policy, drafter, batches, rounds: int = 50, repeats: int = 
         return c2.replace(lengths=c.lengths), f2
       return jax.lax.fori_loop(0, rounds, body, (c, jnp.zeros((b, 1, d), jnp.float32)))
 
-    jax.block_until_ready(loop(tparams, dparams, cache))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(loop(tparams, dparams, cache))
-      times.append((time.perf_counter() - t0) / rounds)
-    ms = 1000 * min(times)
+    ms = 1000 * min(timed(lambda: loop(tparams, dparams, cache), repeats)) / rounds
     out.append({"regime": "draft_level", "batch": b, "ms": ms, "vs_target_1_token": ms / base})
   return out
 
@@ -241,24 +234,15 @@ def verify_cost(policy, token_counts, rounds: int = 50, repeats: int = 15):
 
       return jax.lax.fori_loop(0, rounds, body, c)
 
-    jax.block_until_ready(loop(params, cache))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(loop(params, cache))
-      times.append((time.perf_counter() - t0) / rounds)
-    out.append({"regime": "verify_tokens", "tokens": t, "ms": 1000 * min(times)})
+    ms = 1000 * min(timed(lambda: loop(params, cache), repeats)) / rounds
+    out.append({"regime": "verify_tokens", "tokens": t, "ms": ms})
   for rec in out:
     rec["vs_1_token"] = rec["ms"] / out[0]["ms"]
   return out
 
 
-def plot(rows, batches, strategies, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+def plot(rows, batches, strategies, output: Output):
+  fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4))
   for name in [s.name for s in strategies] + ["auto"]:
     pts = [(r["batch"], r["speedup"]) for r in rows if r["strategy"] == name]
     ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, lw=2.5 if name == "auto" else 1)
@@ -275,8 +259,7 @@ def plot(rows, batches, strategies, path):
   ax2.set_ylabel("ms per plain decode step")
   ax2.set_title("plain decode step cost vs batch")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  output.figure(fig, "rollout_speedup.png")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from tlt_jax.analysis.costs import CostModel, Strategy, parse_strategy, strategy_name
+from tlt_jax.analysis.costs import CostModel, Strategy, strategy_name
 from tlt_jax.rollout.decode import bucket_for, compacted_rows
 from tlt_jax.rollout.records import BetweenSteps, ChunkRecord, RolloutResult, RolloutStats
 from tlt_jax.rollout.strategy import PLAIN

@@ -24,7 +24,6 @@ agree in distribution, not bitwise.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -38,7 +37,7 @@ from tlt_jax.rollout.engine import RolloutEngine
 from tlt_jax.rollout.records import RolloutResult, StepAccount
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.rollout.speculative import SpeculativeDecoder
-from tlt_jax.rollout.strategy import PLAIN, Strategy, parse_strategy, strategy_name
+from tlt_jax.rollout.strategy import Strategy, parse_strategy, strategy_name
 from tlt_jax.tlt.bandit import BegMab
 from tlt_jax.tlt.buffer import DrafterBuffer, rows_for_budget
 from tlt_jax.tlt.config import TLTConfig
@@ -156,6 +155,11 @@ class TLTRuntime:
   def trains_drafter(self) -> bool:
     """Whether a drafter trains (in the bubbles or between steps) in this run."""
     return self.trainer is not None
+
+  @property
+  def trains_in_bubbles(self) -> bool:
+    """Whether the drafter trains in the idle groups' bubbles (else between steps, or not at all)."""
+    return self.scheduler.train_in_bubbles
 
   @property
   def drafter_version(self) -> int | None:
