@@ -1,10 +1,13 @@
 """The TLT step simulator on hand-computable cases: known lengths and costs give exact times."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from tlt_jax.analysis.costs import ConstantCosts
-from tlt_jax.analysis.sim import VARIANTS, AcceptModel, RolloutSpec, simulate_rollout, simulate_run
+from tlt_jax.analysis.sim import VARIANTS, AcceptModel, RolloutSpec, Simulation, simulate_rollout, simulate_run
+from tlt_jax.tlt.scheduler import HostScheduler
 
 PLAIN_V, STATIC_V, TLT_V = VARIANTS
 MS = 1e-3
@@ -40,6 +43,31 @@ def test_two_groups_plain_and_tlt_exact():
   # the step adds the update: (5 + 11 responses + 2 x 8 prompt tokens) x 0.1 ms
   rec = simulate_run([GROUPS], SPEC, _costs(), AcceptModel(), PLAIN_V)[0]
   assert rec["step_time_s"] == pytest.approx(20 * MS + 32 * 0.1 * MS)
+
+
+def test_the_runtimes_scheduler_queues_the_drafter_steps():
+  """The simulator runs tlt/scheduler.HostScheduler, queue included: with max_in_flight=2 it keeps
+  two drafter steps queued on A from 8.5, so when B finishes (20) one step runs (to 20.5) and one
+  waits (to 22.5); the preemption completes both. 7 steps, A training 8.5-22.5; bubble (22.5 -
+  8.5) + (22.5 - 20) = 16.5 ms."""
+  spec = dataclasses.replace(SPEC, max_in_flight=2)
+  assert isinstance(Simulation(spec, _costs(), AcceptModel(), TLT_V, 2).scheduler, HostScheduler)
+  tlt = simulate_rollout(GROUPS, spec, _costs(), AcceptModel(), TLT_V)
+  assert tlt["drafter_steps"] == 7 and tlt["rollout_s"] == pytest.approx(22.5 * MS)
+  assert tlt["preempt_wait_s"] == pytest.approx(2.5 * MS) and tlt["bubble_s"] == pytest.approx(16.5 * MS)
+  assert tlt["bubble_utilisation"] == pytest.approx(14 / 16.5)
+
+  # Three groups: A (done at its prefill, 2), B (prefill 2-4, a chunk 4-8.5, read at 10.5 after C's
+  # prefill 8.5-10.5), C (chunks 10.5-15, 15-19.5, 19.5-24). The first step (10.5) runs on A; once
+  # B is idle too the scheduler waits for the queue to drain (12.5) and trains on A and B when
+  # their split divides the drafter batch (2), on A alone when it does not (3): 7 steps to 24.5.
+  three = [np.array([1]), np.array([5]), np.array([13])]
+  for batch, trained in ((2, 14 + 12), (3, 14)):
+    r = simulate_rollout(three, dataclasses.replace(SPEC, drafter_batch_size=batch), _costs(), AcceptModel(), TLT_V)
+    assert r["drafter_steps"] == 7 and r["rollout_s"] == pytest.approx(24.5 * MS)
+    assert r["group_done_s"] == pytest.approx([2 * MS, 10.5 * MS, 24 * MS])
+    assert r["bubble_s"] == pytest.approx((22.5 + 14 + 0.5) * MS)
+    assert r["drafter_train_s"] == pytest.approx(trained * MS)
 
 
 def test_compaction_and_copy_out_costs():
