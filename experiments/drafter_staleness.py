@@ -86,7 +86,7 @@ def main(argv):
     for k in range(args.probe_repeats):
       res = probe.generate(params, prompts, plens, args.max_new, group.replicate(jax.random.key(1000 + k)),
                            drafter_params=dparams, selector=FixedSelector(strategy))
-      lens.append(res.stats["spec_accept_len"])
+      lens.append(res.stats.spec_accept_len)
     return float(np.mean(lens))
 
   rows = []
