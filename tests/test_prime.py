@@ -49,8 +49,9 @@ def _setup():
 def _scorer(order: str, lr: float = 1e-2, norm: str = "none"):
   graphdef, params, ref_params, logprob_fn, _, _ = _setup()
   config = ml_collections.ConfigDict(dict(
-      rl=dict(token_rewards=dict(prime=1.0)),
-      prime=dict(beta=BETA, lr=lr, update_order=order, max_grad_norm=0.0, process_norm=norm)))
+      rl=dict(token_rewards=dict(prime=1.0), group_size=0),
+      prime=dict(beta=BETA, lr=lr, update_order=order, max_grad_norm=0.0, weight_decay=0.0,
+                 process_norm=norm)))
   ctx = ScorerContext(graphdef, params, ref_params, None, 1.0, logprob_fn)
   (weight, scorer), = build_scorers(config, ctx).values()
   assert weight == 1.0 and isinstance(scorer, prime.ImplicitPRM) and scorer.reuse_ref

@@ -141,7 +141,7 @@ def _check_rl_inputs(config, task, tokenizer, model_cfg: ModelConfig, mesh) -> N
                                  "(the prompt needs room too)")
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   rows = rl.prompts_per_step * rl.group_size // rl.micro_batches
-  if not rl.get("pack", False) and mesh.size > 1 and rows % shards:
+  if not rl.pack and mesh.size > 1 and rows % shards:
     raise config_lib.ConfigError(
         f"config.rl.micro_batches={rl.micro_batches} is not allowed: a micro-batch of {rows} rows "
         f"(rl.prompts_per_step * rl.group_size / rl.micro_batches) does not divide over the mesh's "

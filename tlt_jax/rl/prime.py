@@ -89,10 +89,9 @@ class PrimeConfig:
                         "allowed: a config with prime.beta, prime.lr, prime.update_order (configs/prime.py)")
     p = config.prime
     return cls(beta=float(p.beta), lr=float(p.lr), update_order=str(p.update_order),
-               max_grad_norm=float(p.get("max_grad_norm", 1.0)),
-               weight_decay=float(p.get("weight_decay", 0.0)),
-               process_norm=str(p.get("process_norm", "batch_norm")),
-               group_size=int(config.rl.get("group_size", 0)), micro_batches=int(micro_batches))
+               max_grad_norm=float(p.max_grad_norm), weight_decay=float(p.weight_decay),
+               process_norm=str(p.process_norm), group_size=int(config.rl.group_size),
+               micro_batches=int(micro_batches))
 
 
 def token_rewards(logp_BxL, ref_logp_BxL, mask_BxL, beta: float):

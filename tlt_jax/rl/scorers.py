@@ -64,5 +64,5 @@ class KLPenaltyScorer:
 def build_scorers(config, ctx: ScorerContext) -> dict[str, tuple[float, Any]]:
   """{name: (weight, scorer)} of the non-zero weights in `rl.token_rewards` (rl/prime.py
   registers "prime" when the package is imported: rl/__init__.py)."""
-  weights = dict(config.rl.get("token_rewards", None) or {})
+  weights = dict(config.rl.token_rewards)
   return {name: (float(w), _SCORERS.get(name)(config, ctx)) for name, w in weights.items() if float(w)}

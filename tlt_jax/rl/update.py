@@ -105,14 +105,14 @@ class UpdateConfig:
   def from_config(cls, rl_cfg: Mapping[str, Any], temperature: float) -> "UpdateConfig":
     """From the config's `rl` section (clip_eps_high 0 means symmetric; an `aggregation` in
     rl.loss_kwargs replaces rl.aggregation)."""
-    loss_kwargs = dict(rl_cfg.get("loss_kwargs", None) or {})
+    loss_kwargs = dict(rl_cfg["loss_kwargs"])
     if "clip_eps_high" in loss_kwargs:
       loss_kwargs["clip_eps_high"] = float(loss_kwargs["clip_eps_high"]) or None
     return cls(clip_eps=float(rl_cfg["clip_eps"]),
                clip_eps_high=float(rl_cfg["clip_eps_high"]) or None,
                aggregation=str(loss_kwargs.pop("aggregation", rl_cfg["aggregation"])),
                kl_coef=float(rl_cfg["kl_coef"]), temperature=float(temperature),
-               micro_batches=int(rl_cfg["micro_batches"]), loss=str(rl_cfg.get("loss", "ppo_clip")),
+               micro_batches=int(rl_cfg["micro_batches"]), loss=str(rl_cfg["loss"]),
                loss_kwargs=tuple(sorted(loss_kwargs.items())))
 
 
