@@ -78,7 +78,7 @@ def eval_examples(task, sizes, per_size: int, seed: int):
 
   import numpy as np
 
-  from tlt_jax.data.zebra.puzzle import generate_puzzle
+  from tlt_jax.data.zebra.generate import generate_puzzle
   task = dataclasses.replace(task, z3=True)
   out = []
   for n, m in sizes:
