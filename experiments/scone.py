@@ -59,13 +59,15 @@ def parse_fgram_model(spec: str) -> tuple[int, int]:
 
 
 def plain_config(cfg, spec: str):
-  """The main model's config at "<layers>x<hidden>" (intermediate 3 x hidden, same heads)."""
+  """The main model's config at "<layers>x<hidden>" (intermediate 3 x hidden, the same number of
+  heads, head_dim = hidden / heads: every projection widens with the model)."""
   from tlt_jax.errors import ConfigError
   layers, hidden = parse_fgram_model(spec)
   if hidden % cfg.num_heads:
     raise ConfigError(f"experiment.plain_models entry {spec!r}: hidden {hidden} is not a multiple of "
                       f"model.num_heads={cfg.num_heads}")
-  return dataclasses.replace(cfg, num_layers=layers, hidden_size=hidden, intermediate_size=3 * hidden)
+  return dataclasses.replace(cfg, num_layers=layers, hidden_size=hidden, intermediate_size=3 * hidden,
+                             head_dim=hidden // cfg.num_heads)
 
 
 def grid_rows(c, cfg, sizes, base):
