@@ -5,6 +5,9 @@
 
 `scone.fgram_vocab_size` = |V_f| (0: SCONE off, the plain model); `experiment.vocab_sizes` and
 `experiment.fgram_models` ("<layers>x<width>") span the grid; the main model stays fixed.
+`experiment.plain_models` ("<layers>x<hidden>", intermediate 3 x hidden) are the larger plain
+baselines (about 2x and 4x the main model's parameters, so 2x and 4x its inference FLOPs), every
+row trained with each of `experiment.seeds`. The f-gram models are no larger than the main model.
 """
 
 import ml_collections
@@ -32,11 +35,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       fgram_vocab_size=512 if tiny else 8192, max_n=6, fgram_layers=1, fgram_hidden=32 if tiny else 64,
       fgram_heads=4, fgram_intermediate=0, count_capacity=1 << 20))
   c.train = ml_collections.ConfigDict(dict(
-      steps=40 if tiny else 300, batch_size=8 if tiny else 16, seq_len=64 if tiny else 128,
+      steps=40 if tiny else 150, batch_size=8 if tiny else 16, seq_len=64 if tiny else 128,
       lr=3e-3, warmup_steps=5 if tiny else 30, weight_decay=0.01, eval_batches=4 if tiny else 16))
   c.experiment = ml_collections.ConfigDict(dict(
-      vocab_sizes=(0, 128, 512) if tiny else (0, 1024, 8192, 65536),
-      fgram_models=("1x32",) if tiny else ("1x32", "2x64"),
+      vocab_sizes=(0, 128, 512) if tiny else (0, 8192),
+      fgram_models=("1x32",) if tiny else ("1x32", "2x56"),
+      plain_models=("2x48",) if tiny else ("2x96", "2x128"),
+      seeds=(0,) if tiny else (0, 1, 2),
       decode_batch=4 if tiny else 8, decode_prompt=16 if tiny else 32,
       decode_tokens=16 if tiny else 96, decode_repeats=1 if tiny else 3))
   return c

@@ -38,25 +38,25 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # deduction trace is <= ~110 characters, 4x4 <= ~190, for the sizes evaluated beyond training).
   c.model.num_layers = 4
   c.model.max_position_embeddings = 320
-  c.sft.update(dict(steps=300, batch_size=16, max_len=192, lr=3e-3, warmup_steps=30, eval_every=300,
+  c.sft.update(dict(steps=700, batch_size=16, max_len=192, lr=3e-3, warmup_steps=30, eval_every=700,
                     eval_size=128, log_every=50))
   c.eval.update(dict(max_new_tokens=224, batch_size=256))
   c.rollout.update(dict(max_new_tokens=224, temperature=1.0, spec_threshold=0))
   c.tlt.update(dict(speculative=False, train_drafter=False, rollout_groups=1, single_group="off"))
-  c.rl.update(dict(steps=8, prompts_per_step=8, group_size=8, lr=3e-5, min_difficulty=2,
+  c.rl.update(dict(steps=30, prompts_per_step=8, group_size=8, lr=1e-4, min_difficulty=2,
                    eval_size=0, sample_eval_every=0, checkpoint_every=100, length_bucket=64))
   c.rl.rewards = ml_collections.ConfigDict(dict(verifier=1.0, format=0.1, length_penalty=0.0,
                                                 partial_credit=0.0))
   # experiments/zebra_scaling.py: which RL variants, and the evaluation across sizes.
   c.zebra = ml_collections.ConfigDict(dict(
-      variants="grpo,grpo_cells",  # RL variants after SFT: verifier reward; + cell-accuracy reward
+      variants="grpo",  # RL variants after SFT: "grpo" verifier reward; "grpo_cells" + cell-accuracy reward
       cell_reward_weight=0.5,  # grpo_cells: r = verifier + this * cell accuracy (+ format)
       # Evaluation sizes "NxM": the training range 2..3 x 2..3, and beyond it 2x4, 3x4 (a 4th
       # attribute), 4x2, 4x3 (a 4th house): small, medium (1,296 and 13,824).
       eval_sizes="2x2,2x3,3x2,3x3,2x4,4x2,3x4,4x3",
       eval_per_size=10, eval_seed=1234,
-      samples=16,  # samples per puzzle at rollout temperature: best-of-N / majority-of-N, N | samples
-      best_of=(1, 4, 16),
+      samples=8,  # samples per puzzle at rollout temperature: best-of-N / majority-of-N, N | samples
+      best_of=(1, 4, 8),
   ))
   if arg == "quick":
     c.model.update(dict(num_layers=2, hidden_size=64, intermediate_size=192, max_position_embeddings=256))

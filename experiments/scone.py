@@ -22,6 +22,7 @@ Prints one JSON line per record; writes OUT/scone.{jsonl,md} and OUT/scone.png.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -55,6 +56,39 @@ def parse_fgram_model(spec: str) -> tuple[int, int]:
     return layers, width
   except ValueError:
     raise ConfigError(f"experiment.fgram_models entry {spec!r} must be '<layers>x<width>', e.g. '1x64'") from None
+
+
+def plain_config(cfg, spec: str):
+  """The main model's config at "<layers>x<hidden>" (intermediate 3 x hidden, the same number of
+  heads, head_dim = hidden / heads: every projection widens with the model)."""
+  from tlt_jax.errors import ConfigError
+  layers, hidden = parse_fgram_model(spec)
+  if hidden % cfg.num_heads:
+    raise ConfigError(f"experiment.plain_models entry {spec!r}: hidden {hidden} is not a multiple of "
+                      f"model.num_heads={cfg.num_heads}")
+  return dataclasses.replace(cfg, num_layers=layers, hidden_size=hidden, intermediate_size=3 * hidden,
+                             head_dim=hidden // cfg.num_heads)
+
+
+def grid_rows(c, cfg, sizes, base):
+  """(|V_f|, f-gram model spec, SconeConfig or None, main ModelConfig) of every row: the main
+  model plain, the larger plain baselines, then every (|V_f| > 0, f-gram model)."""
+  from tlt_jax.models import scone
+  rows = [(0, "-", None, cfg)] if 0 in sizes else []
+  rows += [(0, "-", None, plain_config(cfg, spec)) for spec in c.experiment.plain_models]
+  for k in (k for k in sizes if k > 0):
+    for spec in c.experiment.fgram_models:
+      layers, width = parse_fgram_model(spec)
+      rows.append((k, spec, scone.SconeConfig(**{**base, "fgram_vocab_size": k, "fgram_layers": layers,
+                                                 "fgram_hidden": width}), cfg))
+  return rows
+
+
+def row_name(k: int, spec: str, mcfg, cfg) -> str:
+  shape = f"{mcfg.num_layers}x{mcfg.hidden_size}"
+  if k:
+    return f"SCONE {shape} + |V_f| {k} f-gram {spec}"
+  return f"plain {shape}" + (" (main)" if mcfg == cfg else "")
 
 
 def _say(rec: dict, out_file) -> None:
@@ -165,39 +199,33 @@ def run(config, out_dir: str, command: str) -> list[dict]:
         "positions_per_s": ids.size / match_s, "match_rate": float((ids >= 0).mean()),
         "mean_matched_len": float(big.lengths_F[ids[ids >= 0]].mean()) if (ids >= 0).any() else 0.0})
 
-  # 4. The grid.
-  tr = c.train
+  # 4. The grid: every row with every seed (same seed, same batches across rows).
+  tr, ex = c.train, c.experiment
   val_tokens = eval_windows(val, tr.eval_batches * tr.batch_size, tr.seq_len)
-  flops = None
   best = None
-  for k in sizes:
-    for spec in (c.experiment.fgram_models if k > 0 else ("-",)):
-      scfg = None
-      if k > 0:
-        layers, width = parse_fgram_model(spec)
-        scfg = scone.SconeConfig(**{**base, "fgram_vocab_size": k, "fgram_layers": layers, "fgram_hidden": width})
-      model = scone.build_model(cfg, scfg, seed=c.seed)
+  for seed in (int(s) for s in ex.seeds):
+    for k, spec, scfg, mcfg in grid_rows(c, cfg, sizes, base):
+      model = scone.build_model(mcfg, scfg, seed=seed)
       vocab = vocab_of(k) if k else None
       stats = train_lm(model, vocab, train, steps=tr.steps, batch_size=tr.batch_size, seq_len=tr.seq_len,
-                       lr=tr.lr, warmup_steps=tr.warmup_steps, weight_decay=tr.weight_decay, seed=c.seed,
+                       lr=tr.lr, warmup_steps=tr.warmup_steps, weight_decay=tr.weight_decay, seed=seed,
                        log_every=max(tr.steps // 4, 1))
       main = model.main if k else model
       table = scone.build_table(model, vocab) if k else None
       ev = eval_lm(main, table, val_tokens, tr.batch_size)
       fl = _forward_flops(main, table, tr.seq_len)
-      flops = fl if flops is None else flops
       val_match = float((vocab.match_sequences(val_tokens) >= 0).mean()) if k else 0.0
-      rec = {"record": "run", "fgram_vocab_size": k, "fgram_model": spec,
-             "fgram_params": scfg.fgram_params(cfg) if scfg else 0,
-             "main_params": cfg.num_params, "main_nonembed_params": cfg.num_params - cfg.vocab_size * cfg.hidden_size,
-             "inference_flops_per_seq": fl, "seq_len": tr.seq_len,
+      rec = {"record": "run", "seed": seed, "row": row_name(k, spec, mcfg, cfg), "fgram_vocab_size": k,
+             "fgram_model": spec, "fgram_params": scfg.fgram_params(cfg) if scfg else 0,
+             "main_params": mcfg.num_params, "main_nonembed_params": mcfg.num_params - mcfg.vocab_size * mcfg.hidden_size,
+             "params_over_main": mcfg.num_params / cfg.num_params,
+             "inference_flops_per_seq": fl, "seq_len": tr.seq_len, "train_tokens_seen": tr.steps * tr.batch_size * tr.seq_len,
              "table_host_bytes": table.nbytes if table else 0, **ev, **stats, "val_match_rate": val_match}
       emit(rec)
-      if k and (best is None or (k, scfg.fgram_params(cfg)) > best[0]):
+      if k and seed == int(ex.seeds[0]) and (best is None or (k, scfg.fgram_params(cfg)) > best[0]):
         best = ((k, scfg.fgram_params(cfg)), main, table, spec)
 
-  # 5. Decode cost of the host lookup (the largest V_f, the largest f-gram model).
-  ex = c.experiment
+  # 5. Decode cost of the host lookup (the largest V_f, the largest f-gram model, the first seed).
   if best is not None:
     _, main, table, spec = best
     prompts = eval_windows(val[len(val) // 2:], ex.decode_batch, ex.decode_prompt)
@@ -223,24 +251,62 @@ def run(config, out_dir: str, command: str) -> list[dict]:
   return records
 
 
+def _mean_sd(xs) -> tuple[float, float]:
+  import numpy as np
+  xs = np.asarray(xs, float)
+  return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+
+
+def summarize(records: list[dict]) -> list[dict]:
+  """One row per grid row: mean and sample SD over seeds of val ppl, FLOPs and sizes."""
+  runs = [r for r in records if r["record"] == "run"]
+  names = list(dict.fromkeys(r["row"] for r in runs))
+  main = next((r for r in runs if r["row"].endswith("(main)")), None)
+  out = []
+  for name in names:
+    rs = [r for r in runs if r["row"] == name]
+    ppl, sd = _mean_sd([r["val_ppl"] for r in rs])
+    rel = None
+    if main is not None:  # paired by seed against the plain main model
+      by_seed = {r["seed"]: r["val_ppl"] for r in runs if r["row"] == main["row"]}
+      rel = _mean_sd([(r["val_ppl"] / by_seed[r["seed"]] - 1) * 100 for r in rs if r["seed"] in by_seed])
+    out.append({"row": name, "seeds": sorted(r["seed"] for r in rs), "val_ppl": ppl, "val_ppl_sd": sd,
+                "val_ppl_min": min(r["val_ppl"] for r in rs), "val_ppl_max": max(r["val_ppl"] for r in rs),
+                "vs_main_pct": rel[0] if rel else None, "vs_main_pct_sd": rel[1] if rel else None,
+                **{k: rs[0][k] for k in ("fgram_vocab_size", "fgram_model", "fgram_params", "main_params",
+                                         "params_over_main", "inference_flops_per_seq", "train_flops",
+                                         "train_tokens_seen", "table_host_bytes")},
+                "train_s": _mean_sd([r["train_s"] for r in rs])[0]})
+  return out
+
+
 def report(records: list[dict], command: str) -> str:
   runs = [r for r in records if r["record"] == "run"]
   one = {r["record"]: r for r in records if r["record"] != "run"}
-  base = next((r for r in runs if r["fgram_vocab_size"] == 0), None)
-  lines = [f"# SCONE at tiny scale\n\nCommand: `{command}` ({one['total']['time_s'] / 60:.1f} min). "
-           "Timings are from a shared, loaded 2-core CPU machine: compare within a table only.\n",
-           "| |V_f| | f-gram model | f-gram params | val ppl | val bits/char | vs baseline | val match rate | "
-           "inference FLOPs / seq | table host MB | train s |",
-           "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  rows = summarize(records)
+  seeds = sorted({r["seed"] for r in runs})
+  lines = [f"# SCONE at tiny scale\n\nCommand: `{command}` ({one['total']['time_s'] / 60:.1f} min), seeds "
+           f"{seeds}. Val ppl: mean ± sample SD over the seeds [min, max]; vs main: the per-seed change "
+           "against the plain main model, mean ± SD. Timings are from a shared, loaded 2-core CPU machine.\n",
+           "| model | params (x main) | f-gram params | val ppl | vs main | inference FLOPs / seq | "
+           "training FLOPs | table host MB | train s |",
+           "|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    rel = f"{r['vs_main_pct']:+.1f} ± {r['vs_main_pct_sd']:.1f} %" if r["vs_main_pct"] is not None else ""
+    lines.append(f"| {r['row']} | {r['main_params']:,} ({r['params_over_main']:.2f}x) | {r['fgram_params']:,} | "
+                 f"{r['val_ppl']:.3f} ± {r['val_ppl_sd']:.3f} [{r['val_ppl_min']:.3f}, {r['val_ppl_max']:.3f}] | "
+                 f"{rel} | {r['inference_flops_per_seq']:.4g} | {r['train_flops']:.3g} | "
+                 f"{r['table_host_bytes'] / 2**20:.2f} | {r['train_s']:.0f} |")
+  lines += ["", "Per seed:", "", "| model | seed | val ppl | val bits/char | train loss | val match rate |",
+            "|:---|---:|---:|---:|---:|---:|"]
   for r in runs:
-    rel = f"{(r['val_ppl'] / base['val_ppl'] - 1) * 100:+.1f}%" if base else ""
-    lines.append(f"| {r['fgram_vocab_size']} | {r['fgram_model']} | {r['fgram_params']:,} | {r['val_ppl']:.3f} | "
-                 f"{r['val_bits_per_char']:.3f} | {rel} | {r['val_match_rate']:.2f} | "
-                 f"{r['inference_flops_per_seq']:.4g} | {r['table_host_bytes'] / 2**20:.2f} | {r['train_s']:.0f} |")
+    lines.append(f"| {r['row']} | {r['seed']} | {r['val_ppl']:.3f} | {r['val_bits_per_char']:.3f} | "
+                 f"{r['train_loss']:.3f} | {r['val_match_rate']:.2f} |")
   cnt, m = one["count"], one["match"]
-  lines += ["", f"Main model: {runs[0]['main_params']:,} params ({runs[0]['main_nonembed_params']:,} non-embedding), "
-            f"the same in every row; inference FLOPs per {runs[0]['seq_len']}-token forward from XLA's cost analysis "
-            "(the f-gram model never runs at inference).", "",
+  lines += ["", f"Every model sees {runs[0]['train_tokens_seen']:,} training tokens. Inference FLOPs per "
+            f"{runs[0]['seq_len']}-token forward and training FLOPs (one step x steps: forward, backward and "
+            "update, the f-gram model included for SCONE) from XLA's cost analysis; the f-gram model never "
+            "runs at inference.", "",
             f"Counting: {cnt['ngrams_seen']:,} n-grams (2..{cnt['max_n']}) streamed in 64 chunks, "
             f"{cnt['tokens_per_s']:,.0f} tokens/s, {cnt['distinct_kept']:,} distinct kept, error bound "
             f"{cnt['error_bound']}; the largest V_f's rarest f-gram occurs {cnt['min_count_in_largest_vf']} times.",
@@ -254,12 +320,6 @@ def report(records: list[dict], command: str) -> str:
               f"({d['scone_over_plain']:.2f}x); one host lookup for the batch takes "
               f"{d['host_lookup_us_per_step']:.0f} us; table + matcher {d['table_host_bytes'] / 2**20:.2f} MB of host RAM."]
   lines += ["", PAPER]
-  if base and len(runs) > 1:
-    sc = [r for r in runs if r["fgram_vocab_size"] > 0]
-    best = min(sc, key=lambda r: r["val_ppl"])
-    lines += ["", f"Ours: the best SCONE run (|V_f| = {best['fgram_vocab_size']}, f-gram model {best['fgram_model']}) "
-              f"reaches val ppl {best['val_ppl']:.3f} against the baseline's {base['val_ppl']:.3f} at the same "
-              "inference FLOPs."]
   return "\n".join(lines) + "\n"
 
 
@@ -267,26 +327,20 @@ def plot(records: list[dict], out_dir: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  runs = [r for r in records if r["record"] == "run"]
-  base = next((r for r in runs if r["fgram_vocab_size"] == 0), None)
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  ax = axes[0]
-  for spec in sorted({r["fgram_model"] for r in runs if r["fgram_vocab_size"] > 0}):
-    rs = sorted((r for r in runs if r["fgram_model"] == spec), key=lambda r: r["fgram_vocab_size"])
-    ax.plot([r["fgram_vocab_size"] for r in rs], [r["val_ppl"] for r in rs], "o-", label=f"f-gram model {spec}")
-  if base:
-    ax.axhline(base["val_ppl"], color="k", ls="--", label="baseline (|V_f| = 0)")
-  ax.set_xscale("log")
-  ax.set_xlabel("|V_f| (f-grams in the host table)")
-  ax.set_ylabel("validation perplexity (per char)")
-  ax.set_title("Same main model, same inference FLOPs")
-  ax.legend()
-  dec = next((r for r in records if r["record"] == "decode"), None)
-  ax = axes[1]
-  if dec:
-    ax.bar(["plain", "SCONE (host lookup)"], [dec["plain_tok_per_s"], dec["scone_tok_per_s"]], color=["grey", "C0"])
-    ax.set_ylabel("greedy decode tokens / s")
-    ax.set_title(f"Decode cost of the lookup (batch {dec['batch']})")
+  rows = summarize(records)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, key, label in ((axes[0], "inference_flops_per_seq", "inference FLOPs per sequence"),
+                         (axes[1], "train_flops", "training FLOPs (whole run)")):
+    for r in rows:
+      color = "C0" if r["fgram_vocab_size"] else "grey"
+      ax.errorbar([r[key]], [r["val_ppl"]], yerr=[[r["val_ppl"] - r["val_ppl_min"]], [r["val_ppl_max"] - r["val_ppl"]]],
+                  fmt="o", color=color, capsize=3)
+      ax.annotate(r["row"].replace(" + ", "\n+ "), (r[key], r["val_ppl"]), fontsize=6, xytext=(4, 2),
+                  textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("validation perplexity (per char)")
+  axes[0].set_title("SCONE (blue) vs plain models (grey): mean, seed range")
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "scone.png"), dpi=100)
   plt.close(fig)

@@ -78,7 +78,7 @@ def eval_examples(task, sizes, per_size: int, seed: int):
 
   import numpy as np
 
-  from tlt_jax.data.zebra.puzzle import generate_puzzle
+  from tlt_jax.data.zebra.generate import generate_puzzle
   task = dataclasses.replace(task, z3=True)
   out = []
   for n, m in sizes:
@@ -171,6 +171,7 @@ def aggregate(rows, key: str, policy: str, best_of) -> list[dict]:
     groups.setdefault(r[key], []).append(r)
   fields = ["puzzle_acc", "cell_acc", "answered", "chance_puzzle", "chance_cell"] + [f"{p}_{k}" for k in best_of
                                                      for p in ("best_of", "majority_of", "best_cell_of")]
+  fields += [f for f in ("greedy_acc", "greedy_cell_acc") if rows and f in rows[0]]  # one greedy sample
   out = []
   for name, rs in groups.items():
     rec = {"policy": policy, key: name, "puzzles": len(rs),
@@ -258,6 +259,10 @@ def main(argv):
                                  float(config.rollout.temperature), int(config.eval.max_new_tokens),
                                  int(config.eval.batch_size), seed=int(z.eval_seed))
     rows = score_puzzles(setup.task, examples, responses, best_of)
+    greedy = sample_responses(params, graphdef, setup, examples, 1, 0.0, int(config.eval.max_new_tokens),
+                              int(config.eval.batch_size), seed=int(z.eval_seed))
+    for row, g in zip(rows, score_puzzles(setup.task, examples, greedy, (1,))):
+      row["greedy_acc"], row["greedy_cell_acc"] = g["puzzle_acc"], g["cell_acc"]
     timings[f"eval_{name}_s"] = time.perf_counter() - t0
     for kind, key, sink in (("size", "size", by_size), ("bucket", "bucket", by_bucket), ("z3", "z3_bin", by_z3)):
       for rec in aggregate(rows, key, name, best_of):
@@ -285,7 +290,8 @@ def write_markdown(path, config, records, best_of, timings, summaries):
 
   top = max(best_of)
   pct = lambda v: None if v is None else round(100 * v, 1)  # noqa: E731
-  cols = ["policy", "size", "bucket", "search_space", "z3_mean", "puzzles", "puzzle_acc", "chance_puzzle",
+  greedy = ["greedy_acc"] if any("greedy_acc" in r for r in records) else []
+  cols = ["policy", "size", "bucket", "search_space", "z3_mean", "puzzles", "puzzle_acc", *greedy, "chance_puzzle",
           "cell_acc", "cell_acc_pooled", "chance_cell"]
   cols += [f"best_of_{k}" for k in best_of if k > 1] + [f"majority_of_{k}" for k in best_of if k > 1]
   size_rows = []
@@ -294,10 +300,10 @@ def write_markdown(path, config, records, best_of, timings, summaries):
       row = dict(r)
       row["bucket"] = _bucket(r["search_space"])
       for c in cols:
-        if c.startswith(("puzzle_acc", "cell_acc", "best_of", "majority_of", "chance")):  # cell_acc_pooled too
+        if c.startswith(("puzzle_acc", "greedy", "cell_acc", "best_of", "majority_of", "chance")):  # cell_acc_pooled too
           row[c] = pct(r[c])
       size_rows.append(row)
-  bucket_cols = ["policy", "bucket", "puzzles", "puzzle_acc", "chance_puzzle", "cell_acc", "cell_acc_pooled",
+  bucket_cols = ["policy", "bucket", "puzzles", "puzzle_acc", *greedy, "chance_puzzle", "cell_acc", "cell_acc_pooled",
                  "chance_cell"] + [
       f"{p}_{k}" for k in best_of if k > 1 for p in ("best_of", "majority_of")]
   bucket_rows = [{**r, **{c: pct(r[c]) for c in bucket_cols[3:]}} for r in records
@@ -317,7 +323,7 @@ def write_markdown(path, config, records, best_of, timings, summaries):
       f"{config.rl.rewards.format} * format; `grpo_cells`: + {config.zebra.cell_reward_weight} * cell "
       f"accuracy). Evaluation: {config.zebra.eval_per_size} fixed puzzles per size, {config.zebra.samples} "
       f"samples each at T={config.rollout.temperature}. Accuracies in %: puzzle_acc and cell_acc are single "
-      "samples (N=1, averaged over the samples); cell_acc_pooled is ZeroEval's pooling (right cells over all "
+      "samples (N=1, averaged over the samples); greedy_acc is one greedy answer per puzzle; cell_acc_pooled is ZeroEval's pooling (right cells over all "
       "cells of all samples, unparsed answers counting 0); best_of_N is the oracle pass@N; majority_of_N the "
       "most frequent answer of N; chance_puzzle and chance_cell are a uniformly random grid's "
       "(1 / (N!)^M per puzzle, 1 / N per cell, averaged over the puzzles). Sizes with N above the "

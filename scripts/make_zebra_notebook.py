@@ -27,7 +27,7 @@ code(SETUP)
 md("## 1. Generate a puzzle")
 code("""import numpy as np
 from tlt_jax.data.zebra import render
-from tlt_jax.data.zebra.puzzle import generate_puzzle
+from tlt_jax.data.zebra.generate import generate_puzzle
 
 puzzle = generate_puzzle(np.random.default_rng(7), num_houses=3, num_attributes=3)
 print(render.puzzle_text(puzzle))

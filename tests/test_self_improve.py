@@ -197,6 +197,23 @@ def test_config_errors_name_key_and_value():
     si.validate(bad)
 
 
+def test_pod_config_is_the_paper_model_as_a_run_config():
+  """`:pod` (what experiments/pod_compile.py compiles) is a valid run config with the paper's NoPE
+  model, prompts of the longest evaluated sums and answers one digit longer."""
+  from tlt_jax import config as config_lib
+  from tlt_jax.data.tokenizer import CharTokenizer
+  paper, pod = get_config("paper"), config_lib.finalize(get_config("pod"))
+  for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "position_embedding"):
+    assert pod.model[key] == paper.model[key], key
+  task = config_lib.build_task(pod)
+  n = paper.self_improve.eval_max_digits
+  ex = task.make_example(10 ** n - 1, 10 ** n - 1)
+  tok = CharTokenizer(task.charset)
+  assert len(tok.encode(ex.prompt)) + 1 <= pod.rollout.max_prompt_len + 1
+  assert len(tok.encode(ex.answer)) + 1 <= pod.rollout.max_new_tokens
+  assert not pod.tlt.speculative and not pod.tlt.train_drafter
+
+
 # ----------------------------------------------------------------------------- data mixture
 
 

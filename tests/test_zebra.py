@@ -10,7 +10,8 @@ import pytest
 
 from tlt_jax.data.tasks import get_task
 from tlt_jax.data.zebra import bench, render
-from tlt_jax.data.zebra.puzzle import Clue, generate_puzzle, reduce_clues, search_space, size_bucket
+from tlt_jax.data.zebra.generate import generate_puzzle
+from tlt_jax.data.zebra.puzzle import Clue, reduce_clues, search_space, size_bucket
 from tlt_jax.data.zebra.solve import (UniquenessOracle, brute_force_solutions, count_solutions, deduce,
                                       sat_solutions, z3_conflicts)
 from tlt_jax.rl import rewards as rewards_lib

@@ -45,7 +45,9 @@ def train_lm(model, vocab: FgramVocab | None, stream: np.ndarray, *, steps: int,
              seq_len: int, lr: float, warmup_steps: int, weight_decay: float = 0.01, seed: int = 0,
              log: Callable[[dict], None] | None = None, log_every: int = 100) -> dict:
   """Trains `model` (a `Transformer`, or a `SconeLM` with its `vocab`) in place; returns
-  statistics (final train loss, seconds, f-gram match rate, distinct f-grams per batch)."""
+  statistics (final train loss, seconds, f-gram match rate, distinct f-grams per batch, and the
+  training FLOPs: XLA's cost analysis of the one compiled step -- forward, backward and update of
+  the main model and, for SCONE, the f-gram model on the batch's f-gram rows -- times `steps`)."""
   is_scone = isinstance(model, scone.SconeLM)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1), lr * 0.1)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
@@ -64,7 +66,7 @@ def train_lm(model, vocab: FgramVocab | None, stream: np.ndarray, *, steps: int,
     return optax.apply_updates(p, updates), o, loss
 
   rng = np.random.default_rng(seed)
-  t0, losses, hit, uniq = time.perf_counter(), [], [], []
+  t0, losses, hit, uniq, compiled, step_flops = time.perf_counter(), [], [], [], None, float("nan")
   dummy = (jnp.zeros((1, 2), jnp.int32), jnp.zeros((1,), jnp.int32))
   # One f-gram row count for the whole run (one compile): a batch holds at most this many distinct.
   rows = 1 << (min(batch_size * seq_len, vocab.size if is_scone else 1) - 1).bit_length()
@@ -77,7 +79,13 @@ def train_lm(model, vocab: FgramVocab | None, stream: np.ndarray, *, steps: int,
       args = (jnp.asarray(ft), jnp.asarray(idx))
     else:
       args = dummy
-    params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens), *args)
+    args = (jnp.asarray(tokens), *args)
+    if compiled is None:  # every step has the same shapes: compile once, read its cost
+      compiled = step.lower(params, opt_state, *args).compile()
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      step_flops = float(cost.get("flops", float("nan")))
+    params, opt_state, loss = compiled(params, opt_state, *args)
     if (i + 1) % log_every == 0 or i + 1 == steps:
       losses.append(float(loss))
       if log is not None:
@@ -85,7 +93,8 @@ def train_lm(model, vocab: FgramVocab | None, stream: np.ndarray, *, steps: int,
   nnx.update(model, params)
   return {"train_loss": losses[-1] if losses else float("nan"), "train_s": time.perf_counter() - t0,
           "match_rate": float(np.mean(hit)) if hit else 0.0,
-          "fgrams_per_batch": float(np.mean(uniq)) if uniq else 0.0}
+          "fgrams_per_batch": float(np.mean(uniq)) if uniq else 0.0,
+          "train_flops_per_step": step_flops, "train_flops": step_flops * steps}
 
 
 def eval_lm(main, table: "scone.HostTable | None", tokens_NxT: np.ndarray, batch_size: int = 8) -> dict:

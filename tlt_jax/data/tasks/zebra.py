@@ -30,8 +30,9 @@ import numpy as np
 
 from tlt_jax.data.tasks.base import Example, Task, register_task
 from tlt_jax.data.zebra import render
+from tlt_jax.data.zebra.generate import generate_puzzle
 from tlt_jax.data.zebra.puzzle import (MAX_ATTRIBUTES, MAX_HOUSES, MIN_ATTRIBUTES, MIN_HOUSES, RECIPES, Puzzle,
-                                       generate_puzzle, search_space, size_bucket)
+                                       search_space, size_bucket)
 from tlt_jax.data.zebra.solve import deduce, z3_conflicts
 
 STYLES = ("compact", "natural")

@@ -17,7 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from tlt_jax.data.zebra.puzzle import MAX_ATTRIBUTES, MAX_HOUSES, MIN_ATTRIBUTES, MIN_HOUSES, Puzzle, generate_puzzle
+from tlt_jax.data.zebra.generate import generate_puzzle
+from tlt_jax.data.zebra.puzzle import MAX_ATTRIBUTES, MAX_HOUSES, MIN_ATTRIBUTES, MIN_HOUSES, Puzzle
 from tlt_jax.data.zebra.render import puzzle_text
 
 BENCHMARK_SEED = 20250203  # the ZebraLogic paper's arXiv date; any fixed number would do
