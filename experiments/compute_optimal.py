@@ -57,8 +57,9 @@ def define_flags():
   from absl import flags
 
   from tlt_jax import cli
-  flags.DEFINE_string("workdir", "runs/compute_optimal", "policies, samples, datasets and runs (reused)")
-  flags.DEFINE_string("out", "experiments/results/compute_optimal", "output directory")
+  from experiments.common import define_output_flags
+  define_output_flags("experiments/results/compute_optimal", workdir="runs/compute_optimal",
+                      workdir_help="policies, samples, datasets and runs (reused)")
   flags.DEFINE_string("settings", "kd,self_improve,weak_to_strong",
                       "SFT settings to run (a subset, e.g. in parallel processes on one workdir; "
                       "a later run over all of them reuses their cached results)")

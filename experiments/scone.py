@@ -34,13 +34,13 @@ sys.path.insert(0, ROOT)
 
 from absl import flags  # noqa: E402
 
-from experiments.common import run_experiment  # noqa: E402
+from experiments.common import define_output_flags, run_experiment  # noqa: E402
 from tlt_jax import cli  # noqa: E402
 
 cli.skip_absent_tpu()
 
 _CONFIG = cli.define_config_flag(os.path.join(ROOT, "configs", "scone.py"))
-flags.DEFINE_string("out", "experiments/results/scone", "output directory")
+define_output_flags("experiments/results/scone")
 
 PAPER = ("Paper (Yu et al., 2025; 0.7B-1.9B main models on the OLMo / WebText corpora, up to 1B f-grams, "
          "a different scale): perplexity falls as |V_f| grows and as the f-gram model grows, at fixed "

@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from experiments.common import ROOT, enable_compile_cache, run_experiment, with_overrides  # noqa: E402
+from experiments.common import (ROOT, define_output_flags, enable_compile_cache, run_experiment,  # noqa: E402
+                                with_overrides)
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "self_improve.py")
 VARIANTS = ("none", "length", "length+vote")
@@ -59,8 +60,8 @@ def define_flags():
   from absl import flags
 
   from tlt_jax import cli
-  flags.DEFINE_string("workdir", "runs/self_improve", "runs of every variant (resumed when present)")
-  flags.DEFINE_string("out", "experiments/results/self_improve", "output directory")
+  define_output_flags("experiments/results/self_improve", workdir="runs/self_improve",
+                      workdir_help="runs of every variant (resumed when present)")
   flags.DEFINE_string("filters", ",".join(VARIANTS), "filter variants to run, comma-separated")
   flags.DEFINE_integer("time_budget_s", 0, "start no new round after this many seconds (0: no limit)")
   return cli.define_config_flag(DEFAULT_CONFIG)

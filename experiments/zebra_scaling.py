@@ -35,13 +35,13 @@ sys.path.insert(0, ROOT)
 
 from absl import flags  # noqa: E402
 
-from experiments.common import run_experiment  # noqa: E402
+from experiments.common import define_output_flags, run_experiment  # noqa: E402
 from tlt_jax import cli  # noqa: E402
 
 _CONFIG = cli.define_config_flag(os.path.join(ROOT, "configs", "zebra.py"))
 cli.set_cpu_devices(sys.argv)  # before jax is imported
-_WORKDIR = flags.DEFINE_string("workdir", "runs/zebra_scaling", "where the SFT policy and RL runs live")
-_OUT = flags.DEFINE_string("out", "experiments/results/zebra_scaling", "where the results go")
+define_output_flags("experiments/results/zebra_scaling", workdir="runs/zebra_scaling",
+                    workdir_help="where the SFT policy and RL runs live")
 
 # Published ZebraLogic results (Lin et al. 2025, Table 1 and sec. 3): puzzle accuracy in %, on
 # 1,000 puzzles of 2x2 .. 6x6, by models of ~1e10-1e12 parameters with natural-language prompts.
@@ -224,7 +224,7 @@ def main(argv):
     raise config_lib.ConfigError(f"config.zebra.best_of={best_of} is not allowed; allowed: divisors of "
                      f"config.zebra.samples={z.samples}")
   config = config_lib.finalize(raw)
-  workdir, out_dir = _WORKDIR.value, _OUT.value
+  workdir, out_dir = flags.FLAGS.workdir, flags.FLAGS.out
   os.makedirs(workdir, exist_ok=True)
   os.makedirs(out_dir, exist_ok=True)
   t_start = time.perf_counter()
