@@ -322,7 +322,8 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
   if t.speculative and arms:
     dgraph, dparams0 = nnx.split(nnx.eval_shape(lambda: EagleDrafter(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     decoder = SpeculativeDecoder(graphdef, dgraph, sp, eos, strategies=[Strategy(*a) for a in arms],
-                                 rounds_per_chunk=int(r.rounds_per_chunk))
+                                 rounds_per_chunk=int(r.rounds_per_chunk),
+                                 draft_vocab_size=int(t.get("draft_vocab_size", 0)))
   engine = RolloutEngine(graphdef, sp, eos_ids=eos, chunk_size=int(r.chunk_size),
                          buckets=tuple(int(b) for b in r.buckets),
                          max_context=cfg.max_position_embeddings, speculative=decoder,
@@ -392,7 +393,11 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
       st = decode_state(bucket, True)
       dp = drafter_abstract()
       fn = decoder._chunk_fn(strategy, None, gmesh, sample_params, dp, st)
-      return fn, (sample_params, dp, st), f"{decoder.rounds_per_chunk} rounds"
+      vd = decoder.draft_vocab_size
+      if vd:  # the draft vocabulary: an int32[V_d] argument of the chunk
+        vocab = jax.ShapeDtypeStruct((vd,), jnp.int32, sharding=rep_g)
+        return fn, (sample_params, dp, st, vocab), f"{decoder.rounds_per_chunk} rounds, draft vocabulary {vd}"
+      return fn, (sample_params, dp, st), f"{decoder.rounds_per_chunk} rounds, full draft vocabulary"
     return build
   for s in (decoder.strategies if decoder is not None else ()):
     for b in shapes.spec_buckets:

@@ -42,7 +42,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from tlt_jax.rollout.engine import bucket_for, compacted_rows
-from tlt_jax.tlt.bandit import PLAIN, BegMab
+from tlt_jax.tlt.bandit import PLAIN, BegMab, arm_ladder
 from tlt_jax.analysis.costs import CostModel, Strategy, parse_strategy, strategy_name
 
 
@@ -63,6 +63,7 @@ class RolloutSpec:
   between_steps: int = 0  # drafter steps after the update when not training in bubbles
   train_in_bubbles: bool = True  # False: TLT trains between steps (one group, or shared CPU cores)
   seed: int = 0
+  arm_ladder: tuple[int, ...] = ()  # tlt.arm_ladder: per-bucket verify-token ladder (tlt/bandit.arm_ladder)
 
   @classmethod
   def from_config(cls, config, prompt_len: int) -> "RolloutSpec":
@@ -72,7 +73,7 @@ class RolloutSpec:
                arms=tuple(parse_strategy(str(s).strip()) for s in t.strategies), prompt_len=int(prompt_len),
                bandit_epsilon=float(t.bandit_epsilon), bandit_window=int(t.bandit_window),
                max_drafter_steps=int(t.max_drafter_steps), between_steps=int(t.between_steps),
-               seed=int(config.seed))
+               seed=int(config.seed), arm_ladder=tuple(int(x) for x in t.get("arm_ladder", ())))
 
 
 @dataclasses.dataclass
@@ -313,7 +314,8 @@ def simulate_run(steps: Sequence[Sequence[np.ndarray]], spec: RolloutSpec, costs
   bandit = None
   if variant.speculative and spec.spec_threshold > 0:
     buckets = tuple(b for b in spec.buckets if b <= spec.spec_threshold) or (spec.spec_threshold,)
-    bandit = BegMab(arms, buckets=buckets, epsilon=spec.bandit_epsilon, window=spec.bandit_window,
+    ladder = arm_ladder(arms, buckets, spec.arm_ladder) if spec.arm_ladder else arms
+    bandit = BegMab(ladder, buckets=buckets, epsilon=spec.bandit_epsilon, window=spec.bandit_window,
                     seed=spec.seed)
   staleness = float(staleness0)
   records = []

@@ -41,6 +41,7 @@ from tlt_jax.rollout.strategy import PLAIN, Strategy, parse_strategy, strategy_n
 from tlt_jax.tlt.bandit import BegMab
 from tlt_jax.tlt.buffer import DrafterBuffer, rows_for_budget
 from tlt_jax.tlt.config import TLTConfig
+from tlt_jax.tlt.draft_vocab import DraftVocabCounter
 from tlt_jax.tlt.groups import split_mesh
 from tlt_jax.tlt.scheduler import DrafterTrainer, HostScheduler, target_head
 
@@ -106,7 +107,10 @@ class TLTRuntime:
     if self.speculative:
       decoder = SpeculativeDecoder(graphdef, drafter[0], sampling, tuple(eos_ids),
                                    strategies=[Strategy(*a) for a in c.speculative_arms],
-                                   rounds_per_chunk=c.rounds_per_chunk, input_embedder=input_embedder)
+                                   rounds_per_chunk=c.rounds_per_chunk, input_embedder=input_embedder,
+                                   draft_vocab_size=c.draft_vocab_size)
+    self.draft_vocab = (DraftVocabCounter(model_cfg.vocab_size, c.draft_vocab_size, c.draft_vocab_decay)
+                        if decoder is not None and c.draft_vocab_size else None)
     self.engine = RolloutEngine(
         graphdef, sampling, eos_ids=tuple(eos_ids), pad_id=pad_id, chunk_size=c.chunk_size,
         buckets=c.buckets, max_context=model_cfg.max_position_embeddings, speculative=decoder,
@@ -115,7 +119,7 @@ class TLTRuntime:
     self.bandit = None
     if self.speculative:
       buckets = tuple(b for b in self.engine.buckets if b <= c.spec_threshold) or (c.spec_threshold,)
-      self.bandit = BegMab(list(c.strategies), buckets=buckets, epsilon=c.bandit_epsilon,
+      self.bandit = BegMab(c.bandit_arms(buckets), buckets=buckets, epsilon=c.bandit_epsilon,
                            window=c.bandit_window, seed=c.seed)
     self.checkpoint_buffer = c.checkpoint_buffer
     self.drafter_state = None if drafter is None else drafter[1]
@@ -172,8 +176,13 @@ class TLTRuntime:
               train: bool = True) -> tuple[RolloutResult, dict[str, Any]]:
     """A rollout over the groups, the drafter trained in their bubbles (HostScheduler.rollout;
     `train=False` for evaluations: no buffering, no training)."""
-    return self.scheduler.rollout(params, prompt_BxP, prompt_len_B, max_new_tokens, rng, step=step,
-                                  group_size=group_size, train=train)
+    result, account = self.scheduler.rollout(params, prompt_BxP, prompt_len_B, max_new_tokens, rng, step=step,
+                                             group_size=group_size, train=train)
+    if train and self.draft_vocab is not None:  # the reduced draft vocabulary follows the policy
+      self.draft_vocab.observe(result.tokens, result.lengths)
+      if self.draft_vocab.steps % self.config.draft_vocab_refresh == 0:
+        self.engine.speculative.set_draft_vocab(self.draft_vocab.ids())
+    return result, account
 
   def after_update(self, batch: Mapping[str, Any], hidden_BxLxH, buffered_rows: np.ndarray, step: int,
                    next_params) -> dict[str, Any]:
