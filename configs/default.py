@@ -139,6 +139,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       buffer_bytes=0,  # host-memory budget of the buffer (0: buffer_capacity rows)
       buffer_dtype="float32",  # the buffered features' dtype: float32 or bfloat16
       checkpoint_buffer=True,  # the buffer's rows go into RL checkpoints
+      # Reduced draft vocabulary (EAGLE-3): the drafter proposes among the draft_vocab_size most
+      # frequent tokens of the recent rollouts (0: the full vocabulary), recounted every
+      # draft_vocab_refresh RL steps with earlier counts weighted by draft_vocab_decay per step.
+      # Sampling stays exact either way (the acceptance reads the target alone).
+      draft_vocab_size=0, draft_vocab_refresh=1, draft_vocab_decay=0.5,
+      # BEG-MAB verify-token ladder: () = every arm in every bucket; else batch-size thresholds,
+      # one per num_verify group of the arms (most tokens first), e.g. (1, 2, 5, 21) for arms
+      # verifying 48/32/16/8 tokens; plain is an arm in every bucket (tlt/bandit.arm_ladder).
+      arm_ladder=(),
   ))
 
   # async_save: orbax writes a checkpoint in the background while training goes on ("auto": on

@@ -20,6 +20,12 @@ slice, per-chip memory against HBM and the compiler's estimated times:
 Lengths come from here, never from the model's 32k context: prompts of at most 1,023 tokens
 (+ BOS: a 1,024-token prompt width), responses up to 8,192 tokens, packed update rows and drafter
 buffer rows of 9,216 tokens.
+
+`:long32k` (v5p-64) and `:long32k-v5p-128`: the TLT paper's released 7B workload
+(github.com/mit-han-lab/fastrl examples/grpo_7B.sh): 64 prompts x 8 responses, prompts <= 1,024
+tokens, responses <= 32,768, speculation at <= 32 active rows with a verify-token ladder (more
+verified tokens at small batches: tlt.arm_ladder), a reduced draft vocabulary of 32,768 ids,
+packed update rows and drafter buffer rows of 33,792 tokens (32K + 1K).
 """
 
 import os
@@ -45,11 +51,30 @@ VARIANTS = {
 }
 
 
+LONG = {"long32k": VARIANTS["v5p-64"], "long32k-v5p-128": ((8, 2, 4), 8)}  # v5p-128: 64 chips
+
+
+def _long32k(c) -> None:
+  """The 32K-response regime (module docstring)."""
+  c.rollout.max_new_tokens = 32768
+  c.rollout.buckets = (1, 2, 4, 8, 16, 32, 64, 128)
+  c.rollout.spec_threshold = 32
+  c.rl.prompts_per_step = 64
+  c.rl.micro_batches = 64  # one 33,792-token row per batch shard per micro-batch
+  c.rl.pack_len = 33792
+  c.tlt.buffer_seq_len = 33792
+  # verify 12 / 8 / 4 / 3 tokens from 1 / 3 / 9 / 17 active rows; plain in every bucket
+  c.tlt.strategies = ("d6k2n12", "d4k2n8", "d4k1n4", "d3k1n3", "plain")
+  c.tlt.arm_ladder = (1, 3, 9, 17)
+  c.tlt.draft_vocab_size = 32768
+
+
 def get_config(arg: str = ""):
-  """Qwen2.5-7B GRPO on GSM8K; `arg` picks the slice: "" or "v5p-64" (default), "v6e-64"."""
-  if arg not in VARIANTS:
+  """Qwen2.5-7B GRPO on GSM8K; `arg` picks the slice: "" or "v5p-64" (default), "v6e-64", and the
+  32K-response regime: "long32k" (v5p-64), "long32k-v5p-128"."""
+  if arg not in VARIANTS and arg not in LONG:
     raise ValueError(f"configs/qwen2_5_7b_gsm8k.py:{arg}: unknown argument {arg!r}; allowed: "
-                     f"{sorted(k for k in VARIANTS if k)} (or none, for v5p-64)")
+                     f"{sorted(k for k in list(VARIANTS) + list(LONG) if k)} (or none, for v5p-64)")
   c = _default()
   c.stages = "drafter,rl"  # start from the instruct model; warm the drafter up, then RL
   c.init_from = "/data/qwen2.5-7b"  # the architecture comes from its config.json
@@ -64,7 +89,7 @@ def get_config(arg: str = ""):
   c.model.remat = "full"
   c.model.attention = "auto"
   c.model.attention_chunk = 1024
-  mesh, groups = VARIANTS[arg]
+  mesh, groups = VARIANTS[arg] if arg in VARIANTS else LONG[arg]
   c.mesh.shape = mesh
   c.tlt.rollout_groups = groups
   c.sft.steps = 0
@@ -89,4 +114,6 @@ def get_config(arg: str = ""):
   c.tlt.buffer_bytes = 16 * 1024 ** 3  # 16 GiB of host memory per process: 248 rows of 66 MB
   c.tlt.buffer_capacity = 4096
   c.tlt.checkpoint_buffer = False  # refilled by the next rollouts after a restart
+  if arg in LONG:
+    _long32k(c)
   return c

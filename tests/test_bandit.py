@@ -138,3 +138,23 @@ def test_state_round_trip_is_exact():
   assert a == b and restored.state_dict() == bandit.state_dict()
   with pytest.raises(ValueError, match="saved strategies"):
     BegMab(ARMS, BUCKETS).load_state_dict(saved)
+
+
+def test_arm_ladder_gives_more_verify_tokens_at_small_batches():
+  """The paper's ladder: 48/32/16/8 verified tokens from batch 1, 2, 5, 21; plain in every bucket."""
+  from tlt_jax.tlt.bandit import PLAIN, BegMab, arm_ladder
+  arms = [(8, 4, 8), (8, 4, 48), (8, 4, 16), (8, 4, 32), PLAIN]
+  ladder = arm_ladder(arms, (1, 2, 4, 8, 16, 32), (1, 2, 5, 21))
+  assert {b: [a[2] for a in v if a != PLAIN] for b, v in ladder.items()} == {
+      1: [48], 2: [32], 4: [32], 8: [16], 16: [16], 32: [8]}
+  assert all(v[-1] == PLAIN for v in ladder.values())
+  bandit = BegMab(ladder, buckets=(1, 2, 4, 8, 16, 32), seed=0)
+  seen = set()
+  for _ in range(2):  # round robin over the bucket's two arms
+    seen.add(bandit.select(1))
+    bandit.update(1, bandit.select(1), 1.0, 1.0)
+  assert seen == {(8, 4, 48), PLAIN}
+  assert bandit.select(32) == (8, 4, 8)
+  for bad in [(1, 2, 5), (2, 3, 5, 21), (1, 5, 2, 21)]:
+    with pytest.raises(ValueError, match="arm ladder thresholds"):
+      arm_ladder(arms, (1, 2), bad)

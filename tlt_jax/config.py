@@ -148,6 +148,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?tlt.buffer_decay", open_unit, "a float in (0, 1] (1 = no recency preference)"),
     ("?tlt.max_in_flight", pos_int, "a positive int"),
     ("?tlt.max_drafter_steps", nonneg_int, "an int >= 0 (0 = no cap)"),
+    ("?tlt.draft_vocab_size", nonneg_int, "an int >= 0 (0 = the full vocabulary)"),
+    ("?tlt.draft_vocab_refresh", pos_int, "a positive int (RL steps between draft vocabulary refreshes)"),
+    ("?tlt.draft_vocab_decay", frac, "a float in [0, 1] (weight of earlier token counts per RL step)"),
     ("?drafter.warmup_steps", pos_int, "a positive int"),
     ("?drafter.lr", pos_float, "a float > 0"),
     ("?drafter.batch_size", pos_int, "a positive int"),
@@ -397,6 +400,19 @@ def _validate_tlt(config) -> None:
     d, k, n = map(int, re.findall(r"\d+", s))
     if n > d * k:
       raise ConfigError(f"config.tlt.strategies: {s!r} is not allowed; allowed: num_verify <= depth * topk")
+  vd = t.draft_vocab_size
+  max_k = max([int(re.findall(r"\d+", s)[1]) for s in spec] or [1])
+  vocab = config.model.get("vocab_size", 0) if "model" in config else 0
+  if isinstance(vd, int) and vd and (vd < max_k or (vocab and vd > vocab)):
+    raise ConfigError(f"config.tlt.draft_vocab_size={vd} is not allowed; allowed: 0 (the full vocabulary) or "
+                      f"an int in [{max_k}, {vocab or 'model.vocab_size'}] (at least the largest strategy topk)")
+  ladder = t.arm_ladder
+  tiers = sorted({int(re.findall(r"\d+", s)[2]) for s in spec}, reverse=True)
+  if ladder and (not isinstance(ladder, (tuple, list)) or not all(isinstance(x, int) for x in ladder)
+                 or list(ladder)[:1] != [1] or any(b <= a for a, b in zip(ladder, ladder[1:]))
+                 or len(ladder) != len(tiers)):
+    raise ConfigError(f"config.tlt.arm_ladder={ladder!r} is not allowed; allowed: () or {len(tiers)} strictly "
+                      f"increasing batch sizes from 1, one per num_verify group {tiers} of tlt.strategies")
   if t.buffer_capacity < t.drafter_batch_size:
     raise ConfigError(f"config.tlt.buffer_capacity={t.buffer_capacity} is not allowed; allowed: an int >= "
                       f"config.tlt.drafter_batch_size={t.drafter_batch_size}")

@@ -263,7 +263,7 @@ def run_shapes(config, model_cfg, mesh, engine) -> RunShapes:
   from tlt_jax.rl.trainer import rl_lengths
   from tlt_jax.rollout.engine import bucket_for
   r, rl, t = config.rollout, config.rl, config.tlt
-  fixed = int(r.get("max_prompt_len", 0))
+  fixed = int(r.max_prompt_len)
   if fixed <= 0:
     from tlt_jax import config as config_lib
     bound = getattr(config_lib.build_task(config), "max_prompt_len", None)
@@ -279,10 +279,10 @@ def run_shapes(config, model_cfg, mesh, engine) -> RunShapes:
   spec = tuple(sorted({bucket_for(n, buckets) for n in range(1, int(r.spec_threshold) + 1)})) \
       if t.speculative else ()
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  multiple = int(math.lcm(int(rl.get("pack_rows_multiple", 8)), int(rl.micro_batches) * shards))
-  update_rows = round_up(rows, multiple) if rl.get("pack", False) else rows
+  multiple = int(math.lcm(int(rl.pack_rows_multiple), int(rl.micro_batches) * shards))
+  update_rows = round_up(rows, multiple) if rl.pack else rows
   return RunShapes(width, int(r.max_new_tokens), engine.capacity_for(width, int(r.max_new_tokens)),
-                   per_group, buckets, spec, update_rows, pack_len if rl.get("pack", False) else
+                   per_group, buckets, spec, update_rows, pack_len if rl.pack else
                    round_up(width + int(r.max_new_tokens), rl.length_bucket), buffer_len)
 
 
@@ -322,11 +322,12 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
   if t.speculative and arms:
     dgraph, dparams0 = nnx.split(nnx.eval_shape(lambda: EagleDrafter(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     decoder = SpeculativeDecoder(graphdef, dgraph, sp, eos, strategies=[Strategy(*a) for a in arms],
-                                 rounds_per_chunk=int(r.rounds_per_chunk))
+                                 rounds_per_chunk=int(r.rounds_per_chunk),
+                                 draft_vocab_size=int(t.draft_vocab_size))
   engine = RolloutEngine(graphdef, sp, eos_ids=eos, chunk_size=int(r.chunk_size),
                          buckets=tuple(int(b) for b in r.buckets),
                          max_context=cfg.max_position_embeddings, speculative=decoder,
-                         spec_threshold=int(r.spec_threshold), window_block=int(r.get("window_block", 0)))
+                         spec_threshold=int(r.spec_threshold), window_block=int(r.window_block))
   shapes = run_shapes(config, cfg, mesh, engine)
 
   sample_params = abstract(params0, mesh_lib.tree_shardings(params0, gmesh, mesh_lib.SAMPLE_RULES))
@@ -392,7 +393,11 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
       st = decode_state(bucket, True)
       dp = drafter_abstract()
       fn = decoder._chunk_fn(strategy, None, gmesh, sample_params, dp, st)
-      return fn, (sample_params, dp, st), f"{decoder.rounds_per_chunk} rounds"
+      vd = decoder.draft_vocab_size
+      if vd:  # the draft vocabulary: an int32[V_d] argument of the chunk
+        vocab = jax.ShapeDtypeStruct((vd,), jnp.int32, sharding=rep_g)
+        return fn, (sample_params, dp, st, vocab), f"{decoder.rounds_per_chunk} rounds, draft vocabulary {vd}"
+      return fn, (sample_params, dp, st), f"{decoder.rounds_per_chunk} rounds, full draft vocabulary"
     return build
   for s in (decoder.strategies if decoder is not None else ()):
     for b in shapes.spec_buckets:
@@ -409,7 +414,7 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
       head = abstract(head, target_head_shardings(cfg, gmesh))
       n, length = int(t.drafter_batch_size), shapes.buffer_len
       bsh = mesh_lib.batch_sharding(gmesh, 1)
-      hdt = jnp.bfloat16 if str(t.get("buffer_dtype", "float32")) == "bfloat16" else jnp.float32
+      hdt = jnp.bfloat16 if str(t.buffer_dtype) == "bfloat16" else jnp.float32
       batch = {"tokens": jax.ShapeDtypeStruct((n, length), jnp.int32, sharding=bsh),
                "hidden": jax.ShapeDtypeStruct((n, length, cfg.hidden_size), hdt, sharding=bsh),
                "loss_mask": jax.ShapeDtypeStruct((n, length), jnp.float32, sharding=bsh)}
@@ -419,7 +424,7 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
   n_rows, length = shapes.update_rows, shapes.pack_len
   b2 = mesh_lib.batch_sharding(mesh, 2)
   row = lambda dt: jax.ShapeDtypeStruct((n_rows, length), dt, sharding=b2)  # noqa: E731
-  with_ref = float(rl.kl_coef) > 0 or bool(rl.get("track_kl", False))
+  with_ref = float(rl.kl_coef) > 0 or bool(rl.track_kl)
 
   def logprob():
     fn = make_logprob_fn(graphdef, float(r.temperature) or 1.0, train_params, mesh,

@@ -47,6 +47,44 @@ Strategy = tuple[int, int, int]
 # bf16 dense peak per chip (Google Cloud TPU system architecture pages).
 PEAK_BF16_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
 
+# Fraction of HBM bandwidth a memory-bound decode step reaches in a current serving engine:
+# vLLM 0.23 serving Llama-3.1-8B (bf16, 16.1 GB of weights) on one A100-40GB decodes about 75
+# tokens/s at one request, "roughly 77% of the GPU's memory-bandwidth ceiling"
+# (https://johnmusgrave.com/p/vllm-throughput-latency-sweep-on : 75 tok/s x 16.1 GB = 1.20 TB/s of
+# 1.555 TB/s). No published TPU decode throughput of a 7-8B model at batch 1 was found in the
+# sources searched; the same engine-class figure is used for TPUs, and the compiled costs
+# (CompiledCosts) replace it with the TPU compiler's own estimate where they exist.
+DECODE_EFFICIENCY = 0.77
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  """One chip's HBM bandwidth (bytes/s) and bf16 dense peak (FLOP/s), with where they come from."""
+
+  name: str
+  hbm_bandwidth: float
+  peak_flops: float
+  source: str
+
+
+# NVIDIA H100 SXM5 80GB: 3.35 TB/s HBM3, 989 TFLOP/s dense BF16 (NVIDIA H100 datasheet,
+# https://www.nvidia.com/en-us/data-center/h100/ ; the same figures in
+# https://gist.github.com/mikasenghaas/d63ded03f1f0417b1677627119bacc0d ).
+H100 = Accelerator("h100-sxm", 3.35e12, 989e12, "NVIDIA H100 SXM datasheet")
+
+# The TLT paper's released 7B recipe (github.com/mit-han-lab/fastrl, examples/grpo_7B.sh): one node
+# of 8 GPUs, SGLang rollouts at tensor_model_parallel_size=4 (2 rollout engines of 4 GPUs),
+# 64 prompts x 8 responses, prompts <= 1,024 and responses <= 32,768 tokens, speculation at
+# <= 32 running requests (speculative.bs_threshold=32), temperature 0.9; its BEG-MAB arms
+# (verl/trainer/config/fastrl_trainer.yaml) are EAGLE depth 8, top-k 4 with 48/32/16/8 verified
+# tokens, bucket thresholds [1, 2, 5, 21]. SGLang's EAGLE tree keeps top-4 of 16 candidates per
+# level and verifies the best n of all levels' candidates; a (depth, topk, n) strategy here
+# verifies at most depth x topk nodes, so the arms are written with the smallest top-k that holds
+# n (48 -> k 6, 32 -> 4, 16 -> 2, 8 -> 1): the same depth and verified tokens, k tokens per row per
+# draft level.
+PAPER_LAYOUT = dict(total_chips=8, group_chips=4, spec_threshold=32,
+                    arms=((8, 6, 48), (8, 4, 32), (8, 2, 16), (8, 1, 8)), mab_buckets=(1, 2, 5, 21))
+
 
 class CostModel:
   """The interface (see the module docstring). `source` says where the figures come from."""
@@ -188,7 +226,18 @@ class MeasuredCosts(CostModel):
 @dataclasses.dataclass
 class RooflineCosts(CostModel):
   """The analytic model for one rollout group of `group_chips` chips (weights tensor-parallel
-  over them) and a policy update data-parallel over all `total_chips` (module docstring)."""
+  over them) and a policy update data-parallel over all `total_chips` (module docstring).
+
+  A speculative round of (d, k, n) is charged as the program runs it (rollout/speculative.py):
+    catch-up   one drafter call over d + 1 positions per row: the drafter's weights and its own
+               KV cache (ONE layer, the target's KV heads) over the live window;
+    draft      d head reads (the root's top-k, then one per level), each of the draft vocabulary's
+               rows of the LM head (`draft_vocab`, 0 = the whole vocabulary), and d - 1 drafter
+               calls of k tokens per row, each reading the drafter's weights and its KV window;
+    verify     one target forward of n + 1 tokens per row: the weights, the target's KV (all its
+               layers) over the live window, 2 x params x (n + 1) FLOPs per row.
+  Each part is max(bytes / (HBM bandwidth x decode_efficiency), FLOPs / (peak x mfu)) per chip.
+  """
 
   params: int  # policy parameters
   layers: int
@@ -199,30 +248,63 @@ class RooflineCosts(CostModel):
   hbm_bandwidth: float  # bytes/s per chip
   peak_flops: float  # FLOP/s per chip
   drafter_params: int = 0  # the drafter's own (one layer + fc); it shares the policy's head
-  head_params: int = 0  # embedding + LM head (read by every draft level)
+  head_params: int = 0  # LM head rows x hidden (used when vocab_size/hidden_size are not given)
+  vocab_size: int = 0
+  hidden_size: int = 0
+  draft_vocab: int = 0  # rows of the head a draft level reads (0: all vocab_size)
+  drafter_layers: int = 1  # the drafter's KV cache layers (EAGLE: one)
   bytes_per_param: int = 2
   mfu: float = 0.5  # fraction of peak FLOP/s the update and prefill reach
-  decode_efficiency: float = 0.7  # fraction of HBM bandwidth a decode step reaches
+  decode_efficiency: float = DECODE_EFFICIENCY  # fraction of HBM bandwidth a decode step reaches
   chunk_overhead: float = 2e-3
   drafter_train_tokens: int = 8 * 9216
   source: str = "roofline model"
 
-  def _kv_bytes(self, batch, ctx):
-    return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_param * batch * ctx
+  # --------------------------------------------------------------- the terms (bytes and FLOPs)
+
+  def _kv_bytes(self, batch, ctx, layers=None):
+    layers = self.layers if layers is None else layers
+    return 2 * layers * self.kv_heads * self.head_dim * self.bytes_per_param * batch * ctx
+
+  def drafter_kv_bytes(self, batch, ctx):
+    """The drafter's own KV cache over a live window of `ctx` slots (one layer)."""
+    return self._kv_bytes(batch, ctx, self.drafter_layers)
+
+  def head_rows(self) -> int:
+    return int(self.draft_vocab) if self.draft_vocab else int(self.vocab_size)
+
+  def draft_head_bytes(self) -> float:
+    """The LM head rows one draft level reads (the draft vocabulary's, or all of them)."""
+    if self.vocab_size and self.hidden_size:
+      return self.head_rows() * self.hidden_size * self.bytes_per_param
+    return self.head_params * self.bytes_per_param
+
+  def _time(self, bytes_, flops):
+    mem = bytes_ / self.group_chips / (self.hbm_bandwidth * self.decode_efficiency)
+    return max(mem, flops / self.group_chips / (self.peak_flops * self.mfu))
 
   def _step(self, weight_bytes, batch, ctx, tokens_per_row):
-    mem = (weight_bytes + self._kv_bytes(batch, ctx)) / self.group_chips / (self.hbm_bandwidth * self.decode_efficiency)
-    flops = 2.0 * self.params * batch * tokens_per_row / self.group_chips / (self.peak_flops * self.mfu)
-    return max(mem, flops)
+    return self._time(weight_bytes + self._kv_bytes(batch, ctx), 2.0 * self.params * batch * tokens_per_row)
 
   def decode_step(self, batch, ctx):
     return self._step(self.params * self.bytes_per_param, batch, ctx, 1)
 
-  def spec_round(self, batch, strategy, ctx):
+  def spec_round_terms(self, batch, strategy, ctx) -> dict[str, float]:
+    """Seconds of each part of one round (class docstring): catch-up, draft head reads, drafter
+    levels, verify."""
     d, k, n = strategy
-    # d drafter levels (the drafter layer + the shared LM head for the top-k), one verify of n+1
-    draft = d * self._step((self.drafter_params + self.head_params) * self.bytes_per_param, batch * k, ctx, 1)
-    return draft + self._step(self.params * self.bytes_per_param, batch, ctx, n + 1)
+    dbytes = self.drafter_params * self.bytes_per_param
+    hidden = self.hidden_size or 0
+    head_flops = 2.0 * self.head_rows() * hidden
+    catchup = self._time(dbytes + self.drafter_kv_bytes(batch, ctx), 2.0 * self.drafter_params * batch * (d + 1))
+    heads = self._time(self.draft_head_bytes(), head_flops * batch) + (d - 1) * self._time(
+        self.draft_head_bytes(), head_flops * batch * k)
+    levels = (d - 1) * self._time(dbytes + self.drafter_kv_bytes(batch, ctx), 2.0 * self.drafter_params * batch * k)
+    verify = self._step(self.params * self.bytes_per_param, batch, ctx, n + 1)
+    return {"catchup": catchup, "draft_heads": heads, "draft_levels": levels, "verify": verify}
+
+  def spec_round(self, batch, strategy, ctx):
+    return sum(self.spec_round_terms(batch, strategy, ctx).values())
 
   def prefill(self, batch, prompt_len):
     return 2.0 * self.params * batch * prompt_len / self.group_chips / (self.peak_flops * self.mfu)
@@ -232,7 +314,8 @@ class RooflineCosts(CostModel):
     return 2 * self._kv_bytes(batch // 2, ctx) / self.group_chips / self.hbm_bandwidth
 
   def drafter_train_step(self, num_groups=1):
-    p = self.drafter_params + self.head_params
+    head = self.vocab_size * self.hidden_size if self.vocab_size and self.hidden_size else self.head_params
+    p = self.drafter_params + head
     return 6.0 * p * self.drafter_train_tokens / (self.group_chips * max(num_groups, 1)) / (self.peak_flops * self.mfu)
 
   def update(self, tokens):
@@ -242,7 +325,7 @@ class RooflineCosts(CostModel):
   def describe(self):
     return {"source": self.source, "mfu": self.mfu, "decode_efficiency": self.decode_efficiency,
             "hbm_bandwidth": self.hbm_bandwidth, "peak_flops": self.peak_flops,
-            "group_chips": self.group_chips, "total_chips": self.total_chips}
+            "group_chips": self.group_chips, "total_chips": self.total_chips, "draft_vocab": self.draft_vocab}
 
 
 @dataclasses.dataclass

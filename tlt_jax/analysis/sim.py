@@ -77,6 +77,7 @@ class RolloutSpec:
   drafter_batch_size: int = 8  # the idle groups a drafter step runs on split it evenly
   max_in_flight: int = 1  # drafter steps queued at once
   seed: int = 0
+  arm_ladder: tuple[int, ...] = ()  # tlt.arm_ladder: per-bucket verify-token ladder (tlt/bandit.arm_ladder)
 
   @classmethod
   def from_config(cls, config, prompt_len: int) -> "RolloutSpec":
@@ -85,7 +86,8 @@ class RolloutSpec:
                rounds_per_chunk=c.rounds_per_chunk, arms=c.strategies, prompt_len=int(prompt_len),
                bandit_epsilon=c.bandit_epsilon, bandit_window=c.bandit_window,
                max_drafter_steps=c.max_drafter_steps, between_steps=c.between_steps,
-               drafter_batch_size=c.drafter_batch_size, max_in_flight=c.max_in_flight, seed=c.seed)
+               drafter_batch_size=c.drafter_batch_size, max_in_flight=c.max_in_flight, seed=c.seed,
+               arm_ladder=c.arm_ladder)
 
 
 @dataclasses.dataclass
@@ -200,7 +202,7 @@ class Simulation:
 def make_selector(spec: RolloutSpec):
   """The runtime's BEG-MAB selector for `spec`'s arms and buckets."""
   return rollout_selector(tuple(spec.arms) or ((3, 1, 3),), spec.buckets, spec.spec_threshold,
-                          spec.bandit_epsilon, spec.bandit_window, spec.seed)
+                          spec.bandit_epsilon, spec.bandit_window, spec.seed, spec.arm_ladder)
 
 
 def simulate_rollout(group_lengths: Sequence[np.ndarray], spec: RolloutSpec, costs: CostModel,

@@ -68,7 +68,7 @@ class EagleDrafter(nnx.Module):
   def __call__(self, emb_BxTxD: Array, feat_BxTxD: Array, positions_BxT: Array | None = None,
                cache: KVCache | None = None, attn_mask_BxTxT: Array | None = None,
                kv_mask_BxTxS: Array | None = None, segment_ids_BxT: Array | None = None,
-               attn_spec=None):
+               attn_spec=None, kv_window: int | None = None):
     """One drafter pass over T pairs (x_{t+1}, f_t).
 
     Args:
@@ -87,6 +87,8 @@ class EagleDrafter(nnx.Module):
       segment_ids_BxT: without a cache, causal attention within segments computed without a
         dense [T, T] mask (models/attention.py, kernel chosen by `attn_spec`), e.g. all ones for
         the long rows of drafter training.
+      kv_window: with a cache, attend to slots [0, kv_window) only (static; the caller guarantees
+        every slot a query must see lies below it): the live window, not the whole capacity.
 
     Returns:
       (feat_pred_BxTxD, new_cache): f̂_{t+1} for each index t (no further norm: it feeds the
@@ -107,7 +109,8 @@ class EagleDrafter(nnx.Module):
     kv = None if cache is None else (cache.k[0], cache.v[0])
     start = None if cache is None else cache.lengths
     feat_pred_BxTxD, kv = self.layer(x_BxTxD, positions_BxT, rope_inv_freq(self.cfg), mask, kv, start,
-                                     kv_mask_BxTxS, segment_ids_BxT if use_segments else None, attn_spec)
+                                     kv_mask_BxTxS, segment_ids_BxT if use_segments else None, attn_spec,
+                                     kv_window)
     new_cache = None if cache is None else KVCache((kv[0],), (kv[1],), cache.lengths + t)
     return feat_pred_BxTxD, new_cache
 

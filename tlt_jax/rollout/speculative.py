@@ -19,6 +19,17 @@ One *round* for every active row of the batch:
 
 Sequences in one batch accept different lengths; EOS and max-new-tokens cut the accepted run.
 A chain is k = 1.
+
+Reduced draft vocabulary (EAGLE-3's): with `draft_vocab_size` V_d > 0 the drafter proposes only
+among V_d token ids (the policy's most frequent recent tokens, tlt/draft_vocab.py), given to the
+chunk program as an int32[V_d] ARGUMENT (a refresh never recompiles). The chunk gathers those V_d
+columns of the shared head once (`DraftHead`), so a draft level reads V_d x D head weights and its
+log-softmax runs over V_d. Acceptance never reads the draft distribution (step 4 samples from p
+alone), so sampling stays exact whatever the draft vocabulary misses: a token outside it is never
+proposed and, when the target samples it, it is the bonus token.
+
+Live window: a chunk whose target attends to slots [0, W) runs its drafter over slots
+[0, W + slack) (slack = the drafter cache's extra slots, `draft_capacity`), not its capacity.
 """
 
 from __future__ import annotations
@@ -29,8 +40,10 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from tlt_jax.drafter.draft import DraftHead, draft_chain, draft_tree, draft_window
 from tlt_jax.models.transformer import KVCache, write_slots
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rollout.decode import DecodeState, is_eos, state_shardings
@@ -63,30 +76,31 @@ def drafter_prefill(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeS
   return cache.replace(lengths=state.cache.lengths - 1)
 
 
-def _drafter_block(tgt, drf, state: DecodeState, dcache: KVCache, width: int):
+def _drafter_block(tgt, drf, state: DecodeState, dcache: KVCache, width: int, dwin: int | None = None):
   """The drafter over the pairs (x_{t+1}, f_t), t in [dl, dl + width) (dl = the cache's length),
-  written to the cache from slot dl. Returns (the drafter's outputs [B, width, D], the cache); its
-  length is the caller's to set."""
+  written to the cache from slot dl, attending to slots [0, dwin). Returns (the drafter's outputs
+  [B, width, D], the cache); its length is the caller's to set."""
   t_BxW = dcache.lengths[:, None] + jnp.arange(width)[None]
   tok_BxW = jnp.take_along_axis(state.seq_BxS, jnp.clip(t_BxW + 1, 0, state.seq_BxS.shape[1] - 1), axis=1)
   feat_BxWxD = jnp.take_along_axis(
       state.feat_BxSxD, jnp.clip(t_BxW, 0, state.feat_BxSxD.shape[1] - 1)[..., None], axis=1)
-  return drf(tgt.embed(tok_BxW), feat_BxWxD, t_BxW, cache=dcache)
+  return drf(tgt.embed(tok_BxW), feat_BxWxD, t_BxW, cache=dcache, kv_window=dwin)
 
 
-def drafter_sync(tgt, drf, state: DecodeState, block: int) -> DecodeState:
+def drafter_sync(tgt, drf, state: DecodeState, block: int, dwin: int | None = None) -> DecodeState:
   """Catches the drafter cache up: it consumes the pairs (x_{t+1}, f_t), t in [dl, L - 1), that it
   has not seen (dl = its length, L = the pending position) in blocks of `block` positions, in a
   `lax.while_loop` that runs no block when it is up to date. From an empty cache (dl = 0) this is a
   prefill whose cost follows the rows' lengths, not the capacity; after plain chunks (which do not
   touch the drafter) it writes exactly the gap, so the cache is what `drafter_prefill` of the same
-  state gives (up to float rounding) and the next round drafts from the right root feature."""
+  state gives (up to float rounding) and the next round drafts from the right root feature.
+  `dwin`: the drafter's attention window (`draft_window`; None: its whole cache)."""
   dcache = state.draft_cache
   last = state.cache.lengths - 1  # the pending pair (t = L - 1) is left to the round's catch-up
 
   def body(dc):
     dl = dc.lengths
-    _, dc = _drafter_block(tgt, drf, state, dc, block)
+    _, dc = _drafter_block(tgt, drf, state, dc, block, dwin)
     # slots past `last` hold garbage beyond the length: masked, and rewritten by later catch-ups
     return dc.replace(lengths=jnp.where(dl < last, jnp.minimum(dl + block, last), dl))
 
@@ -94,101 +108,30 @@ def drafter_sync(tgt, drf, state: DecodeState, block: int) -> DecodeState:
   return state.replace(draft_cache=dcache)
 
 
-def _draft_chain(tgt, drf, dcache, root_feat_BxD, L, d: int, n: int):
-  """k = 1: d greedy draft tokens in a line. The tree is static: node j has depth j+1 and parent
-  j-1, and each level is one causal drafter step. Returns the verification block (see _draft_tree)."""
-  b = root_feat_BxD.shape[0]
-  tok_B = jnp.argmax(tgt.logits(root_feat_BxD), axis=-1).astype(jnp.int32)
-  feat_BxD, tokens = root_feat_BxD, [tok_B]
-  for level in range(1, d):
-    out, dcache = drf(tgt.embed(tok_B[:, None]), feat_BxD[:, None], (L + level - 1)[:, None], cache=dcache)
-    feat_BxD = out[:, 0]
-    tok_B = jnp.argmax(tgt.logits(feat_BxD), axis=-1).astype(jnp.int32)
-    tokens.append(tok_B)
-  tokens = jnp.stack(tokens[:n], axis=1)  # [B, n]
-  depth = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (b, n))
-  blk_mask = jnp.broadcast_to(jnp.tril(jnp.ones((n + 1, n + 1), bool)), (b, n + 1, n + 1))
-  par_blk = jnp.broadcast_to(jnp.arange(-1, n, dtype=jnp.int32), (b, n + 1))
-  return tokens, depth, blk_mask, par_blk, dcache
-
-
-def _draft_tree(tgt, drf, dcache, root_feat_BxD, L, d: int, k: int, n: int):
-  """EAGLE-2 dynamic tree: N = d*k nodes, level l (1-based) at [(l-1)k, lk); each level expands
-  every node into its top-k children and keeps the k best by cumulative draft log-probability;
-  the n best nodes overall (an ancestor-closed set) are verified.
-
-  Returns the verification block without its root: node tokens [B, n], depths [B, n], the tree
-  attention mask over (root + nodes) [B, n+1, n+1], and each block entry's parent index [B, n+1]
-  (-1 for the root); and the drafter cache (its tree entries past L are garbage).
-  """
-  b = root_feat_BxD.shape[0]
-  num_nodes = d * k
-  logq_BxV = jax.nn.log_softmax(tgt.logits(root_feat_BxD), axis=-1)
-  lq_Bxk, tok_Bxk = jax.lax.top_k(logq_BxV, k)
-  tokens = jnp.zeros((b, num_nodes), jnp.int32).at[:, :k].set(tok_Bxk)
-  scores = jnp.full((b, num_nodes), -jnp.inf, jnp.float32).at[:, :k].set(lq_Bxk)
-  parent = jnp.full((b, num_nodes), -1, jnp.int32)
-  depth = jnp.arange(num_nodes, dtype=jnp.int32) // k + 1
-  anc = jnp.zeros((b, num_nodes, num_nodes), bool).at[:, jnp.arange(k), jnp.arange(k)].set(True)
-  parent_feat_BxkxD = jnp.broadcast_to(root_feat_BxD[:, None], (b, k, root_feat_BxD.shape[-1]))
-  slots_S = jnp.arange(dcache.capacity)
-  rel = slots_S[None, :] - L[:, None]  # tree node index of each drafter slot
-  in_tree = (rel >= 0) & (rel < num_nodes)
-  for level in range(1, d):
-    ids = (level - 1) * k + jnp.arange(k)
-    seen = jnp.take_along_axis(anc[:, ids], jnp.broadcast_to(jnp.clip(rel, 0, num_nodes - 1)[:, None],
-                                                             (b, k, rel.shape[1])), axis=2)
-    kv_mask = (rel < 0)[:, None] | (in_tree[:, None] & seen)  # committed slots + ancestors
-    pos = jnp.broadcast_to((L + level - 1)[:, None], (b, k))
-    out_BxkxD, dcache = drf(tgt.embed(tokens[:, ids]), parent_feat_BxkxD, pos,
-                            cache=dcache.replace(lengths=L + (level - 1) * k), kv_mask_BxTxS=kv_mask)
-    clq, ctok = jax.lax.top_k(jax.nn.log_softmax(tgt.logits(out_BxkxD), axis=-1), k)  # [B,k,k]
-    cand = (scores[:, ids][:, :, None] + clq).reshape(b, k * k)
-    best_s, best = jax.lax.top_k(cand, k)
-    par_local = best // k
-    new = level * k + jnp.arange(k)
-    tokens = tokens.at[:, new].set(jnp.take_along_axis(ctok.reshape(b, k * k), best, axis=1))
-    scores = scores.at[:, new].set(best_s)
-    par_global = ids[par_local]
-    parent = parent.at[:, new].set(par_global)
-    anc = anc.at[:, new].set(jnp.take_along_axis(anc, par_global[:, :, None], axis=1))
-    anc = anc.at[:, new, new].set(True)
-    parent_feat_BxkxD = jnp.take_along_axis(out_BxkxD, par_local[..., None], axis=1)
-  # Parents sort before children: scores fall along a path, and the depth term breaks ties.
-  _, sel = jax.lax.top_k(scores - 1e-4 * depth[None].astype(jnp.float32), n)  # [B, n]
-  anc_sel = jnp.take_along_axis(jnp.take_along_axis(anc, sel[:, :, None], axis=1), sel[:, None, :], axis=2)
-  blk_mask = jnp.zeros((b, n + 1, n + 1), bool).at[:, :, 0].set(True).at[:, 1:, 1:].set(anc_sel)
-  par_sel = jnp.take_along_axis(parent, sel, axis=1)  # global id or -1
-  par_blk = jnp.where(par_sel < 0, 0, 1 + jnp.argmax(sel[:, None, :] == par_sel[:, :, None], axis=2))
-  par_blk = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), par_blk.astype(jnp.int32)], axis=1)
-  return jnp.take_along_axis(tokens, sel, axis=1), depth[sel], blk_mask, par_blk, dcache
-
-
 def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: SamplingParams,
-                      eos_ids, catchup_width: int, window: int | None = None, embedder=None):
+                      eos_ids, catchup_width: int, window: int | None = None, embedder=None,
+                      head: DraftHead | None = None):
   """One draft-verify-accept round for the whole batch (see the module docstring). `embedder`
   (SCONE's `HostTable`, or None): the target's input embeddings of the verification block (the
-  drafter keeps the target's token embeddings).
-
-  Returns (state, emitted_B) where emitted_B counts the tokens appended per active row.
-  """
+  drafter keeps the target's token embeddings); `head`: the draft head (None: the full vocabulary).
+  Returns (state, emitted_B) where emitted_B counts the tokens appended per active row."""
   d, k, n = strategy.depth, strategy.topk, strategy.num_verify
   b = state.done_B.shape[0]
   active = ~state.done_B
   L = state.cache.lengths  # pending position
-  dcache = state.draft_cache
+  dcache, head = state.draft_cache, head or DraftHead.of(tgt)
+  dwin = draft_window(window, state.seq_BxS.shape[1], dcache.capacity)
 
   # 1. Catch-up over t in [dl, L-1]; the output at t = L-1 is f̂_L.
   dl = dcache.lengths
-  out_BxWxD, dcache = _drafter_block(tgt, drf, state, dcache, catchup_width)
+  out_BxWxD, dcache = _drafter_block(tgt, drf, state, dcache, catchup_width, dwin)
   root_feat_BxD = _rows(out_BxWxD, L - 1 - dl)
   dcache = dcache.replace(lengths=L)
 
   # 2. Draft.
-  if k == 1:
-    node_tok, node_depth, blk_mask, par_blk, dcache = _draft_chain(tgt, drf, dcache, root_feat_BxD, L, d, n)
-  else:
-    node_tok, node_depth, blk_mask, par_blk, dcache = _draft_tree(tgt, drf, dcache, root_feat_BxD, L, d, k, n)
+  draft = draft_chain if k == 1 else functools.partial(draft_tree, k=k)
+  node_tok, node_depth, blk_mask, par_blk, dcache = draft(tgt, drf, head, dcache, root_feat_BxD, L, d, n=n,
+                                                          dwin=dwin)
   dcache = dcache.replace(lengths=L)  # the draft entries are dropped
 
   # 3. Verify the nodes with the pending token as the root, in one target forward.
@@ -245,19 +188,23 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
   return new_state, n_new
 
 
-def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState, *,
-                      strategy: Strategy, num_rounds: int, sp: SamplingParams, eos_ids,
-                      catchup_width: int, window: int | None = None, embedder=None,
+def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState,
+                      vocab_ids=None, *, strategy: Strategy, num_rounds: int, sp: SamplingParams,
+                      eos_ids, catchup_width: int, window: int | None = None, embedder=None,
                       sync_block: int = 32):
   """Brings the drafter cache up to date (`drafter_sync`, blocks of `sync_block`: a prefill from an
   empty cache, the gap after plain chunks, nothing otherwise), then runs up to `num_rounds`
   speculative rounds in one `lax.while_loop` (stops when all rows are done); the target's
-  verification reads cache slots [0, window) (None: all).
+  verification reads cache slots [0, window) (None: all), the drafter its `draft_window`.
+  `vocab_ids`: int32[V_d], the draft vocabulary (None: the full vocabulary); its head columns are
+  gathered once, before the rounds.
 
   Returns (state, stats) with stats = (rounds, emitted tokens, active row-rounds).
   """
   tgt, drf = nnx.merge(tgt_graphdef, tparams), nnx.merge(drf_graphdef, dparams)
-  state = drafter_sync(tgt, drf, state, sync_block)
+  dwin = draft_window(window, state.seq_BxS.shape[1], state.draft_cache.capacity)
+  state = drafter_sync(tgt, drf, state, sync_block, dwin)
+  head = DraftHead.of(tgt, vocab_ids)
 
   def cond(carry):
     i, st, _, _ = carry
@@ -266,7 +213,7 @@ def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: Decod
   def body(carry):
     i, st, tokens, row_rounds = carry
     active = jnp.sum(~st.done_B)
-    st, n_new = speculative_round(tgt, drf, st, strategy, sp, eos_ids, catchup_width, window, embedder)
+    st, n_new = speculative_round(tgt, drf, st, strategy, sp, eos_ids, catchup_width, window, embedder, head)
     return i + 1, st, tokens + jnp.sum(n_new), row_rounds + active
 
   zero = jnp.int32(0)
@@ -295,6 +242,7 @@ class SpeculativeDecoder:
   rounds_per_chunk: int = 8
   input_embedder: Any = None  # the target's input embeddings (SCONE's HostTable); None: plain
   sync_block: int = 32  # positions per drafter catch-up block (drafter_sync)
+  draft_vocab_size: int = 0  # V_d > 0: draft among V_d token ids (`set_draft_vocab`); 0: all
 
   def __post_init__(self):
     self.strategies = tuple(Strategy.parse(s) for s in self.strategies)
@@ -306,13 +254,49 @@ class SpeculativeDecoder:
     self.max_verify_tokens = max(s.num_verify for s in self.strategies) + 1
     if int(self.sync_block) < 1:
       raise ValueError(f"sync_block={self.sync_block!r}; must be >= 1")
+    self.draft_vocab_size = int(self.draft_vocab_size)
+    max_topk = max(s.topk for s in self.strategies)
+    if self.draft_vocab_size and self.draft_vocab_size < max_topk:
+      raise ValueError(f"draft_vocab_size={self.draft_vocab_size} is below the largest strategy topk "
+                       f"{max_topk}; use 0 (the full vocabulary) or >= {max_topk}")
     self.programs = ProgramCache()  # its chunk and catch-up programs
+    self.vocab_version = 0  # bumped by every set_draft_vocab
+    self._vocab_np = (np.arange(self.draft_vocab_size, dtype=np.int32) if self.draft_vocab_size else None)
+    self._vocab_placed: dict = {}  # mesh key -> (version, placed int32[V_d])
     drafter_cfg = lambda dparams: nnx.merge(self.drafter_graphdef, dparams).cfg  # noqa: E731
     # Placed (and committed) like the state it joins: a jit's output lives where its committed
     # inputs do, and `keep_unused` keeps `done_B` an input although only its shape is read.
     self._empty_cache = jax.jit(
         lambda dparams, done_B, capacity: KVCache.init(drafter_cfg(dparams), done_B.shape[0], capacity),
         static_argnums=(2,), keep_unused=True)
+
+  @property
+  def draft_vocab(self) -> np.ndarray | None:
+    """The current draft vocabulary (int32[V_d], host), or None for the full vocabulary."""
+    return None if self._vocab_np is None else self._vocab_np.copy()
+
+  def set_draft_vocab(self, ids) -> None:
+    """Replaces the draft vocabulary by `ids` (V_d distinct token ids; the later chunks draft among
+    them). Its shape is fixed, so the compiled chunks are reused as they are."""
+    if not self.draft_vocab_size:
+      raise ValueError("set_draft_vocab needs draft_vocab_size > 0 (this decoder drafts over the full vocabulary)")
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    if ids.size != self.draft_vocab_size or np.unique(ids).size != ids.size or (ids < 0).any():
+      raise ValueError(f"draft vocabulary: {ids.size} ids, {np.unique(ids).size} distinct, min "
+                       f"{ids.min() if ids.size else None}; needs {self.draft_vocab_size} distinct ids >= 0")
+    self._vocab_np = ids.astype(np.int32)
+    self.vocab_version += 1
+
+  def _vocab_on(self, mesh):
+    """The draft vocabulary placed (replicated) on `mesh`, re-placed after a refresh only."""
+    if self._vocab_np is None:
+      return None
+    key = ProgramKey.of("vocab", mesh)
+    held = self._vocab_placed.get(key)
+    if held is None or held[0] != self.vocab_version:
+      held = (self.vocab_version, mesh_lib.put_global(self._vocab_np, mesh_lib.replicated(mesh)))
+      self._vocab_placed[key] = held
+    return held[1]
 
   @property
   def default_strategy(self) -> Strategy:
@@ -323,7 +307,7 @@ class SpeculativeDecoder:
     return self.rounds_per_chunk * (Strategy.parse(strategy).depth + 1)
 
   def chunk_partial(self, strategy: Strategy, window: int | None = None):
-    """`speculative_chunk` for `strategy` as a function of (tparams, dparams, state)."""
+    """`speculative_chunk` for `strategy` as a function of (tparams, dparams, state[, vocab_ids])."""
     return functools.partial(
         speculative_chunk, self.target_graphdef, self.drafter_graphdef, strategy=strategy,
         num_rounds=self.rounds_per_chunk, sp=self.sampling, eos_ids=self.eos_ids,
@@ -331,14 +315,16 @@ class SpeculativeDecoder:
         sync_block=self.sync_block)
 
   def _state_jit(self, key: tuple, fn, mesh, tparams, dparams, state: DecodeState, stats_out: bool):
-    """`fn(tparams, dparams, state)` jitted once per `key` and group shape, the state donated; on
-    `mesh` with explicit in/out shardings (the params as placed, the state by
-    engine.state_shardings, the statistics, when `stats_out`, replicated)."""
+    """`fn(tparams, dparams, state[, vocab_ids])` jitted once per `key` and group shape, the state
+    donated; on `mesh` with explicit in/out shardings (the params as placed, the state by
+    engine.state_shardings, the statistics, when `stats_out`, and the draft vocabulary, an argument
+    of the chunks when `draft_vocab_size` > 0, replicated)."""
 
     def build():
       st, rep = state_shardings(state, mesh), mesh_lib.replicated(mesh)
       of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-      return jax.jit(fn, in_shardings=(of(tparams), of(dparams), st),
+      ins = (of(tparams), of(dparams), st) + ((rep,) if stats_out and self.draft_vocab_size else ())
+      return jax.jit(fn, in_shardings=ins,
                      out_shardings=(st, (rep, rep, rep)) if stats_out else st, donate_argnums=(2,))
     return self.programs.get(ProgramKey.of(key, mesh, tuple(state.seq_BxS.shape)), build)
 
@@ -384,4 +370,5 @@ class SpeculativeDecoder:
     shardings. Returns (state, (rounds, tokens, row_rounds) as device scalars)."""
     strategy = Strategy.parse(strategy) if strategy is not None else self.default_strategy
     state = self._with_draft_cache(tparams, dparams, state, mesh)
-    return self._chunk_fn(strategy, window, mesh, tparams, dparams, state)(tparams, dparams, state)
+    args = (tparams, dparams, state) + ((self._vocab_on(mesh),) if self.draft_vocab_size else ())
+    return self._chunk_fn(strategy, window, mesh, tparams, dparams, state)(*args)

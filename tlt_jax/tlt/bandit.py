@@ -87,6 +87,30 @@ def _rng_state_from_json(state: Mapping[str, Any]) -> dict[str, Any]:
   return convert(state)
 
 
+def arm_ladder(strategies: Sequence[Sequence[int]], buckets: Sequence[int],
+               thresholds: Sequence[int]) -> dict[int, list[Strategy]]:
+  """Per-bucket arms that verify more tokens at small batches and fewer at large ones, PLAIN in
+  every bucket (TLT's bucketed BEG-MAB, github.com/mit-han-lab/fastrl
+  third-party/sglang/python/sglang/srt/speculative/eagle_mab.py, BucketedEpsilonGreedyMAB: its
+  arms grouped by verified tokens, most first, the group i serving batches from thresholds[i] up
+  to thresholds[i+1] - 1; the released defaults are 48/32/16/8 tokens at thresholds 1, 2, 5, 21).
+
+  `strategies`' speculative arms are grouped by num_verify (most first); there must be one
+  threshold per group, strictly increasing from 1. A bucket (an upper bound of rows) takes the
+  group of the last threshold <= it. Returns {bucket: [that group's arms..., PLAIN]}."""
+  spec = [_as_strategy(s) for s in strategies if tuple(s) != PLAIN]
+  tiers = sorted({s[2] for s in spec}, reverse=True)
+  th = [int(t) for t in thresholds]
+  if not th or th[0] != 1 or any(b <= a for a, b in zip(th, th[1:])) or len(th) != len(tiers):
+    raise ValueError(f"arm ladder thresholds {tuple(thresholds)}: need {len(tiers)} strictly increasing "
+                     f"batch sizes starting at 1, one per num_verify group {tiers} of the arms")
+  out = {}
+  for b in buckets:
+    tier = tiers[bisect.bisect_right(th, int(b)) - 1]
+    out[int(b)] = [s for s in spec if s[2] == tier] + [PLAIN]
+  return out
+
+
 class BegMab:
   """Per-bucket epsilon-greedy over the sliding-window median of `accept_len / time`.
 

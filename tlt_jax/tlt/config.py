@@ -15,7 +15,8 @@ ROLLOUT_KEYS = ("max_new_tokens", "chunk_size", "temperature", "top_p", "top_k",
 TLT_KEYS = ("speculative", "train_drafter", "rollout_groups", "train_where", "single_group", "between_steps",
             "strategies", "bandit_epsilon", "bandit_window", "drafter_lr", "drafter_batch_size",
             "buffer_capacity", "buffer_decay", "max_in_flight", "max_drafter_steps", "buffer_seq_len",
-            "buffer_bytes", "buffer_dtype", "checkpoint_buffer")
+            "buffer_bytes", "buffer_dtype", "checkpoint_buffer", "draft_vocab_size", "draft_vocab_refresh",
+            "draft_vocab_decay", "arm_ladder")
 
 
 def _read(config, section: str, keys) -> dict[str, Any]:
@@ -64,6 +65,10 @@ class TLTConfig:
   buffer_bytes: int
   buffer_dtype: str
   checkpoint_buffer: bool
+  draft_vocab_size: int  # 0: draft over the full vocabulary
+  draft_vocab_refresh: int  # RL steps between draft vocabulary refreshes
+  draft_vocab_decay: float  # weight of the earlier counts per RL step
+  arm_ladder: tuple[int, ...]  # () : every arm in every bucket; else tlt/bandit.arm_ladder thresholds
   seed: int
 
   @classmethod
@@ -85,6 +90,8 @@ class TLTConfig:
         max_in_flight=int(t["max_in_flight"]), max_drafter_steps=int(t["max_drafter_steps"]),
         buffer_seq_len=int(t["buffer_seq_len"]), buffer_bytes=int(t["buffer_bytes"]),
         buffer_dtype=str(t["buffer_dtype"]), checkpoint_buffer=bool(t["checkpoint_buffer"]),
+        draft_vocab_size=int(t["draft_vocab_size"]), draft_vocab_refresh=int(t["draft_vocab_refresh"]),
+        draft_vocab_decay=float(t["draft_vocab_decay"]), arm_ladder=tuple(int(x) for x in t["arm_ladder"]),
         seed=int(config.seed))
 
   @property

@@ -38,9 +38,10 @@ from tlt_jax.rollout.records import RolloutResult, StepAccount
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.rollout.speculative import SpeculativeDecoder
 from tlt_jax.rollout.strategy import Strategy, parse_strategy, strategy_name
-from tlt_jax.tlt.bandit import BegMab
+from tlt_jax.tlt.bandit import BegMab, arm_ladder
 from tlt_jax.tlt.buffer import DrafterBuffer, rows_for_budget
 from tlt_jax.tlt.config import TLTConfig
+from tlt_jax.tlt.draft_vocab import DraftVocabCounter
 from tlt_jax.tlt.groups import split_mesh
 from tlt_jax.tlt.scheduler import DrafterTrainer, HostScheduler, target_head
 
@@ -62,11 +63,13 @@ TRAIN_WHERE = ("auto", "bubbles", "between_steps")
 
 
 def rollout_selector(strategies: Sequence[Strategy], buckets: Sequence[int], spec_threshold: int,
-                     epsilon: float, window: int, seed: int) -> BegMab:
-  """The BEG-MAB selector of a run's speculative chunks: arms `strategies`, one bandit bucket per
-  rollout bucket at or below `spec_threshold` (the rows a tail chunk computes)."""
+                     epsilon: float, window: int, seed: int, ladder: Sequence[int] = ()) -> BegMab:
+  """The BEG-MAB selector of a run's speculative chunks: one bandit bucket per rollout bucket at or
+  below `spec_threshold` (the rows a tail chunk computes); arms `strategies` in every bucket, or
+  with `ladder` (tlt.arm_ladder) the verify-token ladder of tlt/bandit.arm_ladder."""
   tail = tuple(b for b in buckets if b <= spec_threshold) or (spec_threshold,)
-  return BegMab(list(strategies), buckets=tail, epsilon=epsilon, window=window, seed=seed)
+  arms = arm_ladder(strategies, tail, ladder) if ladder else list(strategies)
+  return BegMab(arms, buckets=tail, epsilon=epsilon, window=window, seed=seed)
 
 
 def resolve_train_where(where: str, num_groups: int, backend: str | None = None) -> str:
@@ -114,7 +117,10 @@ class TLTRuntime:
     if self.speculative:
       decoder = SpeculativeDecoder(graphdef, drafter[0], sampling, tuple(eos_ids),
                                    strategies=[Strategy(*a) for a in c.speculative_arms],
-                                   rounds_per_chunk=c.rounds_per_chunk, input_embedder=input_embedder)
+                                   rounds_per_chunk=c.rounds_per_chunk, input_embedder=input_embedder,
+                                   draft_vocab_size=c.draft_vocab_size)
+    self.draft_vocab = (DraftVocabCounter(model_cfg.vocab_size, c.draft_vocab_size, c.draft_vocab_decay)
+                        if decoder is not None and c.draft_vocab_size else None)
     self.engine = RolloutEngine(
         graphdef, sampling, eos_ids=tuple(eos_ids), pad_id=pad_id, chunk_size=c.chunk_size,
         buckets=c.buckets, max_context=model_cfg.max_position_embeddings, speculative=decoder,
@@ -123,7 +129,7 @@ class TLTRuntime:
     self.bandit = None
     if self.speculative:
       self.bandit = rollout_selector(c.strategies, self.engine.buckets, c.spec_threshold, c.bandit_epsilon,
-                                     c.bandit_window, c.seed)
+                                     c.bandit_window, c.seed, c.arm_ladder)
     self.checkpoint_buffer = c.checkpoint_buffer
     self.drafter_state = None if drafter is None else drafter[1]
     self.buffer, self.trainer = self._drafter_training(drafter, model_cfg, pad_id, seq_len)
@@ -184,8 +190,13 @@ class TLTRuntime:
               train: bool = True) -> tuple[RolloutResult, StepAccount]:
     """A rollout over the groups, the drafter trained in their bubbles (HostScheduler.rollout;
     `train=False` for evaluations: no buffering, no training)."""
-    return self.scheduler.rollout(params, prompt_BxP, prompt_len_B, max_new_tokens, rng, step=step,
-                                  group_size=group_size, train=train)
+    result, account = self.scheduler.rollout(params, prompt_BxP, prompt_len_B, max_new_tokens, rng, step=step,
+                                             group_size=group_size, train=train)
+    if train and self.draft_vocab is not None:  # the reduced draft vocabulary follows the policy
+      self.draft_vocab.observe(result.tokens, result.lengths)
+      if self.draft_vocab.steps % self.config.draft_vocab_refresh == 0:
+        self.engine.speculative.set_draft_vocab(self.draft_vocab.ids())
+    return result, account
 
   def after_update(self, batch: Mapping[str, Any], hidden_BxLxH, buffered_rows: np.ndarray, step: int,
                    next_params) -> dict[str, Any]:

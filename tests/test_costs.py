@@ -1,0 +1,67 @@
+"""RooflineCosts charges each part of a speculative round as the program runs it: the drafter's
+own one-layer KV over the live window, the head rows of the draft vocabulary per draft level, the
+verify's n + 1 tokens. Every term is pinned on a hand-computable config."""
+
+import pytest
+
+from tlt_jax.analysis.costs import DECODE_EFFICIENCY, H100, PAPER_LAYOUT, RooflineCosts
+
+
+def _costs(**kw):
+  # bandwidth 1 byte/s at efficiency 1: a memory-bound term's seconds are its bytes per chip
+  base = dict(params=1000, layers=4, kv_heads=2, head_dim=8, group_chips=2, total_chips=4,
+              hbm_bandwidth=1.0, peak_flops=1e30, drafter_params=100, vocab_size=50, hidden_size=10,
+              bytes_per_param=2, mfu=1.0, decode_efficiency=1.0)
+  base.update(kw)
+  return RooflineCosts(**base)
+
+
+def test_each_term_of_a_round():
+  c = _costs()
+  b, ctx = 3, 7
+  # KV per layer per row per slot: 2 (k, v) x 2 heads x 8 dims x 2 bytes = 64 bytes
+  assert c._kv_bytes(b, ctx) == 64 * 4 * b * ctx
+  assert c.drafter_kv_bytes(b, ctx) == 64 * 1 * b * ctx  # the drafter's ONE layer, not the target's 4
+  assert c.draft_head_bytes() == 50 * 10 * 2  # every head row
+  t = c.spec_round_terms(b, (4, 2, 5), ctx)
+  dkv = 64 * b * ctx
+  assert t["catchup"] == pytest.approx((100 * 2 + dkv) / 2)  # per chip of the 2
+  assert t["draft_heads"] == pytest.approx(4 * 1000 / 2)  # d = 4 head reads of 1,000 bytes
+  assert t["draft_levels"] == pytest.approx(3 * (100 * 2 + dkv) / 2)  # d - 1 drafter calls
+  assert t["verify"] == pytest.approx((1000 * 2 + 64 * 4 * b * ctx) / 2)
+  assert c.spec_round(b, (4, 2, 5), ctx) == pytest.approx(sum(t.values()))
+  assert c.decode_step(b, ctx) == pytest.approx(t["verify"])  # memory-bound: verify reads what decode does
+
+
+def test_reduced_draft_vocab_reads_its_rows_only():
+  full, small = _costs(), _costs(draft_vocab=5)
+  assert small.draft_head_bytes() == 5 * 10 * 2
+  tf, ts = full.spec_round_terms(1, (3, 1, 3), 4), small.spec_round_terms(1, (3, 1, 3), 4)
+  assert ts["draft_heads"] == pytest.approx(tf["draft_heads"] / 10)
+  assert ts["verify"] == tf["verify"] and ts["catchup"] == tf["catchup"]
+
+
+def test_verify_tokens_become_compute_bound():
+  """At a large enough batch the verify's 2 x params x (n + 1) FLOPs per row dominate its bytes."""
+  c = _costs(peak_flops=1000.0, hbm_bandwidth=1e6)
+  b, n = 64, 7
+  flops_s = 2.0 * 1000 * b * (n + 1) / 2 / 1000.0
+  assert c.spec_round_terms(b, (2, 1, n), 1)["verify"] == pytest.approx(flops_s)
+  assert c.decode_step(b, 1) == pytest.approx(2.0 * 1000 * b / 2 / 1000.0)
+
+
+def test_drafter_window_cost_grows_with_live_context_by_one_layer():
+  c = _costs()
+  d0, d1 = c.spec_round_terms(2, (3, 1, 3), 100), c.spec_round_terms(2, (3, 1, 3), 200)
+  # 100 more slots x 2 rows x 64 bytes (one layer) per drafter call, per chip of 2
+  assert d1["catchup"] - d0["catchup"] == pytest.approx(100 * 2 * 64 / 2)
+  assert d1["draft_levels"] - d0["draft_levels"] == pytest.approx(2 * 100 * 2 * 64 / 2)
+  assert d1["verify"] - d0["verify"] == pytest.approx(4 * 100 * 2 * 64 / 2)  # the target's 4 layers
+
+
+def test_presets_are_the_cited_figures():
+  assert (H100.hbm_bandwidth, H100.peak_flops) == (3.35e12, 989e12)
+  assert PAPER_LAYOUT["group_chips"] == 4 and PAPER_LAYOUT["spec_threshold"] == 32
+  assert [a[2] for a in PAPER_LAYOUT["arms"]] == [48, 32, 16, 8]
+  assert all(a[0] * a[1] >= a[2] for a in PAPER_LAYOUT["arms"])
+  assert 0.5 < DECODE_EFFICIENCY < 0.9
