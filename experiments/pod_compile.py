@@ -45,11 +45,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from tlt_jax import cli  # noqa: E402
 from absl import flags  # noqa: E402
 
-from experiments.common import run_experiment  # noqa: E402
+from experiments.common import define_output_flags, run_experiment  # noqa: E402
 
 _CONFIG = cli.define_config_flag("configs/qwen2_5_7b_gsm8k.py")
 flags.DEFINE_string("topology", "v5p-64", "TPU slice by name (tlt_jax/analysis/aot.TOPOLOGIES)")
-flags.DEFINE_string("out", "experiments/results/pod_compile", "output directory")
+define_output_flags("experiments/results/pod_compile")
 flags.DEFINE_string("windows", "1024,8192", "live attention windows to compile the largest decode "
                     "bucket at (bytes accessed vs live context); empty: none")
 flags.DEFINE_string("only", "", "comma-separated step-name prefixes to compile (default: all)")

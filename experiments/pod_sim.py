@@ -38,11 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from experiments.common import ROOT, run_experiment  # noqa: E402
+from experiments.common import ROOT, define_output_flags, run_experiment  # noqa: E402
 from tlt_jax import cli  # noqa: E402
 
 _CONFIG = cli.define_config_flag("configs/qwen2_5_7b_gsm8k.py")
-flags.DEFINE_string("out", "experiments/results/pod_sim", "output directory (--validate: DIR/../pod_sim_validate when left at the default)")
+define_output_flags("experiments/results/pod_sim",
+                    out_help="output directory (--validate: DIR/../pod_sim_validate when left at the default)")
 flags.DEFINE_string("costs", "roofline", "pod cost source: roofline or compiled")
 flags.DEFINE_string("topology", "", "TPU slice (default: the config's, v5p-64 or v6e-64)")
 flags.DEFINE_string("compiled", "", "pod_compile JSONL (default: experiments/results/pod_compile/<config>_<topology>.jsonl)")
