@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from experiments.common import ROOT, define_output_flags, run_experiment  # noqa: E402
+from experiments.common import ROOT, Output, define_output_flags, run_experiment  # noqa: E402
 from tlt_jax import cli  # noqa: E402
 
 _CONFIG = cli.define_config_flag("configs/qwen2_5_7b_gsm8k.py")
@@ -234,10 +234,7 @@ def round_table(config, topo, out: str) -> str:
 
 
 def _write_pod(rows, topo, out: str):
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "pod_sim.jsonl"), "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+  Output(out).write_jsonl("pod_sim.jsonl", rows)
   main = [r for r in rows if r["sweep"] == "main"]
   shape = (f"workload {FLAGS.workload} (per-prompt medians, drift {FLAGS.drift}/step)" if FLAGS.workload
            else "lognormal")
@@ -347,10 +344,7 @@ def paper_check(out: str) -> list[dict]:
 
 
 def _write_paper(rows, out, w):
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "paper_check.jsonl"), "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+  Output(out).write_jsonl("paper_check.jsonl", rows)
   lines = ["# Paper check: the simulator at the TLT paper's layout (H100, predicted)", "",
            f"Qwen2.5-7B, roofline costs (H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16; decode at "
            f"{FLAGS.decode_efficiency} of HBM bandwidth; update and prefill at {FLAGS.mfu} MFU), acceptance "
@@ -449,10 +443,7 @@ def validate(trace_path: str, measured_path: str, e2e_path: str, out: str, skip:
                predicted_bubble_utilisation=pred["bubble_utilisation"], predicted_drafter_steps=pred["drafter_steps"])
     print(json.dumps(row), flush=True)
     rows.append(row)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "pod_sim_validate.jsonl"), "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+  Output(out).write_jsonl("pod_sim_validate.jsonl", rows)
   lines = ["# Step simulator vs a measured CPU run", "",
            f"Replayed: {trace_path} (recorded lengths, chunks' accept lengths, scheduling parameters) "
            f"at {costs.source} ({measured_path}; shared-core gain {costs.shared_gain}); the update's "
