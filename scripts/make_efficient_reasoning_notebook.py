@@ -34,7 +34,7 @@ r = fn([right, longer, 'A:1', right], [True, True, True, False], [len(right), le
 print(np.round(r, 3))
 assert r[0] > r[1] > 0 and r[2] == 0 and r[3] == 0""")
 code("""import tempfile
-from experiments.common import load_config
+from experiments.common import JsonlWriter, load_config
 from experiments.efficient_reasoning import ensure_policy, evaluate, held_out, rl_overrides, summarize, train_and_evaluate
 
 workdir = tempfile.mkdtemp(prefix='tlt_efficient_')
@@ -46,10 +46,10 @@ setup, policy = ensure_policy(workdir, base)
 examples = held_out(setup.task, per_digit=4)
 sft = evaluate(policy, setup, examples, samples=1)
 family = {}
-with open(os.path.join(workdir, 'family.jsonl'), 'w') as out:
+with JsonlWriter(os.path.join(workdir, 'family.jsonl')) as write:
   for alpha in (0.0, 0.4):
     family[alpha] = {0: train_and_evaluate(f'alpha_{alpha:g}', base, rl_overrides(alpha, seed=0, lr=1e-3), setup,
-                                           policy, examples, 1, os.path.join(workdir, 'family'), out)}
+                                           policy, examples, 1, os.path.join(workdir, 'family'), write)}
 rows = summarize(family, sft, seeds=[0])""")
 code("""from tlt_jax.utils.metrics import markdown_table
 cols = ['alpha', 'band', 'sampled_tokens_mean', 'sampled_tokens_change', 'sampled_acc_mean', 'sampled_acc_change',
