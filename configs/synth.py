@@ -1,17 +1,20 @@
 """Compute-optimal synthetic data (Bansal et al. 2024): a weak-cheap (WC), a strong-expensive (SE)
 and a student policy on the default chain-of-thought addition, and the experiment's settings.
 
-The three policies are SFT'd on problems that are mostly short (P(n digits) ∝ n^-1.5 on 1..6:
-about 22 % of 3-5 digits), then sample solutions to the longer problems (3-5 digits, disjoint
-draws for sampling and for the held-out evaluation) where they are imperfect, so coverage is not
-saturated. SE has about 3x the parameters of WC (3.1x), like Gemma2-27B vs 9B; the student is
-smaller than both (knowledge distillation).
+The three base policies are SFT'd on gold traces of every first-operand length in 1..6 digits but
+one, `task.skip_digits` = (5,): no policy ever sees a gold solution of a 5-digit problem. The
+experiment samples solutions to 5-digit problems (`synth.min_digits..max_digits`), where the bases
+are partly right by generalising their chain of thought from the lengths around it, fine-tunes the
+bases on the answer-filtered samples, and evaluates on held-out 5-digit problems. Three disjoint
+5-digit problem sets: sampling (`problem_seed`), validation (`val_seed`: every design choice
+below) and the held-out evaluation (`eval_seed`: the reported numbers only).
 
   configs/synth.py[:<role>]        role: se (default), wc or student; `model` is that policy
-  configs/synth.py:tiny[,<role>]   a minute-scale version on 1-3 digit sums (the notebook)
+  configs/synth.py:tiny[,<role>]   a minute-scale version (gold on 1 and 3 digits, sampled on 2)
 
   python -m tlt_jax.main --config=configs/synth.py:wc --workdir=runs/synth_wc   # one policy alone
   python experiments/compute_optimal.py --config=configs/synth.py               # the experiment
+  python experiments/compute_optimal.py --select                                # the fine-tuning grid
 """
 
 import os
@@ -32,6 +35,10 @@ def _model(layers: int, hidden: int, ffn: int, heads: int = 4, kv_heads: int = 2
               num_kv_heads=kv_heads)
 
 
+def _per_role(se, wc, student) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(se=se, wc=wc, student=student))
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   parts = [p.strip() for p in arg.split(",") if p.strip()]
   bad = [p for p in parts if p not in ROLES + ("tiny",)]
@@ -43,7 +50,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   role = roles[0] if roles else "se"
   c = _default_config()
   c.stages = "sft"
-  c.task = ml_collections.ConfigDict(dict(name="arith", max_digits=6, alpha=1.5, p_recheck=0.5))
+  # Gold traces: P(n digits) ∝ n^-1 on 1..6, never 5 digits (the sampled and evaluated length).
+  c.task = ml_collections.ConfigDict(dict(name="arith", max_digits=6, alpha=1.0, p_recheck=0.5,
+                                          skip_digits=(5,)))
   c.model.update(max_position_embeddings=160)
   c.tlt.update(rollout_groups=1, speculative=False, train_drafter=False)
   # eval_every=0: the experiment evaluates the policies itself (one compiled sampler per model).
@@ -52,39 +61,38 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.update(max_new_tokens=128, batch_size=256)
   c.rollout.update(max_new_tokens=128, temperature=1.0, spec_threshold=0)
   c.synth = ml_collections.ConfigDict(dict(
-      # Policies (layers, width, MLP width; 4 heads over 2 KV heads): SE and WC of the same depth,
-      # SE wider. Parameters with the 21-token char vocabulary: se 470k, wc 149k (SE/WC: 3.15 in
-      # parameters and in dense FLOPs per token), student 57k.
-      models=ml_collections.ConfigDict(dict(se=_model(3, 112, 352), wc=_model(3, 64, 192),
-                                            student=_model(2, 48, 144))),
-      # SFT steps and peak learning rate of each policy (`sft.lr` is set from base_lr[role]). The
-      # LR is per role, the best of a sweep by held-out greedy accuracy (3-5 digits) after 300 steps:
-      # SE 1e-3: 0.59, 1.5e-3: 0.75, 2e-3: 0.71, 3e-3: 0.02 (at WC's LR the wider SE ends in a
-      # solution that fits the short sums but not the carries of longer ones); WC 2e-3: 0.06,
-      # 3e-3: 0.28, 4e-3: 0.01, 5e-3: 0.02; student 3e-3: 0.00, 6e-3: 0.01.
-      base_steps=ml_collections.ConfigDict(dict(se=300, wc=300, student=300)),
-      base_lr=ml_collections.ConfigDict(dict(se=1.5e-3, wc=3e-3, student=3e-3)),
-      # Problems to sample solutions for, and the fixed held-out evaluation set (disjoint seeds).
-      min_digits=3, max_digits=5, problems=128, problem_seed=101,
+      # CALIBRATION
+      models=_per_role(_model(3, 112, 352), _model(3, 64, 192), _model(2, 64, 192)),
+      base_steps=_per_role(300, 300, 300),
+      base_lr=_per_role(1.5e-3, 3e-3, 3e-3),
+      # The sampled and evaluated length (outside the gold lengths: a config error otherwise), and
+      # the three disjoint problem sets.
+      min_digits=5, max_digits=5, problems=128, problem_seed=101,
+      val_problems=64, val_seed=303,
       eval_problems=128, eval_seed=202, eval_samples=2,  # greedy accuracy and pass@eval_samples
       # Budgets: SE samples per problem; WC gets the same FLOPs (flops.matched_sample_counts).
       budgets=(1, 4), temperature=1.0, include_attention=True,
-      # SFT on each filtered dataset: the same steps x packed tokens in every comparison.
-      finetune=ml_collections.ConfigDict(dict(steps=30, batch_size=16, max_len=160, lr=1e-3,
-                                              warmup_steps=3)),
-      seeds=(0, 1),
+      # SFT on each filtered dataset: per role, the same steps x packed tokens for both sources.
+      # FINETUNE
+      finetune=ml_collections.ConfigDict(dict(batch_size=16, max_len=160, warmup_steps=3,
+                                              lr=_per_role(1e-3, 1e-3, 1e-3), steps=_per_role(30, 30, 30))),
+      # The grid `--select` fine-tunes each role on (seed 0, the largest budget, both sources) and
+      # scores on the validation set: the evidence for `finetune.lr` / `finetune.steps` above.
+      select=ml_collections.ConfigDict(dict(lrs=(3e-4, 1e-3, 3e-3), steps=(30, 90))),
+      seeds=(0, 1, 2),
       compact_rollouts=True,  # rollout batches compact into smaller buckets (off: one shape, fewer compiles)
   ))
   if tiny:
-    c.synth.models = ml_collections.ConfigDict(dict(se=_model(2, 48, 128), wc=_model(1, 32, 96),
-                                                    student=_model(1, 16, 48, heads=2, kv_heads=1)))
-    c.synth.base_steps = ml_collections.ConfigDict(dict(se=150, wc=150, student=100))
-    c.synth.base_lr = ml_collections.ConfigDict(dict(se=1e-2, wc=1e-2, student=1e-2))
-    c.task.update(max_digits=3, alpha=1.0)
-    c.synth.update(min_digits=2, max_digits=3, problems=8, eval_problems=8, eval_samples=2, budgets=(1, 2),
-                   seeds=(0,), compact_rollouts=False)
+    c.synth.models = _per_role(_model(2, 48, 128), _model(1, 32, 96), _model(1, 16, 48, heads=2, kv_heads=1))
+    c.synth.base_steps = _per_role(150, 150, 100)
+    c.synth.base_lr = _per_role(1e-2, 1e-2, 1e-2)
+    c.task.update(max_digits=3, alpha=1.0, skip_digits=(2,))
+    c.synth.update(min_digits=2, max_digits=2, problems=8, val_problems=8, eval_problems=8, eval_samples=2,
+                   budgets=(1, 2), seeds=(0,), compact_rollouts=False)
     c.eval.batch_size = 32  # with compact_rollouts off, every rollout batch has this many rows
-    c.synth.finetune.update(steps=4, batch_size=4, max_len=96, warmup_steps=1)
+    c.synth.finetune.update(batch_size=4, max_len=96, warmup_steps=1, steps=_per_role(4, 4, 4),
+                            lr=_per_role(1e-3, 1e-3, 1e-3))
+    c.synth.select.update(lrs=(1e-3, 3e-3), steps=(2,))
     c.sft.update(batch_size=8, max_len=96, warmup_steps=10, eval_size=8, log_every=50)
     c.model.max_position_embeddings = 96
     c.eval.max_new_tokens = 64

@@ -2,26 +2,32 @@
 FLOPs, with exact false-positive rates (Bansal et al. 2024, "Smaller, Weaker, Yet Better:
 Training LLM Reasoners via Compute-Optimal Sampling").
 
-  1. Three policies SFT'd on mostly-short addition problems (configs/synth.py): SE, WC (~1/3 of
-     SE's parameters) and a smaller student. Each is cached in WORKDIR/<role>/sft (a rerun skips it).
-  2. Problems the policies are imperfect on (longer ones, `synth.min_digits..max_digits`): at each
-     budget (SE samples per problem), WC draws as many samples as the same FLOPs buy
-     (tlt_jax/synth/flops.py; attention included or not by `synth.include_attention`). Samples are
-     drawn once at the largest budget (T = `synth.temperature`, rollout engine) and a budget of k
-     samples uses the first k of each problem; every sample is checked step by step
-     (`Task.check_trace`) and cached in WORKDIR/samples_<role>.jsonl.
+  1. Three base policies SFT'd on gold addition traces of every length in 1..6 digits but the one
+     the experiment samples and evaluates (configs/synth.py, `task.skip_digits`): SE, WC (~1/3 of
+     SE's FLOPs per sample) and a student. Each is cached in WORKDIR/<role>/sft (a rerun skips it).
+     No policy ever sees a gold solution of the evaluated length; fine-tuning starts from these.
+  2. Problems of that length (`synth.min_digits..max_digits`; three disjoint sets: sampling,
+     validation, held-out): at each budget (SE samples per problem), WC draws as many samples as
+     the same FLOPs buy (tlt_jax/synth/flops.py; attention included or not by
+     `synth.include_attention`). Samples are drawn once at the largest budget (T =
+     `synth.temperature`, rollout engine) and a budget of k samples uses the first k of each
+     problem; every sample is checked step by step (`Task.check_trace`) and cached in
+     WORKDIR/samples_<role>.jsonl.
   3. (a) Data metrics per budget and model: coverage, diversity, exact FPR; curves over k.
-  4. (b) SFT on each answer-filtered dataset (WORKDIR/data/<source>_b<k>.jsonl, with provenance),
-     the same steps x packed tokens per comparison, `synth.seeds` seeds, in three settings:
+  4. (b) SFT on each answer-filtered dataset (WORKDIR/data/<source>_b<k>.jsonl, with provenance)
+     at the role's LR and steps (`synth.finetune`, chosen on the validation set by `--select`),
+     `synth.seeds` seeds, in three settings:
        kd              the student on WC data vs on SE data;
        self_improve    WC on its own data vs on SE's;
        weak_to_strong  SE on WC's data vs on its own.
-     Each fine-tuned policy: greedy accuracy and pass@k on a fixed held-out set.
+     Each fine-tuned policy: greedy accuracy and pass@k on the held-out set.
   5. (c) Accuracy gain over the base policy vs budget.
 
   python experiments/compute_optimal.py [--config=configs/synth.py] [--workdir=runs/compute_optimal]
-      [--out=experiments/results/compute_optimal] [--config.synth.seeds=(0,1,2) ...]
+      [--out=experiments/results/compute_optimal] [--select] [--config.synth.seeds=(0,1,2) ...]
 
+With --select, steps 1-2 and the fine-tuning grid `synth.select` (each role on both sources at
+the largest budget, seed 0, scored on the validation set): OUT/compute_optimal_select.{jsonl,md}.
 Prints one JSON line per data-metrics row and per fine-tuning run; writes OUT/compute_optimal.
 {jsonl,md} and OUT/compute_optimal_{data,gain}.png.
 """
@@ -63,6 +69,8 @@ def define_flags():
   flags.DEFINE_string("settings", "kd,self_improve,weak_to_strong",
                       "SFT settings to run (a subset, e.g. in parallel processes on one workdir; "
                       "a later run over all of them reuses their cached results)")
+  flags.DEFINE_bool("select", False, "run the fine-tuning grid (synth.select) on the validation set instead "
+                    "of the experiment; writes OUT/compute_optimal_select.{jsonl,md}")
   return cli.define_config_flag(os.path.join(ROOT, "configs", "synth.py"))
 
 
@@ -90,10 +98,18 @@ def train_policies(base, workdir: str, roles=("se", "wc", "student")):
   return out
 
 
-def problems(task, n: int, lo: int, hi: int, seed: int):
-  """n fixed problems with lo..hi digits (uniform), prompt ids 0..n-1."""
+def problems(task, n: int, lo: int, hi: int, seed: int, exclude=()):
+  """n fixed, distinct problems with lo..hi digits (uniform), none of them in `exclude` (problem
+  sets), prompt ids 0..n-1."""
   rng = np.random.default_rng([seed, 31])
-  return [task.sample(rng, num_digits=int(rng.integers(lo, hi + 1))).with_id(i) for i in range(n)]
+  seen = {e.prompt for group in exclude for e in group}
+  out = []
+  while len(out) < n:
+    ex = task.sample(rng, num_digits=int(rng.integers(lo, hi + 1)))
+    if ex.prompt not in seen:
+      seen.add(ex.prompt)
+      out.append(ex.with_id(len(out)))
+  return out
 
 
 def sample_costs(policies, examples, include_attention: bool) -> dict[str, int]:
@@ -150,12 +166,14 @@ def data_rows(samples, counts) -> list[dict]:
 
 def evaluate(policy, setup, examples, samples: int, max_new_tokens: int, batch_size: int, seed: int,
              compact: bool = True) -> dict:
-  """Greedy accuracy and pass@`samples` (T = 1, unbiased) on the held-out `examples`."""
+  """Greedy accuracy and pass@`samples` (T = 1, unbiased; left out when `samples` is 0) on `examples`."""
   from tlt_jax.synth import coverage_at_k, sample_solutions
   from tlt_jax.synth.sampling import group_by_problem
   common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=False, compact=compact)
   greedy = sample_solutions(policy, setup.tokenizer, setup.task, examples, 1, model_name="eval",
                             temperature=0.0, **common)
+  if not samples:
+    return {"greedy_acc": float(np.mean([x.answer_correct for x in greedy]))}
   drawn = sample_solutions(policy, setup.tokenizer, setup.task, examples, samples, model_name="eval",
                            temperature=1.0, seed=seed, **common)
   return {"greedy_acc": float(np.mean([x.answer_correct for x in greedy])),
@@ -163,19 +181,20 @@ def evaluate(policy, setup, examples, samples: int, max_new_tokens: int, batch_s
 
 
 class FineTuner:
-  """SFT of one role's policy on a dataset: one compiled step per role (every run of the role has
-  the same optimizer and batch shape), the same steps x packed tokens for every dataset."""
+  """SFT of one policy on a dataset at one (LR, steps): one compiled step (every run has the same
+  optimizer and batch shape), the same steps x packed tokens for every dataset. `ft` holds the
+  shared batch shape and warmup (`synth.finetune`)."""
 
-  def __init__(self, setup, policy, ft):
+  def __init__(self, setup, policy, ft, lr: float, steps: int):
     from flax import nnx
 
     from tlt_jax.train import optim
     from tlt_jax.train.sft import make_sft_step
     from tlt_jax.train.state import create_train_state
-    self.setup, self.ft = setup, ft
+    self.setup, self.ft, self.steps = setup, ft, int(steps)
     self.graphdef, self.params = nnx.split(policy)
-    self.tx = optim.make_optimizer(dict(lr=ft.lr, steps=ft.steps, schedule="cosine",
-                                        warmup_steps=ft.warmup_steps, final_lr=0.1 * ft.lr))
+    self.tx = optim.make_optimizer(dict(lr=float(lr), steps=self.steps, schedule="cosine",
+                                        warmup_steps=int(ft.warmup_steps), final_lr=0.1 * float(lr)))
     self.step_fn = make_sft_step(self.graphdef, self.tx, create_train_state(self._copy(), self.tx, None), None)
 
   def _copy(self):
@@ -195,24 +214,17 @@ class FineTuner:
     model = nnx.merge(self.graphdef, self._copy())
     state = create_train_state(nnx.state(model), self.tx, None)
     model, _, history = run_sft(model, self.tx, lambda step: pack_sft_batch(draw(step), tok, ft.batch_size, ft.max_len),
-                                int(ft.steps), state=state, step_fn=self.step_fn, log_every=int(ft.steps),
+                                self.steps, state=state, step_fn=self.step_fn, log_every=self.steps,
                                 show_progress=False)
     return model, history[-1]["loss"]
 
 
-def finetune_rows(s, policies, datasets, counts, eval_set, workdir: str, max_new_tokens: int,
-                  batch_size: int, jsonl=None, settings=None) -> list[dict]:
-  """(b): every (budget, setting, source, seed) run, cached in WORKDIR/finetune/<...>.json; and
-  each base policy's evaluation (WORKDIR/finetune/base_<role>.json)."""
-  from tlt_jax.utils.console import say
-  ft_dir = os.path.join(workdir, "finetune")
-  os.makedirs(ft_dir, exist_ok=True)
-  k_eval = int(s.eval_samples)
-  chosen = [(name, role) for name, role in SETTINGS if settings is None or name in settings]
-  rows = []
+def _cache(directory: str):
+  """cached(name, make): the JSON record DIRECTORY/<name>.json, made by make() when absent."""
+  os.makedirs(directory, exist_ok=True)
 
   def cached(name, make):
-    path = os.path.join(ft_dir, name + ".json")
+    path = os.path.join(directory, name + ".json")
     if os.path.exists(path):
       with open(path) as f:
         return json.load(f)
@@ -221,23 +233,50 @@ def finetune_rows(s, policies, datasets, counts, eval_set, workdir: str, max_new
       json.dump(rec, f)
     os.replace(path + ".tmp", path)
     return rec
+  return cached
 
-  for _, role in chosen:
+
+def base_rows(s, policies, eval_set, val_set, workdir: str, max_new_tokens: int, batch_size: int) -> list[dict]:
+  """Each base policy (before fine-tuning) on the held-out set (greedy, pass@k) and on the
+  validation set (greedy), cached in WORKDIR/finetune/base_<role>.json."""
+  from tlt_jax.utils.console import say
+  cached = _cache(os.path.join(workdir, "finetune"))
+  k_eval, rows = int(s.eval_samples), []
+  for role in ("se", "wc", "student"):
+    if role not in policies:
+      continue
     setup, policy = policies[role]
-    rec = cached(f"base_{role}", lambda: {"kind": "base", "policy": role, **evaluate(
-        policy, setup, eval_set, k_eval, max_new_tokens, batch_size, seed=int(s.eval_seed),
-        compact=bool(s.compact_rollouts))})
-    rows.append(rec)
-    say(json.dumps(rec))
+
+    def make():
+      common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=int(s.eval_seed),
+                    compact=bool(s.compact_rollouts))
+      held = evaluate(policy, setup, eval_set, k_eval, **common)
+      return {"kind": "base", "policy": role, **held,
+              "val_greedy_acc": evaluate(policy, setup, val_set, 0, **common)["greedy_acc"]}
+    rows.append(cached(f"base_{role}", make))
+    say(json.dumps(rows[-1]))
+  return rows
+
+
+def finetune_rows(s, policies, datasets, counts, eval_set, workdir: str, max_new_tokens: int,
+                  batch_size: int, jsonl=None, settings=None) -> list[dict]:
+  """(b): every (budget, setting, source, seed) run at its role's `synth.finetune` LR and steps,
+  scored on the held-out set, cached in WORKDIR/finetune/<...>.json."""
+  from tlt_jax.utils.console import say
+  cached = _cache(os.path.join(workdir, "finetune"))
+  k_eval = int(s.eval_samples)
+  chosen = [(name, role) for name, role in SETTINGS if settings is None or name in settings]
+  rows = []
   tuners = {}
   for c in counts:
     for setting, role in chosen:
+      lr, steps = float(s.finetune.lr[role]), int(s.finetune.steps[role])
       for m in SOURCES:
         for seed in s.seeds:
           def run():
             setup, policy = policies[role]
             if role not in tuners:
-              tuners[role] = FineTuner(setup, policy, s.finetune)
+              tuners[role] = FineTuner(setup, policy, s.finetune, lr, steps)
             examples = datasets[(m, c["budget"])]
             if not examples:
               return {"greedy_acc": None, f"pass@{k_eval}": None, "final_loss": None, "time_s": 0.0}
@@ -246,14 +285,68 @@ def finetune_rows(s, policies, datasets, counts, eval_set, workdir: str, max_new
             res = evaluate(model, setup, eval_set, k_eval, max_new_tokens, batch_size, seed=int(s.eval_seed),
                            compact=bool(s.compact_rollouts))
             return {**res, "final_loss": float(loss), "time_s": time.perf_counter() - t0}
-          name = f"{setting}_{m}_b{c['budget']}_s{seed}"
+          name = f"{setting}_{m}_b{c['budget']}_s{seed}_lr{lr:g}_st{steps}"
           rec = {"kind": "finetune", "setting": setting, "policy": role, "source": m, "budget": c["budget"],
-                 "seed": int(seed), "dataset": len(datasets[(m, c["budget"])]), **cached(name, run)}
+                 "seed": int(seed), "lr": lr, "steps": steps, "dataset": len(datasets[(m, c["budget"])]),
+                 **cached(name, run)}
           rows.append(rec)
           say(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}))
           if jsonl is not None:
             jsonl.write(json.dumps(rec) + "\n")
   return rows
+
+
+def select_rows(s, policies, datasets, counts, val_set, workdir: str, max_new_tokens: int, batch_size: int,
+                roles) -> list[dict]:
+  """The fine-tuning grid (`synth.select`): each role fine-tuned at every (LR, steps) on both
+  sources' data at the largest budget (seed 0), scored by greedy accuracy on the validation set
+  (never the held-out one); cached in WORKDIR/select/<...>.json."""
+  from tlt_jax.utils.console import say
+  cached = _cache(os.path.join(workdir, "select"))
+  budget = counts[-1]["budget"]
+  rows = []
+  for role in roles:
+    setup, policy = policies[role]
+    for lr in s.select.lrs:
+      for steps in s.select.steps:
+        tuner = None
+        for m in SOURCES:
+          def run():
+            nonlocal tuner
+            examples = datasets[(m, budget)]
+            if not examples:
+              return {"val_greedy_acc": None}
+            if tuner is None:
+              tuner = FineTuner(setup, policy, s.finetune, float(lr), int(steps))
+            model, loss = tuner(examples, 0)
+            return {"val_greedy_acc": evaluate(model, setup, val_set, 0, max_new_tokens, batch_size, seed=0,
+                                               compact=bool(s.compact_rollouts))["greedy_acc"],
+                    "final_loss": float(loss)}
+          rec = {"kind": "select", "policy": role, "lr": float(lr), "steps": int(steps), "source": m,
+                 "budget": budget, "dataset": len(datasets[(m, budget)]),
+                 **cached(f"{role}_{m}_b{budget}_lr{float(lr):g}_st{int(steps)}", run)}
+          rows.append(rec)
+          say(json.dumps(rec))
+  return rows
+
+
+def selection(rows) -> list[dict]:
+  """Per role and (LR, steps): the validation accuracy on each source and their mean; `best`
+  marks each role's highest mean (ties: fewer steps, then the lower LR)."""
+  out = []
+  for role in dict.fromkeys(r["policy"] for r in rows):
+    cells = {}
+    for r in rows:
+      if r["policy"] == role and r["val_greedy_acc"] is not None:
+        cells.setdefault((r["steps"], r["lr"]), {})[r["source"]] = r["val_greedy_acc"]
+    role_rows = [{"policy": role, "lr": lr, "steps": steps, **{f"val_{m}": v.get(m) for m in SOURCES},
+                  "val_mean": float(np.mean(list(v.values())))} for (steps, lr), v in sorted(cells.items())]
+    if role_rows:
+      best = max(role_rows, key=lambda r: (r["val_mean"], -r["steps"], -r["lr"]))
+      for r in role_rows:
+        r["best"] = "yes" if r is best else ""
+    out.extend(role_rows)
+  return out
 
 
 def build_datasets(samples, examples, counts, workdir: str):
@@ -270,20 +363,25 @@ def build_datasets(samples, examples, counts, workdir: str):
 
 
 def summarize(ft_rows, k_eval: int) -> list[dict]:
-  """Per (setting, budget, source): mean greedy accuracy / pass@k over seeds, the seed spread
-  (max - min) and the per-seed values, the gain over the base policy, and WC - SE."""
+  """Per (setting, budget, source): greedy accuracy on the held-out set over seeds (mean, sample
+  std, min, max, per seed), the gain over the base policy, pass@k; on the WC rows, WC - SE (mean)
+  and the range of the per-seed differences (seed s on WC data minus seed s on SE data)."""
   base = {r["policy"]: r for r in ft_rows if r["kind"] == "base"}
   runs = [r for r in ft_rows if r["kind"] == "finetune" and r["greedy_acc"] is not None]
   out = []
   keys = sorted({(r["setting"], r["budget"], r["source"]) for r in runs},
                 key=lambda t: ([s for s, _ in SETTINGS].index(t[0]), t[1], SOURCES.index(t[2])))
   for setting, budget, m in keys:
-    rs = [r for r in runs if (r["setting"], r["budget"], r["source"]) == (setting, budget, m)]
+    rs = sorted((r for r in runs if (r["setting"], r["budget"], r["source"]) == (setting, budget, m)),
+                key=lambda r: r["seed"])
     accs = [r["greedy_acc"] for r in rs]
     role = rs[0]["policy"]
     out.append({"setting": setting, "policy": role, "budget": budget, "source": m, "dataset": rs[0]["dataset"],
+                "lr": rs[0]["lr"], "steps": rs[0]["steps"],
                 "base_acc": base[role]["greedy_acc"], "greedy_acc": float(np.mean(accs)),
-                "spread": float(max(accs) - min(accs)), "seeds": " / ".join(f"{a:.3f}" for a in accs),
+                "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+                "min": float(min(accs)), "max": float(max(accs)),
+                "seeds": " / ".join(f"{a:.3f}" for a in accs), "by_seed": {r["seed"]: r["greedy_acc"] for r in rs},
                 "gain": float(np.mean(accs)) - base[role]["greedy_acc"],
                 f"pass@{k_eval}": float(np.mean([r[f"pass@{k_eval}"] for r in rs])),
                 "base_pass": base[role][f"pass@{k_eval}"]})
@@ -292,7 +390,40 @@ def summarize(ft_rows, k_eval: int) -> list[dict]:
     other = by.get((r["setting"], r["budget"], "se"))
     if r["source"] == "wc" and other is not None:
       r["wc_minus_se"] = r["greedy_acc"] - other["greedy_acc"]
+      diffs = [a - other["by_seed"][seed] for seed, a in r["by_seed"].items() if seed in other["by_seed"]]
+      r["diff_min"], r["diff_max"] = float(min(diffs)), float(max(diffs))
+      r["diff_range"] = f"{min(diffs):+.3f} .. {max(diffs):+.3f}"
+  for r in out:
+    r.pop("by_seed")
   return out
+
+
+def prepare(base, workdir: str, roles) -> dict:
+  """Everything before fine-tuning: the base policies of `roles` (trained or found), the three
+  problem sets, the price list and budgets, the samples (drawn or found) and the datasets."""
+  s = base.synth
+  t0 = time.perf_counter()
+  policies = train_policies(base, workdir, roles)
+  timings = {"policies_s": time.perf_counter() - t0}
+  task = policies["se"][0].task
+  lo, hi = int(s.min_digits), int(s.max_digits)
+  examples = problems(task, int(s.problems), lo, hi, int(s.problem_seed))
+  val_set = problems(task, int(s.val_problems), lo, hi, int(s.val_seed), exclude=(examples,))
+  eval_set = problems(task, int(s.eval_problems), lo, hi, int(s.eval_seed), exclude=(examples, val_set))
+  costs = sample_costs({m: policies[m] for m in SOURCES}, examples, bool(s.include_attention))
+  counts = budget_counts(s, costs)
+  max_new, batch = int(base.rollout.max_new_tokens), int(base.eval.batch_size)
+  t0 = time.perf_counter()
+  samples = draw_samples(s, policies, examples, counts, workdir, max_new, batch)
+  timings["sampling_s"] = time.perf_counter() - t0
+  return {"policies": policies, "examples": examples, "val_set": val_set, "eval_set": eval_set, "costs": costs,
+          "counts": counts, "samples": samples, "datasets": build_datasets(samples, examples, counts, workdir),
+          "max_new": max_new, "batch": batch, "timings": timings}
+
+
+def _roles(settings) -> list[str]:
+  return list(SOURCES) + [role for name, role in SETTINGS if (settings is None or name in settings)
+                          and role not in SOURCES]
 
 
 def run_all(base, workdir: str, jsonl=None, settings=None) -> dict:
@@ -300,33 +431,32 @@ def run_all(base, workdir: str, jsonl=None, settings=None) -> dict:
   from tlt_jax.synth import metric_curves_of
   s = base.synth
   t_start = time.perf_counter()
-  timings = {}
-  roles = list(SOURCES) + [role for name, role in SETTINGS if (settings is None or name in settings)
-                          and role not in SOURCES]
-  policies = train_policies(base, workdir, roles)
-  timings["policies_s"] = time.perf_counter() - t_start
-  setup = policies["se"][0]
-  task, tok = setup.task, setup.tokenizer
-  examples = problems(task, int(s.problems), int(s.min_digits), int(s.max_digits), int(s.problem_seed))
-  eval_set = problems(task, int(s.eval_problems), int(s.min_digits), int(s.max_digits), int(s.eval_seed))
-  costs = sample_costs({m: policies[m] for m in SOURCES}, examples, bool(s.include_attention))
-  counts = budget_counts(s, costs)
-  max_new, batch = int(base.rollout.max_new_tokens), int(base.eval.batch_size)
-  t0 = time.perf_counter()
-  samples = draw_samples(s, policies, examples, counts, workdir, max_new, batch)
-  timings["sampling_s"] = time.perf_counter() - t0
+  p = prepare(base, workdir, _roles(settings))
+  policies, counts, samples = p["policies"], p["counts"], p["samples"]
+  timings = p["timings"]
   data = data_rows(samples, counts)
   curves = {m: metric_curves_of(samples[m]) for m in SOURCES}
-  datasets = build_datasets(samples, examples, counts, workdir)
   t0 = time.perf_counter()
-  ft = finetune_rows(s, policies, datasets, counts, eval_set, workdir, max_new, batch, jsonl, settings)
+  bases = base_rows(s, policies, p["eval_set"], p["val_set"], workdir, p["max_new"], p["batch"])
+  ft = bases + finetune_rows(s, policies, p["datasets"], counts, p["eval_set"], workdir, p["max_new"], p["batch"],
+                             jsonl, settings)
   timings["finetune_s"] = time.perf_counter() - t0
   timings["total_s"] = time.perf_counter() - t_start
   timings["finetune_runs_own_s"] = sum(r.get("time_s") or 0.0 for r in ft if r["kind"] == "finetune")
   params = {role: policies[role][1].cfg.num_params if role in policies else None
             for role in ("se", "wc", "student")}
-  return {"params": params, "costs": costs, "counts": counts, "data": data, "curves": curves,
+  return {"params": params, "costs": p["costs"], "counts": counts, "data": data, "curves": curves,
           "finetune": ft, "summary": summarize(ft, int(s.eval_samples)), "timings": timings}
+
+
+def run_select(base, workdir: str, settings=None) -> dict:
+  """The fine-tuning grid on the validation set (`select_rows`) for the roles of `settings`."""
+  s = base.synth
+  roles = [role for name, role in SETTINGS if settings is None or name in settings]
+  p = prepare(base, workdir, _roles(settings))
+  rows = select_rows(s, p["policies"], p["datasets"], p["counts"], p["val_set"], workdir, p["max_new"], p["batch"],
+                     roles)
+  return {"rows": rows, "selection": selection(rows)}
 
 
 def main(argv):
@@ -347,6 +477,15 @@ def main(argv):
                                  f"subset of {tuple(name for name, _ in SETTINGS)}")
   os.makedirs(args.out, exist_ok=True)
   os.makedirs(args.workdir, exist_ok=True)
+  if args.select:
+    sel = run_select(base, args.workdir, settings)
+    with open(os.path.join(args.out, "compute_optimal_select.jsonl"), "w") as f:
+      for r in sel["rows"]:
+        f.write(json.dumps(r) + "\n")
+    write_select_markdown(os.path.join(args.out, "compute_optimal_select.md"), base, sel)
+    for r in sel["selection"]:
+      say(json.dumps(r))
+    return
   with open(os.path.join(args.out, "compute_optimal.jsonl"), "w") as jsonl:
     res = run_all(base, args.workdir, jsonl, settings)
     for r in res["data"]:
@@ -391,12 +530,29 @@ def agreement(res) -> dict:
       if wc is None or se is None:
         verdicts.append(f"b{b}: n/a")
         continue
-      d = wc["greedy_acc"] - se["greedy_acc"]
-      noise = max(wc["spread"], se["spread"])
-      word = "yes" if d > noise else ("no" if d < -noise else "within seed spread")
-      verdicts.append(f"b{b}: {word} ({d:+.3f})")
+      d = wc["wc_minus_se"]
+      word = "yes" if wc["diff_min"] > 0 else ("no" if wc["diff_max"] < 0 else "mixed across seeds")
+      verdicts.append(f"b{b}: {word} ({d:+.3f}; per seed {wc['diff_range']})")
     out[setting] = "; ".join(verdicts)
   return out
+
+
+def write_select_markdown(path, base, sel):
+  from tlt_jax.utils.metrics import markdown_table
+  s = base.synth
+  lines = [
+      "# Compute-optimal sampling: the fine-tuning grid on the validation set\n",
+      f"Each role fine-tuned (seed 0) on each source's answer-filtered data at the largest budget "
+      f"({s.budgets[-1]} SE samples per problem), {s.finetune.batch_size} packed rows x {s.finetune.max_len} "
+      f"tokens per step, cosine LR with {s.finetune.warmup_steps} warmup steps; greedy accuracy on the "
+      f"{s.val_problems} validation problems ({s.min_digits}-{s.max_digits} digits, disjoint from the sampling "
+      "and held-out sets). `best`: the highest mean over the two sources (ties: fewer steps, lower LR).\n",
+      markdown_table(sel["selection"], ["policy", "lr", "steps", "val_wc", "val_se", "val_mean", "best"]),
+      "\nIn the config (`synth.finetune`): " + ", ".join(
+          f"{role} lr {s.finetune.lr[role]:g} steps {s.finetune.steps[role]}" for role in ("se", "wc", "student")) + ".\n",
+  ]
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
 
 
 def write_markdown(path, base, res):
@@ -406,32 +562,41 @@ def write_markdown(path, base, res):
   p = res["params"]
   lines = [
       "# Compute-optimal sampling at tiny scale: WC vs SE data at matched FLOPs\n",
-      f"Policies SFT'd on reversed addition with P(n digits) ∝ n^-{base.task.alpha} on 1..{base.task.max_digits}: "
+      f"Policies SFT'd on gold reversed addition with P(n digits) ∝ n^-{base.task.alpha} on 1..{base.task.max_digits}"
+      f"{' less ' + ', '.join(map(str, base.task.skip_digits)) + ' digits' if base.task.skip_digits else ''}: "
       f"SE {p['se']:,} parameters, WC {p['wc']:,} (SE/WC = {p['se'] / p['wc']:.2f}), student {'-' if p['student'] is None else format(p['student'], ',')}. "
-      f"Problems: {s.problems} for sampling, {s.eval_problems} held out, {s.min_digits}-{s.max_digits} digits. "
+      f"Problems ({s.min_digits}-{s.max_digits} digits, no gold trace of that length in any policy's SFT): "
+      f"{s.problems} for sampling, {s.val_problems} for validation, {s.eval_problems} held out, disjoint. "
       f"Sampling at T={s.temperature}; FLOPs per sample "
       f"{'with' if s.include_attention else 'without'} attention at the problems' mean lengths: "
       + ", ".join(f"{m} {res['costs'][m]:.3g}" for m in SOURCES) + f" (ratio {res['costs']['se'] / res['costs']['wc']:.2f}).\n",
       "## Budgets (samples per problem at matched FLOPs)\n",
       markdown_table(res["counts"], ["budget", "flops_per_problem", "k_se", "k_wc"]),
-      f"\n## Base policies (after their SFT, before fine-tuning) on the held-out set: greedy accuracy, pass@{k_eval} (T=1)\n",
+      f"\n## Base policies (after their SFT, before fine-tuning): greedy accuracy on the validation and the "
+      f"held-out set, pass@{k_eval} (T=1) on the held-out set, accuracy per sample on the sampling problems "
+      "(coverage@1 at T=1)\n",
       markdown_table([{**r, "params": p[r["policy"]], "sft_steps": int(s.base_steps[r["policy"]]),
-                       "sft_lr": float(s.base_lr[r["policy"]])} for r in res["finetune"] if r["kind"] == "base"],
-                     ["policy", "params", "sft_steps", "sft_lr", "greedy_acc", f"pass@{k_eval}"]),
+                       "sft_lr": float(s.base_lr[r["policy"]]),
+                       "sample_acc": next((c["coverage"] for c in res["curves"].get(r["policy"], []) if c["k"] == 1),
+                                          None)} for r in res["finetune"] if r["kind"] == "base"],
+                     ["policy", "params", "sft_steps", "sft_lr", "val_greedy_acc", "greedy_acc", f"pass@{k_eval}",
+                      "sample_acc"]),
       "\n## (a) Data metrics (FPR exact: every step checked)\n",
       markdown_table(res["data"], ["budget", "source", "k", "coverage", "diversity", "fpr", "correct_samples",
                                    "flops_per_problem"]),
-      f"\n## (b) SFT on each dataset: greedy accuracy on the held-out set (mean over seeds {tuple(s.seeds)}; "
-      f"spread = max - min), pass@{k_eval} (T=1)\n",
-      f"Every run: {s.finetune.steps} steps of {s.finetune.batch_size} packed rows x {s.finetune.max_len} tokens "
-      f"(the same SFT budget), lr {s.finetune.lr} cosine. `gain` is over the base policy; `wc_minus_se` compares "
-      "the two datasets at the same budget.\n",
-      markdown_table(res["summary"], ["setting", "policy", "budget", "source", "dataset", "base_acc", "greedy_acc",
-                                      "spread", "seeds", "gain", "wc_minus_se", f"pass@{k_eval}", "base_pass"]),
+      f"\n## (b) SFT on each dataset: greedy accuracy on the held-out set (mean, sample std, min and max over "
+      f"seeds {tuple(s.seeds)}), pass@{k_eval} (T=1)\n",
+      f"Every run of a role: its `lr` and `steps` (chosen on the validation set), {s.finetune.batch_size} packed rows "
+      f"x {s.finetune.max_len} tokens per step, cosine, the same for both sources. `gain` is over the base policy; "
+      "`wc_minus_se` compares the two datasets at the same budget, `diff_range` its per-seed values (seed s on WC "
+      "data minus seed s on SE data).\n",
+      markdown_table(res["summary"], ["setting", "policy", "budget", "source", "dataset", "lr", "steps", "base_acc",
+                                      "greedy_acc", "std", "min", "max", "seeds", "gain", "wc_minus_se", "diff_range",
+                                      f"pass@{k_eval}"]),
       "\n## The paper (Gemma2-9B vs 27B on MATH/GSM8K) beside ours (a ~10^5-parameter scale)\n",
       f"The premise (the paper's SE, Gemma2-27B, is the stronger model) {premise(res)}. "
-      "Data metrics: `yes` when WC's value is the higher; SFT: `yes` / `no` when WC data's mean greedy accuracy "
-      "is higher / lower than SE data's by more than the larger seed spread of the two.\n",
+      "Data metrics: `yes` when WC's value is the higher; SFT: `yes` / `no` when WC data beats / loses to SE data "
+      "on every seed (paired by seed), `mixed` otherwise.\n",
   ]
   agree = agreement(res)
   rows = [{"finding": k, "paper (qualitative)": PAPER[k], "ours: WC > SE? (per budget)": agree[k]} for k in PAPER]

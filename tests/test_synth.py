@@ -195,7 +195,7 @@ def test_synth_configs():
     m["vocab_size"] = 21
     cfgs[role] = ModelConfig.from_dict(m)
   ratio = cfgs["se"].num_params / cfgs["wc"].num_params
-  assert 2.7 <= ratio <= 3.5 and cfgs["student"].num_params < cfgs["wc"].num_params
+  assert 2.7 <= ratio <= 3.5 and cfgs["student"].num_params <= cfgs["wc"].num_params
   # each role's SFT steps and LR (synth.base_steps / base_lr), by the role argument and by the
   # experiment's role_config from the default (SE) config
   from experiments.compute_optimal import role_config
@@ -206,8 +206,75 @@ def test_synth_configs():
     assert (c.sft.steps, c.sft.lr) == want
     rc = role_config(default, role)
     assert (rc.sft.steps, rc.sft.lr) == want and rc.model.hidden_size == c.model.hidden_size
-  assert default.synth.base_lr.se < default.synth.base_lr.wc  # the wider SE at a lower LR
+  # no policy's gold traces hold the sampled and evaluated length
+  task = config_lib.build_task(default)
+  evaluated = range(default.synth.min_digits, default.synth.max_digits + 1)
+  assert all(task.digit_probs[n - task.min_digits] == 0 for n in evaluated if n <= task.max_digits)
+  for role in ("se", "wc", "student"):  # fine-tuning LR and steps per role
+    assert default.synth.finetune.lr[role] > 0 and default.synth.finetune.steps[role] > 0
   with pytest.raises(config_lib.ConfigError, match="configs/synth.py"):
     load_config("configs/synth.py:huge")
   with pytest.raises(config_lib.ConfigError, match="synth.budgets"):
     config_lib.finalize(load_config("configs/synth.py:tiny", {"synth.budgets": (4, 1)}))
+
+
+def test_synth_config_rejects_gold_lengths_and_shared_seeds():
+  sys.path.insert(0, ROOT)
+  from experiments.common import load_config
+  from tlt_jax import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match=r"gold traces hold \[4\]-digit"):
+    config_lib.finalize(load_config("configs/synth.py", {"synth.min_digits": 4}))
+  with pytest.raises(config_lib.ConfigError, match=r"gold traces hold \[5\]-digit"):
+    config_lib.finalize(load_config("configs/synth.py", {"task.skip_digits": ()}))
+  with pytest.raises(config_lib.ConfigError, match="three distinct seeds"):
+    config_lib.finalize(load_config("configs/synth.py", {"synth.val_seed": 202}))
+  with pytest.raises(config_lib.ConfigError, match="synth.finetune.lr.wc"):
+    config_lib.finalize(load_config("configs/synth.py", {"synth.finetune.lr.wc": 0.0}))
+  config_lib.finalize(load_config("configs/synth.py", {"task.skip_digits": (), "task.max_digits": 4}))  # shorter gold
+
+
+def test_arith_skip_digits():
+  task = get_task("arith", max_digits=6, alpha=1.0, skip_digits=(5,))
+  assert task.digit_probs[4] == 0 and task.digit_probs.sum() == pytest.approx(1.0)
+  rng = np.random.default_rng(0)
+  drawn = {task.sample(rng).meta["num_digits"] for _ in range(2000)}
+  assert drawn == {1, 2, 3, 4, 6}
+  assert task.sample(rng, num_digits=5).meta["num_digits"] == 5  # asked for: still made
+  with pytest.raises(ValueError, match="skip_digits"):
+    get_task("arith", max_digits=2, skip_digits=(1, 2))
+
+
+def test_problem_sets_are_disjoint():
+  sys.path.insert(0, ROOT)
+  from experiments.compute_optimal import problems
+  task = get_task("arith", max_digits=2)
+  a = problems(task, 40, 1, 1, seed=1)  # 1-digit sums: 100 distinct problems, collisions certain
+  b = problems(task, 40, 1, 1, seed=2, exclude=(a,))
+  assert len({e.prompt for e in a}) == 40 and not {e.prompt for e in a} & {e.prompt for e in b}
+  assert [e.prompt_id for e in b] == list(range(40)) and problems(task, 40, 1, 1, seed=1) == a
+
+
+def test_summary_seed_spreads_and_verdicts():
+  sys.path.insert(0, ROOT)
+  from experiments.compute_optimal import agreement, selection, summarize
+  rows = [{"kind": "base", "policy": "wc", "greedy_acc": 0.2, "pass@2": 0.3}]
+  accs = {("wc", 1): (0.5, 0.4, 0.6), ("se", 1): (0.3, 0.5, 0.4), ("wc", 4): (0.1, 0.2, 0.3), ("se", 4): (0.4, 0.3, 0.5)}
+  for (m, b), values in accs.items():
+    for seed, a in enumerate(values):
+      rows.append({"kind": "finetune", "setting": "self_improve", "policy": "wc", "source": m, "budget": b,
+                   "seed": seed, "lr": 1e-3, "steps": 30, "dataset": 10, "greedy_acc": a, "pass@2": a})
+  summ = {(r["budget"], r["source"]): r for r in summarize(rows, 2)}
+  wc1 = summ[(1, "wc")]
+  assert wc1["greedy_acc"] == pytest.approx(0.5) and wc1["std"] == pytest.approx(0.1)
+  assert (wc1["min"], wc1["max"]) == (0.4, 0.6) and wc1["gain"] == pytest.approx(0.3)
+  assert wc1["wc_minus_se"] == pytest.approx(0.1) and wc1["diff_range"] == "-0.100 .. +0.200"
+  assert summ[(4, "wc")]["diff_max"] == pytest.approx(-0.1)  # per seed: -0.3, -0.1, -0.2
+  res = {"data": [{"budget": b, "source": m, "coverage": 0.5, "diversity": 0.5, "fpr": None}
+                  for b in (1, 4) for m in ("wc", "se")], "summary": list(summ.values())}
+  verdict = agreement(res)["self_improve"]
+  assert verdict.startswith("b1: mixed across seeds (+0.100") and "b4: no (-0.200" in verdict
+  grid = [{"policy": "wc", "lr": lr, "steps": st, "source": m, "val_greedy_acc": v}
+          for lr, st, m, v in ((1e-3, 30, "wc", 0.4), (1e-3, 30, "se", 0.2), (3e-3, 30, "wc", 0.5),
+                               (3e-3, 30, "se", 0.1), (1e-3, 90, "wc", 0.3), (1e-3, 90, "se", 0.3))]
+  best = [(r["lr"], r["steps"]) for r in selection(grid) if r["best"]]
+  assert best == [(1e-3, 30)]  # three cells at a mean of 0.3: the fewest steps, then the lower LR

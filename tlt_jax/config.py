@@ -190,13 +190,19 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?synth.eval_problems", pos_int, "a positive int"),
     ("?synth.eval_samples", pos_int, "a positive int (pass@k of the held-out evaluation)"),
     ("?synth.min_digits", pos_int, "a positive int <= synth.max_digits"),
-    ("?synth.max_digits", pos_int, "a positive int <= task.max_digits"),
+    ("?synth.max_digits", pos_int, "a positive int (no length in min_digits..max_digits is a gold length)"),
+    ("?synth.val_problems", pos_int, "a positive int"),
     ("?synth.temperature", pos_float, "a float > 0 (sampling from softmax(logits / T))"),
     ("?synth.include_attention", is_bool, "True or False"),
     ("?synth.compact_rollouts", is_bool, "True or False"),
     ("?synth.seeds", lambda v: len(v) > 0 and all(nonneg_int(x) for x in v), "a non-empty tuple of ints >= 0"),
-    ("?synth.finetune.steps", pos_int, "a positive int"),
-    ("?synth.finetune.lr", pos_float, "a float > 0"),
+    *[(f"?synth.finetune.{key}.{role}", check, what) for role in ("se", "wc", "student")
+      for key, check, what in (("steps", pos_int, "a positive int"), ("lr", pos_float, "a float > 0"))],
+    ("?synth.finetune.batch_size", pos_int, "a positive int"),
+    ("?synth.finetune.max_len", pos_int, "a positive int"),
+    ("?synth.finetune.warmup_steps", nonneg_int, "an int >= 0"),
+    ("?synth.select.lrs", lambda v: len(v) > 0 and all(pos_float(x) for x in v), "a non-empty tuple of floats > 0"),
+    ("?synth.select.steps", lambda v: len(v) > 0 and all(pos_int(x) for x in v), "a non-empty tuple of ints > 0"),
 ]
 
 STAGES = ("sft", "drafter", "rl")
@@ -269,6 +275,33 @@ def _check_schedule(config, section: str) -> None:
 def _validate_sft(config) -> None:
   if "sft" in config and "schedule" in config.sft:
     _check_schedule(config, "sft")
+
+
+@register_validator
+def _validate_synth(config) -> None:
+  """compute_optimal's sampled and evaluated lengths: none is a length the policies' gold traces
+  hold (`task` draws it with probability > 0); its three problem sets have distinct seeds."""
+  if "synth" not in config or "task" not in config:
+    return
+  s = config.synth
+  if s.min_digits > s.max_digits:
+    raise ConfigError(f"config.synth.min_digits={s.min_digits} is not allowed; allowed: <= "
+                      f"config.synth.max_digits={s.max_digits}")
+  task = build_task(config)
+  probs = getattr(task, "digit_probs", None)
+  if probs is None:
+    raise ConfigError(f"config.task.name={config.task.name!r} is not allowed with config.synth; allowed: a task "
+                      "with digit lengths (arith)")
+  gold = {n for n, p in zip(range(task.min_digits, task.max_digits + 1), probs) if p > 0}
+  overlap = sorted(gold & set(range(s.min_digits, s.max_digits + 1)))
+  if overlap:
+    raise ConfigError(f"config.synth.min_digits..max_digits={s.min_digits}..{s.max_digits} is not allowed: the "
+                      f"policies' gold traces hold {overlap}-digit problems; allowed: lengths outside the gold "
+                      f"ones {sorted(gold)} (raise task's lengths past them or list them in task.skip_digits)")
+  seeds = [s.problem_seed, s.val_seed, s.eval_seed]
+  if len(set(seeds)) != 3:
+    raise ConfigError(f"config.synth.problem_seed / val_seed / eval_seed = {seeds} is not allowed; allowed: three "
+                      "distinct seeds (disjoint sampling, validation and held-out problem sets)")
 
 
 @register_validator

@@ -21,7 +21,8 @@ earlier steps are restated verbatim as "|R:<step>" before the answer:
   "7+5=12,4+8+1=13,3+0+1=4|R:4+8+1=13;A:234"
 
 Difficulty is long-tailed: the first operand has n digits with P(n) ∝ n^-alpha on
-[min_digits, max_digits]; the second has m ~ U{1..n} digits.
+[min_digits, max_digits] less the lengths in `skip_digits` (held out: never drawn); the second has
+m ~ U{1..n} digits.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ArithTask(Task):
   p_recheck: float = 0.5
   recheck_stop: float = 0.5
   max_rechecks: int = 4
+  skip_digits: tuple = ()  # first-operand lengths never drawn (a held-out length inside the range)
 
   def __post_init__(self):
     for key in ("max_digits", "min_digits"):
@@ -63,6 +65,11 @@ class ArithTask(Task):
         raise ValueError(f"arith.{key}={value!r} must be an int >= 1")
     if self.min_digits > self.max_digits:
       raise ValueError(f"arith.min_digits={self.min_digits} must be <= arith.max_digits={self.max_digits}")
+    skip = self.skip_digits
+    if (not isinstance(skip, (tuple, list)) or any(isinstance(n, bool) or not isinstance(n, int) for n in skip)
+        or not set(range(self.min_digits, self.max_digits + 1)) - set(skip)):
+      raise ValueError(f"arith.skip_digits={skip!r} must be a tuple of ints leaving at least one length in "
+                       f"[{self.min_digits}, {self.max_digits}]")
     if not self.alpha >= 0:
       raise ValueError(f"arith.alpha={self.alpha!r} must be >= 0 (P(n) ∝ n^-alpha)")
     if not 0.0 <= self.p_recheck <= 1.0:
@@ -78,9 +85,9 @@ class ArithTask(Task):
 
   @property
   def digit_probs(self) -> np.ndarray:
-    """P(n) ∝ n^-alpha for n = min_digits .. max_digits."""
+    """P(n) ∝ n^-alpha for n = min_digits .. max_digits, 0 for n in skip_digits."""
     n = np.arange(self.min_digits, self.max_digits + 1, dtype=np.float64)
-    w = n ** -float(self.alpha)
+    w = n ** -float(self.alpha) * ~np.isin(n, np.asarray(self.skip_digits, dtype=np.float64))
     return w / w.sum()
 
   @property
