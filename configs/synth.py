@@ -62,7 +62,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rollout.update(max_new_tokens=128, temperature=1.0, spec_threshold=0)
   c.synth = ml_collections.ConfigDict(dict(
       # Base policies (layers, width, MLP width; 4 heads over 2 KV heads). SE and WC have the same
-      # depth, SE wider: 471k vs 149k parameters with the 21-token char vocabulary, 3.07x WC's FLOPs
+      # depth, SE wider: 471k vs 149k parameters with the 21-token char vocabulary, 3.05x WC's FLOPs
       # per sample with attention (flops.py), like Gemma2-27B vs 9B. Their SFT steps were calibrated
       # on the validation set (64 five-digit problems, val_seed; greedy accuracy, and accuracy per
       # sample over 8 samples at T = 1, the sampling temperature) towards the paper's regime, SE about
