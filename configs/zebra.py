@@ -31,22 +31,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.stages = "sft,rl"
   # Small grids: 2..3 houses x 2..3 attributes (search space 4 .. 216: the small bucket).
   # Z3's conflict count is left out of training examples (evaluation sets compute it).
-  # trace="answer": the SFT target is the answer grid alone ("A:a2b1|a1b2"). The solver's
-  # deduction traces ("deduction") teach this policy too slowly for the CPU budget: after 300 SFT
-  # steps no 2..3 x 2..3 greedy answer is a valid grid (experiments/results/zebra_scaling).
+  # trace="facts": the SFT target is each value's house in the clues' own form
+  # ("A:a1@2,a2@1,b1@1,b2@2"). Solver traces ("deduction") teach this policy too slowly for a
+  # CPU budget (no valid 2..3 x 2..3 grid after 300 steps); see experiments/results/zebra_scaling.
   c.task = ml_collections.ConfigDict(dict(name="zebra", min_houses=2, max_houses=3, min_attributes=2,
                                           max_attributes=3, style="compact", z3=False,
                                           recipe="zebralogic",  # or "halving": zebra/puzzle.py RECIPES
-                                          trace="answer"))  # or "deduction": tasks/zebra.py
-  # 4 layers at d=128; 128 positions hold a 3x3 prompt (<= ~45 characters) and its answer (23).
-  c.model.num_layers = 4
-  c.model.max_position_embeddings = 128
-  c.sft.update(dict(steps=400, batch_size=16, max_len=128, lr=3e-3, schedule="cosine", warmup_steps=30,
-                    eval_every=400, eval_size=128, log_every=50))
-  c.eval.update(dict(max_new_tokens=32, batch_size=256))
-  c.rollout.update(dict(max_new_tokens=32, temperature=1.0, spec_threshold=0))
+                                          trace="facts"))  # or "answer", "deduction": tasks/zebra.py
+  # 4 layers at d=64 (a step costs about half of d=128's, so twice the steps fit); 128 positions
+  # hold a 3x3 prompt (<= ~45 characters) and its 47-character answer.
+  c.model.update(dict(num_layers=4, hidden_size=64, intermediate_size=192, max_position_embeddings=128))
+  c.sft.update(dict(steps=1200, batch_size=16, max_len=128, lr=3e-3, schedule="cosine", warmup_steps=30,
+                    eval_every=1200, eval_size=128, log_every=100))
+  c.eval.update(dict(max_new_tokens=64, batch_size=256))
+  c.rollout.update(dict(max_new_tokens=64, temperature=1.0, spec_threshold=0))
   c.tlt.update(dict(speculative=False, train_drafter=False, rollout_groups=1, single_group="off"))
-  c.rl.update(dict(steps=100, prompts_per_step=16, group_size=8, lr=1e-4, min_difficulty=1,
+  c.rl.update(dict(steps=40, prompts_per_step=16, group_size=8, lr=3e-4, min_difficulty=1,
                    eval_size=0, sample_eval_every=0, checkpoint_every=100, length_bucket=32))
   c.rl.rewards = ml_collections.ConfigDict(dict(verifier=1.0, format=0.1, length_penalty=0.0,
                                                 partial_credit=0.0))
@@ -63,7 +63,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       best_of=(1, 4, 8),
   ))
   if arg == "quick":
-    c.model.update(dict(num_layers=2, hidden_size=64, intermediate_size=192))
+    c.model.update(dict(num_layers=2))
     c.sft.update(dict(steps=60, batch_size=8, warmup_steps=10, eval_every=60, eval_size=16, log_every=20))
     c.rl.update(dict(steps=2, prompts_per_step=4, group_size=4))
     c.zebra.update(dict(seeds="0", variants="grpo", eval_sizes="2x2,2x3,3x3", eval_per_size=4, samples=4,

@@ -1,24 +1,30 @@
 """ZebraLogic's curse of complexity at tiny scale: SFT then RL of a tiny policy on small logic grids,
-evaluated across sizes with best-of-N and majority-of-N (Lin et al. 2025, "ZebraLogic: On the
-Scaling Limits of LLMs for Logical Reasoning").
+evaluated across sizes against the chance rate of each size, with best-of-N and majority-of-N
+(Lin et al. 2025, "ZebraLogic: On the Scaling Limits of LLMs for Logical Reasoning").
 
-  1. SFT of the tiny policy on solver traces (tasks/zebra.py, compact style) of N x M puzzles with
-     N, M in the config's task range (2..4 x 2..4 by default);
+For each training seed in `zebra.seeds` (model init, SFT data and RL prompts), in WORKDIR/seed<S>:
+  1. SFT of the tiny policy on the task's targets (tasks/zebra.py `trace`: "facts", each value's
+     house; "answer", the grid; "deduction", the solver's steps then the grid) of N x M puzzles
+     with N, M in the config's task range. With `zebra.holdout` no training draw is an
+     evaluation puzzle (the same size and clue set, in any order);
   2. RL from the SFT policy, one run per variant: `grpo` (verifier + format reward) and
      `grpo_cells` (+ cell accuracy as partial credit, rl/rewards.py `partial_credit`);
-  3. every policy evaluated on fixed puzzles of each size in `zebra.eval_sizes` (including sizes
-     beyond the training range): `zebra.samples` samples per puzzle at the rollout temperature,
-     giving puzzle and cell accuracy for N = 1 (mean over samples), best-of-N (an oracle picks
-     any correct sample: the unbiased pass@N of Chen et al. 2021 from all samples) and
-     majority-of-N (the most frequent answer among N samples, over disjoint groups of N),
-     reported per size, per search-space bucket and per Z3-conflict bin.
+  3. every policy evaluated on fixed puzzles (`zebra.eval_seed`, the same for every training seed)
+     of each size in `zebra.eval_sizes`: `zebra.samples` samples per puzzle at the rollout
+     temperature and one greedy answer, giving puzzle and cell accuracy for N = 1 (mean over
+     samples), best-of-N (an oracle picks any correct sample: the unbiased pass@N of Chen et al.
+     2021 from all samples) and majority-of-N (the most frequent answer among N samples, over
+     disjoint groups of N), per size, per search-space bucket and per Z3-conflict bin, beside the
+     chance rate of a uniformly random grid (1 / (N!)^M per puzzle, 1 / N per cell).
+Across seeds: the mean, standard deviation, minimum and maximum of each accuracy.
 
-  python experiments/zebra_scaling.py [--config=configs/zebra.py] [--config.rl.steps=20]
+  python experiments/zebra_scaling.py [--config=configs/zebra.py] [--config.zebra.seeds=0,1,2]
       [--workdir=runs/zebra_scaling] [--out=experiments/results/zebra_scaling]
 
-Prints one JSON line per (policy, size) and per (policy, bucket), and writes
-OUT/zebra_scaling.{jsonl,md,png}. The SFT policy and each RL run are kept in WORKDIR (a rerun
-reuses them and only evaluates again).
+Prints one JSON line per (seed, policy, size) and per (seed, policy, bucket), and writes
+OUT/zebra_scaling.{jsonl,md,png}. The SFT policy, each RL run and each policy's scored puzzles
+are kept in WORKDIR/seed<S>; a rerun reuses them (so seeds run as separate processes can be
+gathered by one run over all of them, which only reads).
 """
 
 from __future__ import annotations

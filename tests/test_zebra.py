@@ -381,6 +381,13 @@ def test_answer_targets_and_holdout_keep_training_draws_off_the_evaluation_puzzl
     ex = task.make_example(p)
     assert "@" not in ex.trace and "By clue" not in ex.trace
     assert task.verify(ex.trace, ex) and ex.meta["key"] == puzzle_key(p)
+  facts = get_task("zebra", trace="facts", z3=False)
+  ex = facts.make_example(p)
+  assert ex.trace == "A:" + render.compact_facts(p) and facts.verify(ex.trace, ex)
+  assert ex.answer == get_task("zebra", z3=False).make_example(p).answer  # the same grid
+  first = ex.trace.split(",")[0]  # "A:a?@h": one right cell of nine
+  assert facts.cell_accuracy(first, ex) == pytest.approx(1 / 9) and not facts.verify(first, ex)
+  assert facts.extract_answer("A:a1@2,a2@") is None
   shuffled = type(p)(p.num_houses, p.attributes, p.values, p.house_of, tuple(reversed(p.clues)), "")
   assert puzzle_key(shuffled) == puzzle_key(p) != puzzle_key(puzzle(3, 3, k=1))
   with pytest.raises(ValueError, match="zebra.trace='steps' is not allowed"):

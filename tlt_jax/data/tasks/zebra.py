@@ -36,7 +36,7 @@ from tlt_jax.data.zebra.puzzle import (MAX_ATTRIBUTES, MAX_HOUSES, MIN_ATTRIBUTE
 from tlt_jax.data.zebra.solve import deduce, z3_conflicts
 
 STYLES = ("compact", "natural")
-TRACES = ("deduction", "answer")
+TRACES = ("deduction", "answer", "facts")
 
 
 def difficulty_of(space: int) -> int:
@@ -59,8 +59,10 @@ class ZebraTask(Task):
   z3: record Z3's conflict count in meta (a few ms per puzzle).
   recipe: the generator's recipe (zebra/puzzle.py `RECIPES`): "zebralogic" (the ZebraLogic
     generator's removal weights and schedule) or "halving" (the earlier one).
-  trace: the SFT target: "deduction" (the solver's steps, then the grid) or "answer" (the grid
-    alone: "A:..." in the compact style, "Solution: {...}" in the natural one).
+  trace: the SFT target: "deduction" (the solver's steps, then the grid), "answer" (the grid
+    alone: "A:a2b1|a1b2" in the compact style, "Solution: {...}" in the natural one) or "facts"
+    (compact: each value's house, "A:a1@2,a2@1,b1@1,b2@2", the clues' found_at form; natural: as
+    "answer").
   holdout: puzzle keys (`puzzle_key`: the size and the set of clues, whatever their order or
     wording) that `sample` never returns, so that training draws miss a fixed evaluation set.
   """
@@ -111,8 +113,9 @@ class ZebraTask(Task):
     steps = deduce(puzzle)
     if self.style == "compact":
       prompt = render.compact_prompt(puzzle)
-      trace = (render.compact_trace(puzzle, steps) if self.trace == "deduction"
-               else render.ANSWER_MARKER + render.compact_answer(puzzle))
+      trace = {"deduction": lambda: render.compact_trace(puzzle, steps),
+               "answer": lambda: render.ANSWER_MARKER + render.compact_answer(puzzle),
+               "facts": lambda: render.ANSWER_MARKER + render.compact_facts(puzzle)}[self.trace]()
       grid = render.compact_grid(puzzle)
     else:
       prompt = render.natural_prompt(render.puzzle_text(puzzle))
