@@ -261,10 +261,13 @@ def run_seed(raw, seed: int, workdir: str, sizes, best_of):
                    "eval_seed": int(z.eval_seed), "samples": int(z.samples), "best_of": list(best_of),
                    "temperature": float(config.rollout.temperature),
                    "max_new_tokens": int(config.eval.max_new_tokens)}
-  timings = {}
+  timings_path = os.path.join(workdir, "timings.json")  # the times of the parts as they were run
+  timings = _read_json(timings_path) if os.path.exists(timings_path) else {}
   t0 = time.perf_counter()
+  reused = os.path.exists(os.path.join(workdir, "sft", "config.json"))
   sft_policy = run_lib.run_sft_stage(setup)
-  timings["sft_s"] = time.perf_counter() - t0
+  if not reused or "sft_s" not in timings:
+    timings["sft_s"] = time.perf_counter() - t0
   policies = {"sft": sft_policy}
   summaries = {}
   for variant in [v.strip() for v in str(z.variants).split(",") if v.strip()]:
@@ -275,6 +278,7 @@ def run_seed(raw, seed: int, workdir: str, sizes, best_of):
       policies[variant] = hf.from_pretrained(done)
       if os.path.exists(summary_path):
         summaries[variant] = _read_json(summary_path)
+      timings.setdefault(f"rl_{variant}_s", time.perf_counter() - t0)
     else:
       trainer = build_trainer(config, variant, setup, sft_policy, workdir)
       summary = trainer.run()
@@ -282,7 +286,7 @@ def run_seed(raw, seed: int, workdir: str, sizes, best_of):
       policies[variant] = nnx.merge(trainer.graphdef, trainer.state.params)
       hf.save_pretrained(policies[variant], done)
       _write_json(summary_path, summaries[variant])
-    timings[f"rl_{variant}_s"] = time.perf_counter() - t0
+      timings[f"rl_{variant}_s"] = time.perf_counter() - t0
     print(json.dumps({"seed": seed, "variant": variant, "rl_time_s": round(timings[f"rl_{variant}_s"], 1),
                       **summaries.get(variant, {})}), flush=True)
 
@@ -305,6 +309,7 @@ def run_seed(raw, seed: int, workdir: str, sizes, best_of):
     timings[f"eval_{name}_s"] = time.perf_counter() - t0
     _write_json(cache, {"settings": eval_settings, "rows": rows})
     rows_by_policy[name] = rows
+  _write_json(timings_path, timings)
   return rows_by_policy, summaries, timings
 
 
@@ -461,7 +466,7 @@ def write_markdown(path, config, seeds, records, best_of, timings, summaries):
       lines.append(f"- seed {seed}, `{variant}`: training reward {s.get('reward_first5', nan):.3f} -> "
                    f"{s.get('reward_last5', nan):.3f}, training accuracy {s.get('accuracy_first5', nan):.3f} -> "
                    f"{s.get('accuracy_last5', nan):.3f} (means of the first and last 5 steps)")
-  lines.append("\nTimes (s; a part reused from the workdir is not timed):\n")
+  lines.append("\nTimes (s, of each part when it ran; seeds run side by side share the CPU):\n")
   for seed, tm in timings.items():
     lines.append(f"- seed {seed}: " + ", ".join(f"{k} {v:.0f}" for k, v in tm.items()))
   with open(path, "w") as f:
