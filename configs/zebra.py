@@ -62,9 +62,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       samples=8,  # samples per puzzle at rollout temperature: best-of-N / majority-of-N, N | samples
       best_of=(1, 4, 8),
   ))
-  if arg == "quick":
-    c.model.update(dict(num_layers=2))
-    c.sft.update(dict(steps=60, batch_size=8, warmup_steps=10, eval_every=60, eval_size=16, log_every=20))
+  if arg == "quick":  # the notebook's: solver traces as the target, as it shows them
+    c.task.trace = "deduction"
+    c.model.update(dict(num_layers=2, max_position_embeddings=256))
+    c.sft.update(dict(steps=60, batch_size=8, max_len=192, warmup_steps=10, eval_every=60, eval_size=16,
+                      log_every=20))
+    c.eval.update(dict(max_new_tokens=160))
+    c.rollout.update(dict(max_new_tokens=160))
     c.rl.update(dict(steps=2, prompts_per_step=4, group_size=4))
     c.zebra.update(dict(seeds="0", variants="grpo", eval_sizes="2x2,2x3,3x3", eval_per_size=4, samples=4,
                         best_of=(1, 4)))
