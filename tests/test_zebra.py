@@ -367,3 +367,53 @@ def test_public_records_reject_blanked_solutions_and_json_arrays(tmp_path):
   array.write_text(json.dumps([record], indent=1))
   with pytest.raises(ValueError, match="the file holds a JSON array"):
     bench.load_public_records(str(array))
+
+
+def test_answer_targets_and_holdout_keep_training_draws_off_the_evaluation_puzzles(monkeypatch):
+  """trace="answer": the SFT target is the grid alone and grades right. holdout: a puzzle key is
+  its size and clue set (order-free), and `sample` never returns a held-out one, while the same
+  rng without holdout does."""
+  from tlt_jax.data.tasks.zebra import puzzle_key
+
+  p = puzzle(3, 3)
+  for style in ("compact", "natural"):
+    task = get_task("zebra", style=style, trace="answer", z3=False)
+    ex = task.make_example(p)
+    assert "@" not in ex.trace and "By clue" not in ex.trace
+    assert task.verify(ex.trace, ex) and ex.meta["key"] == puzzle_key(p)
+  facts = get_task("zebra", trace="facts", z3=False)
+  ex = facts.make_example(p)
+  assert ex.trace == "A:" + render.compact_facts(p) and facts.verify(ex.trace, ex)
+  assert ex.answer == get_task("zebra", z3=False).make_example(p).answer  # the same grid
+  first = ex.trace.split(",")[0]  # "A:a?@h": one right cell of nine
+  assert facts.cell_accuracy(first, ex) == pytest.approx(1 / 9) and not facts.verify(first, ex)
+  assert facts.extract_answer("A:a1@2,a2@") is None
+  shuffled = type(p)(p.num_houses, p.attributes, p.values, p.house_of, tuple(reversed(p.clues)), "")
+  assert puzzle_key(shuffled) == puzzle_key(p) != puzzle_key(puzzle(3, 3, k=1))
+  with pytest.raises(ValueError, match="zebra.trace='steps' is not allowed"):
+    get_task("zebra", trace="steps")
+  plain = get_task("zebra", z3=False)
+  keys = [plain.sample(np.random.default_rng([1, i]), 2, 2).meta["key"] for i in range(200)]
+  held = {k for k in keys[:20]}
+  heldout = get_task("zebra", z3=False, holdout=held)
+  drawn = [heldout.sample(np.random.default_rng([1, i]), 2, 2).meta["key"] for i in range(200)]
+  assert sum(k in held for k in keys) >= 20 and not any(k in held for k in drawn)
+  monkeypatch.setattr("tlt_jax.data.tasks.zebra.puzzle_key", lambda p: "every puzzle")
+  with pytest.raises(ValueError, match="zebra.holdout: 1,000 draws in a row were held out"):
+    get_task("zebra", z3=False, holdout={"every puzzle"}).sample(np.random.default_rng(0), 2, 2)
+
+
+def test_seed_spread_is_mean_std_min_max_over_seeds():
+  from experiments.zebra_scaling import across_seeds, parse_seeds
+
+  recs = [{"kind": "size", "seed": s, "policy": "sft", "size": "2x2", "puzzles": 4, "search_space": 4,
+           "chance_puzzle": 0.25, "chance_cell": 0.5, "puzzle_acc": a, "cell_acc": a, "answered": 1.0}
+          for s, a in ((0, 0.2), (1, 0.5), (2, 0.8))]
+  (rec,) = across_seeds(recs, "size", "size", (1,))
+  assert rec["seeds"] == [0, 1, 2] and rec["chance_puzzle"] == 0.25
+  assert rec["puzzle_acc_mean"] == pytest.approx(0.5) and rec["puzzle_acc_min"] == 0.2
+  assert rec["puzzle_acc_max"] == 0.8 and rec["puzzle_acc_std"] == pytest.approx(np.std([0.2, 0.5, 0.8]))
+  assert "greedy_acc_mean" not in rec  # absent from the seeds' records
+  assert parse_seeds("0, 1,2") == [0, 1, 2]
+  with pytest.raises(ValueError, match="config.zebra.seeds='a' is not allowed"):
+    parse_seeds("a")

@@ -36,11 +36,18 @@ from tlt_jax.data.zebra.puzzle import (MAX_ATTRIBUTES, MAX_HOUSES, MIN_ATTRIBUTE
 from tlt_jax.data.zebra.solve import deduce, z3_conflicts
 
 STYLES = ("compact", "natural")
+TRACES = ("deduction", "answer", "facts")
 
 
 def difficulty_of(space: int) -> int:
   """ceil(log10((N!)^M)): 1 for 2x2 (4), 3 for 3x3 (216), 18 for 6x6 (~1.4e17)."""
   return max(1, math.ceil(math.log10(space)))
+
+
+def puzzle_key(puzzle: Puzzle) -> str:
+  """The puzzle's identity for `ZebraTask.holdout`: its size and its clues (compact, sorted), so
+  the same clues in another order or wording are the same puzzle: "2x2:a2!1,b1<b2"."""
+  return f"{puzzle.size}:" + ",".join(sorted(render.compact_clue(c) for c in puzzle.clues))
 
 
 @register_task("zebra")
@@ -52,6 +59,12 @@ class ZebraTask(Task):
   z3: record Z3's conflict count in meta (a few ms per puzzle).
   recipe: the generator's recipe (zebra/puzzle.py `RECIPES`): "zebralogic" (the ZebraLogic
     generator's removal weights and schedule) or "halving" (the earlier one).
+  trace: the SFT target: "deduction" (the solver's steps, then the grid), "answer" (the grid
+    alone: "A:a2b1|a1b2" in the compact style, "Solution: {...}" in the natural one) or "facts"
+    (compact: each value's house, "A:a1@2,a2@1,b1@1,b2@2", the clues' found_at form; natural: as
+    "answer").
+  holdout: puzzle keys (`puzzle_key`: the size and the set of clues, whatever their order or
+    wording) that `sample` never returns, so that training draws miss a fixed evaluation set.
   """
 
   min_houses: int = 2
@@ -61,6 +74,8 @@ class ZebraTask(Task):
   style: str = "compact"
   z3: bool = True
   recipe: str = "zebralogic"
+  trace: str = "deduction"
+  holdout: frozenset = frozenset()
 
   def __post_init__(self):
     for key, lo, hi in (("min_houses", MIN_HOUSES, MAX_HOUSES), ("max_houses", MIN_HOUSES, MAX_HOUSES),
@@ -80,6 +95,10 @@ class ZebraTask(Task):
       raise ValueError(f"zebra.z3={self.z3!r} must be a bool")
     if self.recipe not in RECIPES:
       raise ValueError(f"zebra.recipe={self.recipe!r} is not allowed; allowed: {sorted(RECIPES)}")
+    if not isinstance(self.holdout, frozenset):
+      object.__setattr__(self, "holdout", frozenset(self.holdout))
+    if self.trace not in TRACES:
+      raise ValueError(f"zebra.trace={self.trace!r} is not allowed; allowed: {TRACES}")
 
   @property
   def charset(self) -> str:
@@ -94,28 +113,38 @@ class ZebraTask(Task):
     steps = deduce(puzzle)
     if self.style == "compact":
       prompt = render.compact_prompt(puzzle)
-      trace = render.compact_trace(puzzle, steps)
+      trace = {"deduction": lambda: render.compact_trace(puzzle, steps),
+               "answer": lambda: render.ANSWER_MARKER + render.compact_answer(puzzle),
+               "facts": lambda: render.ANSWER_MARKER + render.compact_facts(puzzle)}[self.trace]()
       grid = render.compact_grid(puzzle)
     else:
       prompt = render.natural_prompt(render.puzzle_text(puzzle))
-      trace = render.natural_trace(puzzle, steps)
+      trace = (render.natural_trace(puzzle, steps) if self.trace == "deduction"
+               else render.natural_trace(puzzle, ()).lstrip("\n"))
       grid = render.normalize_grid(render.answer_json(puzzle))
     space = puzzle.search_space
     meta = {"difficulty": difficulty_of(space), "num_houses": puzzle.num_houses,
             "num_attributes": puzzle.num_attributes, "size": puzzle.size, "search_space": space,
             "bucket": size_bucket(space), "z3_conflicts": z3_conflicts(puzzle) if self.z3 else None,
             "num_clues": len(puzzle.clues), "num_steps": len(steps),
-            "clue_kinds": sorted({c.kind for c in puzzle.clues}), "id": puzzle.seed_info or None}
+            "clue_kinds": sorted({c.kind for c in puzzle.clues}), "key": puzzle_key(puzzle),
+            "id": puzzle.seed_info or None}
     if meta["id"] is None:
       del meta["id"]
     return Example(prompt=prompt, trace=trace, answer=render.grid_to_text(grid), meta=meta)
 
   def sample(self, rng: np.random.Generator, num_houses: int | None = None,
              num_attributes: int | None = None) -> Example:
-    """Draws N and M uniformly from the task's ranges (unless given) and a puzzle of that size."""
-    n = int(rng.integers(self.min_houses, self.max_houses + 1)) if num_houses is None else num_houses
-    m = int(rng.integers(self.min_attributes, self.max_attributes + 1)) if num_attributes is None else num_attributes
-    return self.make_example(generate_puzzle(rng, n, m, recipe=self.recipe))
+    """Draws N and M uniformly from the task's ranges (unless given) and a puzzle of that size.
+    Puzzles whose key is in `holdout` are drawn again (the size too), up to 1,000 times."""
+    for _ in range(1000):
+      n = int(rng.integers(self.min_houses, self.max_houses + 1)) if num_houses is None else num_houses
+      m = int(rng.integers(self.min_attributes, self.max_attributes + 1)) if num_attributes is None else num_attributes
+      puzzle = generate_puzzle(rng, n, m, recipe=self.recipe)
+      if not self.holdout or puzzle_key(puzzle) not in self.holdout:
+        return self.make_example(puzzle)
+    raise ValueError(f"zebra.holdout: 1,000 draws in a row were held out (size {n}x{m}); the holdout "
+                     "covers nearly every puzzle of the task's sizes")
 
   def example_from_public_record(self, record: Mapping[str, Any], index: int = -1) -> Example:
     """An example of the public benchmark's grid-mode record (natural prompt, no trace: these

@@ -72,6 +72,13 @@ def compact_answer(puzzle: Puzzle) -> str:
   return "|".join(rows)
 
 
+def compact_facts(puzzle: Puzzle) -> str:
+  """The solution as one fact "v@h" per value, attribute by attribute: "a1@2,a2@1,b1@1,b2@2"
+  (the clues' own found_at form; `parse_compact_answer` reads it as a grid)."""
+  return ",".join(f"{compact_value((a, v))}@{puzzle.house_of[a][v] + 1}"
+                  for a in range(puzzle.num_attributes) for v in range(puzzle.num_houses))
+
+
 def compact_trace(puzzle: Puzzle, steps: Sequence[Step]) -> str:
   return ",".join(compact_step(s) for s in steps) + ";" + ANSWER_MARKER + compact_answer(puzzle)
 
@@ -224,13 +231,23 @@ def parse_json_answer(text: str) -> Grid | None:
 
 
 _COMPACT_CELL = re.compile(r"([a-f])(\d)")
+_COMPACT_FACT = re.compile(r"([a-f])(\d)@(\d)")
 
 
 def parse_compact_answer(text: str) -> Grid | None:
   """"a3b1c3|a2b2c1" (whitespace and case ignored) -> {"1": {"a": "a3", ...}, ...}; None if a
-  house has no cell or a cell is malformed."""
+  house has no cell or a cell is malformed. The facts form "a1@2,a2@1,..." (`compact_facts`)
+  gives the same grid (a value placed twice: the later fact; a house no fact names: absent)."""
   text = "".join(text.split()).lower()
   grid: Grid = {}
+  if "@" in text:
+    for item in text.split(","):
+      fact = _COMPACT_FACT.fullmatch(item)
+      if fact is None:
+        return None
+      attribute, value, house = fact.groups()
+      grid.setdefault(house, {})[attribute] = attribute + value
+    return grid
   for h, row in enumerate(text.split("|")):
     cells = _COMPACT_CELL.findall(row)
     if not cells or "".join(a + v for a, v in cells) != row:
