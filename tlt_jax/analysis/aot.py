@@ -23,7 +23,12 @@ The steps, at the shapes the run would use (configs/*.py):
   decode_step@B[,window=W]       ONE decode step at the first bucket, over the whole cache and at
                                  live windows W (how bytes accessed grow with the live context;
                                  the compiler has no time estimate for a chunk's while loop);
-  speculative_chunk[s]@B         every strategy s at every bucket B <= rollout.spec_threshold;
+  draft_subhead                  the reduced draft vocabulary's columns of the LM head (tlt.draft_vocab_size
+                                 > 0), gathered once per policy update or refresh;
+  speculative_chunk[s]@B         every strategy s at every bucket B <= rollout.spec_threshold (with a
+                                 reduced draft vocabulary, its ids and sub-head are arguments);
+  drafter_sync@B                 the drafter's catch-up program at every speculative bucket (the
+                                 compiler counts one block of its loop);
   drafter_train_step             `tlt.drafter_batch_size` buffer rows on one group's devices;
   logprob_forward                the old / reference log-prob forward over the update batch;
   policy_update_step             the PPO update with its micro-batches, over the whole mesh.
@@ -394,14 +399,48 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
       dp = drafter_abstract()
       fn = decoder._chunk_fn(strategy, None, gmesh, sample_params, dp, st)
       vd = decoder.draft_vocab_size
-      if vd:  # the draft vocabulary: an int32[V_d] argument of the chunk
-        vocab = jax.ShapeDtypeStruct((vd,), jnp.int32, sharding=rep_g)
-        return fn, (sample_params, dp, st, vocab), f"{decoder.rounds_per_chunk} rounds, draft vocabulary {vd}"
+      if vd:  # the draft vocabulary and its sub-head: int32[V_d] and [D, V_d] arguments of the chunk
+        return (fn, (sample_params, dp, st) + subhead_args(),
+                f"{decoder.rounds_per_chunk} rounds, draft vocabulary {vd} (sub-head an argument)")
       return fn, (sample_params, dp, st), f"{decoder.rounds_per_chunk} rounds, full draft vocabulary"
     return build
+
+  def head_of_sample():
+    head, tied = decoder._head_of(sample_params)
+    decoder.set_target_config(cfg)
+    return head, tied
+
+  def subhead_args():
+    head, tied = head_of_sample()
+    vd = decoder.draft_vocab_size
+    w = jax.ShapeDtypeStruct((cfg.hidden_size, vd), cfg.jnp_dtype,
+                             sharding=decoder.subhead_sharding(head, tied, gmesh))
+    return jax.ShapeDtypeStruct((vd,), jnp.int32, sharding=rep_g), w
+
+  def subhead():
+    head, tied = head_of_sample()
+    fn = decoder.subhead_fn(gmesh, head, tied)
+    w = decoder.subhead_sharding(head, tied, gmesh)
+    return (fn, (head, subhead_args()[0]),
+            f"{decoder.draft_vocab_size} of {cfg.vocab_size} head columns, once per policy update or refresh "
+            f"(sub-head sharded {tuple(w.spec)})")
+
+  def sync(bucket):
+    def build():
+      st = decode_state(bucket, True)
+      dp = drafter_abstract()
+      fn = decoder.sync_fn(gmesh, sample_params, dp, st)
+      return fn, (sample_params, dp, st), (f"drafter catch-up, blocks of {decoder.sync_block} "
+                                          "(the compiler counts one block of the loop)")
+    return build
+  if decoder is not None and decoder.draft_vocab_size:
+    steps.append(("draft_subhead", subhead))
   for s in (decoder.strategies if decoder is not None else ()):
     for b in shapes.spec_buckets:
       steps.append((f"speculative_chunk[{s}]@{b}", spec(s, b)))
+  if decoder is not None:
+    for b in shapes.spec_buckets:
+      steps.append((f"drafter_sync@{b}", sync(b)))
 
   if dgraph is not None and t.train_drafter:
     def drafter_step():

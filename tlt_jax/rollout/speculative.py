@@ -21,10 +21,12 @@ Sequences in one batch accept different lengths; EOS and max-new-tokens cut the 
 A chain is k = 1.
 
 Reduced draft vocabulary (EAGLE-3's): with `draft_vocab_size` V_d > 0 the drafter proposes only
-among V_d token ids (the policy's most frequent recent tokens, tlt/draft_vocab.py), given to the
-chunk program as an int32[V_d] ARGUMENT (a refresh never recompiles). The chunk gathers those V_d
-columns of the shared head once (`DraftHead`), so a draft level reads V_d x D head weights and its
-log-softmax runs over V_d. Acceptance never reads the draft distribution (step 4 samples from p
+among V_d token ids (the policy's most frequent recent tokens, tlt/draft_vocab.py). The decoder
+gathers those V_d columns of the shared head into a sub-head w [D, V_d] in a small program of its
+own, once per (policy parameters, draft vocabulary) (`SpeculativeDecoder.subhead`), and gives the
+chunk programs the ids and the sub-head as ARGUMENTS (a refresh or a policy update never
+recompiles a chunk, and no chunk reads the full head to draft): a draft level reads V_d x D head
+weights and its log-softmax runs over V_d. Acceptance never reads the draft distribution (step 4 samples from p
 alone), so sampling stays exact whatever the draft vocabulary misses: a token outside it is never
 proposed and, when the target samples it, it is the bonus token.
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from typing import Any, Sequence
 
 import jax
@@ -43,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tlt_jax.drafter.draft import DraftHead, draft_chain, draft_tree, draft_window
+from tlt_jax.drafter.draft import DraftHead, draft_chain, draft_subhead, draft_tree, draft_window
 from tlt_jax.models.transformer import KVCache, write_slots
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rollout.decode import DecodeState, is_eos, state_shardings
@@ -189,22 +192,23 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
 
 
 def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState,
-                      vocab_ids=None, *, strategy: Strategy, num_rounds: int, sp: SamplingParams,
+                      vocab_ids=None, w_DxV=None, *, strategy: Strategy, num_rounds: int, sp: SamplingParams,
                       eos_ids, catchup_width: int, window: int | None = None, embedder=None,
                       sync_block: int = 32):
   """Brings the drafter cache up to date (`drafter_sync`, blocks of `sync_block`: a prefill from an
   empty cache, the gap after plain chunks, nothing otherwise), then runs up to `num_rounds`
   speculative rounds in one `lax.while_loop` (stops when all rows are done); the target's
   verification reads cache slots [0, window) (None: all), the drafter its `draft_window`.
-  `vocab_ids`: int32[V_d], the draft vocabulary (None: the full vocabulary); its head columns are
-  gathered once, before the rounds.
+  `vocab_ids`: int32[V_d], the draft vocabulary (None: the full vocabulary), and `w_DxV` [D, V_d]
+  its columns of the target's head (`SpeculativeDecoder.subhead`; None: gathered here, before the
+  rounds).
 
   Returns (state, stats) with stats = (rounds, emitted tokens, active row-rounds).
   """
   tgt, drf = nnx.merge(tgt_graphdef, tparams), nnx.merge(drf_graphdef, dparams)
   dwin = draft_window(window, state.seq_BxS.shape[1], state.draft_cache.capacity)
   state = drafter_sync(tgt, drf, state, sync_block, dwin)
-  head = DraftHead.of(tgt, vocab_ids)
+  head = DraftHead.of(tgt, vocab_ids, w_DxV)
 
   def cond(carry):
     i, st, _, _ = carry
@@ -263,6 +267,9 @@ class SpeculativeDecoder:
     self.vocab_version = 0  # bumped by every set_draft_vocab
     self._vocab_np = (np.arange(self.draft_vocab_size, dtype=np.int32) if self.draft_vocab_size else None)
     self._vocab_placed: dict = {}  # mesh key -> (version, placed int32[V_d])
+    self._subheads: dict = {}  # mesh key -> (version, weakref to the head array, sub-head)
+    self.subhead_builds = 0  # sub-heads built (one per policy parameters and draft vocabulary)
+    self._target_cfg = None
     drafter_cfg = lambda dparams: nnx.merge(self.drafter_graphdef, dparams).cfg  # noqa: E731
     # Placed (and committed) like the state it joins: a jit's output lives where its committed
     # inputs do, and `keep_unused` keeps `done_B` an input although only its shape is read.
@@ -298,6 +305,62 @@ class SpeculativeDecoder:
       self._vocab_placed[key] = held
     return held[1]
 
+  def _head_of(self, tparams):
+    """(the target's head array as placed: `lm_head` [D, V], or the token embeddings [V, D] when
+    tied; tied)."""
+    tied = "lm_head" not in tparams
+    leaf = tparams["embed_tokens" if tied else "lm_head"]
+    return (leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf), tied
+
+  def subhead_sharding(self, head, tied: bool, mesh):
+    """The sub-head's sharding: the head's vocabulary dimension's (its columns stay on the chips
+    that hold them), replicated where that does not divide V_d."""
+    spec = tuple(getattr(head.sharding, "spec", ())) + (None, None)
+    d_ax, v_ax = (spec[1], spec[0]) if tied else (spec[0], spec[1])
+    axes = lambda a: () if a is None else ((a,) if isinstance(a, str) else tuple(a))  # noqa: E731
+    if self.draft_vocab_size % max(1, int(np.prod([mesh.shape[a] for a in axes(v_ax)]))):
+      v_ax = None
+    if head.shape[1 if tied else 0] % max(1, int(np.prod([mesh.shape[a] for a in axes(d_ax)]))):
+      d_ax = None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(d_ax, v_ax))
+
+  def subhead_fn(self, mesh, head, tied: bool):
+    """The jitted gather `(head, ids) -> w [D, V_d]` on `mesh` (one program per head shape)."""
+    if self._target_cfg is None:
+      raise ValueError("subhead_fn needs the target's config: call subhead (or set_target_config) first")
+    dtype = self._target_cfg.jnp_dtype
+
+    def build():
+      return jax.jit(functools.partial(draft_subhead, tied=tied, dtype=dtype),
+                     in_shardings=(head.sharding, mesh_lib.replicated(mesh)),
+                     out_shardings=self.subhead_sharding(head, tied, mesh))
+    return self.programs.get(ProgramKey.of("subhead", mesh, tuple(head.shape), str(head.dtype), tied), build)
+
+  def set_target_config(self, cfg) -> None:
+    """The target's ModelConfig (its activation dtype is the sub-head's)."""
+    self._target_cfg = cfg
+
+  def subhead(self, tparams, mesh):
+    """The draft vocabulary's columns of the target's head, [D, V_d], on `mesh` (None for the full
+    vocabulary). Built by `subhead_fn` once per (head array, draft vocabulary version) and held:
+    a chunk with the same parameters reuses it, a refresh or new parameters (the policy update
+    replaces them) rebuild it. The head is held by a weak reference, so the sub-head never keeps
+    a replaced policy's head alive."""
+    if not self.draft_vocab_size:
+      return None
+    head, tied = self._head_of(tparams)
+    if self._target_cfg is None:
+      self._target_cfg = nnx.merge(self.target_graphdef, tparams).cfg
+    key = ProgramKey.of("subhead", mesh)
+    held = self._subheads.get(key)
+    if held is not None and held[0] == self.vocab_version and held[1]() is head and not head.is_deleted():
+      return held[2]
+    self._subheads.pop(key, None)  # drop the old sub-head before building the new one
+    w = self.subhead_fn(mesh, head, tied)(head, self._vocab_on(mesh))
+    self._subheads[key] = (self.vocab_version, weakref.ref(head), w)
+    self.subhead_builds += 1
+    return w
+
   @property
   def default_strategy(self) -> Strategy:
     return self.strategies[0]
@@ -307,7 +370,8 @@ class SpeculativeDecoder:
     return self.rounds_per_chunk * (Strategy.parse(strategy).depth + 1)
 
   def chunk_partial(self, strategy: Strategy, window: int | None = None):
-    """`speculative_chunk` for `strategy` as a function of (tparams, dparams, state[, vocab_ids])."""
+    """`speculative_chunk` for `strategy` as a function of (tparams, dparams, state[, vocab_ids,
+    w_DxV])."""
     return functools.partial(
         speculative_chunk, self.target_graphdef, self.drafter_graphdef, strategy=strategy,
         num_rounds=self.rounds_per_chunk, sp=self.sampling, eos_ids=self.eos_ids,
@@ -315,15 +379,18 @@ class SpeculativeDecoder:
         sync_block=self.sync_block)
 
   def _state_jit(self, key: tuple, fn, mesh, tparams, dparams, state: DecodeState, stats_out: bool):
-    """`fn(tparams, dparams, state[, vocab_ids])` jitted once per `key` and group shape, the state
-    donated; on `mesh` with explicit in/out shardings (the params as placed, the state by
-    engine.state_shardings, the statistics, when `stats_out`, and the draft vocabulary, an argument
-    of the chunks when `draft_vocab_size` > 0, replicated)."""
+    """`fn(tparams, dparams, state[, vocab_ids, w_DxV])` jitted once per `key` and group shape, the
+    state donated; on `mesh` with explicit in/out shardings (the params as placed, the state by
+    engine.state_shardings, the statistics, when `stats_out`, and the draft vocabulary and its
+    sub-head, arguments of the chunks when `draft_vocab_size` > 0: the ids replicated, the sub-head
+    as `subhead_sharding`)."""
 
     def build():
       st, rep = state_shardings(state, mesh), mesh_lib.replicated(mesh)
       of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-      ins = (of(tparams), of(dparams), st) + ((rep,) if stats_out and self.draft_vocab_size else ())
+      ins = (of(tparams), of(dparams), st)
+      if stats_out and self.draft_vocab_size:
+        ins += (rep, self.subhead_sharding(*self._head_of(tparams), mesh))
       return jax.jit(fn, in_shardings=ins,
                      out_shardings=(st, (rep, rep, rep)) if stats_out else st, donate_argnums=(2,))
     return self.programs.get(ProgramKey.of(key, mesh, tuple(state.seq_BxS.shape)), build)
@@ -355,12 +422,16 @@ class SpeculativeDecoder:
     the drafter's pass over positions it has not seen, which steady speculation pays inside its
     rounds anyway."""
     state = self._with_draft_cache(tparams, dparams, state, mesh)
+    return self.sync_fn(mesh, tparams, dparams, state)(tparams, dparams, state)
+
+  def sync_fn(self, mesh, tparams, dparams, state: DecodeState):
+    """The jitted `drafter_sync` of `dispatch_sync` (`_state_jit`)."""
 
     def sync(tparams, dparams, state):
       tgt, drf = nnx.merge(self.target_graphdef, tparams), nnx.merge(self.drafter_graphdef, dparams)
       return drafter_sync(tgt, drf, state, self.sync_block)
 
-    return self._state_jit(("sync",), sync, mesh, tparams, dparams, state, stats_out=False)(tparams, dparams, state)
+    return self._state_jit(("sync",), sync, mesh, tparams, dparams, state, stats_out=False)
 
   def dispatch_chunk(self, tparams, dparams, state: DecodeState, strategy: Strategy | None = None,
                      *, window: int | None = None, mesh):
@@ -370,5 +441,7 @@ class SpeculativeDecoder:
     shardings. Returns (state, (rounds, tokens, row_rounds) as device scalars)."""
     strategy = Strategy.parse(strategy) if strategy is not None else self.default_strategy
     state = self._with_draft_cache(tparams, dparams, state, mesh)
-    args = (tparams, dparams, state) + ((self._vocab_on(mesh),) if self.draft_vocab_size else ())
+    args = (tparams, dparams, state)
+    if self.draft_vocab_size:
+      args += (self._vocab_on(mesh), self.subhead(tparams, mesh))
     return self._chunk_fn(strategy, window, mesh, tparams, dparams, state)(*args)
