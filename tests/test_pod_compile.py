@@ -86,8 +86,12 @@ def test_tiny_default_compiles_for_v5p8_with_the_requested_shardings():
   assert any(n.startswith("drafter_sync@") for n in names) and "draft_subhead" not in names  # full head
   assert layout["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and layout["rollout_groups"] == 2
   for name, build in steps:
-    fn, args, _ = build()
+    fn, args, note = build()
     report, _ = aot.compile_step(name, fn, args, topo)
+    if name.startswith("decode_step@"):  # what a step must read: its weights and live KV, at least
+      weights, kv = aot.decode_bytes_needed(*args, 64 if "window=" in name else None)
+      assert f"{weights / 1e9:.3f} GB of weights + {kv / 1e9:.3f} GB of live KV" in note
+      assert 0 < weights + kv <= report.bytes_accessed, (name, weights, kv, report.bytes_accessed)
     # Per chip, the arguments take what their shardings ask for, up to TPU tile padding (which
     # dominates at d=32): between the shards' bytes and the shards padded to (8|16, 128) tiles.
     asked, padded = aot.shard_bytes(args), aot.tpu_padded_bytes(args)

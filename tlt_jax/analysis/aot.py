@@ -20,9 +20,11 @@ The steps, at the shapes the run would use (configs/*.py):
   prefill                        a rollout group's prompts at its first bucket;
   decode_chunk@B                 `rollout.chunk_size` plain steps at every bucket B <= rows per group
                                  (attending to the whole cache: the worst case);
-  decode_step@B[,window=W]       ONE decode step at the first bucket, over the whole cache and at
-                                 live windows W (how bytes accessed grow with the live context;
-                                 the compiler has no time estimate for a chunk's while loop);
+  decode_step@B[,window=W]       ONE decode step at the first bucket (or each of `window_buckets`),
+                                 over the whole cache and at live windows W (how bytes accessed
+                                 grow with the live context, beside the bytes it must read:
+                                 `decode_bytes_needed`; the compiler has no time estimate for a
+                                 chunk's while loop);
   draft_subhead                  the reduced draft vocabulary's columns of the LM head (tlt.draft_vocab_size
                                  > 0), gathered once per policy update or refresh;
   speculative_chunk[s]@B         every strategy s at every bucket B <= rollout.spec_threshold (with a
@@ -291,9 +293,11 @@ def run_shapes(config, model_cfg, mesh, engine) -> RunShapes:
                    round_up(width + int(r.max_new_tokens), rl.length_bucket), buffer_len)
 
 
-def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tuple[list[tuple[str, Callable[[], tuple]]], dict]:
+def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = (),
+              window_buckets: Sequence[int] = ()) -> tuple[list[tuple[str, Callable[[], tuple]]], dict]:
   """[(step name, build)] for every step of `config` on `devices` (build() -> (jitted fn, abstract
-  args, note)), and a dict describing the layout (mesh, groups, shapes)."""
+  args, note)), and a dict describing the layout (mesh, groups, shapes). The one-step decodes at
+  live `windows` run at the first bucket, or at each of `window_buckets`."""
   import jax
   import jax.numpy as jnp
   import optax  # noqa: F401
@@ -386,12 +390,15 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
                    in_shardings=(jax.tree.map(lambda x: x.sharding, sample_params), st_sh),
                    out_shardings=st_sh, donate_argnums=(1,))
       what = "whole cache" if window is None else f"live window {window}"
-      return fn, (sample_params, st), f"one token, cache {shapes.capacity}, {what}"
+      weights, kv = decode_bytes_needed(sample_params, st, window)
+      return fn, (sample_params, st), (f"one token, cache {shapes.capacity}, {what}; must read per chip "
+                                       f"{weights / 1e9:.3f} GB of weights + {kv / 1e9:.3f} GB of live KV")
     return build
-  steps.append((f"decode_step@{first}", one_step(first)))
-  for w in windows:
-    if w < shapes.capacity:
-      steps.append((f"decode_step@{first},window={w}", one_step(first, w)))
+  for b in (window_buckets or (first,)):
+    steps.append((f"decode_step@{b}", one_step(b)))
+    for w in windows:
+      if w < shapes.capacity:
+        steps.append((f"decode_step@{b},window={w}", one_step(b, w)))
 
   def spec(strategy, bucket):
     def build():
@@ -491,12 +498,25 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
   return steps, layout
 
 
+def decode_bytes_needed(params, state, window: int | None) -> tuple[int, int]:
+  """(weights, live KV) bytes per chip that one decode step must read: the chip's shard of every
+  weight but the token embeddings (a step reads only its rows' embeddings), and of the KV cache's
+  first `window` slots (None: all of them)."""
+  import jax
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  weights = sum(shard_bytes([x]) for path, x in leaves if "embed_tokens" not in jax.tree_util.keystr(path))
+  kv = shard_bytes([state.cache.k, state.cache.v])
+  capacity = state.seq_BxS.shape[1]
+  return weights, kv * min(int(window or capacity), capacity) // capacity
+
+
 def functools_partial(fn, *args, **kwargs):
   import functools
   return functools.partial(fn, *args, **kwargs)
 
 
-def compile_pod(config, topo: Topology, *, windows: Sequence[int] = (), only: Sequence[str] = (),
+def compile_pod(config, topo: Topology, *, windows: Sequence[int] = (), window_buckets: Sequence[int] = (),
+                only: Sequence[str] = (),
                 on_report: Callable[[StepReport], None] | None = None) -> tuple[list[StepReport], dict]:
   """Compiles every step of `config` for `topo` (see the module docstring); returns the reports
   and the layout. `only`: step-name prefixes to keep (default all)."""
@@ -504,7 +524,7 @@ def compile_pod(config, topo: Topology, *, windows: Sequence[int] = (), only: Se
   if math.prod(int(s) for s in config.mesh.shape if int(s) > 0) > len(devices):
     raise ValueError(f"config.mesh.shape={tuple(config.mesh.shape)} needs more than the {len(devices)} "
                      f"devices of {topo.name}")
-  steps, layout = pod_steps(config, devices, windows=windows)
+  steps, layout = pod_steps(config, devices, windows=windows, window_buckets=window_buckets)
   layout.update(topology=topo.name, devices=len(devices), hbm_gib=topo.hbm_bytes / GiB)
   reports = []
   for name, build in steps:
