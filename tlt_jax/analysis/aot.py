@@ -29,8 +29,9 @@ The steps, at the shapes the run would use (configs/*.py):
                                  > 0), gathered once per policy update or refresh;
   speculative_chunk[s]@B         every strategy s at every bucket B <= rollout.spec_threshold (with a
                                  reduced draft vocabulary, its ids and sub-head are arguments);
-  drafter_sync@B                 the drafter's catch-up program at every speculative bucket (the
-                                 compiler counts one block of its loop);
+  drafter_sync@B                 the drafter's catch-up program at every speculative bucket (its
+                                 loop's trip count follows the rows' lengths: the compiler's cost
+                                 model counts the loop's setup, not its blocks);
   drafter_train_step             `tlt.drafter_batch_size` buffer rows on one group's devices;
   logprob_forward                the old / reference log-prob forward over the update batch;
   policy_update_step             the PPO update with its micro-batches, over the whole mesh.
@@ -438,7 +439,7 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = (),
       dp = drafter_abstract()
       fn = decoder.sync_fn(gmesh, sample_params, dp, st)
       return fn, (sample_params, dp, st), (f"drafter catch-up, blocks of {decoder.sync_block} "
-                                          "(the compiler counts one block of the loop)")
+                                          "(a loop whose trip count follows the rows' lengths)")
     return build
   if decoder is not None and decoder.draft_vocab_size:
     steps.append(("draft_subhead", subhead))
