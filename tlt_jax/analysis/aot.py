@@ -358,8 +358,8 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = (),
     return abstract(st, state_shardings(st, gmesh))
 
   def drafter_abstract():
-    return abstract(dparams0, jax.tree.map(lambda _: rep_g, dparams0,
-                                           is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    # as the rollout groups place it (RolloutGroup.place_drafter): by the sampling rules
+    return abstract(dparams0, mesh_lib.tree_shardings(dparams0, gmesh, mesh_lib.SAMPLE_RULES))
 
   steps: list[tuple[str, Callable[[], tuple]]] = []
   first = shapes.buckets[-1]
