@@ -63,6 +63,12 @@ def test_groups_place_the_drafter_tensor_parallel_and_decode_with_it_exactly():
   assert "tensor" in tuple(kernel.sharding.spec) and kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 2
   for a, b in zip(jax.tree.leaves(dparams), jax.tree.leaves(placed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.MonkeyPatch.context() as mp:  # the multi-host path: each leaf built shard by shard
+    mp.setattr(jax, "process_count", lambda: 2)
+    per_leaf = group.place_drafter(dparams)
+  for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(per_leaf)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   graphdef, params = nnx.split(nearly_context_free_target(cfg))
   sp = SamplingParams(temperature=0.0)
   dec = SpeculativeDecoder(graphdef, dgraph, sp, EOS, strategies=[(3, 1, 3)], rounds_per_chunk=2)

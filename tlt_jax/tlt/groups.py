@@ -66,7 +66,10 @@ class RolloutGroup:
     shardings = mesh_lib.tree_shardings(params, self.mesh, self.rules)
     if jax.process_count() == 1:
       return jax.device_put(params, shardings)
-    return jax.tree.map(lambda x, sh: mesh_lib.put_global(x, sh), params, shardings)
+    from flax import nnx
+    put = lambda x, sh: (x.replace(mesh_lib.put_global(x.get_value(), sh)) if isinstance(x, nnx.Variable)  # noqa: E731
+                         else mesh_lib.put_global(x, sh))
+    return jax.tree.map(put, params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
   def place_batch(self, x_BxN: np.ndarray) -> jax.Array:
     """A [B, ...] host array split over the group's batch axes (replicated when B does not divide)."""
