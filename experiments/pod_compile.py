@@ -2,7 +2,7 @@
 for a one-GPU config, the memory estimate against the GPU's memory.
 
   python experiments/pod_compile.py --config=configs/qwen2_5_7b_gsm8k.py --topology=v5p-64 \
-      [--config.a.b=v ...] [--out experiments/results/pod_compile] [--windows 1024,8192]
+      [--config.a.b=v ...] [--out experiments/results/pod_compile] [--windows 1024,8192] [--window_buckets 1,8]
   python experiments/pod_compile.py --config=configs/qwen2_5_1_5b_instruct_gsm8k.py:gpu-80gb --gpu_gib=80
 
 GPU (--gpu_gib > 0): no compiler runs. The estimate counts the parameters exactly (the model and
@@ -52,6 +52,8 @@ flags.DEFINE_string("topology", "v5p-64", "TPU slice by name (tlt_jax/analysis/a
 define_output_flags("experiments/results/pod_compile")
 flags.DEFINE_string("windows", "1024,8192", "live attention windows to compile the largest decode "
                     "bucket at (bytes accessed vs live context); empty: none")
+flags.DEFINE_string("window_buckets", "", "comma-separated buckets to compile the one-step decodes "
+                    "at (whole cache and each --windows); empty: the largest bucket")
 flags.DEFINE_string("only", "", "comma-separated step-name prefixes to compile (default: all)")
 flags.DEFINE_string("name", "", "output file stem (default: <config file>_<topology>)")
 flags.DEFINE_float("gpu_gib", 0.0, "> 0: print the one-GPU memory estimate against this many GiB "
@@ -187,8 +189,9 @@ def main(argv):
     config = ml_collections.FrozenConfigDict(config)
   windows = [int(w) for w in FLAGS.windows.split(",") if w.strip()]
   only = [o for o in FLAGS.only.split(",") if o.strip()]
+  window_buckets = [int(b) for b in FLAGS.window_buckets.split(",") if b.strip()]
   t0 = time.perf_counter()
-  reports, layout = aot.compile_pod(config, topo, windows=windows, only=only,
+  reports, layout = aot.compile_pod(config, topo, windows=windows, window_buckets=window_buckets, only=only,
                                     on_report=lambda r: print(json.dumps(r.to_json()), flush=True))
   layout["pod_compile_s"] = time.perf_counter() - t0
   stem = FLAGS.name or (os.path.splitext(os.path.basename(cli.config_path_of(sys.argv).split(":")[0]))[0]

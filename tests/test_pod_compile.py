@@ -83,10 +83,15 @@ def test_tiny_default_compiles_for_v5p8_with_the_requested_shardings():
   assert "logprob_forward" in names and "drafter_train_step" in names
   assert any(n.startswith("decode_chunk@") for n in names)
   assert any(n.startswith("speculative_chunk[d3k1n3]@") for n in names)
+  assert any(n.startswith("drafter_sync@") for n in names) and "draft_subhead" not in names  # full head
   assert layout["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and layout["rollout_groups"] == 2
   for name, build in steps:
-    fn, args, _ = build()
+    fn, args, note = build()
     report, _ = aot.compile_step(name, fn, args, topo)
+    if name.startswith("decode_step@"):  # what a step must read: its weights and live KV, at least
+      weights, kv = aot.decode_bytes_needed(*args, 64 if "window=" in name else None)
+      assert f"{weights / 1e9:.3f} GB of weights + {kv / 1e9:.3f} GB of live KV" in note
+      assert 0 < weights + kv <= report.bytes_accessed, (name, weights, kv, report.bytes_accessed)
     # Per chip, the arguments take what their shardings ask for, up to TPU tile padding (which
     # dominates at d=32): between the shards' bytes and the shards padded to (8|16, 128) tiles.
     asked, padded = aot.shard_bytes(args), aot.tpu_padded_bytes(args)
@@ -96,6 +101,34 @@ def test_tiny_default_compiles_for_v5p8_with_the_requested_shardings():
       batch = args[1]
       full = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in batch.values())
       assert aot.shard_bytes([batch]) * 4 == full
+
+
+def test_reduced_draft_vocab_compiles_its_subhead_once_and_passes_it_to_the_chunks():
+  """With tlt.draft_vocab_size > 0 the sub-head gather is a step of its own, and the chunks take
+  the ids and the sub-head [D, V_d] (sharded like the head's vocabulary dimension) as arguments."""
+  from tlt_jax.analysis import aot
+  topo = aot.topology("v5p-8")
+  from experiments.common import load_config
+  from tlt_jax import config as config_lib
+  vd = 16
+  config = config_lib.finalize(load_config("configs/default.py:tiny", {"tlt.draft_vocab_size": vd}))
+  mcfg = aot.model_config_for(config)
+  steps, _ = aot.pod_steps(config, aot.topology_devices(topo))
+  names = [n for n, _ in steps]
+  assert "draft_subhead" in names
+  chunk = next(n for n in names if n.startswith("speculative_chunk["))
+  for name in ("draft_subhead", chunk):
+    fn, args, note = dict(steps)[name]()
+    report, _ = aot.compile_step(name, fn, args, topo, note)
+    assert report.fits and report.bytes_accessed > 0, name
+    if name == chunk:
+      ids, w = args[3:]
+      assert ids.shape == (vd,) and w.shape == (mcfg.hidden_size, vd) and "vocab" in note
+    else:
+      head, ids = args
+      assert ids.shape == (vd,) and mcfg.vocab_size in head.shape
+      # the float32 sub-head whole on each chip here (up to TPU tile padding)
+      assert mcfg.hidden_size * vd * 4 <= report.output_bytes <= 2 * mcfg.hidden_size * 128 * 4
 
 
 def test_a_step_that_does_not_fit_names_step_bytes_and_hbm():

@@ -51,6 +51,38 @@ def test_split_mesh_names_r_data_and_allowed():
     split_mesh(mesh, 3)
 
 
+def test_groups_place_the_drafter_tensor_parallel_and_decode_with_it_exactly():
+  """A group lays the drafter's layer out over its `tensor` axis as the policy's (a draft level
+  then reads 1/tensor of it per chip), keeps its values, and a speculative greedy rollout with the
+  placed drafter on that group equals plain greedy decoding."""
+  cfg = target_config()
+  (group,) = split_mesh(make_mesh((1, 1, 2), jax.devices()[:2]), 1)
+  dgraph, dparams = nnx.split(random_drafter(cfg))
+  placed = group.place_drafter(dparams)
+  kernel = placed["layer"]["mlp"]["up_proj"]["kernel"][...]
+  assert "tensor" in tuple(kernel.sharding.spec) and kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 2
+  for a, b in zip(jax.tree.leaves(dparams), jax.tree.leaves(placed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.MonkeyPatch.context() as mp:  # the multi-host path: each leaf built shard by shard
+    mp.setattr(jax, "process_count", lambda: 2)
+    per_leaf = group.place_drafter(dparams)
+  for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(per_leaf)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  graphdef, params = nnx.split(nearly_context_free_target(cfg))
+  sp = SamplingParams(temperature=0.0)
+  dec = SpeculativeDecoder(graphdef, dgraph, sp, EOS, strategies=[(3, 1, 3)], rounds_per_chunk=2)
+  engine = RolloutEngine(graphdef, sp, eos_ids=EOS, chunk_size=4, buckets=(4,), speculative=dec, spec_threshold=4)
+  rng = np.random.default_rng(1)
+  prompts, plens = rng.integers(3, 32, (4, 5)).astype(np.int32), np.full(4, 5, np.int32)
+  max_new = np.array([9, 12, 20, 24], np.int32)
+  ref, _ = HostScheduler(engine, [group]).rollout(params, prompts, plens, max_new, jax.random.key(0))
+  out, _ = HostScheduler(engine, [group], drafter_params=dparams).rollout(params, prompts, plens, max_new,
+                                                                         jax.random.key(0))
+  assert out.stats["spec_chunks"]
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+
+
 def test_split_rows_keeps_prompt_groups_whole():
   rows = split_rows(5 * 4, 4, 2)
   assert [r.tolist() for r in rows] == [list(range(12)), list(range(12, 20))]

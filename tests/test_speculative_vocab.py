@@ -113,7 +113,9 @@ def test_refresh_reuses_the_compiled_chunks(models, prompts):
     out = eng.generate(params, *prompts, 30, jax.random.key(0), drafter_params=models["good"][1],
                        selector=FixedSelector(strategy))
     accept.append(out.stats["spec_accept_len"])
-  assert {k.kind: f._cache_size() for k, f in dec.programs.items()} == {(strategy, None): 1, ("sync",): 1}
+  assert {k.kind: f._cache_size() for k, f in dec.programs.items()} == {(strategy, None): 1, ("sync",): 1,
+                                                                       "subhead": 1}
+  assert dec.subhead_builds == 3  # one per refresh
   assert accept[0] == accept[1] == accept[2]  # permutations of the full vocabulary draft the same
   small = SpeculativeDecoder(g, models["good"][0], sp, EOS, strategies=(strategy,), rounds_per_chunk=3,
                              draft_vocab_size=10)
@@ -193,3 +195,130 @@ def test_drafter_reads_only_its_live_window(models, prompts):
   assert int(tok_a) == int(tok_b) > 0
   np.testing.assert_array_equal(np.asarray(got.seq_BxS), np.asarray(want.seq_BxS))
   assert np.isfinite(np.asarray(got.feat_BxSxD)).all()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_subhead_is_the_heads_columns(tied):
+  """The sub-head program gathers exactly the draft vocabulary's columns of the head ([D, V] or
+  the tied embeddings' transpose), in the activation dtype."""
+  from flax import nnx
+
+  from tests.spec_fixtures import copying_drafter, target_config
+  from tlt_jax.models.transformer import Transformer
+  from tlt_jax.parallel import mesh as mesh_lib
+  cfg = target_config(tie_word_embeddings=tied)
+  g, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(5)))
+  dec = SpeculativeDecoder(g, nnx.split(copying_drafter(cfg))[0], SamplingParams(temperature=0.0), EOS,
+                           strategies=(Strategy(3, 1, 3),), draft_vocab_size=10)
+  mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+  dec.set_draft_vocab(SMALL)
+  w = dec.subhead(params, mesh)
+  head = np.asarray(params["embed_tokens"][...]).T if tied else np.asarray(params["lm_head"][...])
+  assert w.shape == (cfg.hidden_size, 10) and w.dtype == cfg.jnp_dtype
+  np.testing.assert_array_equal(np.asarray(w), head[:, SMALL].astype(cfg.jnp_dtype))
+
+
+def test_subhead_is_built_once_per_params_and_vocab(models, prompts):
+  """The sub-head is built once per (policy parameters, draft vocabulary): the chunks of one
+  rollout and a second rollout with the same parameters reuse it, a refresh or new parameters
+  rebuild it (with the new columns), and no chunk program compiles again."""
+  sp = SamplingParams(temperature=0.0)
+  g, params = models["target"]
+  strategy = Strategy(3, 1, 3)
+  dec = SpeculativeDecoder(g, models["good"][0], sp, EOS, strategies=(strategy,), rounds_per_chunk=2,
+                           draft_vocab_size=10)
+  eng = RolloutEngine(g, sp, eos_ids=EOS, chunk_size=4, speculative=dec, spec_threshold=4096, compact=False)
+  ref = _engines(models, sp, None)[0].generate(params, *prompts, 30, jax.random.key(0))
+  run = lambda p: eng.generate(p, *prompts, 30, jax.random.key(0), drafter_params=models["good"][1],  # noqa: E731
+                               selector=FixedSelector(strategy))
+  dec.set_draft_vocab(SMALL)
+  out = run(params)
+  assert len(out.stats["spec_chunks"]) > 1 and dec.subhead_builds == 1  # every chunk of the rollout
+  run(params)
+  assert dec.subhead_builds == 1  # the same parameters: reused
+  dec.set_draft_vocab(PERM[:10])
+  run(params)
+  assert dec.subhead_builds == 2  # a refresh
+  new = jax.tree.map(jnp.copy, params)  # the policy update's new parameters (same values here)
+  out = run(new)
+  assert dec.subhead_builds == 3
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  (_, (_, _, w)), = dec._subheads.items()
+  np.testing.assert_array_equal(np.asarray(w), np.asarray(new["lm_head"][...])[:, PERM[:10]])
+  sizes = {k.kind: f._cache_size() for k, f in dec.programs.items()}
+  assert sizes == {(strategy, None): 1, ("sync",): 1, "subhead": 1}, sizes
+
+
+def _vocab_runtime(models):
+  """A TLTRuntime of the default config on the tiny policy: a static drafter, a draft vocabulary
+  of 8 of the 32 ids refreshed every RL step, greedy sampling, 2 rollout groups."""
+  from tests.test_config import default_config
+  from tlt_jax.drafter.eagle import EagleDrafter
+  from tlt_jax.models.transformer import Transformer  # noqa: F401
+  from tlt_jax.parallel.mesh import make_mesh
+  from tlt_jax.run import drafter_bundle
+  from tlt_jax.tlt.runtime import TLTRuntime
+  from flax import nnx
+
+  config = default_config()
+  config.tlt.update(draft_vocab_size=8, draft_vocab_refresh=1, train_drafter=False,
+                    strategies=("d3k1n3", "plain"))
+  config.rollout.update(buckets=(4,), spec_threshold=4, chunk_size=4, rounds_per_chunk=2)
+  g = models["target"][0]
+  drafter = nnx.merge(*models["good"])
+  assert isinstance(drafter, EagleDrafter)
+  return TLTRuntime(config, g, models["cfg"], SamplingParams(temperature=0.0), EOS, 0,
+                    make_mesh((2, 1, 1), jax.devices()[:2]), drafter_bundle(config, drafter), seq_len=64)
+
+
+def test_runtime_refreshes_the_draft_vocab_losslessly_and_resumes_it(models, tmp_path):
+  """Two RL steps of the TLT runtime with a draft vocabulary refreshed every step: after each
+  step the chunks draft among the counter's top ids (checked against counts kept here), greedy
+  output equals plain greedy decoding, and the counter and the vocabulary go through the run's
+  checkpoint so that a resumed runtime continues with the same counts and ids."""
+  import json
+
+  from tlt_jax.tlt.scheduler import HostScheduler
+  from tlt_jax.train.checkpoint import Checkpointer
+  _, params = models["target"]
+  rt = _vocab_runtime(models)
+  dec = rt.engine.speculative
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(3, 32, (8, 5)).astype(np.int32)
+  plens = np.full(8, 5, np.int32)
+  max_new = np.array([6, 9, 12, 20, 24, 28, 30, 30], np.int32)
+  counts = np.zeros(VOCAB)
+  seen_vocab = [dec.draft_vocab]
+  spec_chunks = 0
+  for step in range(2):
+    ref, _ = HostScheduler(rt.engine, rt.groups).rollout(params, prompts, plens, max_new, jax.random.key(step),
+                                                         group_size=2)
+    out, _ = rt.rollout(params, prompts, plens, max_new, jax.random.key(step), step=step, group_size=2)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    spec_chunks += len(out.stats["spec_chunks"])
+    toks = [t for row, n in zip(out.tokens, out.lengths) for t in row[:n]]
+    counts = 0.5 * counts + np.bincount(toks, minlength=VOCAB)
+    want = np.argsort(-counts, kind="stable")[:8]
+    np.testing.assert_array_equal(dec.draft_vocab, want)
+    seen_vocab.append(dec.draft_vocab)
+  assert spec_chunks > 0 and dec.vocab_version == 2
+  assert not np.array_equal(seen_vocab[0], seen_vocab[1])  # the refresh replaced the initial ids
+  assert dec.subhead_builds >= 1
+
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=1)
+  ckpt.save(2, rt.checkpoint_tree(), {"tlt": rt.checkpoint_meta()})
+  twin = _vocab_runtime(models)
+  _, tree, meta = ckpt.restore_latest(twin.checkpoint_tree())
+  ckpt.close()
+  twin.restore(tree, json.loads(json.dumps(meta["tlt"])))
+  np.testing.assert_array_equal(twin.engine.speculative.draft_vocab, dec.draft_vocab)
+  np.testing.assert_array_equal(twin.draft_vocab.counts, rt.draft_vocab.counts)
+  assert twin.draft_vocab.steps == rt.draft_vocab.steps == 2
+  # the next RL step continues the same counts: both then draft among the same new ids
+  outs = [r.rollout(params, prompts[:, ::-1], plens, max_new, jax.random.key(2), step=2, group_size=2)[0]
+          for r in (rt, twin)]
+  np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+  assert twin.draft_vocab.steps == 3
+  np.testing.assert_array_equal(twin.engine.speculative.draft_vocab, dec.draft_vocab)
+  np.testing.assert_array_equal(twin.draft_vocab.counts, rt.draft_vocab.counts)

@@ -20,10 +20,18 @@ The steps, at the shapes the run would use (configs/*.py):
   prefill                        a rollout group's prompts at its first bucket;
   decode_chunk@B                 `rollout.chunk_size` plain steps at every bucket B <= rows per group
                                  (attending to the whole cache: the worst case);
-  decode_step@B[,window=W]       ONE decode step at the first bucket, over the whole cache and at
-                                 live windows W (how bytes accessed grow with the live context;
-                                 the compiler has no time estimate for a chunk's while loop);
-  speculative_chunk[s]@B         every strategy s at every bucket B <= rollout.spec_threshold;
+  decode_step@B[,window=W]       ONE decode step at the first bucket (or each of `window_buckets`),
+                                 over the whole cache and at live windows W (how bytes accessed
+                                 grow with the live context, beside the bytes it must read:
+                                 `decode_bytes_needed`; the compiler has no time estimate for a
+                                 chunk's while loop);
+  draft_subhead                  the reduced draft vocabulary's columns of the LM head (tlt.draft_vocab_size
+                                 > 0), gathered once per policy update or refresh;
+  speculative_chunk[s]@B         every strategy s at every bucket B <= rollout.spec_threshold (with a
+                                 reduced draft vocabulary, its ids and sub-head are arguments);
+  drafter_sync@B                 the drafter's catch-up program at every speculative bucket (its
+                                 loop's trip count follows the rows' lengths: the compiler's cost
+                                 model counts the loop's setup, not its blocks);
   drafter_train_step             `tlt.drafter_batch_size` buffer rows on one group's devices;
   logprob_forward                the old / reference log-prob forward over the update batch;
   policy_update_step             the PPO update with its micro-batches, over the whole mesh.
@@ -286,9 +294,11 @@ def run_shapes(config, model_cfg, mesh, engine) -> RunShapes:
                    round_up(width + int(r.max_new_tokens), rl.length_bucket), buffer_len)
 
 
-def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tuple[list[tuple[str, Callable[[], tuple]]], dict]:
+def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = (),
+              window_buckets: Sequence[int] = ()) -> tuple[list[tuple[str, Callable[[], tuple]]], dict]:
   """[(step name, build)] for every step of `config` on `devices` (build() -> (jitted fn, abstract
-  args, note)), and a dict describing the layout (mesh, groups, shapes)."""
+  args, note)), and a dict describing the layout (mesh, groups, shapes). The one-step decodes at
+  live `windows` run at the first bucket, or at each of `window_buckets`."""
   import jax
   import jax.numpy as jnp
   import optax  # noqa: F401
@@ -348,8 +358,8 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
     return abstract(st, state_shardings(st, gmesh))
 
   def drafter_abstract():
-    return abstract(dparams0, jax.tree.map(lambda _: rep_g, dparams0,
-                                           is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    # as the rollout groups place it (RolloutGroup.place_drafter): by the sampling rules
+    return abstract(dparams0, mesh_lib.tree_shardings(dparams0, gmesh, mesh_lib.SAMPLE_RULES))
 
   steps: list[tuple[str, Callable[[], tuple]]] = []
   first = shapes.buckets[-1]
@@ -381,12 +391,15 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
                    in_shardings=(jax.tree.map(lambda x: x.sharding, sample_params), st_sh),
                    out_shardings=st_sh, donate_argnums=(1,))
       what = "whole cache" if window is None else f"live window {window}"
-      return fn, (sample_params, st), f"one token, cache {shapes.capacity}, {what}"
+      weights, kv = decode_bytes_needed(sample_params, st, window)
+      return fn, (sample_params, st), (f"one token, cache {shapes.capacity}, {what}; must read per chip "
+                                       f"{weights / 1e9:.3f} GB of weights + {kv / 1e9:.3f} GB of live KV")
     return build
-  steps.append((f"decode_step@{first}", one_step(first)))
-  for w in windows:
-    if w < shapes.capacity:
-      steps.append((f"decode_step@{first},window={w}", one_step(first, w)))
+  for b in (window_buckets or (first,)):
+    steps.append((f"decode_step@{b}", one_step(b)))
+    for w in windows:
+      if w < shapes.capacity:
+        steps.append((f"decode_step@{b},window={w}", one_step(b, w)))
 
   def spec(strategy, bucket):
     def build():
@@ -394,14 +407,48 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
       dp = drafter_abstract()
       fn = decoder._chunk_fn(strategy, None, gmesh, sample_params, dp, st)
       vd = decoder.draft_vocab_size
-      if vd:  # the draft vocabulary: an int32[V_d] argument of the chunk
-        vocab = jax.ShapeDtypeStruct((vd,), jnp.int32, sharding=rep_g)
-        return fn, (sample_params, dp, st, vocab), f"{decoder.rounds_per_chunk} rounds, draft vocabulary {vd}"
+      if vd:  # the draft vocabulary and its sub-head: int32[V_d] and [D, V_d] arguments of the chunk
+        return (fn, (sample_params, dp, st) + subhead_args(),
+                f"{decoder.rounds_per_chunk} rounds, draft vocabulary {vd} (sub-head an argument)")
       return fn, (sample_params, dp, st), f"{decoder.rounds_per_chunk} rounds, full draft vocabulary"
     return build
+
+  def head_of_sample():
+    head, tied = decoder._head_of(sample_params)
+    decoder.set_target_config(cfg)
+    return head, tied
+
+  def subhead_args():
+    head, tied = head_of_sample()
+    vd = decoder.draft_vocab_size
+    w = jax.ShapeDtypeStruct((cfg.hidden_size, vd), cfg.jnp_dtype,
+                             sharding=decoder.subhead_sharding(head, tied, gmesh))
+    return jax.ShapeDtypeStruct((vd,), jnp.int32, sharding=rep_g), w
+
+  def subhead():
+    head, tied = head_of_sample()
+    fn = decoder.subhead_fn(gmesh, head, tied)
+    w = decoder.subhead_sharding(head, tied, gmesh)
+    return (fn, (head, subhead_args()[0]),
+            f"{decoder.draft_vocab_size} of {cfg.vocab_size} head columns, once per policy update or refresh "
+            f"(sub-head sharded {tuple(w.spec)})")
+
+  def sync(bucket):
+    def build():
+      st = decode_state(bucket, True)
+      dp = drafter_abstract()
+      fn = decoder.sync_fn(gmesh, sample_params, dp, st)
+      return fn, (sample_params, dp, st), (f"drafter catch-up, blocks of {decoder.sync_block} "
+                                          "(a loop whose trip count follows the rows' lengths)")
+    return build
+  if decoder is not None and decoder.draft_vocab_size:
+    steps.append(("draft_subhead", subhead))
   for s in (decoder.strategies if decoder is not None else ()):
     for b in shapes.spec_buckets:
       steps.append((f"speculative_chunk[{s}]@{b}", spec(s, b)))
+  if decoder is not None:
+    for b in shapes.spec_buckets:
+      steps.append((f"drafter_sync@{b}", sync(b)))
 
   if dgraph is not None and t.train_drafter:
     def drafter_step():
@@ -452,12 +499,25 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = ()) -> tupl
   return steps, layout
 
 
+def decode_bytes_needed(params, state, window: int | None) -> tuple[int, int]:
+  """(weights, live KV) bytes per chip that one decode step must read: the chip's shard of every
+  weight but the token embeddings (a step reads only its rows' embeddings), and of the KV cache's
+  first `window` slots (None: all of them)."""
+  import jax
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  weights = sum(shard_bytes([x]) for path, x in leaves if "embed_tokens" not in jax.tree_util.keystr(path))
+  kv = shard_bytes([state.cache.k, state.cache.v])
+  capacity = state.seq_BxS.shape[1]
+  return weights, kv * min(int(window or capacity), capacity) // capacity
+
+
 def functools_partial(fn, *args, **kwargs):
   import functools
   return functools.partial(fn, *args, **kwargs)
 
 
-def compile_pod(config, topo: Topology, *, windows: Sequence[int] = (), only: Sequence[str] = (),
+def compile_pod(config, topo: Topology, *, windows: Sequence[int] = (), window_buckets: Sequence[int] = (),
+                only: Sequence[str] = (),
                 on_report: Callable[[StepReport], None] | None = None) -> tuple[list[StepReport], dict]:
   """Compiles every step of `config` for `topo` (see the module docstring); returns the reports
   and the layout. `only`: step-name prefixes to keep (default all)."""
@@ -465,7 +525,7 @@ def compile_pod(config, topo: Topology, *, windows: Sequence[int] = (), only: Se
   if math.prod(int(s) for s in config.mesh.shape if int(s) > 0) > len(devices):
     raise ValueError(f"config.mesh.shape={tuple(config.mesh.shape)} needs more than the {len(devices)} "
                      f"devices of {topo.name}")
-  steps, layout = pod_steps(config, devices, windows=windows)
+  steps, layout = pod_steps(config, devices, windows=windows, window_buckets=window_buckets)
   layout.update(topology=topo.name, devices=len(devices), hbm_gib=topo.hbm_bytes / GiB)
   reports = []
   for name, build in steps:

@@ -1,5 +1,5 @@
 """Drafting for speculative decoding (rollout/speculative.py): the draft head (the target's full
-LM head, or the columns of a reduced draft vocabulary), the drafter's live attention window, and
+LM head, or its columns of a reduced draft vocabulary), the drafter's live attention window, and
 the two draft shapes, a chain (k = 1) and an EAGLE-2 dynamic tree."""
 
 from __future__ import annotations
@@ -11,21 +11,38 @@ import jax
 import jax.numpy as jnp
 
 
+def head_DxV(tgt):
+  """The target's LM head as [D, V] (the token embeddings' transpose when they are tied)."""
+  return tgt.embed_tokens[...].T if tgt.lm_head is None else tgt.lm_head[...]
+
+
+def draft_subhead(head, ids, *, tied: bool, dtype):
+  """The head's columns `ids` as [D, V_d] in `dtype`: `head` is the target's `lm_head` [D, V], or
+  its token embeddings [V, D] when `tied`."""
+  w = jnp.take(head, ids, axis=0).T if tied else jnp.take(head, ids, axis=1)
+  return w.astype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class DraftHead:
   """The head a draft level reads: the target's full head (`ids` None) or its columns `ids`
-  (int32[V_d], gathered once per chunk into `w_DxV`)."""
+  (int32[V_d]) as `w_DxV` [D, V_d]. The speculative decoder builds `w_DxV` once per (policy
+  parameters, draft vocabulary) in a program of its own (`SpeculativeDecoder.subhead`) and hands
+  it to the chunks; without it, `of` gathers the columns in the calling program."""
 
   tgt: Any
   w_DxV: Any = None
   ids: Any = None
 
   @classmethod
-  def of(cls, tgt, ids=None) -> "DraftHead":
+  def of(cls, tgt, ids=None, w_DxV=None) -> "DraftHead":
     if ids is None:
       return cls(tgt)
-    w = tgt.embed_tokens[...].T if tgt.lm_head is None else tgt.lm_head[...]
-    return cls(tgt, jnp.take(w, ids, axis=1).astype(tgt.cfg.jnp_dtype), ids)
+    if w_DxV is None:
+      w_DxV = draft_subhead(head_DxV(tgt), ids, tied=False, dtype=tgt.cfg.jnp_dtype)
+    if w_DxV.shape != (tgt.cfg.hidden_size, ids.shape[0]):
+      raise ValueError(f"draft sub-head of shape {w_DxV.shape}; needs ({tgt.cfg.hidden_size}, {ids.shape[0]})")
+    return cls(tgt, w_DxV, ids)
 
   def logits(self, feat):
     """float32 draft logits over the draft vocabulary (full: the target's `logits`)."""

@@ -21,10 +21,12 @@ Sequences in one batch accept different lengths; EOS and max-new-tokens cut the 
 A chain is k = 1.
 
 Reduced draft vocabulary (EAGLE-3's): with `draft_vocab_size` V_d > 0 the drafter proposes only
-among V_d token ids (the policy's most frequent recent tokens, tlt/draft_vocab.py), given to the
-chunk program as an int32[V_d] ARGUMENT (a refresh never recompiles). The chunk gathers those V_d
-columns of the shared head once (`DraftHead`), so a draft level reads V_d x D head weights and its
-log-softmax runs over V_d. Acceptance never reads the draft distribution (step 4 samples from p
+among V_d token ids (the policy's most frequent recent tokens, tlt/draft_vocab.py). The decoder
+gathers those V_d columns of the shared head into a sub-head w [D, V_d] in a small program of its
+own, once per (policy parameters, draft vocabulary) (`SpeculativeDecoder.subhead`), and gives the
+chunk programs the ids and the sub-head as ARGUMENTS (a refresh or a policy update never
+recompiles a chunk, and no chunk reads the full head to draft): a draft level reads V_d x D head
+weights and its log-softmax runs over V_d. Acceptance never reads the draft distribution (step 4 samples from p
 alone), so sampling stays exact whatever the draft vocabulary misses: a token outside it is never
 proposed and, when the target samples it, it is the bonus token.
 
@@ -40,7 +42,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from tlt_jax.drafter.draft import DraftHead, draft_chain, draft_tree, draft_window
@@ -50,6 +51,7 @@ from tlt_jax.rollout.decode import DecodeState, is_eos, state_shardings
 from tlt_jax.rollout.programs import ProgramCache, ProgramKey
 from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs, sample_from, target_logprobs
 from tlt_jax.rollout.strategy import Strategy
+from tlt_jax.rollout.subhead import DraftVocabPrograms
 
 
 def _rows(x, idx_B):
@@ -189,22 +191,23 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
 
 
 def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState,
-                      vocab_ids=None, *, strategy: Strategy, num_rounds: int, sp: SamplingParams,
+                      vocab_ids=None, w_DxV=None, *, strategy: Strategy, num_rounds: int, sp: SamplingParams,
                       eos_ids, catchup_width: int, window: int | None = None, embedder=None,
                       sync_block: int = 32):
   """Brings the drafter cache up to date (`drafter_sync`, blocks of `sync_block`: a prefill from an
   empty cache, the gap after plain chunks, nothing otherwise), then runs up to `num_rounds`
   speculative rounds in one `lax.while_loop` (stops when all rows are done); the target's
   verification reads cache slots [0, window) (None: all), the drafter its `draft_window`.
-  `vocab_ids`: int32[V_d], the draft vocabulary (None: the full vocabulary); its head columns are
-  gathered once, before the rounds.
+  `vocab_ids`: int32[V_d], the draft vocabulary (None: the full vocabulary), and `w_DxV` [D, V_d]
+  its columns of the target's head (`SpeculativeDecoder.subhead`; None: gathered here, before the
+  rounds).
 
   Returns (state, stats) with stats = (rounds, emitted tokens, active row-rounds).
   """
   tgt, drf = nnx.merge(tgt_graphdef, tparams), nnx.merge(drf_graphdef, dparams)
   dwin = draft_window(window, state.seq_BxS.shape[1], state.draft_cache.capacity)
   state = drafter_sync(tgt, drf, state, sync_block, dwin)
-  head = DraftHead.of(tgt, vocab_ids)
+  head = DraftHead.of(tgt, vocab_ids, w_DxV)
 
   def cond(carry):
     i, st, _, _ = carry
@@ -231,7 +234,7 @@ def check_sizes(tparams, dparams) -> None:
 
 
 @dataclasses.dataclass
-class SpeculativeDecoder:
+class SpeculativeDecoder(DraftVocabPrograms):
   """Plugs speculative rounds into RolloutEngine; one compiled chunk per (strategy, bucket)."""
 
   target_graphdef: Any
@@ -259,44 +262,14 @@ class SpeculativeDecoder:
     if self.draft_vocab_size and self.draft_vocab_size < max_topk:
       raise ValueError(f"draft_vocab_size={self.draft_vocab_size} is below the largest strategy topk "
                        f"{max_topk}; use 0 (the full vocabulary) or >= {max_topk}")
-    self.programs = ProgramCache()  # its chunk and catch-up programs
-    self.vocab_version = 0  # bumped by every set_draft_vocab
-    self._vocab_np = (np.arange(self.draft_vocab_size, dtype=np.int32) if self.draft_vocab_size else None)
-    self._vocab_placed: dict = {}  # mesh key -> (version, placed int32[V_d])
+    self.programs = ProgramCache()  # its chunk, catch-up and sub-head programs
+    self._init_draft_vocab()
     drafter_cfg = lambda dparams: nnx.merge(self.drafter_graphdef, dparams).cfg  # noqa: E731
     # Placed (and committed) like the state it joins: a jit's output lives where its committed
     # inputs do, and `keep_unused` keeps `done_B` an input although only its shape is read.
     self._empty_cache = jax.jit(
         lambda dparams, done_B, capacity: KVCache.init(drafter_cfg(dparams), done_B.shape[0], capacity),
         static_argnums=(2,), keep_unused=True)
-
-  @property
-  def draft_vocab(self) -> np.ndarray | None:
-    """The current draft vocabulary (int32[V_d], host), or None for the full vocabulary."""
-    return None if self._vocab_np is None else self._vocab_np.copy()
-
-  def set_draft_vocab(self, ids) -> None:
-    """Replaces the draft vocabulary by `ids` (V_d distinct token ids; the later chunks draft among
-    them). Its shape is fixed, so the compiled chunks are reused as they are."""
-    if not self.draft_vocab_size:
-      raise ValueError("set_draft_vocab needs draft_vocab_size > 0 (this decoder drafts over the full vocabulary)")
-    ids = np.asarray(ids, np.int64).reshape(-1)
-    if ids.size != self.draft_vocab_size or np.unique(ids).size != ids.size or (ids < 0).any():
-      raise ValueError(f"draft vocabulary: {ids.size} ids, {np.unique(ids).size} distinct, min "
-                       f"{ids.min() if ids.size else None}; needs {self.draft_vocab_size} distinct ids >= 0")
-    self._vocab_np = ids.astype(np.int32)
-    self.vocab_version += 1
-
-  def _vocab_on(self, mesh):
-    """The draft vocabulary placed (replicated) on `mesh`, re-placed after a refresh only."""
-    if self._vocab_np is None:
-      return None
-    key = ProgramKey.of("vocab", mesh)
-    held = self._vocab_placed.get(key)
-    if held is None or held[0] != self.vocab_version:
-      held = (self.vocab_version, mesh_lib.put_global(self._vocab_np, mesh_lib.replicated(mesh)))
-      self._vocab_placed[key] = held
-    return held[1]
 
   @property
   def default_strategy(self) -> Strategy:
@@ -307,7 +280,8 @@ class SpeculativeDecoder:
     return self.rounds_per_chunk * (Strategy.parse(strategy).depth + 1)
 
   def chunk_partial(self, strategy: Strategy, window: int | None = None):
-    """`speculative_chunk` for `strategy` as a function of (tparams, dparams, state[, vocab_ids])."""
+    """`speculative_chunk` for `strategy` as a function of (tparams, dparams, state[, vocab_ids,
+    w_DxV])."""
     return functools.partial(
         speculative_chunk, self.target_graphdef, self.drafter_graphdef, strategy=strategy,
         num_rounds=self.rounds_per_chunk, sp=self.sampling, eos_ids=self.eos_ids,
@@ -315,15 +289,18 @@ class SpeculativeDecoder:
         sync_block=self.sync_block)
 
   def _state_jit(self, key: tuple, fn, mesh, tparams, dparams, state: DecodeState, stats_out: bool):
-    """`fn(tparams, dparams, state[, vocab_ids])` jitted once per `key` and group shape, the state
-    donated; on `mesh` with explicit in/out shardings (the params as placed, the state by
-    engine.state_shardings, the statistics, when `stats_out`, and the draft vocabulary, an argument
-    of the chunks when `draft_vocab_size` > 0, replicated)."""
+    """`fn(tparams, dparams, state[, vocab_ids, w_DxV])` jitted once per `key` and group shape, the
+    state donated; on `mesh` with explicit in/out shardings (the params as placed, the state by
+    engine.state_shardings, the statistics, when `stats_out`, and the draft vocabulary and its
+    sub-head, arguments of the chunks when `draft_vocab_size` > 0: the ids replicated, the sub-head
+    as `subhead_sharding`)."""
 
     def build():
       st, rep = state_shardings(state, mesh), mesh_lib.replicated(mesh)
       of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-      ins = (of(tparams), of(dparams), st) + ((rep,) if stats_out and self.draft_vocab_size else ())
+      ins = (of(tparams), of(dparams), st)
+      if stats_out and self.draft_vocab_size:
+        ins += (rep, self.subhead_sharding(*self._head_of(tparams), mesh))
       return jax.jit(fn, in_shardings=ins,
                      out_shardings=(st, (rep, rep, rep)) if stats_out else st, donate_argnums=(2,))
     return self.programs.get(ProgramKey.of(key, mesh, tuple(state.seq_BxS.shape)), build)
@@ -355,12 +332,16 @@ class SpeculativeDecoder:
     the drafter's pass over positions it has not seen, which steady speculation pays inside its
     rounds anyway."""
     state = self._with_draft_cache(tparams, dparams, state, mesh)
+    return self.sync_fn(mesh, tparams, dparams, state)(tparams, dparams, state)
+
+  def sync_fn(self, mesh, tparams, dparams, state: DecodeState):
+    """The jitted `drafter_sync` of `dispatch_sync` (`_state_jit`)."""
 
     def sync(tparams, dparams, state):
       tgt, drf = nnx.merge(self.target_graphdef, tparams), nnx.merge(self.drafter_graphdef, dparams)
       return drafter_sync(tgt, drf, state, self.sync_block)
 
-    return self._state_jit(("sync",), sync, mesh, tparams, dparams, state, stats_out=False)(tparams, dparams, state)
+    return self._state_jit(("sync",), sync, mesh, tparams, dparams, state, stats_out=False)
 
   def dispatch_chunk(self, tparams, dparams, state: DecodeState, strategy: Strategy | None = None,
                      *, window: int | None = None, mesh):
@@ -370,5 +351,7 @@ class SpeculativeDecoder:
     shardings. Returns (state, (rounds, tokens, row_rounds) as device scalars)."""
     strategy = Strategy.parse(strategy) if strategy is not None else self.default_strategy
     state = self._with_draft_cache(tparams, dparams, state, mesh)
-    args = (tparams, dparams, state) + ((self._vocab_on(mesh),) if self.draft_vocab_size else ())
+    args = (tparams, dparams, state)
+    if self.draft_vocab_size:
+      args += (self._vocab_on(mesh), self.subhead(tparams, mesh))
     return self._chunk_fn(strategy, window, mesh, tparams, dparams, state)(*args)

@@ -58,10 +58,14 @@ class DraftVocabCounter:
     return float(np.isin(tokens, self.ids()).mean())
 
   def state_dict(self) -> dict:
-    return {"counts": self.counts.tolist(), "steps": self.steps}
+    """JSON-able counts (the seen tokens only: float64 values round-trip exactly through JSON)."""
+    seen = np.flatnonzero(self.counts)
+    return {"vocab_size": self.vocab_size, "index": seen.tolist(), "counts": self.counts[seen].tolist(),
+            "steps": self.steps}
 
   def load_state_dict(self, d: dict) -> None:
-    counts = np.asarray(d["counts"], np.float64)
-    if counts.shape != self.counts.shape:
-      raise ValueError(f"draft vocabulary counts of {counts.shape[0]} tokens; this model has {self.vocab_size}")
+    if int(d["vocab_size"]) != self.vocab_size:
+      raise ValueError(f"draft vocabulary counts of {d['vocab_size']} tokens; this model has {self.vocab_size}")
+    counts = np.zeros(self.vocab_size, np.float64)
+    counts[np.asarray(d["index"], np.int64)] = np.asarray(d["counts"], np.float64)
     self.counts, self.steps = counts, int(d["steps"])

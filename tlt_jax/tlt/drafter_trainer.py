@@ -71,7 +71,7 @@ class DrafterTrainer:
     return jax.tree.map(jnp.copy, params)
 
   def _publication(self, version: int, params) -> PublishedDrafter:
-    return PublishedDrafter(int(version), tuple(g.replicate(params) for g in self.groups))
+    return PublishedDrafter(int(version), tuple(g.place_drafter(params) for g in self.groups))
 
   @property
   def version(self) -> int:

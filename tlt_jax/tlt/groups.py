@@ -59,6 +59,18 @@ class RolloutGroup:
       return jax.device_put(tree, NamedSharding(self.mesh, P()))
     return jax.tree.map(lambda x: mesh_lib.put_global(x, NamedSharding(self.mesh, P())), tree)
 
+  def place_drafter(self, params: Any) -> Any:
+    """The drafter's params laid out by the group's sampling rules, as the policy's layers are
+    (tensor parallel within the group): every draft level then reads a 1/tensor share of the
+    drafter's layer per chip instead of all of it. Leaves without logical axes are replicated."""
+    shardings = mesh_lib.tree_shardings(params, self.mesh, self.rules)
+    if jax.process_count() == 1:
+      return jax.device_put(params, shardings)
+    from flax import nnx
+    put = lambda x, sh: (x.replace(mesh_lib.put_global(x.get_value(), sh)) if isinstance(x, nnx.Variable)  # noqa: E731
+                         else mesh_lib.put_global(x, sh))
+    return jax.tree.map(put, params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
   def place_batch(self, x_BxN: np.ndarray) -> jax.Array:
     """A [B, ...] host array split over the group's batch axes (replicated when B does not divide)."""
     return mesh_lib.put_global(x_BxN, mesh_lib.batch_sharding(self.mesh, np.ndim(x_BxN), self.rules,

@@ -286,7 +286,8 @@ class TLTRuntime:
     return tree
 
   def checkpoint_meta(self) -> dict[str, Any]:
-    """JSON for the run's checkpoint: drafter version, buffer position and bandit statistics."""
+    """JSON for the run's checkpoint: drafter version, buffer position, bandit statistics and the
+    draft vocabulary's counts and ids."""
     meta: dict[str, Any] = {"speculative": self.speculative, "train_drafter": self.train_drafter}
     if self.trainer is not None:
       meta["drafter_version"] = self.trainer.version
@@ -294,6 +295,9 @@ class TLTRuntime:
       meta["buffer"] = self.buffer.state_dict()["meta"]
     if self.bandit is not None:
       meta["bandit"] = self.bandit.state_dict()
+    if self.draft_vocab is not None:  # the counts and the vocabulary the chunks draft among
+      meta["draft_vocab"] = {"counter": self.draft_vocab.state_dict(),
+                             "ids": self.engine.speculative.draft_vocab.tolist()}
     return meta
 
   def restore(self, tree: Mapping[str, Any], meta: Mapping[str, Any] | None) -> None:
@@ -311,3 +315,6 @@ class TLTRuntime:
       self.buffer.load_state_dict({"arrays": tree["drafter_buffer"], "meta": meta["buffer"]})
     if self.bandit is not None and "bandit" in meta:
       self.bandit.load_state_dict(meta["bandit"])
+    if self.draft_vocab is not None and "draft_vocab" in meta:
+      self.draft_vocab.load_state_dict(meta["draft_vocab"]["counter"])
+      self.engine.speculative.set_draft_vocab(meta["draft_vocab"]["ids"])

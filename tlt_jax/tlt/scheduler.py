@@ -144,7 +144,7 @@ class HostScheduler:
 
   def set_static_drafter(self, params) -> None:
     """The drafter of every speculative chunk when there is no trainer (e.g. after a restore)."""
-    self.static_drafter = tuple(g.replicate(params) for g in self.groups)
+    self.static_drafter = tuple(g.place_drafter(params) for g in self.groups)
 
   # --- sessions ----------------------------------------------------------------------------
 
