@@ -104,6 +104,10 @@ class SimGroup:
   def replicate(self, tree: Any) -> Any:
     return tree
 
+  def place_drafter(self, params: Any) -> Any:
+    """The drafter as the simulation holds it: a stand-in, never placed."""
+    return params
+
 
 class _Rows:
   """The drafter buffer of the simulation: always a batch's worth of rows (the model assumes the
