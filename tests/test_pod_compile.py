@@ -140,3 +140,21 @@ def test_a_step_that_does_not_fit_names_step_bytes_and_hbm():
     aot.check_fits([r])
   with pytest.raises(ValueError, match=r"--topology='v9-1' is not known; allowed: \["):
     aot.topology("v9-1")
+
+
+def test_prefetch_bytes_counts_hbm_to_vmem_copies_only():
+  from tlt_jax.analysis import aot
+  hlo = "\n".join([
+      # weights prefetched into VMEM (S(1)) from HBM: counted
+      "  %copy-start = (bf16[3584,4736]{1,0:T(8,128)(2,1)S(1)}, bf16[3584,4736]{1,0:T(8,128)(2,1)}, "
+      "u32[]{:S(2)}) copy-start(%param.18), cross_program_prefetch_index=0",
+      "  %copy-start.31 = (bf16[896,3584]{1,0:T(8,128)(2,1)S(1)}, bf16[896,3584]{1,0:T(8,128)(2,1)}, "
+      "u32[]{:S(2)}) copy-start(%param.16)",
+      "  %copy-start.7 = (f32[8]{0:T(128)S(1)}, f32[8]{0:T(128)}, u32[]{:S(2)}) copy-start(%p.2)",
+      # VMEM to HBM, and the matching copy-done: not counted
+      "  %copy-start.201 = (s32[4]{0:T(128)}, s32[4]{0:T(128)S(1)}, u32[]{:S(2)}) copy-start(%gte.1582)",
+      "  %copy-done.31 = bf16[896,3584]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start.31)",
+      "  %fusion.1 = bf16[8,3584]{1,0} fusion(%a, %b), kind=kOutput, calls=%fused_computation.1",
+  ])
+  assert aot.prefetch_bytes(hlo) == 2 * (3584 * 4736 + 896 * 3584) + 4 * 8
+  assert aot.prefetch_bytes("") == 0

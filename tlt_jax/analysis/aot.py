@@ -45,6 +45,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Sequence
 
@@ -155,6 +156,7 @@ class StepReport:
   optimal_seconds: float
   hbm_roofline_s: float
   note: str = ""
+  prefetch_bytes: int = 0  # bytes the program copies from HBM into on-chip memory (`prefetch_bytes`)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -165,6 +167,27 @@ def _cost(compiled) -> dict:
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return dict(cost or {})
+
+
+_HLO_ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16)\[([\d,]*)\]\{([^}]*)\}")
+
+
+def prefetch_bytes(hlo_text: str) -> int:
+  """Bytes an optimized TPU program copies from HBM into on-chip memory (VMEM, memory space
+  S(1)) by asynchronous copies (`copy-start`, e.g. weights prefetched for a matmul), from its
+  HLO text: each such byte is read once from HBM, but the compiler's "bytes accessed" also counts
+  its reads and writes in on-chip memory."""
+  total = 0
+  for line in hlo_text.splitlines():
+    head, sep, _ = line.partition(" copy-start(")
+    if not sep:
+      continue
+    arrays = _HLO_ARRAY.findall(head)
+    if len(arrays) >= 2 and "S(1)" in arrays[0][2] and "S(1)" not in arrays[1][2]:
+      dtype, dims, _ = arrays[0]
+      width = 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype)) // 8
+      total += math.prod(int(d) for d in dims.split(",") if d) * width
+  return total
 
 
 def shard_bytes(args: Sequence[Any]) -> int:
@@ -216,7 +239,8 @@ def compile_step(name: str, fn, args: Sequence[Any], topo: Topology, note: str =
                       total_bytes=int(total), hbm_bytes=topo.hbm_bytes, fits=total <= topo.hbm_bytes,
                       compile_s=compile_s, flops=float(cost.get("flops", 0.0)), bytes_accessed=accessed,
                       optimal_seconds=optimal,
-                      hbm_roofline_s=accessed / topo.hbm_bandwidth, note=note)
+                      hbm_roofline_s=accessed / topo.hbm_bandwidth, note=note,
+                      prefetch_bytes=prefetch_bytes(compiled.as_text() or ""))
   return report, compiled
 
 
