@@ -388,6 +388,11 @@ def test_answer_targets_and_holdout_keep_training_draws_off_the_evaluation_puzzl
   first = ex.trace.split(",")[0]  # "A:a?@h": one right cell of nine
   assert facts.cell_accuracy(first, ex) == pytest.approx(1 / 9) and not facts.verify(first, ex)
   assert facts.extract_answer("A:a1@2,a2@") is None
+  ordered = get_task("zebra", trace="ordered", z3=False).make_example(p)  # the solver's order
+  steps = deduce(p)
+  assert ordered.trace == "A:" + ",".join(f"{render.compact_value(s.value)}@{s.house + 1}" for s in steps)
+  assert sorted(ordered.trace[2:].split(",")) == sorted(ex.trace[2:].split(","))  # the same facts
+  assert facts.verify(ordered.trace, ex)
   shuffled = type(p)(p.num_houses, p.attributes, p.values, p.house_of, tuple(reversed(p.clues)), "")
   assert puzzle_key(shuffled) == puzzle_key(p) != puzzle_key(puzzle(3, 3, k=1))
   with pytest.raises(ValueError, match="zebra.trace='steps' is not allowed"):

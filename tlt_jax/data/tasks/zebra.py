@@ -36,7 +36,7 @@ from tlt_jax.data.zebra.puzzle import (MAX_ATTRIBUTES, MAX_HOUSES, MIN_ATTRIBUTE
 from tlt_jax.data.zebra.solve import deduce, z3_conflicts
 
 STYLES = ("compact", "natural")
-TRACES = ("deduction", "answer", "facts")
+TRACES = ("deduction", "answer", "facts", "ordered")
 
 
 def difficulty_of(space: int) -> int:
@@ -62,7 +62,8 @@ class ZebraTask(Task):
   trace: the SFT target: "deduction" (the solver's steps, then the grid), "answer" (the grid
     alone: "A:a2b1|a1b2" in the compact style, "Solution: {...}" in the natural one) or "facts"
     (compact: each value's house, "A:a1@2,a2@1,b1@1,b2@2", the clues' found_at form; natural: as
-    "answer").
+    "answer") or "ordered" (compact: the same facts in the order the solver fixes them,
+    "A:b2@1,b1@2,a1@2,a2@1"; natural: as "answer").
   holdout: puzzle keys (`puzzle_key`: the size and the set of clues, whatever their order or
     wording) that `sample` never returns, so that training draws miss a fixed evaluation set.
   """
@@ -115,7 +116,8 @@ class ZebraTask(Task):
       prompt = render.compact_prompt(puzzle)
       trace = {"deduction": lambda: render.compact_trace(puzzle, steps),
                "answer": lambda: render.ANSWER_MARKER + render.compact_answer(puzzle),
-               "facts": lambda: render.ANSWER_MARKER + render.compact_facts(puzzle)}[self.trace]()
+               "facts": lambda: render.ANSWER_MARKER + render.compact_facts(puzzle),
+               "ordered": lambda: render.ANSWER_MARKER + render.compact_ordered_facts(steps)}[self.trace]()
       grid = render.compact_grid(puzzle)
     else:
       prompt = render.natural_prompt(render.puzzle_text(puzzle))

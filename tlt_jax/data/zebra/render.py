@@ -79,6 +79,13 @@ def compact_facts(puzzle: Puzzle) -> str:
                   for a in range(puzzle.num_attributes) for v in range(puzzle.num_houses))
 
 
+def compact_ordered_facts(steps: Sequence[Step]) -> str:
+  """The solution as one fact "v@h" per value in the order the solver fixes them (`deduce`):
+  "b2@1,b1@2,a1@2,a2@1". Each fact then follows from a clue and the facts before it, where the
+  attribute-by-attribute order (`compact_facts`) may ask for the last deduction first."""
+  return ",".join(f"{compact_value(s.value)}@{s.house + 1}" for s in steps)
+
+
 def compact_trace(puzzle: Puzzle, steps: Sequence[Step]) -> str:
   return ",".join(compact_step(s) for s in steps) + ";" + ANSWER_MARKER + compact_answer(puzzle)
 
