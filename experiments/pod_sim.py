@@ -50,6 +50,8 @@ flags.DEFINE_string("topology", "", "TPU slice (default: the config's, v5p-64 or
 flags.DEFINE_string("compiled", "", "pod_compile JSONL, or several comma-separated: a step held by several "
                     "files is taken from the LAST of them (default: "
                     "experiments/results/pod_compile/<config>_<topology>.jsonl)")
+flags.DEFINE_enum("round_ctx", "scaled", ["scaled", "kv"], "--costs=compiled: how a whole-cache round follows "
+                  "the live context: scaled as a decode step, or only a decode step's worth of it (the verify's KV)")
 flags.DEFINE_string("name", "pod_sim", "file stem of the pod prediction's outputs (DIR/NAME.{jsonl,md,png})")
 flags.DEFINE_integer("steps", 12, "RL steps simulated per variant (medians over all but the first 2)")
 flags.DEFINE_float("median_len", 1500.0, "lognormal response-length median (tokens)")
@@ -118,7 +120,9 @@ def _pod_costs(config, topo, kind: str, groups: int, draft_vocab: int | None = N
         from tlt_jax.errors import ConfigError
         raise ConfigError(f"--compiled: {path} does not exist; run experiments/pod_compile.py for "
                           f"{topo.name} first, or use --costs=roofline")
-    return costs_lib.CompiledCosts.from_jsonl(paths, **roof, source=f"compiler estimates ({topo.name})")
+    kv = "; rounds: only a decode step's worth follows the live context" if FLAGS.round_ctx == "kv" else ""
+    return costs_lib.CompiledCosts.from_jsonl(paths, **roof, round_ctx=FLAGS.round_ctx,
+                                              source=f"compiler estimates ({topo.name}{kv})")
   from tlt_jax.errors import ConfigError
   raise ConfigError(f"--costs={kind!r} is not allowed; allowed: roofline, compiled")
 

@@ -139,3 +139,15 @@ def test_compiled_live_context_scale_is_per_batch(tmp_path):
   # the compiler's optimal_seconds, where it gives one, is the program's time
   c2 = _compiled(_jsonl(tmp_path / "o.jsonl", _row("decode_chunk@1", 10.0, optimal=0.012)))
   assert c2.decode_step(1, 5) == pytest.approx(0.012)
+
+
+def test_compiled_round_kv_rule_shrinks_only_a_decode_steps_worth(tmp_path):
+  """round_ctx="kv": a whole-cache round loses what a decode step loses at the live window, the
+  rest of it stays (80 - 40 x (1 - 0.25) = 50 ms at a window of 100 of batch 8)."""
+  rows = [_row("decode_chunk@8", 40.0), _row("speculative_chunk[d3k1n3]@8", 80.0),
+          _row("decode_step@8", 40.0), _row("decode_step@8,window=100", 10.0)]
+  c = _compiled(_jsonl(tmp_path / "k.jsonl", *rows))
+  kv = type(c)(**{**{f: getattr(c, f) for f in c.__dataclass_fields__}, "round_ctx": "kv"})
+  assert kv.spec_round(8, (3, 1, 3), 100) == pytest.approx(50e-3)
+  assert c.spec_round(8, (3, 1, 3), 100) == pytest.approx(20e-3)
+  assert kv.decode_step(8, 100) == c.decode_step(8, 100) == pytest.approx(10e-3)

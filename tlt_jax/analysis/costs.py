@@ -379,7 +379,8 @@ class CompiledCosts(RooflineCosts):
   chunk's while-loop body, one decoding step, once; the chunk is compiled over the whole cache),
   scaled to the live context by the `decode_step@B,window=W` entries of the nearest compiled
   batches (`ctx_scale`); a speculative round from `speculative_chunk[s]@b` (one round, same
-  reason), scaled the same way; the drafter step from `drafter_train_step`. Each time is the
+  reason), scaled the same way (`round_ctx="kv"`: only a decode step's worth of it follows the
+  live context); the drafter step from `drafter_train_step`. Each time is the
   compiler's `optimal_seconds` where it has one, else bytes accessed / HBM bandwidth; between
   compiled batches it is interpolated linearly. A program with no compiled row falls back to the
   roofline (`uses` says which). Prefill and the update come from the roofline: their compiled
@@ -390,6 +391,10 @@ class CompiledCosts(RooflineCosts):
   compiled: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
   capacity: int = 0  # the compiled cache's slots (the whole-cache decode_step's window); 0: unknown
   origin: Mapping[str, str] = dataclasses.field(default_factory=dict)  # step -> the file it came from
+  # how a whole-cache round follows the live context: "scaled" (the whole round by the decode
+  # step's live-window factor) or "kv" (only a decode step's worth of it, the verify's KV reads:
+  # round(ctx) = round(whole) - (decode(whole) - decode(ctx)))
+  round_ctx: str = "scaled"
   source: str = "compiler estimates"
 
   @staticmethod
@@ -455,7 +460,11 @@ class CompiledCosts(RooflineCosts):
     table = self._by_batch(f"speculative_chunk[{strategy_name(strategy)}]")
     if not table:
       return super().spec_round(batch, strategy, ctx)
-    return _interp(batch, list(table), list(table.values())) * self.ctx_scale(batch, ctx)
+    whole = _interp(batch, list(table), list(table.values()))
+    dec = self._by_batch("decode_chunk")
+    if self.round_ctx == "kv" and dec:
+      return whole - _interp(batch, list(dec), list(dec.values())) * (1.0 - self.ctx_scale(batch, ctx))
+    return whole * self.ctx_scale(batch, ctx)
 
   def drafter_train_step(self, num_groups=1):
     rec = self.compiled.get("drafter_train_step")
