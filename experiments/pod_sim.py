@@ -592,6 +592,8 @@ def main(argv):
   config = ml_collections.FrozenConfigDict(config)
   from tlt_jax.analysis import aot
   groups0 = int(config.tlt.rollout_groups)
+  if FLAGS.costs == "compiled":  # a missing or mixed --compiled file is reported before any output
+    _pod_costs(config, aot.topology(FLAGS.topology or ("v6e-64" if groups0 == 8 else "v5p-64")), "compiled", groups0)
   print(f"wrote {round_table(config, aot.topology(FLAGS.topology or ('v6e-64' if groups0 == 8 else 'v5p-64')), FLAGS.out)}",
         flush=True)
   rows, topo, costs = predict_pod(config)
