@@ -8,7 +8,8 @@ Two modes:
       threshold, the number of rollout groups, the drafter's accept rate, its staleness and the
       tail's shape. Costs: `roofline` (analysis/costs.RooflineCosts: weights + live KV bytes over HBM
       bandwidth, FLOPs over peak x MFU) or `compiled` (the TPU compiler's per-step estimates in
-      experiments/results/pod_compile/, the roofline where they are missing). Response lengths:
+      experiments/results/pod_compile/: one JSONL or several, `--compiled=A,B,...`, a step held by
+      several files taken from the last of them; the roofline where one is missing). Response lengths:
       a lognormal long tail cut at rollout.max_new_tokens (parameters in the `sim` flags below).
 
   python experiments/pod_sim.py --paper [--out=experiments/results/pod_sim_paper]
@@ -23,7 +24,7 @@ Two modes:
       costs `experiments/cost_bench.py` measured on this CPU, and prints the prediction error of
       the median step and rollout times of each variant against the run's measurements.
 
-Writes DIR/pod_sim.{jsonl,md,png} (or pod_sim_validate.*). Every time in the pod table is a
+Writes DIR/NAME.{jsonl,md,png} (--name, default pod_sim; --validate: pod_sim_validate.*). Every time in the pod table is a
 model's prediction, never a measurement on a TPU.
 """
 
@@ -46,7 +47,12 @@ define_output_flags("experiments/results/pod_sim",
                     out_help="output directory (--validate: DIR/../pod_sim_validate when left at the default)")
 flags.DEFINE_string("costs", "roofline", "pod cost source: roofline or compiled")
 flags.DEFINE_string("topology", "", "TPU slice (default: the config's, v5p-64 or v6e-64)")
-flags.DEFINE_string("compiled", "", "pod_compile JSONL (default: experiments/results/pod_compile/<config>_<topology>.jsonl)")
+flags.DEFINE_string("compiled", "", "pod_compile JSONL, or several comma-separated: a step held by several "
+                    "files is taken from the LAST of them (default: "
+                    "experiments/results/pod_compile/<config>_<topology>.jsonl)")
+flags.DEFINE_enum("round_ctx", "scaled", ["scaled", "kv"], "--costs=compiled: how a whole-cache round follows "
+                  "the live context: scaled as a decode step, or only a decode step's worth of it (the verify's KV)")
+flags.DEFINE_string("name", "pod_sim", "file stem of the pod prediction's outputs (DIR/NAME.{jsonl,md,png})")
 flags.DEFINE_integer("steps", 12, "RL steps simulated per variant (medians over all but the first 2)")
 flags.DEFINE_float("median_len", 1500.0, "lognormal response-length median (tokens)")
 flags.DEFINE_float("sigma", 0.7, "lognormal log-scale sigma (the tail's weight)")
@@ -107,12 +113,16 @@ def _pod_costs(config, topo, kind: str, groups: int, draft_vocab: int | None = N
     return costs_lib.RooflineCosts(**roof, source=f"roofline model ({topo.name}, {topo.chips // groups} chips/group)")
   if kind == "compiled":
     stem = os.path.splitext(os.path.basename(cli.config_path_of(sys.argv).split(":")[0]))[0]
-    path = FLAGS.compiled or os.path.join(ROOT, "experiments", "results", "pod_compile", f"{stem}_{topo.name}.jsonl")
-    if not os.path.exists(path):
-      from tlt_jax.errors import ConfigError
-      raise ConfigError(f"--costs=compiled: {path} does not exist; run experiments/pod_compile.py for "
-                        f"{topo.name} first, or use --costs=roofline")
-    return costs_lib.CompiledCosts.from_jsonl(path, **roof, source=f"compiler estimates ({topo.name})")
+    paths = costs_lib.split_paths(FLAGS.compiled) or [
+        os.path.join(ROOT, "experiments", "results", "pod_compile", f"{stem}_{topo.name}.jsonl")]
+    for path in paths:
+      if not os.path.exists(path):
+        from tlt_jax.errors import ConfigError
+        raise ConfigError(f"--compiled: {path} does not exist; run experiments/pod_compile.py for "
+                          f"{topo.name} first, or use --costs=roofline")
+    kv = "; rounds: only a decode step's worth follows the live context" if FLAGS.round_ctx == "kv" else ""
+    return costs_lib.CompiledCosts.from_jsonl(paths, **roof, round_ctx=FLAGS.round_ctx,
+                                              source=f"compiler estimates ({topo.name}{kv})")
   from tlt_jax.errors import ConfigError
   raise ConfigError(f"--costs={kind!r} is not allowed; allowed: roofline, compiled")
 
@@ -144,12 +154,26 @@ def _pod_case(config, costs, groups: int, threshold: int, alpha: float, decay: f
   out = {}
   for v in sim.VARIANTS:
     recs = sim.simulate_run(steps, spec, costs, accept, v, refresh_steps=FLAGS.refresh_steps, seed=seed)
-    out[v.name] = sim.summarize(recs, skip=2)
+    out[v.name] = sim.summarize(recs, skip=2) | {"bucket_arms": _bucket_arms(recs, skip=2)}
   base = out["plain"]["step_time_s"]
   for v in out.values():
     v["speedup"] = base / v["step_time_s"]
     v["rollout_share"] = v["rollout_time_s"] / v["step_time_s"]
   return out
+
+
+def _bucket_arms(records, skip: int) -> dict[str, dict[str, list]]:
+  """Tokens and chunk seconds (summed over the groups) per bucket and arm, per step: the mean
+  over the steps after the first `skip`."""
+  rs = list(records[skip:]) or list(records)
+  out: dict[str, dict[str, list]] = {}
+  for r in rs:
+    for b, arms in r["bucket_arms"].items():
+      for arm, (tokens, secs) in arms.items():
+        cell = out.setdefault(b, {}).setdefault(arm, [0.0, 0.0])
+        cell[0] += tokens / len(rs)
+        cell[1] += secs / len(rs)
+  return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 def predict_pod(config):
@@ -169,10 +193,13 @@ def predict_pod(config):
   base = dict(groups=groups0, threshold=int(config.rollout.spec_threshold), alpha=FLAGS.alpha,
               decay=FLAGS.decay, sigma=sigma, median=median, cap=cap0, draft_vocab=_draft_vocab(config))
   rows = []
+  main_costs = []
 
   def run(label, **kw):
     case = {**base, **kw}
     costs = _pod_costs(config, topo, FLAGS.costs, case["groups"], case["draft_vocab"])
+    if label == "main":
+      main_costs.append(costs)
     res = _pod_case(config, costs, **case)
     for variant, r in res.items():
       row = dict(sweep=label, topology=topo.name, costs=costs.source, variant=variant, **case, **r)
@@ -184,14 +211,17 @@ def predict_pod(config):
     for th in (2, 4, 8, 16, 32):
       if th != base["threshold"]:
         run("threshold", threshold=th)
+    # compiled programs fix the draft vocabulary and the group's chips: those two sweeps would
+    # only move the roofline's terms, so they run at roofline costs alone
+    compiled = FLAGS.costs == "compiled"
     for v in (0, 8192, 32768):
-      if v != base["draft_vocab"]:
+      if v != base["draft_vocab"] and not compiled:
         run("draft_vocab", draft_vocab=v)
     for c in (8192, 16384, 32768):
       if c != cap0 and c <= cap0:
         run("cap", cap=c)
     for g in (2, 8):
-      if g != groups0 and topo.chips % g == 0:
+      if g != groups0 and topo.chips % g == 0 and not compiled:
         run("groups", groups=g)
     for a in (0.5, 0.65, 0.85):
       run("alpha", alpha=a)
@@ -200,7 +230,7 @@ def predict_pod(config):
     for sg in (0.4, 0.7, 1.0, 1.3):
       if sg != sigma:
         run("tail", sigma=sg)
-  return rows, topo
+  return rows, topo, main_costs[0]
 
 
 def round_table(config, topo, out: str) -> str:
@@ -233,8 +263,75 @@ def round_table(config, topo, out: str) -> str:
   return path
 
 
-def _write_pod(rows, topo, out: str):
-  Output(out).write_jsonl("pod_sim.jsonl", rows)
+def _cost_sections(config, costs) -> list[str]:
+  """The markdown that says what the main case's costs charge: the compiled rows behind each
+  simulated program (or the roofline where none), one round in decode steps per arm and bucket,
+  and where the TLT variant's tokens and chunk seconds fall per bucket."""
+  from tlt_jax.analysis import costs as C
+  from tlt_jax.rollout.strategy import PLAIN
+  arms = [a for a in (C.parse_strategy(str(x)) for x in config.tlt.strategies) if a != PLAIN]
+  lines = []
+  if isinstance(costs, C.CompiledCosts):
+    lines += ["", "## Compiled rows behind each simulated program", "",
+              "A step held by several `--compiled` files is taken from the last of them; `-`: no compiled row, the "
+              "roofline model stands for it. Seconds: the compiler's `optimal_seconds` where it gives one, else bytes "
+              "accessed / HBM bandwidth (live-context rows: bytes / bandwidth, used as ratios to the whole cache).", "",
+              "| simulated program | compiled step | file | compiler est. ms |", "|---|---|---|---|"]
+    for u in costs.uses(arms):
+      lines.append(f"| {u['unit']} | {u['step'] or '- (roofline)'} | {u['file'] or '-'} | "
+                   f"{'-' if u['seconds'] is None else format(u['seconds'] * 1e3, '.2f')} |")
+  buckets = [b for b in config.rollout.buckets if b <= int(config.rollout.spec_threshold)]
+  ctxs = (4096, 32768)
+  lines += ["", f"## One round in decode steps, as charged ({costs.source})", "",
+            "Round / decode step at the same bucket and live context (" + " / ".join(f"{c:,}" for c in ctxs)
+            + " slots).", "", "| arm | " + " | ".join(f"b={b}" for b in buckets) + " |",
+            "|---|" + "---|" * len(buckets)]
+  for arm in arms:
+    cells = [" / ".join(f"{costs.spec_round(b, arm, c) / costs.decode_step(b, c):.2f}" for c in ctxs) for b in buckets]
+    lines.append(f"| {C.strategy_name(arm)} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _bucket_section(rows) -> list[str]:
+  """Per bucket: the share of the tokens, of plain's chunk seconds, and TLT's arms (main case)."""
+  main = {r["variant"]: r for r in rows if r["sweep"] == "main"}
+  if "tlt" not in main or "plain" not in main:
+    return []
+  plain, tlt = main["plain"]["bucket_arms"], main["tlt"]["bucket_arms"]
+  tok = lambda d: sum(v[0] for arms in d.values() for v in arms.values())  # noqa: E731
+  sec = lambda d: sum(v[1] for arms in d.values() for v in arms.values())  # noqa: E731
+  pt, ps, tt, ts = tok(plain), sec(plain), tok(tlt), sec(tlt)
+  lines = ["", "## Where the rollout goes, per bucket (main case, per RL step)", "",
+           "Chunk seconds are summed over the rollout groups (group-seconds, not wall time). TLT's arms: the share "
+           "of the bucket's tokens each arm decoded.", "",
+           "| bucket | tokens | plain: group-s (share) | TLT: group-s (share) | TLT's arms (share of the bucket's tokens) |",
+           "|---|---|---|---|---|"]
+  for b in sorted(set(plain) | set(tlt), key=int):
+    p, t = plain.get(b, {}), tlt.get(b, {})
+    bt = sum(v[0] for v in t.values())
+    p_s, t_s = sum(v[1] for v in p.values()), sum(v[1] for v in t.values())
+    mix = ", ".join(f"{a} {v[0] / bt:.0%}" for a, v in sorted(t.items(), key=lambda kv: -kv[1][0])) if bt else "-"
+    lines.append(f"| {b} | {sum(v[0] for v in p.values()) / pt:.1%} | {p_s:.1f} ({p_s / ps:.0%}) | "
+                 f"{t_s:.1f} ({t_s / ts:.0%}) | {mix} |")
+  lines.append(f"| all | {pt:,.0f} tokens | {ps:.1f} | {ts:.1f} | speculated {main['tlt']['spec_frac']:.1%} |")
+  th = max(int(b) for b in plain if any(r["threshold"] >= int(b) for r in rows if r["sweep"] == "main"))
+  tail = lambda d: sum(v[1] for b, arms in d.items() if int(b) <= th for v in arms.values())  # noqa: E731
+  p0, t0 = main["plain"], main["tlt"]
+  step, upd, ro = p0["step_time_s"], p0["update_time_s"], p0["rollout_time_s"]
+  lines += ["", "What bounds the speed-up (plain's medians; the tail: buckets <= the speculation threshold):", "",
+            f"- update: {upd:.1f} s of the {step:.1f} s plain step ({upd / step:.1%}); a rollout of zero seconds "
+            f"would give {step / upd:.2f}x.",
+            f"- 2x needs a step of {step / 2:.1f} s, a rollout of {step / 2 - upd:.1f} s: "
+            f"{ro / max(step / 2 - upd, 1e-9):.2f}x faster than plain's {ro:.1f} s.",
+            f"- tail: {p0['tail_frac']:.1%} of the tokens, {tail(plain) / ps:.1%} of plain's group-seconds "
+            f"({tail(plain):.1f} of {ps:.1f}); TLT's tail {tail(tlt):.1f} group-s ({tail(plain) / tail(tlt):.2f}x "
+            f"faster), the rest {ps - tail(plain):.1f} group-s ({(ps - tail(plain)) / ps:.1%}) unchanged; TLT's "
+            f"rollout {t0['rollout_time_s']:.1f} s ({ro / t0['rollout_time_s']:.2f}x faster than plain's)."]
+  return lines
+
+
+def _write_pod(rows, topo, out: str, name: str = "pod_sim", config=None, costs=None):
+  Output(out).write_jsonl(f"{name}.jsonl", rows)
   main = [r for r in rows if r["sweep"] == "main"]
   shape = (f"workload {FLAGS.workload} (per-prompt medians, drift {FLAGS.drift}/step)" if FLAGS.workload
            else "lognormal")
@@ -254,7 +351,10 @@ def _write_pod(rows, topo, out: str):
                  f"{fmt(r['rollout_time_s'], 2)} | {fmt(r['rollout_share'], 2)} | **{r['speedup']:.2f}x** | "
                  f"{fmt(r['bubble_utilisation'], 2)} | {fmt(r['drafter_steps'], 0)} | {fmt(r['accept_len'], 2)} | "
                  f"{fmt(r['spec_frac'], 3)} |")
-  with open(os.path.join(out, "pod_sim.md"), "w") as f:
+  if config is not None and costs is not None:
+    lines += _cost_sections(config, costs)
+  lines += _bucket_section(rows)
+  with open(os.path.join(out, f"{name}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   import matplotlib
   matplotlib.use("Agg")
@@ -271,8 +371,8 @@ def _write_pod(rows, topo, out: str):
     ax.legend(fontsize=8)
   fig.suptitle(f"Qwen2.5-7B on {topo.name}: simulated, {rows[0]['costs']}")
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "pod_sim.png"), dpi=110)
-  return os.path.join(out, "pod_sim.md")
+  fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
+  return os.path.join(out, f"{name}.md")
 
 
 # ------------------------------------------------------------------------------ the paper check
@@ -492,10 +592,12 @@ def main(argv):
   config = ml_collections.FrozenConfigDict(config)
   from tlt_jax.analysis import aot
   groups0 = int(config.tlt.rollout_groups)
+  if FLAGS.costs == "compiled":  # a missing or mixed --compiled file is reported before any output
+    _pod_costs(config, aot.topology(FLAGS.topology or ("v6e-64" if groups0 == 8 else "v5p-64")), "compiled", groups0)
   print(f"wrote {round_table(config, aot.topology(FLAGS.topology or ('v6e-64' if groups0 == 8 else 'v5p-64')), FLAGS.out)}",
         flush=True)
-  rows, topo = predict_pod(config)
-  path = _write_pod(rows, topo, FLAGS.out)
+  rows, topo, costs = predict_pod(config)
+  path = _write_pod(rows, topo, FLAGS.out, FLAGS.name, config, costs)
   for r in rows:
     if r["sweep"] == "main":
       print(f"{r['variant']:>6}: step {r['step_time_s']:.2f} s, rollout {r['rollout_time_s']:.2f} s "

@@ -65,3 +65,89 @@ def test_presets_are_the_cited_figures():
   assert [a[2] for a in PAPER_LAYOUT["arms"]] == [48, 32, 16, 8]
   assert all(a[0] * a[1] >= a[2] for a in PAPER_LAYOUT["arms"])
   assert 0.5 < DECODE_EFFICIENCY < 0.9
+
+
+# ------------------------------------------------------------------ compiled costs from JSONL
+
+
+def _jsonl(path, *records):
+  import json
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+def _row(step, ms, optimal=None):
+  return {"step": step, "hbm_roofline_s": ms * 1e-3, "optimal_seconds": float("nan") if optimal is None else optimal}
+
+
+def _compiled(paths):
+  from tlt_jax.analysis.costs import CompiledCosts
+  base = dict(params=1000, layers=4, kv_heads=2, head_dim=8, group_chips=2, total_chips=4,
+              hbm_bandwidth=1.0, peak_flops=1e30)
+  return CompiledCosts.from_jsonl(paths, **base)
+
+
+def test_compiled_files_merge_the_last_file_wins(tmp_path):
+  """Several pod_compile JSONL files: a step held by two is taken from the later one; steps held
+  by one file only come from it; the comma-separated string and the list read the same."""
+  layout = {"layout": {"topology": "v5p-64", "capacity": 100}}
+  old = _jsonl(tmp_path / "old.jsonl", layout, _row("decode_chunk@1", 2.0), _row("speculative_chunk[d4k1n4]@1", 9.0),
+               _row("speculative_chunk[d4k1n4]@8", 12.0))
+  new = _jsonl(tmp_path / "new.jsonl", layout, _row("speculative_chunk[d4k1n4]@1", 5.0))
+  c = _compiled(f"{old},{new}")
+  assert c.spec_round(1, (4, 1, 4), 100) == pytest.approx(5e-3)  # the later file's row
+  assert c.spec_round(8, (4, 1, 4), 100) == pytest.approx(12e-3)  # only the earlier file has it
+  assert c.decode_step(1, 100) == pytest.approx(2e-3)
+  assert c.origin["speculative_chunk[d4k1n4]@1"] == new and c.origin["decode_chunk@1"] == old
+  assert c.capacity == 100
+  # the other order: the earlier design's row wins
+  assert _compiled([new, old]).spec_round(1, (4, 1, 4), 100) == pytest.approx(9e-3)
+  # a program with no row falls back to the roofline, and `uses` says so
+  roof = RooflineCosts(params=1000, layers=4, kv_heads=2, head_dim=8, group_chips=2, total_chips=4,
+                       hbm_bandwidth=1.0, peak_flops=1e30)
+  assert c.spec_round(1, (3, 1, 3), 100) == pytest.approx(roof.spec_round(1, (3, 1, 3), 100))
+  uses = {u["unit"]: u for u in c.uses([(3, 1, 3)])}
+  assert uses["round d3k1n3"]["source"] == "roofline" and uses["decode step"]["file"] == "old.jsonl"
+
+
+def test_compiled_files_missing_or_of_other_layouts_are_config_errors(tmp_path):
+  from tlt_jax.errors import ConfigError
+  a = _jsonl(tmp_path / "a.jsonl", {"layout": {"topology": "v5p-64", "capacity": 100}}, _row("decode_chunk@1", 1.0))
+  b = _jsonl(tmp_path / "b.jsonl", {"layout": {"topology": "v5p-64", "capacity": 200}}, _row("decode_chunk@2", 1.0))
+  with pytest.raises(ConfigError, match="missing.jsonl cannot be read"):
+    _compiled(f"{a},{tmp_path / 'missing.jsonl'}")
+  with pytest.raises(ConfigError, match="capacity=200"):
+    _compiled([a, b])
+
+
+def test_compiled_live_context_scale_is_per_batch(tmp_path):
+  """A whole-cache program scaled to the live context by the decode_step windows of ITS batch
+  (interpolated between compiled batches), the whole cache counted at the layout's capacity."""
+  rows = [{"layout": {"capacity": 1000}},
+          _row("decode_chunk@1", 10.0), _row("decode_chunk@8", 40.0), _row("speculative_chunk[d3k1n3]@8", 80.0),
+          _row("decode_step@1", 10.0), _row("decode_step@1,window=100", 9.0),
+          _row("decode_step@8", 40.0), _row("decode_step@8,window=100", 10.0), _row("decode_step@8,window=500", 25.0)]
+  c = _compiled(_jsonl(tmp_path / "w.jsonl", *rows))
+  assert c.ctx_scale(1, 100) == pytest.approx(0.9)
+  assert c.ctx_scale(8, 100) == pytest.approx(0.25)
+  assert c.ctx_scale(8, 750) == pytest.approx((25 + 15 / 2) / 40)  # between 500 and the whole cache at 1000
+  assert c.ctx_scale(8, 1000) == pytest.approx(1.0)
+  assert c.ctx_scale(4.5, 100) == pytest.approx((0.9 + 0.25) / 2)  # halfway between batches 1 and 8
+  assert c.ctx_scale(64, 100) == pytest.approx(0.25)  # the nearest batch beyond the ends
+  assert c.decode_step(8, 100) == pytest.approx(10e-3)
+  assert c.spec_round(8, (3, 1, 3), 100) == pytest.approx(20e-3)  # same scale: 2 decode steps at any context
+  # the compiler's optimal_seconds, where it gives one, is the program's time
+  c2 = _compiled(_jsonl(tmp_path / "o.jsonl", _row("decode_chunk@1", 10.0, optimal=0.012)))
+  assert c2.decode_step(1, 5) == pytest.approx(0.012)
+
+
+def test_compiled_round_kv_rule_shrinks_only_a_decode_steps_worth(tmp_path):
+  """round_ctx="kv": a whole-cache round loses what a decode step loses at the live window, the
+  rest of it stays (80 - 40 x (1 - 0.25) = 50 ms at a window of 100 of batch 8)."""
+  rows = [_row("decode_chunk@8", 40.0), _row("speculative_chunk[d3k1n3]@8", 80.0),
+          _row("decode_step@8", 40.0), _row("decode_step@8,window=100", 10.0)]
+  c = _compiled(_jsonl(tmp_path / "k.jsonl", *rows))
+  kv = type(c)(**{**{f: getattr(c, f) for f in c.__dataclass_fields__}, "round_ctx": "kv"})
+  assert kv.spec_round(8, (3, 1, 3), 100) == pytest.approx(50e-3)
+  assert c.spec_round(8, (3, 1, 3), 100) == pytest.approx(20e-3)
+  assert kv.decode_step(8, 100) == c.decode_step(8, 100) == pytest.approx(10e-3)

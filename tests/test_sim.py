@@ -161,3 +161,27 @@ def test_between_steps_mode_trains_after_the_update():
   assert rec["rollout_time_s"] == pytest.approx(20 * MS) and rec["bubble_utilisation"] == 0.0
   assert rec["between_steps_train_s"] == pytest.approx(6 * MS) and rec["drafter_steps"] == 3
   assert rec["step_time_s"] == pytest.approx(20 * MS + 3.2 * MS + 6 * MS)
+
+
+def test_rounds_are_charged_at_the_live_context():
+  """A round's context is the prompt + the row's tokens so far (counted once): one row of 10
+  tokens after an 8-token prompt, 3 tokens a round. Plain first (untried arms go in order): a
+  chunk of 4 steps at the middle of 9..13, then rounds at 8 + 5 = 13 and 8 + 5 + 3 = 16."""
+  seen = []
+
+  @dataclasses.dataclass
+  class Recording(ConstantCosts):
+    def spec_round(self, batch, strategy, ctx):
+      seen.append(("round", ctx))
+      return super().spec_round(batch, strategy, ctx)
+
+    def decode_step(self, batch, ctx):
+      seen.append(("decode", ctx))
+      return super().decode_step(batch, ctx)
+
+  accept = AcceptModel(samples={"d2k1n2": [3.0]})
+  spec = RolloutSpec(chunk_size=4, buckets=(1, 2, 4), spec_threshold=1, prompt_len=8, arms=((0, 0, 0), (2, 1, 2)))
+  base = _costs()
+  simulate_run([[np.array([10])]], spec, Recording(**{f.name: getattr(base, f.name)
+                                                     for f in dataclasses.fields(base)}), accept, STATIC_V)
+  assert seen == [("decode", 9 + 2), ("round", 13), ("round", 16)]

@@ -328,24 +328,78 @@ class RooflineCosts(CostModel):
             "group_chips": self.group_chips, "total_chips": self.total_chips, "draft_vocab": self.draft_vocab}
 
 
+def split_paths(paths: str | Sequence[str]) -> list[str]:
+  """A comma-separated string (or a sequence) of paths as a list, blanks dropped."""
+  if isinstance(paths, str):
+    paths = paths.split(",")
+  return [p.strip() for p in paths if p.strip()]
+
+
+def load_compiled(paths: str | Sequence[str]) -> tuple[dict[str, dict], dict[str, str], dict[str, Any]]:
+  """The step records of one or several pod_compile JSONL files, merged in the order given: a
+  step held by several files is taken from the LAST of them (list the files oldest design first,
+  so the current program's row replaces an earlier one). Returns (step -> record, step -> the
+  file it came from, the layout record). A missing file, or files compiled for different layouts
+  (topology, cache capacity), is a ConfigError."""
+  from tlt_jax.errors import ConfigError
+  paths = split_paths(paths)
+  if not paths:
+    raise ConfigError("compiled costs: no pod_compile JSONL given")
+  compiled: dict[str, dict] = {}
+  origin: dict[str, str] = {}
+  layout: dict[str, Any] = {}
+  for path in paths:
+    try:
+      with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    except OSError as e:
+      raise ConfigError(f"compiled costs: {path} cannot be read ({e.strerror or e}); run "
+                        "experiments/pod_compile.py first, or use --costs=roofline") from None
+    for line in lines:
+      rec = json.loads(line)
+      if "layout" in rec:
+        lay = rec["layout"]
+        for key in ("topology", "capacity"):
+          if key in lay and key in layout and lay[key] != layout[key]:
+            raise ConfigError(f"compiled costs: {path} was compiled for {key}={lay[key]}, an earlier file "
+                              f"for {key}={layout[key]}; merge only one layout's files")
+        layout.update(lay)
+      elif "step" in rec:
+        compiled[rec["step"]] = rec
+        origin[rec["step"]] = path
+  return compiled, origin, layout
+
+
 @dataclasses.dataclass
 class CompiledCosts(RooflineCosts):
-  """Source (b): the TPU compiler's per-step figures from a pod_compile JSONL.
+  """Source (b): the TPU compiler's per-step figures from pod_compile JSONL (one file or several,
+  merged by `load_compiled`: the last file holding a step wins).
 
   Used per program: a decode step at batch b from `decode_chunk@b` (XLA's cost analysis counts the
-  chunk's while-loop body, one decoding step, once), scaled with the live context by the
-  `decode_step@B,window=W` entries; a speculative round from `speculative_chunk[s]@b` (one round,
-  same reason); the drafter step from `drafter_train_step`. Each time is the compiler's
-  `optimal_seconds` where it has one, else bytes accessed / HBM bandwidth. Prefill and the
-  update come from the roofline: their compiled FLOP counts are per micro-batch / per scanned
-  body and do not add up to 2 x params x tokens, so they are not used as totals.
+  chunk's while-loop body, one decoding step, once; the chunk is compiled over the whole cache),
+  scaled to the live context by the `decode_step@B,window=W` entries of the nearest compiled
+  batches (`ctx_scale`); a speculative round from `speculative_chunk[s]@b` (one round, same
+  reason), scaled the same way (`round_ctx="kv"`: only a decode step's worth of it follows the
+  live context); the drafter step from `drafter_train_step`. Each time is the
+  compiler's `optimal_seconds` where it has one, else bytes accessed / HBM bandwidth; between
+  compiled batches it is interpolated linearly. A program with no compiled row falls back to the
+  roofline (`uses` says which). Prefill and the update come from the roofline: their compiled
+  FLOP counts are per micro-batch / per scanned body and do not add up to 2 x params x tokens, so
+  they are not used as totals.
   """
 
   compiled: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  capacity: int = 0  # the compiled cache's slots (the whole-cache decode_step's window); 0: unknown
+  origin: Mapping[str, str] = dataclasses.field(default_factory=dict)  # step -> the file it came from
+  # how a whole-cache round follows the live context: "scaled" (the whole round by the decode
+  # step's live-window factor) or "kv" (only a decode step's worth of it, the verify's KV reads:
+  # round(ctx) = round(whole) - (decode(whole) - decode(ctx)))
+  round_ctx: str = "scaled"
   source: str = "compiler estimates"
 
   @staticmethod
-  def _time(rec):
+  def _rec_time(rec):
+    """A compiled record's seconds (the class docstring). Not `_time`, the roofline's own term."""
     t = rec.get("optimal_seconds")
     if t is None or not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
       t = rec["hbm_roofline_s"]
@@ -355,48 +409,106 @@ class CompiledCosts(RooflineCosts):
     out = {}
     for name, rec in self.compiled.items():
       if name.startswith(prefix + "@") and "," not in name:
-        out[int(name.split("@")[1])] = self._time(rec)
+        out[int(name.split("@")[1])] = self._rec_time(rec)
     return dict(sorted(out.items()))
 
-  def _ctx_scale(self, ctx):
-    """decode_step bytes at live windows W vs the whole cache, interpolated in the context."""
-    win = {}
+  def _window_tables(self) -> dict[int, tuple[list[int], list[float]]]:
+    """batch -> (windows, their decode_step bytes over the whole cache's), for every batch with a
+    whole-cache `decode_step@B` and at least one window (the whole cache counted at `capacity`)."""
+    cached = getattr(self, "_windows_cache", None)
+    if cached is not None:
+      return cached
+    full, win = {}, {}
     for name, rec in self.compiled.items():
-      if name.startswith("decode_step@") and ",window=" in name:
-        win[int(name.split("=")[1])] = float(rec["hbm_roofline_s"])
-    full = [rec for name, rec in self.compiled.items() if name.startswith("decode_step@") and "," not in name]
-    if not win or not full:
+      if not name.startswith("decode_step@"):
+        continue
+      head, _, rest = name.partition(",")
+      b = int(head.split("@")[1])
+      if not rest:
+        full[b] = float(rec["hbm_roofline_s"])
+      elif rest.startswith("window="):
+        win.setdefault(b, {})[int(rest.split("=")[1])] = float(rec["hbm_roofline_s"])
+    out = {}
+    for b in sorted(set(full) & set(win)):
+      pts = dict(win[b])
+      if self.capacity and self.capacity not in pts and self.capacity > max(pts):
+        pts[self.capacity] = full[b]
+      ws = sorted(pts)
+      out[b] = (ws, [pts[w] / full[b] for w in ws])
+    self._windows_cache = out
+    return out
+
+  def ctx_scale(self, batch, ctx) -> float:
+    """A whole-cache program's time at a live context of `ctx` slots, as a fraction: the
+    decode_step bytes at that window over the whole cache's, at the compiled batches nearest
+    `batch` (linear between two, the nearest beyond the ends; linear in the context past the
+    last window, as `_interp`); 1.0 without window entries."""
+    tables = self._window_tables()
+    if not tables:
       return 1.0
-    ws = sorted(win)
-    return _interp(ctx, ws, [win[w] for w in ws]) / float(full[0]["hbm_roofline_s"])
+    bs = sorted(tables)
+    per_b = [_interp(ctx, *tables[b]) for b in bs]
+    return float(np.interp(batch, bs, per_b))
 
   def decode_step(self, batch, ctx):
     table = self._by_batch("decode_chunk")
     if not table:
       return super().decode_step(batch, ctx)
-    return _interp(batch, list(table), list(table.values())) * self._ctx_scale(ctx)
+    return _interp(batch, list(table), list(table.values())) * self.ctx_scale(batch, ctx)
 
   def spec_round(self, batch, strategy, ctx):
     table = self._by_batch(f"speculative_chunk[{strategy_name(strategy)}]")
     if not table:
       return super().spec_round(batch, strategy, ctx)
-    return _interp(batch, list(table), list(table.values())) * self._ctx_scale(ctx)
+    whole = _interp(batch, list(table), list(table.values()))
+    dec = self._by_batch("decode_chunk")
+    if self.round_ctx == "kv" and dec:
+      return whole - _interp(batch, list(dec), list(dec.values())) * (1.0 - self.ctx_scale(batch, ctx))
+    return whole * self.ctx_scale(batch, ctx)
 
   def drafter_train_step(self, num_groups=1):
     rec = self.compiled.get("drafter_train_step")
     if rec is None:
       return super().drafter_train_step(num_groups)
-    return self._time(rec) / max(num_groups, 1)
+    return self._rec_time(rec) / max(num_groups, 1)
+
+  def uses(self, strategies: Sequence[Strategy] = ()) -> list[dict[str, Any]]:
+    """What stands for each simulated program: its compiled rows (step, file, seconds) or the
+    roofline where none was compiled."""
+    import os
+    rows = []
+
+    def add(unit, prefix):
+      table = self._by_batch(prefix)
+      if not table:
+        rows.append(dict(unit=unit, step=None, file=None, seconds=None, source="roofline"))
+      for b, t in table.items():
+        step = f"{prefix}@{b}"
+        rows.append(dict(unit=unit, step=step, file=os.path.basename(self.origin.get(step, "")),
+                         seconds=t, source="compiled"))
+
+    add("decode step", "decode_chunk")
+    for s in strategies:
+      add(f"round {strategy_name(s)}", f"speculative_chunk[{strategy_name(s)}]")
+    for b in sorted(self._window_tables()):
+      names = [n for n in self.compiled if n == f"decode_step@{b}" or n.startswith(f"decode_step@{b},window=")]
+      for name in sorted(names, key=lambda n: int(n.split("=")[1]) if "=" in n else -1):
+        rows.append(dict(unit="live-context scale", step=name, file=os.path.basename(self.origin.get(name, "")),
+                         seconds=float(self.compiled[name]["hbm_roofline_s"]), source="compiled"))
+    rec = self.compiled.get("drafter_train_step")
+    rows.append(dict(unit="drafter step", step="drafter_train_step" if rec else None,
+                     file=os.path.basename(self.origin.get("drafter_train_step", "")) if rec else None,
+                     seconds=self._rec_time(rec) if rec else None, source="compiled" if rec else "roofline"))
+    for unit in ("prefill", "update (log-probs + policy update)"):
+      rows.append(dict(unit=unit, step=None, file=None, seconds=None, source="roofline"))
+    return rows
 
   @classmethod
-  def from_jsonl(cls, path: str, **roofline) -> "CompiledCosts":
-    compiled = {}
-    with open(path) as f:
-      for line in f:
-        rec = json.loads(line)
-        if "step" in rec:
-          compiled[rec["step"]] = rec
-    return cls(compiled=compiled, **roofline)
+  def from_jsonl(cls, paths: str | Sequence[str], **roofline) -> "CompiledCosts":
+    """From one pod_compile JSONL or several (a sequence, or one comma-separated string), merged
+    by `load_compiled` (the last file holding a step wins)."""
+    compiled, origin, layout = load_compiled(paths)
+    return cls(compiled=compiled, origin=origin, capacity=int(layout.get("capacity", 0) or 0), **roofline)
 
 
 @dataclasses.dataclass

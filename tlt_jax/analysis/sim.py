@@ -186,7 +186,12 @@ class Simulation:
     stats = result.stats
     tokens = sum(c.tokens for c in stats.chunks)
     spec_tokens = sum(c.tokens for c in stats.spec_chunks)
-    return dict(rollout_s=acc.wall_s, last_group_s=acc.wall_s - acc.preempt_wait_s,
+    by_bucket: dict[str, dict[str, list]] = {}  # bucket -> arm -> [tokens, seconds summed over groups]
+    for c in stats.chunks:
+      cell = by_bucket.setdefault(str(c.rows), {}).setdefault(c.strategy or "plain", [0, 0.0])
+      cell[0] += int(c.tokens)
+      cell[1] += float(c.time_s)
+    return dict(bucket_arms=by_bucket, rollout_s=acc.wall_s, last_group_s=acc.wall_s - acc.preempt_wait_s,
                 preempt_wait_s=acc.preempt_wait_s, group_done_s=[g.done_s for g in acc.groups],
                 bubble_s=acc.bubble_s, drafter_train_s=acc.train_s,
                 bubble_utilisation=acc.bubble_utilisation, drafter_steps=acc.drafter_steps,

@@ -225,7 +225,8 @@ class SimSession:
         break
       e = np.zeros(self.n, np.int64)
       e[live] = np.minimum(sim.accept.draw(sim.rng, strategy, int(live.sum()), sim.staleness), left[live])
-      cost += sim.costs.spec_round(b, strategy, ctx + int((self.gen + emitted).max()))
+      # the round's live context: `ctx` (prompt + the tokens before this chunk) + this chunk's so far
+      cost += sim.costs.spec_round(b, strategy, ctx + int(emitted.max()))
       emitted += e
       left -= e
       rounds += 1
