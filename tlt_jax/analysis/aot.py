@@ -594,6 +594,15 @@ def markdown_breakdown(reports: Sequence[StepReport]) -> str:
   instructions, and for a one-step decode the excess over what it must read (`decode_excess`)."""
   out = []
   gb = lambda n: f"{n / 1e9:.3f}"  # noqa: E731
+  decodes = [r for r in reports if r.breakdown and "needed" in r.breakdown]
+  if decodes:
+    parts = list(decode_excess(decodes[0].breakdown, decodes[0].bytes_accessed))
+    out.append("\n| step | GB counted | GB to read | counted / to read | " + " | ".join(parts)
+               + " |\n|---|---|---|---|" + "---|" * len(parts))
+    for r in decodes:
+      need = r.breakdown["needed"]["weights"] + r.breakdown["needed"]["kv"]
+      out.append(f"| {r.step} | {gb(r.bytes_accessed)} | {gb(need)} | {r.bytes_accessed / max(need, 1):.2f}x | "
+                 + " | ".join(gb(v) for v in decode_excess(r.breakdown, r.bytes_accessed).values()) + " |")
   for r in reports:
     b = r.breakdown
     if not b:
@@ -605,7 +614,9 @@ def markdown_breakdown(reports: Sequence[StepReport]) -> str:
     if "needed" in b:
       need = b["needed"]
       out.append(f"To read: {gb(need['weights'])} GB of weights + {gb(need['kv'])} GB of live KV = "
-                 f"{gb(need['weights'] + need['kv'])} GB; excess {gb(r.bytes_accessed - need['weights'] - need['kv'])} GB:\n")
+                 f"{gb(need['weights'] + need['kv'])} GB; counted / to read "
+                 f"{r.bytes_accessed / max(need['weights'] + need['kv'], 1):.2f}x; excess "
+                 f"{gb(r.bytes_accessed - need['weights'] - need['kv'])} GB:\n")
       out.append("| excess part | GB per chip |\n|---|---|")
       for k, v in decode_excess(b, r.bytes_accessed).items():
         out.append(f"| {k} | {gb(v)} |")
