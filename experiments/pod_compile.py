@@ -2,7 +2,8 @@
 for a one-GPU config, the memory estimate against the GPU's memory.
 
   python experiments/pod_compile.py --config=configs/qwen2_5_7b_gsm8k.py --topology=v5p-64 \
-      [--config.a.b=v ...] [--out experiments/results/pod_compile] [--windows 1024,8192] [--window_buckets 1,8]
+      [--config.a.b=v ...] [--out experiments/results/pod_compile] [--windows 1024,8192] [--window_buckets 1,8] \
+      [--breakdown 15]
   python experiments/pod_compile.py --config=configs/qwen2_5_1_5b_instruct_gsm8k.py:gpu-80gb --gpu_gib=80
 
 GPU (--gpu_gib > 0): no compiler runs. The estimate counts the parameters exactly (the model and
@@ -55,6 +56,9 @@ flags.DEFINE_string("windows", "1024,8192", "live attention windows to compile t
 flags.DEFINE_string("window_buckets", "", "comma-separated buckets to compile the one-step decodes "
                     "at (whole cache and each --windows); empty: the largest bucket")
 flags.DEFINE_string("only", "", "comma-separated step-name prefixes to compile (default: all)")
+flags.DEFINE_integer("breakdown", 0, "> 0: also break each program's bytes down per instruction "
+                     "(aot.hlo_instruction_bytes), with this many top instructions and sources, into "
+                     "the .jsonl and .md")
 flags.DEFINE_string("name", "", "output file stem (default: <config file>_<topology>)")
 flags.DEFINE_float("gpu_gib", 0.0, "> 0: print the one-GPU memory estimate against this many GiB "
                    "instead of compiling for a TPU slice")
@@ -192,7 +196,9 @@ def main(argv):
   window_buckets = [int(b) for b in FLAGS.window_buckets.split(",") if b.strip()]
   t0 = time.perf_counter()
   reports, layout = aot.compile_pod(config, topo, windows=windows, window_buckets=window_buckets, only=only,
-                                    on_report=lambda r: print(json.dumps(r.to_json()), flush=True))
+                                    breakdown=FLAGS.breakdown,
+                                    on_report=lambda r: print(json.dumps({k: v for k, v in r.to_json().items()
+                                                                          if k != "breakdown"}), flush=True))
   layout["pod_compile_s"] = time.perf_counter() - t0
   stem = FLAGS.name or (os.path.splitext(os.path.basename(cli.config_path_of(sys.argv).split(":")[0]))[0]
                         + "_" + topo.name)

@@ -12,7 +12,11 @@ the run would use). Nothing is allocated. Per step this reports:
   * compile time on this machine;
   * the compiler's cost model (`compiled.cost_analysis()`): flops, bytes accessed, and
     `optimal_seconds`, its own roofline estimate of the step's time on that chip;
-  * the HBM-roofline time: bytes accessed / the chip's HBM bandwidth.
+  * the HBM-roofline time: bytes accessed / the chip's HBM bandwidth;
+  * on request (`breakdown`), where the bytes accessed go: per instruction of the optimized HLO
+    (`hlo_instruction_bytes`), summed per access (HBM or on-chip, read or written), per value
+    (weights, KV cache...), opcode and source (`bytes_breakdown`), and for a one-step decode the
+    excess over the bytes it must read (`decode_excess`).
 
 These are the compiler's estimates, not measurements on a TPU.
 
@@ -157,6 +161,9 @@ class StepReport:
   hbm_roofline_s: float
   note: str = ""
   prefetch_bytes: int = 0  # bytes the program copies from HBM into on-chip memory (`prefetch_bytes`)
+  # per access and label, opcode and top instructions (`bytes_breakdown`; compile_step(breakdown=N));
+  # a one-step decode's also holds "needed": {"weights", "kv"} (`decode_bytes_needed`)
+  breakdown: dict = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -190,6 +197,457 @@ def prefetch_bytes(hlo_text: str) -> int:
   return total
 
 
+# ------------------------------------------------------------------------------- per-instruction bytes
+#
+# `compiled.cost_analysis()` gives one "bytes accessed" per program (its other keys sum the bytes
+# per operand position over all instructions), not per instruction. `hlo_instruction_bytes`
+# rebuilds a per-instruction view from the optimized HLO text: every instruction of the entry
+# computation and of the while / call / conditional bodies it runs, with the bytes of its operands
+# and of its result. Operands are printed by name only, so their shapes come from the
+# instructions that define them.
+
+_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\](?:\{([^}]*)\})?")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
+_OPCODE = re.compile(r"([a-z][\w\-]*)\(")
+_OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
+# ops whose result holds (part of) their first operand's data: the result keeps that operand's label
+_MOVES = frozenset({"bitcast", "copy", "copy-start", "copy-done", "reshape", "transpose", "slice",
+                    "dynamic-slice", "dynamic-update-slice", "scatter", "all-gather", "all-gather-start",
+                    "all-gather-done", "collective-permute", "collective-permute-start",
+                    "collective-permute-done", "all-to-all", "convert", "gather", "optimization-barrier"})
+_SLICES = frozenset({"slice", "dynamic-slice", "gather"})
+_VIEWS = frozenset({"bitcast", "reshape"})
+
+
+def _balanced(s: str, i: int) -> int:
+  """Index just past the parenthesis that closes the one at s[i]."""
+  depth = 0
+  for j in range(i, len(s)):
+    depth += {"(": 1, ")": -1}.get(s[j], 0)
+    if depth == 0:
+      return j + 1
+  return len(s)
+
+
+def hlo_arrays(shape: str, padded: bool = True) -> list[tuple[int, int]]:
+  """[(bytes, memory space)] of every array of an HLO shape (a tuple's elements in order). With
+  `padded`, each array's dims are padded to its layout's first tile (e.g. `T(8,128)`: the minor
+  dim to 128, the next to 8), as the TPU stores it and XLA's cost model counts it; else logical
+  bytes. Memory space 0 is HBM, S(1) a TPU's on-chip VMEM."""
+  out = []
+  for dtype, dims, layout in _SHAPE.findall(shape):
+    digits = re.search(r"\d+", dtype)
+    bits = 8 if dtype == "pred" else int(digits[0]) if digits else 0  # token[]: no bytes
+    d = [int(x) for x in dims.split(",") if x]
+    minor_to_major, _, tiling = (layout or "").partition(":")
+    tile = re.search(r"T\(([\d,]+)\)", tiling)
+    if padded and tile and d:
+      order = [int(x) for x in minor_to_major.split(",") if x] or list(range(len(d)))[::-1]
+      for k, t in enumerate(reversed([int(x) for x in tile[1].split(",")])):
+        if k < len(order):
+          d[order[k]] = -(-d[order[k]] // t) * t
+    space = re.search(r"S\((\d+)\)", tiling)
+    out.append((math.prod(d) * bits // 8, int(space[1]) if space else 0))
+  return out
+
+
+@dataclasses.dataclass
+class HloInstruction:
+  """One instruction of an HLO module as printed: result shape, opcode, operands by name, the raw
+  text between its parentheses and its attributes."""
+
+  name: str
+  computation: str
+  opcode: str
+  shape: str
+  operands: list[str]
+  args: str
+  attrs: str
+
+  @property
+  def kind(self) -> str:
+    m = re.search(r"\bkind=(k\w+)", self.attrs)
+    return m[1] if m else ""
+
+  def called(self, *keys: str) -> list[str]:
+    out = []
+    for key in keys:
+      m = re.search(rf"\b{key}=\{{([^}}]*)\}}", self.attrs) or re.search(rf"\b{key}=(%[\w.\-]+)", self.attrs)
+      out += re.findall(r"%([\w.\-]+)", m[1]) if m else []
+    return out
+
+  @property
+  def op_name(self) -> str:
+    m = _OP_NAME.search(self.attrs)
+    return m[1].replace("\\'", "'").replace('\\"', '"') if m else ""
+
+
+def parse_hlo(hlo_text: str) -> tuple[dict[str, list[HloInstruction]], str]:
+  """({computation name: its instructions in order}, the entry computation's name) of HLO text."""
+  comps: dict[str, list[HloInstruction]] = {}
+  entry, current = "", None
+  for line in hlo_text.splitlines():
+    if current is None:
+      m = _COMPUTATION.match(line)
+      if m:
+        current = m[2]
+        comps[current] = []
+        entry = current if m[1] else entry
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    m = _DEF.match(line)
+    if not m:
+      continue
+    name, rest = m[1], m[2]
+    end = _balanced(rest, 0) if rest.startswith("(") else rest.find(" ")
+    shape, rest = rest[:end], rest[end:].lstrip()
+    op = _OPCODE.match(rest)
+    if not op:
+      continue
+    close = _balanced(rest, op.end() - 1)
+    args = rest[op.end():close - 1]
+    comps[current].append(HloInstruction(name, current, op[1], shape, re.findall(r"%([\w.\-]+)", args),
+                                         args, rest[close:]))
+  return comps, entry
+
+
+# ops that update their first operand in place (a donated buffer): the buffer is not read, and
+# only the update is written
+_IN_PLACE = frozenset({"dynamic-update-slice", "scatter"})
+
+
+def _update_operand(i: HloInstruction) -> str | None:
+  """The operand an in-place update writes: dynamic-update-slice(buffer, update, indices...),
+  scatter(buffer, indices, updates); None for other ops."""
+  if i.opcode == "dynamic-update-slice" and len(i.operands) > 1:
+    return i.operands[1]
+  if i.opcode == "scatter" and len(i.operands) == 3:
+    return i.operands[2]
+  return None
+
+
+def _param_number(i: HloInstruction) -> int:
+  return int(re.match(r"\s*(\d+)", i.args)[1])
+
+
+def _fused_reads(comps: dict[str, list[HloInstruction]], fname: str,
+                 cache: dict[str, tuple]) -> tuple[dict[int, int | None], int | None, dict[int, int]]:
+  """Of fused computation `fname`: {parameter number: bytes it reads} where every use of the
+  parameter (through bitcasts, reshapes and nested fusions) is a slice, dynamic slice or gather of
+  it (their results' bytes) or the buffer of an in-place dynamic-update-slice (0); None where it is
+  read whole. Then the bytes the root writes when it updates a parameter in place (the update's
+  bytes; else None), and {output index: parameter number} for outputs that move a parameter's data."""
+  if fname in cache:
+    return cache[fname]
+  fused = comps.get(fname, [])
+  by_name = {i.name: i for i in fused}
+  users: dict[str, list[HloInstruction]] = {}
+  for i in fused:
+    for o in dict.fromkeys(i.operands):
+      users.setdefault(o, []).append(i)
+
+  root = fused[-1] if fused else None
+  outputs = set(root.operands if root.opcode == "tuple" else [root.name]) if root else set()
+
+  def reads(name: str) -> int | None:
+    if name in outputs:  # leaves the fusion whole
+      return None
+    total = 0
+    for u in users.get(name, []):
+      if u.opcode in _VIEWS:
+        sub = reads(u.name)
+      elif u.opcode in _SLICES and u.operands[0] == name and name not in u.operands[1:]:
+        sub = sum(b for b, _ in hlo_arrays(u.shape))
+      elif u.opcode in _IN_PLACE and u.operands[0] == name and name not in u.operands[1:]:
+        sub = 0  # the buffer updated in place: not read
+      elif u.opcode == "fusion" and u.called("calls") and u.operands.count(name) == 1:
+        sub = _fused_reads(comps, u.called("calls")[0], cache)[0].get(u.operands.index(name))
+      else:
+        sub = None
+      if sub is None:
+        return None
+      total += sub
+    return total
+
+  def source(name: str) -> HloInstruction | None:  # the parameter whose data `name` moves, if any
+    i = by_name.get(name)
+    while i is not None and i.opcode in _MOVES and i.operands:
+      i = by_name.get(i.operands[0])
+    return i if i is not None and i.opcode == "parameter" else None
+
+  params = {_param_number(i): reads(i.name) for i in fused if i.opcode == "parameter"}
+  written, carried = None, {}
+  if root is not None:
+    outs = root.operands if root.opcode == "tuple" else [root.name]
+    for k, o in enumerate(outs):
+      p = source(o)
+      if p is not None:
+        carried[k] = _param_number(p)
+    update = _update_operand(root)
+    if update is not None and source(root.operands[0]) is not None and update in by_name:
+      written = sum(b for b, _ in hlo_arrays(by_name[update].shape))
+  cache[fname] = (params, written, carried)
+  return cache[fname]
+
+
+@dataclasses.dataclass
+class InstructionBytes:
+  """One instruction's bytes, as `hlo_instruction_bytes` counts them.
+
+  operands: [(name, label, bytes, bytes read, memory space)]: bytes read is the operand's bytes, or,
+  for a fusion that only slices it, the slices' bytes (0 for a buffer updated in place, and for the
+  operand of an async done, which its start read). results: [(bytes, bytes written, memory space)]
+  per array of the result: an in-place dynamic-update-slice writes its update's bytes; an async
+  start's result tuple (destination, the source it aliases, a context) is written whole, as XLA's
+  cost model counts it."""
+
+  name: str
+  computation: str
+  opcode: str
+  op_name: str  # its metadata's op_name, or (a copy, a bitcast...) that of its first operand having one
+  label: str
+  operands: list[tuple[str, str, int, int, int]]
+  results: list[tuple[int, int, int]]
+
+  @property
+  def read(self) -> int:
+    return sum(o[3] for o in self.operands)
+
+  @property
+  def written(self) -> int:
+    return sum(r[1] for r in self.results)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+# no bytes of their own: their operands and results are counted where computed and used
+_NO_BYTES = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "partition-id",
+                       "replica-id", "after-all", "while", "call", "conditional"})
+
+
+def hlo_instruction_bytes(hlo_text: str, labels: dict[str, str] | None = None) -> list[InstructionBytes]:
+  """Every instruction that reads or writes data in the entry computation of optimized HLO text
+  and in the while / call / conditional bodies it runs (each body once), with its operands' and
+  result's bytes (`InstructionBytes`). Parameters, constants, tuples, bitcasts and control flow
+  count no bytes. Shapes are tile-padded (`hlo_arrays`), a fusion that only slices an operand reads
+  the slices, an in-place update writes its update, an async start writes its whole result tuple:
+  the rules of the TPU compiler's "bytes accessed", whose total the sum, read + written, matches
+  (the 7B config's one-step decodes on v5p-64: within 0.2 %). Instructions inside a fusion are not
+  seen: a fusion is its operands and results (a gather fusion's inner index custom call, which the
+  compiler counts, is missed).
+
+  `labels`: {label: regex}. An entry parameter whose `op_name` metadata matches a regex (first
+  match wins) carries that label, and so does every value that moves its data: bitcast, copy,
+  copy-start/done, all-gather, collective-permute, slices, a dynamic-update-slice of it, a fusion
+  output that is such a move of one of its operands; a tuple's elements keep their own. Other
+  values are "other"."""
+  comps, entry = parse_hlo(hlo_text)
+  patterns = [(k, re.compile(v)) for k, v in (labels or {}).items()]
+  shapes: dict[str, str] = {}
+  label_of: dict[str, Any] = {}  # name -> label, or a tuple of labels for a tuple-shaped value
+  fused_cache: dict[str, tuple] = {}
+  origin: dict[str, str] = {}  # name -> its op_name, or its first operand's that has one
+  rows: list[InstructionBytes] = []
+
+  def one(label, index=0):
+    if isinstance(label, tuple):
+      return label[index] if index < len(label) else "other"
+    return label if label is not None else "other"
+
+  def visit(comp: str, param_labels: Any = None) -> None:
+    for i in comps.get(comp, []):
+      shapes[i.name] = i.shape
+      origin[i.name] = i.op_name or next((origin[o] for o in i.operands if origin.get(o)), "")
+      ins = [label_of.get(o, "other") for o in i.operands]
+      op = i.opcode
+      n_out = len(hlo_arrays(i.shape)) if i.shape.startswith("(") else 0
+      if op == "parameter":
+        if comp == entry:
+          label_of[i.name] = next((k for k, rx in patterns if rx.search(i.op_name)), "other")
+        else:
+          label_of[i.name] = param_labels if param_labels is not None else "other"
+        continue
+      if op == "get-tuple-element":
+        label_of[i.name] = one(ins[0], int(re.search(r"index=(\d+)", i.attrs)[1])) if ins else "other"
+        continue
+      if op == "tuple":
+        label_of[i.name] = tuple(one(lab) for lab in ins)
+        continue
+      if op == "while":
+        for body in i.called("condition", "body"):
+          visit(body, ins[0] if ins else None)
+        label_of[i.name] = ins[0] if ins else "other"
+        continue
+      if op in ("call", "conditional"):
+        for body in i.called("to_apply", "branch_computations", "true_computation", "false_computation"):
+          visit(body, tuple(one(lab) for lab in ins) if op == "call" else None)
+        label_of[i.name] = "other"
+        continue
+      reads: list[int | None] = [None] * len(ins)
+      written = None
+      if op == "fusion" and i.called("calls"):
+        params, written, carried = _fused_reads(comps, i.called("calls")[0], fused_cache)
+        reads = [params.get(k) for k in range(len(ins))]
+        outs = tuple(one(ins[carried[k]]) if carried.get(k, len(ins)) < len(ins) else "other"
+                     for k in range(max(n_out, 1)))
+        label_of[i.name] = outs if n_out else outs[0]
+      elif op in _MOVES and ins:
+        label_of[i.name] = (one(ins[0]),) * n_out if n_out else one(ins[0])
+      else:
+        label_of[i.name] = "other"
+      if _update_operand(i) is not None:
+        reads[0] = 0  # updated in place
+        written = sum(b for b, _ in hlo_arrays(shapes.get(_update_operand(i), "")))
+      if op.endswith("-done"):
+        reads = [0] * len(ins)  # its start read the operand
+      if op in _NO_BYTES:
+        continue
+      operands = []
+      for k, o in enumerate(i.operands):
+        arrays = hlo_arrays(shapes.get(o, ""))
+        full = sum(b for b, _ in arrays)
+        operands.append((o, one(ins[k]), full, full if reads[k] is None else min(reads[k], full),
+                         arrays[0][1] if arrays else 0))
+      results = [(b, b if written is None else min(written, b), space) for b, space in hlo_arrays(i.shape)]
+      rows.append(InstructionBytes(i.name, comp, f"fusion:{i.kind}" if op == "fusion" else op, origin[i.name],
+                                   one(label_of[i.name]), operands, results))
+
+  visit(entry)
+  return rows
+
+
+# labels of a decode step's values by the parameter they come from (`hlo_instruction_bytes`)
+DECODE_LABELS = {"embedding": r"^p\['embed_tokens'\]", "lm_head": r"^p\['lm_head'\]", "weight": r"^p\[",
+                 "kv": r"^s\.cache\.[kv]\[", "state": r"^s\."}
+_ACCESS = ("HBM read", "on-chip read", "HBM write", "on-chip write", "async start result")
+
+
+def bytes_breakdown(rows: Sequence[InstructionBytes], top: int = 15) -> dict:
+  """Sums of `hlo_instruction_bytes` rows: the total (read + written), a table {access: {label:
+  bytes}} over the accesses _ACCESS (an operand read from HBM, memory space 0, or from on-chip
+  memory; a result written to either; an async start's result tuple, which XLA's cost model counts
+  as written although it holds the destination, the source it aliases and a context), bytes per
+  opcode (a fusion by its kind), the `top` sources by bytes (an instruction's op_name, layer
+  indices as [*]: e.g. every layer's gate_proj kernel with its copies) and the `top` instructions."""
+  table: dict[str, dict[str, int]] = {a: {} for a in _ACCESS}
+  by_op: dict[str, dict[str, int]] = {}
+  by_source: dict[str, dict[str, int]] = {}
+
+  def add(access, label, n):
+    table[access][label] = table[access].get(label, 0) + n
+
+  for r in rows:
+    for _, label, _, got, space in r.operands:
+      add("HBM read" if space == 0 else "on-chip read", label, got)
+    for _, w, space in r.results:
+      add("async start result" if r.opcode.endswith("-start") else
+          "HBM write" if space == 0 else "on-chip write", r.label, w)
+    for e in (by_op.setdefault(r.opcode, {"count": 0, "read": 0, "written": 0}),
+              by_source.setdefault(re.sub(r"\[\d+\]", "[*]", r.op_name) or "(none)",
+                                   {"count": 0, "read": 0, "written": 0})):
+      e["count"] += 1
+      e["read"] += r.read
+      e["written"] += r.written
+
+  def reads(r):
+    out: dict[str, int] = {}
+    for _, label, _, got, space in r.operands:
+      if got:
+        key = f"{label}{'' if space == 0 else ' (on-chip)'}"
+        out[key] = out.get(key, 0) + got
+    return out
+
+  order = sorted(rows, key=lambda r: -(r.read + r.written))[:top]
+  return {"total": sum(r.read + r.written for r in rows), "instructions": len(rows), "access": table,
+          "by_opcode": dict(sorted(by_op.items(), key=lambda kv: -(kv[1]["read"] + kv[1]["written"]))),
+          "by_source": dict(sorted(by_source.items(), key=lambda kv: -(kv[1]["read"] + kv[1]["written"]))[:top]),
+          "top": [{"name": r.name, "opcode": r.opcode, "op_name": r.op_name, "read": r.read,
+                   "written": r.written, "reads": reads(r), "label": r.label} for r in order]}
+
+
+_WEIGHTS = ("weight", "lm_head", "embedding")
+
+
+def decode_excess(breakdown: dict, bytes_accessed: float) -> dict[str, float]:
+  """What a one-step decode's counted bytes hold beyond the bytes it must read, from its
+  `bytes_breakdown` (with "needed": {"weights", "kv"}) and the compiler's total `bytes_accessed`:
+    weight copies beyond one HBM read       on-chip reads and writes and async start results of
+                                            weights (prefetched HBM -> VMEM: read once from HBM,
+                                            counted five times), weights written back to HBM (a
+                                            relaid-out copy);
+    weights read from HBM beyond the share  HBM reads of weights - the chip's share;
+    KV beyond the live window               every KV access (reads, in-place writes) - the live KV;
+    other values                            activations, attention scores, sampling, state;
+    not attributed                          the compiler's total - the parser's.
+  The five sum to bytes_accessed - needed."""
+  acc, need = breakdown["access"], breakdown["needed"]
+  def of(labels, accesses):
+    return float(sum(acc[a].get(l, 0) for a in accesses for l in labels))
+  on_chip = ("on-chip read", "on-chip write", "async start result")
+  labels = {l for a in acc.values() for l in a}
+  return {"weight copies beyond one HBM read": of(_WEIGHTS, on_chip) + of(_WEIGHTS, ("HBM write",)),
+          "weights read from HBM beyond the share": of(_WEIGHTS, ("HBM read",)) - need["weights"],
+          "KV beyond the live window": of(("kv",), _ACCESS) - need["kv"],
+          "other values": of(labels - set(_WEIGHTS) - {"kv"}, _ACCESS),
+          "not attributed": float(bytes_accessed) - breakdown["total"]}
+
+
+def markdown_breakdown(reports: Sequence[StepReport]) -> str:
+  """Per report with a breakdown: its bytes per access and label, per opcode and source, its top
+  instructions, and for a one-step decode the excess over what it must read (`decode_excess`)."""
+  out = []
+  gb = lambda n: f"{n / 1e9:.3f}"  # noqa: E731
+  decodes = [r for r in reports if r.breakdown and "needed" in r.breakdown]
+  if decodes:
+    parts = list(decode_excess(decodes[0].breakdown, decodes[0].bytes_accessed))
+    out.append("\n| step | GB counted | GB to read | counted / to read | " + " | ".join(parts)
+               + " |\n|---|---|---|---|" + "---|" * len(parts))
+    for r in decodes:
+      need = r.breakdown["needed"]["weights"] + r.breakdown["needed"]["kv"]
+      out.append(f"| {r.step} | {gb(r.bytes_accessed)} | {gb(need)} | {r.bytes_accessed / max(need, 1):.2f}x | "
+                 + " | ".join(gb(v) for v in decode_excess(r.breakdown, r.bytes_accessed).values()) + " |")
+  for r in reports:
+    b = r.breakdown
+    if not b:
+      continue
+    out.append(f"\n## {r.step}\n")
+    out.append(f"Counted by the compiler: {gb(r.bytes_accessed)} GB per chip; summed over the program's "
+               f"{b['instructions']} instructions: {gb(b['total'])} GB "
+               f"({100 * b['total'] / max(r.bytes_accessed, 1):.1f} %).")
+    if "needed" in b:
+      need = b["needed"]
+      out.append(f"To read: {gb(need['weights'])} GB of weights + {gb(need['kv'])} GB of live KV = "
+                 f"{gb(need['weights'] + need['kv'])} GB; counted / to read "
+                 f"{r.bytes_accessed / max(need['weights'] + need['kv'], 1):.2f}x; excess "
+                 f"{gb(r.bytes_accessed - need['weights'] - need['kv'])} GB:\n")
+      out.append("| excess part | GB per chip |\n|---|---|")
+      for k, v in decode_excess(b, r.bytes_accessed).items():
+        out.append(f"| {k} | {gb(v)} |")
+    labels = sorted({l for a in b["access"].values() for l in a})
+    out.append("\nBytes per access and value (GB per chip):\n")
+    out.append("| access | " + " | ".join(labels) + " | all |\n|---|" + "---|" * (len(labels) + 1))
+    for a, d in b["access"].items():
+      out.append(f"| {a} | " + " | ".join(gb(d.get(l, 0)) for l in labels) + f" | {gb(sum(d.values()))} |")
+    out.append("\nPer opcode:\n\n| opcode | count | GB read | GB written |\n|---|---|---|---|")
+    for k, v in list(b["by_opcode"].items())[:8]:
+      out.append(f"| {k} | {v['count']} | {gb(v['read'])} | {gb(v['written'])} |")
+    out.append("\nPer source (op_name; a copy takes its operand's):\n\n| source | count | GB read | GB written |"
+               "\n|---|---|---|---|")
+    for k, v in b["by_source"].items():
+      out.append(f"| `{k[-90:]}` | {v['count']} | {gb(v['read'])} | {gb(v['written'])} |")
+    out.append("\nTop instructions:\n\n| instruction | opcode | GB read (by value) | GB written | source |"
+               "\n|---|---|---|---|---|")
+    for t in b["top"]:
+      reads = ", ".join(f"{k} {gb(v)}" for k, v in t["reads"].items() if v >= 5e5)
+      out.append(f"| {t['name']} | {t['opcode']} | {gb(t['read'])} ({reads}) | {gb(t['written'])} | "
+                 f"`{t['op_name'][-70:]}` |")
+  return "\n".join(out)
+
+
 def shard_bytes(args: Sequence[Any]) -> int:
   """Bytes per device that abstract `args` ask for: every leaf's shard shape under its sharding
   (the largest shard, i.e. the first device's when shards are even)."""
@@ -220,8 +678,11 @@ def tpu_padded_bytes(args: Sequence[Any]) -> int:
   return total
 
 
-def compile_step(name: str, fn, args: Sequence[Any], topo: Topology, note: str = "") -> tuple[StepReport, Any]:
-  """Lowers and compiles jitted `fn` at abstract `args`; returns (report, compiled)."""
+def compile_step(name: str, fn, args: Sequence[Any], topo: Topology, note: str = "", breakdown: int = 0,
+                 labels: dict[str, str] | None = None) -> tuple[StepReport, Any]:
+  """Lowers and compiles jitted `fn` at abstract `args`; returns (report, compiled). `breakdown` > 0:
+  the report also holds `bytes_breakdown` of the optimized HLO with that many top instructions
+  (values labelled by `labels`)."""
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
@@ -241,6 +702,8 @@ def compile_step(name: str, fn, args: Sequence[Any], topo: Topology, note: str =
                       optimal_seconds=optimal,
                       hbm_roofline_s=accessed / topo.hbm_bandwidth, note=note,
                       prefetch_bytes=prefetch_bytes(compiled.as_text() or ""))
+  if breakdown > 0:
+    report.breakdown = bytes_breakdown(hlo_instruction_bytes(compiled.as_text() or "", labels), breakdown)
   return report, compiled
 
 
@@ -541,10 +1004,12 @@ def functools_partial(fn, *args, **kwargs):
 
 
 def compile_pod(config, topo: Topology, *, windows: Sequence[int] = (), window_buckets: Sequence[int] = (),
-                only: Sequence[str] = (),
+                only: Sequence[str] = (), breakdown: int = 0,
                 on_report: Callable[[StepReport], None] | None = None) -> tuple[list[StepReport], dict]:
   """Compiles every step of `config` for `topo` (see the module docstring); returns the reports
-  and the layout. `only`: step-name prefixes to keep (default all)."""
+  and the layout. `only`: step-name prefixes to keep (default all). `breakdown` > 0: each report
+  holds its program's bytes per access, label (DECODE_LABELS), opcode and top `breakdown`
+  instructions, and a one-step decode the bytes it must read."""
   devices = topology_devices(topo)
   if math.prod(int(s) for s in config.mesh.shape if int(s) > 0) > len(devices):
     raise ValueError(f"config.mesh.shape={tuple(config.mesh.shape)} needs more than the {len(devices)} "
@@ -556,7 +1021,11 @@ def compile_pod(config, topo: Topology, *, windows: Sequence[int] = (), window_b
     if only and not any(name.startswith(o) for o in only):
       continue
     fn, args, note = build()
-    report, _ = compile_step(name, fn, args, topo, note)
+    report, _ = compile_step(name, fn, args, topo, note, breakdown=breakdown, labels=DECODE_LABELS)
+    if breakdown > 0 and name.startswith("decode_step@"):
+      window = int(name.partition(",window=")[2] or 0) or None
+      weights, kv = decode_bytes_needed(args[0], args[1], window)
+      report.breakdown["needed"] = {"weights": weights, "kv": kv}
     reports.append(report)
     if on_report is not None:
       on_report(report)
@@ -597,6 +1066,12 @@ def write_outputs(reports: Sequence[StepReport], layout: dict, out_dir: str, ste
             f"mesh {layout['mesh']}, {layout['hbm_gib']:.0f} GiB HBM per chip) on a CPU host. Times are "
             "the TPU compiler's cost model (`optimal_seconds`) and bytes accessed / HBM bandwidth, not "
             f"measurements on a TPU.\n\nLayout: {json.dumps(layout)}\n\n{markdown_table(reports)}\n")
+    if any(r.breakdown for r in reports):
+      f.write("\n# Bytes per instruction\n\nFrom each program's optimized HLO (`aot.hlo_instruction_bytes`): "
+              "operands and results of every instruction, tile-padded as the TPU lays them out; "
+              "values labelled by the parameter they come from (weights, LM head, token embeddings, "
+              "KV cache, other state; \"other\": computed values). GB = 1e9 bytes.\n"
+              + markdown_breakdown(reports) + "\n")
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
