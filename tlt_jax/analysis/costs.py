@@ -34,6 +34,7 @@ The units the simulator asks for are the rollout engine's and the trainer's:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any, Mapping, Sequence
@@ -412,12 +413,10 @@ class CompiledCosts(RooflineCosts):
         out[int(name.split("@")[1])] = self._rec_time(rec)
     return dict(sorted(out.items()))
 
+  @functools.cached_property
   def _window_tables(self) -> dict[int, tuple[list[int], list[float]]]:
     """batch -> (windows, their decode_step bytes over the whole cache's), for every batch with a
     whole-cache `decode_step@B` and at least one window (the whole cache counted at `capacity`)."""
-    cached = getattr(self, "_windows_cache", None)
-    if cached is not None:
-      return cached
     full, win = {}, {}
     for name, rec in self.compiled.items():
       if not name.startswith("decode_step@"):
@@ -435,7 +434,6 @@ class CompiledCosts(RooflineCosts):
         pts[self.capacity] = full[b]
       ws = sorted(pts)
       out[b] = (ws, [pts[w] / full[b] for w in ws])
-    self._windows_cache = out
     return out
 
   def ctx_scale(self, batch, ctx) -> float:
@@ -443,7 +441,7 @@ class CompiledCosts(RooflineCosts):
     decode_step bytes at that window over the whole cache's, at the compiled batches nearest
     `batch` (linear between two, the nearest beyond the ends; linear in the context past the
     last window, as `_interp`); 1.0 without window entries."""
-    tables = self._window_tables()
+    tables = self._window_tables
     if not tables:
       return 1.0
     bs = sorted(tables)
@@ -490,7 +488,7 @@ class CompiledCosts(RooflineCosts):
     add("decode step", "decode_chunk")
     for s in strategies:
       add(f"round {strategy_name(s)}", f"speculative_chunk[{strategy_name(s)}]")
-    for b in sorted(self._window_tables()):
+    for b in sorted(self._window_tables):
       names = [n for n in self.compiled if n == f"decode_step@{b}" or n.startswith(f"decode_step@{b},window=")]
       for name in sorted(names, key=lambda n: int(n.split("=")[1]) if "=" in n else -1):
         rows.append(dict(unit="live-context scale", step=name, file=os.path.basename(self.origin.get(name, "")),
