@@ -176,9 +176,6 @@ def _cost(compiled) -> dict:
   return dict(cost or {})
 
 
-_HLO_ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16)\[([\d,]*)\]\{([^}]*)\}")
-
-
 def prefetch_bytes(hlo_text: str) -> int:
   """Bytes an optimized TPU program copies from HBM into on-chip memory (VMEM, memory space
   S(1)) by asynchronous copies (`copy-start`, e.g. weights prefetched for a matmul), from its
@@ -189,11 +186,9 @@ def prefetch_bytes(hlo_text: str) -> int:
     head, sep, _ = line.partition(" copy-start(")
     if not sep:
       continue
-    arrays = _HLO_ARRAY.findall(head)
-    if len(arrays) >= 2 and "S(1)" in arrays[0][2] and "S(1)" not in arrays[1][2]:
-      dtype, dims, _ = arrays[0]
-      width = 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype)) // 8
-      total += math.prod(int(d) for d in dims.split(",") if d) * width
+    arrays = hlo_arrays(head, padded=False)  # (VMEM destination, HBM source, context)
+    if len(arrays) >= 2 and arrays[0][1] == 1 and arrays[1][1] != 1:
+      total += arrays[0][0]
   return total
 
 
