@@ -91,6 +91,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("?model.remat", *one_of(("none", "full", "dots", "dots_no_batch"))),
     ("?model.attention", *one_of(("auto", "reference", "xla", "splash"))),
     ("?model.attention_chunk", pos_int, "a positive int"),
+    ("?model.cache_attention", *one_of(("auto", "xla", "pallas", "interpret"))),
     ("?model.position_embedding", *one_of(("rope", "none"))),
     ("?rollout.max_prompt_len", nonneg_int, "an int >= 0 (0 = the task's bound or each batch's longest)"),
     ("?rollout.window_block", nonneg_int, "an int >= 0 (0 = attend to the whole cache)"),

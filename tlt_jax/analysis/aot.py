@@ -789,6 +789,7 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = (),
   from tlt_jax.drafter.eagle import EagleDrafter
   from tlt_jax.drafter.train import (DrafterTrainState, TargetHead, drafter_state_shardings,
                                      make_drafter_train_step, target_head_shardings)
+  from tlt_jax.models.attention import AttentionSpec
   from tlt_jax.models.transformer import Transformer
   from tlt_jax.parallel import mesh as mesh_lib
   from tlt_jax.rl.update import UpdateConfig, make_logprob_fn, make_policy_update_step, update_batch_shardings
@@ -869,7 +870,8 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = (),
       from tlt_jax.rollout.engine import decode_step
       st = decode_state(bucket, False)
       st_sh = state_shardings(st, gmesh)
-      fn = jax.jit(lambda p, s: decode_step(nnx.merge(graphdef, p), s, sp, eos, window),
+      spec = AttentionSpec.for_cache(cfg, gmesh)
+      fn = jax.jit(lambda p, s: decode_step(nnx.merge(graphdef, p), s, sp, eos, window, attn_spec=spec),
                    in_shardings=(jax.tree.map(lambda x: x.sharding, sample_params), st_sh),
                    out_shardings=st_sh, donate_argnums=(1,))
       what = "whole cache" if window is None else f"live window {window}"
@@ -977,7 +979,8 @@ def pod_steps(config, devices: Sequence, *, windows: Sequence[int] = (),
 
   layout = {"mesh": dict(mesh.shape), "rollout_groups": len(groups), "group_chips": gmesh.size,
             "model_params": cfg.num_params, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
-            "attention": cfg.attention, **dataclasses.asdict(shapes)}
+            "attention": cfg.attention, "cache_attention": AttentionSpec.for_cache(cfg, gmesh).cache,
+            **dataclasses.asdict(shapes)}
   return steps, layout
 
 

@@ -45,13 +45,29 @@ class AttentionSpec:
   impl: str = "auto"
   chunk: int = 1024
   mesh: Mesh | None = None
+  # How a cached block of <= transformer.SELECT_BLOCK tokens attends (ModelConfig.cache_attention,
+  # resolved): "xla" (`attention` over `cache_mask`), "pallas" or "interpret"
+  # (models/cache_attention.py). The plain default: a forward given no spec runs XLA ops, which
+  # any sharding partitions; the rollout's programs pass `for_cache(cfg, mesh)`.
+  cache: str = "xla"
+
+  def _platform(self) -> str:
+    return self.mesh.devices.flat[0].platform if self.mesh is not None else jax.devices()[0].platform
 
   def resolved(self) -> str:
     if self.impl != "auto":
       return self.impl
-    platform = (self.mesh.devices.flat[0].platform if self.mesh is not None
-                else jax.devices()[0].platform)
-    return {"tpu": "splash", "gpu": "xla", "cuda": "xla", "rocm": "xla"}.get(platform, "reference")
+    return {"tpu": "splash", "gpu": "xla", "cuda": "xla", "rocm": "xla"}.get(self._platform(), "reference")
+
+  @classmethod
+  def for_cache(cls, cfg, mesh: Mesh | None = None) -> "AttentionSpec":
+    """The spec of a rollout program on `mesh` (None: one device) for a model of ModelConfig `cfg`:
+    its packed-row kernel and chunk, and `cache` resolved ("auto": "pallas" on TPU, else "xla")."""
+    spec = cls(cfg.attention, cfg.attention_chunk, mesh)
+    cache = cfg.cache_attention
+    if cache == "auto":
+      cache = "pallas" if spec._platform() == "tpu" else "xla"
+    return dataclasses.replace(spec, cache=cache)
 
 
 def _chunk_mask(seg_q_BxC: Array, seg_k_BxL: Array, pos_q_C: Array) -> Array:

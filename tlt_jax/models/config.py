@@ -16,6 +16,11 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # Attention of uncached forwards over packed rows (segment ids): "auto" picks splash on TPU,
 # "xla" elsewhere on accelerators, "reference" on CPU (see models/attention.py).
 ATTENTION_IMPLS = ("auto", "reference", "xla", "splash")
+# Attention of a block of <= transformer.SELECT_BLOCK tokens over the KV cache (a decode step, a
+# verify block) in the rollout's programs: "auto" picks the fused Pallas kernel on TPU
+# (models/cache_attention.py) and XLA ops elsewhere; "interpret" runs the kernel in Pallas's
+# interpreter (CPU tests).
+CACHE_ATTENTION_IMPLS = ("auto", "xla", "pallas", "interpret")
 # How token positions enter attention: "rope" rotates queries and keys (Su et al. 2021); "none"
 # is NoPE, no positional signal at all beyond the causal mask (Kazemnejad et al. 2023), the
 # length-generalising choice of Lee et al. 2025 (self-improving transformers).
@@ -80,6 +85,7 @@ class ModelConfig:
   remat: str = "none"
   attention: str = "auto"
   attention_chunk: int = 1024
+  cache_attention: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -105,6 +111,9 @@ class ModelConfig:
       raise ValueError(f"model.remat={self.remat!r} is not supported; allowed: {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention={self.attention!r} is not supported; allowed: {ATTENTION_IMPLS}")
+    if self.cache_attention not in CACHE_ATTENTION_IMPLS:
+      raise ValueError(f"model.cache_attention={self.cache_attention!r} is not supported; "
+                       f"allowed: {CACHE_ATTENTION_IMPLS}")
     if not isinstance(self.attention_chunk, int) or self.attention_chunk <= 0:
       raise ValueError(f"model.attention_chunk={self.attention_chunk!r} must be a positive int")
     if self.position_embedding not in POSITION_EMBEDDINGS:
@@ -113,7 +122,7 @@ class ModelConfig:
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
-  EXECUTION_FIELDS = ("scan_layers", "remat", "attention", "attention_chunk")
+  EXECUTION_FIELDS = ("scan_layers", "remat", "attention", "attention_chunk", "cache_attention")
 
   def with_execution(self, source: Any) -> "ModelConfig":
     """This architecture with the execution fields (`EXECUTION_FIELDS`) of `source` (a mapping,

@@ -166,6 +166,12 @@ class Attention(nnx.Module):
     ck, cv = kv_cache  # [B, K, S, D]
     ck, cv = write_slots(ck, k.swapaxes(1, 2), start_B), write_slots(cv, v.swapaxes(1, 2), start_B)
     width = ck.shape[2] if kv_window is None else min(int(kv_window), ck.shape[2])
+    if (kv_mask_BxTxS is None and t <= SELECT_BLOCK and attn_spec is not None
+        and attn_spec.cache in ("pallas", "interpret")):
+      from tlt_jax.models.cache_attention import cache_attention
+      out = cache_attention(q, ck, cv, mask_BxTxT, start_B, width, mesh=attn_spec.mesh,
+                            interpret=attn_spec.cache == "interpret")
+      return self.o_proj(out.astype(x_BxTxD.dtype)), (ck, cv)
     if kv_mask_BxTxS is None:
       kv_mask_BxTxS = cache_mask(mask_BxTxT, start_B, width)
     else:
@@ -305,7 +311,7 @@ class Transformer(nnx.Module):
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       x, kv = layer(x, positions_BxT, inv_freq, mask, (cache.k[i], cache.v[i]), cache.lengths,
-                    kv_window=kv_window)
+                    attn_spec=attn_spec, kv_window=kv_window)
       new_k.append(kv[0])
       new_v.append(kv[1])
     hidden = self.norm(x)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tlt_jax.models.attention import AttentionSpec
 from tlt_jax.models.transformer import KVCache
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs, sample_from, target_logprobs
@@ -138,13 +139,14 @@ def feature_dtype(cfg):
 
 
 def decode_step(model, state: DecodeState, sp: SamplingParams, eos_ids, window: int | None = None,
-                embedder=None) -> DecodeState:
-  """One plain decoding step for the whole batch (attending to cache slots < `window`)."""
+                embedder=None, attn_spec=None) -> DecodeState:
+  """One plain decoding step for the whole batch (attending to cache slots < `window`; `attn_spec`:
+  how, `AttentionSpec.for_cache`, None: XLA ops)."""
   pos = state.pending_pos_B
   tok_B = _rows(state.seq_BxS, pos)
   x = None if embedder is None else embedder.embed_positions(model, state.seq_BxS, pos[:, None])
   logits, hidden, cache = model(tok_B[:, None], pos[:, None], cache=state.cache, kv_window=window,
-                                input_embeds_BxTxD=x)
+                                input_embeds_BxTxD=x, attn_spec=attn_spec)
   rng, key = jax.random.split(state.rng)
   next_B = sample_from(target_logprobs(logits[:, 0], sp), key, sp)
   logp_B = jnp.take_along_axis(policy_logprobs(logits[:, 0], sp), next_B[:, None], axis=-1)[:, 0]
@@ -152,11 +154,13 @@ def decode_step(model, state: DecodeState, sp: SamplingParams, eos_ids, window: 
 
 
 def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: SamplingParams,
-                 eos_ids: tuple[int, ...], window: int | None = None, embedder=None):
+                 eos_ids: tuple[int, ...], window: int | None = None, embedder=None, mesh=None):
   """Up to `num_steps` plain decoding steps in one `lax.while_loop`; stops early when all done.
-  Attention reads cache slots [0, window) (None: all). Returns (state, (steps, tokens,
-  row_steps)) with the statistics as device scalars."""
+  Attention reads cache slots [0, window) (None: all), by the model's `cache_attention` on `mesh`
+  (the program's mesh; None: one device). Returns (state, (steps, tokens, row_steps)) with the
+  statistics as device scalars."""
   model = nnx.merge(graphdef, params)
+  spec = AttentionSpec.for_cache(model.cfg, mesh)
 
   def cond(carry):
     i, st = carry
@@ -164,7 +168,7 @@ def decode_chunk(graphdef, params, state: DecodeState, *, num_steps: int, sp: Sa
 
   def body(carry):
     i, st = carry
-    return i + 1, decode_step(model, st, sp, eos_ids, window, embedder)
+    return i + 1, decode_step(model, st, sp, eos_ids, window, embedder, spec)
 
   before = jnp.sum(state.num_gen_B)
   steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))

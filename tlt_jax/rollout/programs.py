@@ -103,7 +103,7 @@ class RolloutPrograms:
 
     def build():
       st, rep = state_shardings(state, mesh), mesh_lib.replicated(mesh)
-      return jax.jit(functools.partial(self.chunk_fn, window=window),
+      return jax.jit(functools.partial(self.chunk_fn, window=window, mesh=mesh),
                      in_shardings=(_shardings_of(params), st), out_shardings=(st, (rep, rep, rep)),
                      donate_argnums=(1,))
     return self.cache.get(self.chunk_key(mesh, state.seq_BxS.shape, window), build)

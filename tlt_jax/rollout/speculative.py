@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tlt_jax.drafter.draft import DraftHead, draft_chain, draft_tree, draft_window
+from tlt_jax.models.attention import AttentionSpec
 from tlt_jax.models.transformer import KVCache, write_slots
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rollout.decode import DecodeState, is_eos, state_shardings
@@ -112,7 +113,7 @@ def drafter_sync(tgt, drf, state: DecodeState, block: int, dwin: int | None = No
 
 def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: SamplingParams,
                       eos_ids, catchup_width: int, window: int | None = None, embedder=None,
-                      head: DraftHead | None = None):
+                      head: DraftHead | None = None, attn_spec=None):
   """One draft-verify-accept round for the whole batch (see the module docstring). `embedder`
   (SCONE's `HostTable`, or None): the target's input embeddings of the verification block (the
   drafter keeps the target's token embeddings); `head`: the draft head (None: the full vocabulary).
@@ -142,7 +143,7 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
   blk_pos = L[:, None] + jnp.concatenate([jnp.zeros((b, 1), jnp.int32), node_depth], axis=1)
   x = None if embedder is None else embedder.embed_tree(tgt, state.seq_BxS, blk_tok, blk_pos, par_blk)
   logits, hidden, tcache = tgt(blk_tok, blk_pos, cache=state.cache, attn_mask_BxTxT=blk_mask,
-                               kv_window=window, input_embeds_BxTxD=x)
+                               kv_window=window, input_embeds_BxTxD=x, attn_spec=attn_spec)
 
   # 4. Target-only acceptance walk. Every block node j draws its own x_j ~ p_j up front (the
   # nodes on a path are distinct, so the draws along it are independent, as a sequential walk's
@@ -193,18 +194,20 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
 def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeState,
                       vocab_ids=None, w_DxV=None, *, strategy: Strategy, num_rounds: int, sp: SamplingParams,
                       eos_ids, catchup_width: int, window: int | None = None, embedder=None,
-                      sync_block: int = 32):
+                      sync_block: int = 32, mesh=None):
   """Brings the drafter cache up to date (`drafter_sync`, blocks of `sync_block`: a prefill from an
   empty cache, the gap after plain chunks, nothing otherwise), then runs up to `num_rounds`
   speculative rounds in one `lax.while_loop` (stops when all rows are done); the target's
   verification reads cache slots [0, window) (None: all), the drafter its `draft_window`.
   `vocab_ids`: int32[V_d], the draft vocabulary (None: the full vocabulary), and `w_DxV` [D, V_d]
   its columns of the target's head (`SpeculativeDecoder.subhead`; None: gathered here, before the
-  rounds).
+  rounds). `mesh`: the program's mesh (None: one device), on which the verification attends by
+  the target's `cache_attention` (`AttentionSpec.for_cache`).
 
   Returns (state, stats) with stats = (rounds, emitted tokens, active row-rounds).
   """
   tgt, drf = nnx.merge(tgt_graphdef, tparams), nnx.merge(drf_graphdef, dparams)
+  spec = AttentionSpec.for_cache(tgt.cfg, mesh)
   dwin = draft_window(window, state.seq_BxS.shape[1], state.draft_cache.capacity)
   state = drafter_sync(tgt, drf, state, sync_block, dwin)
   head = DraftHead.of(tgt, vocab_ids, w_DxV)
@@ -216,7 +219,8 @@ def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: Decod
   def body(carry):
     i, st, tokens, row_rounds = carry
     active = jnp.sum(~st.done_B)
-    st, n_new = speculative_round(tgt, drf, st, strategy, sp, eos_ids, catchup_width, window, embedder, head)
+    st, n_new = speculative_round(tgt, drf, st, strategy, sp, eos_ids, catchup_width, window, embedder, head,
+                                  spec)
     return i + 1, st, tokens + jnp.sum(n_new), row_rounds + active
 
   zero = jnp.int32(0)
@@ -279,14 +283,14 @@ class SpeculativeDecoder(DraftVocabPrograms):
     """The most tokens a row can gain in one chunk: (depth + 1) per round."""
     return self.rounds_per_chunk * (Strategy.parse(strategy).depth + 1)
 
-  def chunk_partial(self, strategy: Strategy, window: int | None = None):
-    """`speculative_chunk` for `strategy` as a function of (tparams, dparams, state[, vocab_ids,
-    w_DxV])."""
+  def chunk_partial(self, strategy: Strategy, window: int | None = None, mesh=None):
+    """`speculative_chunk` for `strategy` on `mesh` as a function of (tparams, dparams, state[,
+    vocab_ids, w_DxV])."""
     return functools.partial(
         speculative_chunk, self.target_graphdef, self.drafter_graphdef, strategy=strategy,
         num_rounds=self.rounds_per_chunk, sp=self.sampling, eos_ids=self.eos_ids,
         catchup_width=self.max_depth + 1, window=window, embedder=self.input_embedder,
-        sync_block=self.sync_block)
+        sync_block=self.sync_block, mesh=mesh)
 
   def _state_jit(self, key: tuple, fn, mesh, tparams, dparams, state: DecodeState, stats_out: bool):
     """`fn(tparams, dparams, state[, vocab_ids, w_DxV])` jitted once per `key` and group shape, the
@@ -308,7 +312,7 @@ class SpeculativeDecoder(DraftVocabPrograms):
   def _chunk_fn(self, strategy: Strategy, window: int | None, mesh, tparams, dparams,
                 state: DecodeState):
     """The jitted chunk (`_state_jit`)."""
-    return self._state_jit((strategy, window), self.chunk_partial(strategy, window), mesh, tparams, dparams,
+    return self._state_jit((strategy, window), self.chunk_partial(strategy, window, mesh), mesh, tparams, dparams,
                            state, stats_out=True)
 
   def draft_capacity(self, target_capacity: int) -> int:
