@@ -66,15 +66,16 @@ def draft_window(window: int | None, target_capacity: int, draft_capacity: int) 
   return None if w >= draft_capacity else w
 
 
-def draft_chain(tgt, drf, head: DraftHead, dcache, root_feat_BxD, L, d: int, n: int, dwin=None):
+def draft_chain(tgt, drf, head: DraftHead, dcache, root_feat_BxD, L, d: int, n: int, dwin=None, attn_spec=None):
   """k = 1: d greedy draft tokens in a line. The tree is static: node j has depth j+1 and parent
-  j-1, and each level is one causal drafter step. Returns the verification block (see draft_tree)."""
+  j-1, and each level is one causal drafter step (attending as `attn_spec` says). Returns the
+  verification block (see draft_tree)."""
   b = root_feat_BxD.shape[0]
   tok_B = head.token(jnp.argmax(head.logits(root_feat_BxD), axis=-1))
   feat_BxD, tokens = root_feat_BxD, [tok_B]
   for level in range(1, d):
     out, dcache = drf(tgt.embed(tok_B[:, None]), feat_BxD[:, None], (L + level - 1)[:, None], cache=dcache,
-                      kv_window=dwin)
+                      kv_window=dwin, attn_spec=attn_spec)
     feat_BxD = out[:, 0]
     tok_B = head.token(jnp.argmax(head.logits(feat_BxD), axis=-1))
     tokens.append(tok_B)

@@ -79,31 +79,34 @@ def drafter_prefill(tgt_graphdef, drf_graphdef, tparams, dparams, state: DecodeS
   return cache.replace(lengths=state.cache.lengths - 1)
 
 
-def _drafter_block(tgt, drf, state: DecodeState, dcache: KVCache, width: int, dwin: int | None = None):
+def _drafter_block(tgt, drf, state: DecodeState, dcache: KVCache, width: int, dwin: int | None = None,
+                   attn_spec=None):
   """The drafter over the pairs (x_{t+1}, f_t), t in [dl, dl + width) (dl = the cache's length),
-  written to the cache from slot dl, attending to slots [0, dwin). Returns (the drafter's outputs
-  [B, width, D], the cache); its length is the caller's to set."""
+  written to the cache from slot dl, attending to slots [0, dwin) as `attn_spec` says. Returns
+  (the drafter's outputs [B, width, D], the cache); its length is the caller's to set."""
   t_BxW = dcache.lengths[:, None] + jnp.arange(width)[None]
   tok_BxW = jnp.take_along_axis(state.seq_BxS, jnp.clip(t_BxW + 1, 0, state.seq_BxS.shape[1] - 1), axis=1)
   feat_BxWxD = jnp.take_along_axis(
       state.feat_BxSxD, jnp.clip(t_BxW, 0, state.feat_BxSxD.shape[1] - 1)[..., None], axis=1)
-  return drf(tgt.embed(tok_BxW), feat_BxWxD, t_BxW, cache=dcache, kv_window=dwin)
+  return drf(tgt.embed(tok_BxW), feat_BxWxD, t_BxW, cache=dcache, kv_window=dwin, attn_spec=attn_spec)
 
 
-def drafter_sync(tgt, drf, state: DecodeState, block: int, dwin: int | None = None) -> DecodeState:
+def drafter_sync(tgt, drf, state: DecodeState, block: int, dwin: int | None = None,
+                 attn_spec=None) -> DecodeState:
   """Catches the drafter cache up: it consumes the pairs (x_{t+1}, f_t), t in [dl, L - 1), that it
   has not seen (dl = its length, L = the pending position) in blocks of `block` positions, in a
   `lax.while_loop` that runs no block when it is up to date. From an empty cache (dl = 0) this is a
   prefill whose cost follows the rows' lengths, not the capacity; after plain chunks (which do not
   touch the drafter) it writes exactly the gap, so the cache is what `drafter_prefill` of the same
   state gives (up to float rounding) and the next round drafts from the right root feature.
-  `dwin`: the drafter's attention window (`draft_window`; None: its whole cache)."""
+  `dwin`: the drafter's attention window (`draft_window`; None: its whole cache); `attn_spec`: how
+  it attends (`AttentionSpec.for_cache`; None: XLA ops)."""
   dcache = state.draft_cache
   last = state.cache.lengths - 1  # the pending pair (t = L - 1) is left to the round's catch-up
 
   def body(dc):
     dl = dc.lengths
-    _, dc = _drafter_block(tgt, drf, state, dc, block, dwin)
+    _, dc = _drafter_block(tgt, drf, state, dc, block, dwin, attn_spec)
     # slots past `last` hold garbage beyond the length: masked, and rewritten by later catch-ups
     return dc.replace(lengths=jnp.where(dl < last, jnp.minimum(dl + block, last), dl))
 
@@ -127,12 +130,14 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
 
   # 1. Catch-up over t in [dl, L-1]; the output at t = L-1 is f̂_L.
   dl = dcache.lengths
-  out_BxWxD, dcache = _drafter_block(tgt, drf, state, dcache, catchup_width, dwin)
+  out_BxWxD, dcache = _drafter_block(tgt, drf, state, dcache, catchup_width, dwin, attn_spec)
   root_feat_BxD = _rows(out_BxWxD, L - 1 - dl)
   dcache = dcache.replace(lengths=L)
 
   # 2. Draft.
-  draft = draft_chain if k == 1 else functools.partial(draft_tree, k=k)
+  # a chain's levels and the catch-up attend by `attn_spec`; a tree's levels see exact slot sets
+  # (ancestors written by earlier levels: `kv_mask_BxTxS`), which only XLA ops take
+  draft = functools.partial(draft_chain, attn_spec=attn_spec) if k == 1 else functools.partial(draft_tree, k=k)
   node_tok, node_depth, blk_mask, par_blk, dcache = draft(tgt, drf, head, dcache, root_feat_BxD, L, d, n=n,
                                                           dwin=dwin)
   dcache = dcache.replace(lengths=L)  # the draft entries are dropped
@@ -201,15 +206,16 @@ def speculative_chunk(tgt_graphdef, drf_graphdef, tparams, dparams, state: Decod
   verification reads cache slots [0, window) (None: all), the drafter its `draft_window`.
   `vocab_ids`: int32[V_d], the draft vocabulary (None: the full vocabulary), and `w_DxV` [D, V_d]
   its columns of the target's head (`SpeculativeDecoder.subhead`; None: gathered here, before the
-  rounds). `mesh`: the program's mesh (None: one device), on which the verification attends by
-  the target's `cache_attention` (`AttentionSpec.for_cache`).
+  rounds). `mesh`: the program's mesh (None: one device), on which the verification, the
+  drafter's catch-up and a chain's draft levels attend by the target's `cache_attention`
+  (`AttentionSpec.for_cache`).
 
   Returns (state, stats) with stats = (rounds, emitted tokens, active row-rounds).
   """
   tgt, drf = nnx.merge(tgt_graphdef, tparams), nnx.merge(drf_graphdef, dparams)
   spec = AttentionSpec.for_cache(tgt.cfg, mesh)
   dwin = draft_window(window, state.seq_BxS.shape[1], state.draft_cache.capacity)
-  state = drafter_sync(tgt, drf, state, sync_block, dwin)
+  state = drafter_sync(tgt, drf, state, sync_block, dwin, spec)
   head = DraftHead.of(tgt, vocab_ids, w_DxV)
 
   def cond(carry):
@@ -343,7 +349,7 @@ class SpeculativeDecoder(DraftVocabPrograms):
 
     def sync(tparams, dparams, state):
       tgt, drf = nnx.merge(self.target_graphdef, tparams), nnx.merge(self.drafter_graphdef, dparams)
-      return drafter_sync(tgt, drf, state, self.sync_block)
+      return drafter_sync(tgt, drf, state, self.sync_block, attn_spec=AttentionSpec.for_cache(tgt.cfg, mesh))
 
     return self._state_jit(("sync",), sync, mesh, tparams, dparams, state, stats_out=False)
 
