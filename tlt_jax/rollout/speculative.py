@@ -135,8 +135,7 @@ def speculative_round(tgt, drf, state: DecodeState, strategy: Strategy, sp: Samp
   dcache = dcache.replace(lengths=L)
 
   # 2. Draft.
-  # a chain's levels and the catch-up attend by `attn_spec`; a tree's levels see exact slot sets
-  # (ancestors written by earlier levels: `kv_mask_BxTxS`), which only XLA ops take
+  # a tree's levels see exact slot sets (`kv_mask_BxTxS`), which only XLA ops take: no attn_spec
   draft = functools.partial(draft_chain, attn_spec=attn_spec) if k == 1 else functools.partial(draft_tree, k=k)
   node_tok, node_depth, blk_mask, par_blk, dcache = draft(tgt, drf, head, dcache, root_feat_BxD, L, d, n=n,
                                                           dwin=dwin)
