@@ -8,6 +8,7 @@ on the current token, a little on the context (so the KV cache still matters).
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tlt_jax.drafter.eagle import EagleDrafter
@@ -51,3 +52,13 @@ def copying_drafter(cfg: ModelConfig, seed: int = 1) -> EagleDrafter:
 
 def random_drafter(cfg: ModelConfig, seed: int = 2) -> EagleDrafter:
   return EagleDrafter(cfg, rngs=nnx.Rngs(seed))
+
+
+def random_prompts(n: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """`n` prompts of 2..`width` tokens drawn from ids 3..VOCAB-1, right-padded with 0 to `width`:
+  (tokens [n, width], lengths [n])."""
+  rng = np.random.default_rng(seed)
+  plen = rng.integers(2, width + 1, n).astype(np.int32)
+  toks = rng.integers(3, VOCAB, (n, width)).astype(np.int32)
+  toks[np.arange(width)[None, :] >= plen[:, None]] = 0
+  return toks, plen

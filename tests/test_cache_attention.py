@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.spec_fixtures import EOS, copying_drafter, nearly_context_free_target, target_config
+from tests.spec_fixtures import EOS, copying_drafter, nearly_context_free_target, random_prompts, target_config
 from tlt_jax.models.attention import AttentionSpec, attention
 from tlt_jax.models.cache_attention import cache_attention
 from tlt_jax.models.transformer import cache_mask
@@ -78,12 +78,7 @@ def test_rollout_with_the_kernel_equals_the_xla_rollout():
   """Plain greedy decoding with the kernel gives the XLA path's tokens, and speculative greedy
   decoding with it (a chain and a tree verify block) gives them too: lossless."""
   cfg = target_config()
-  rng = np.random.default_rng(0)
-  n, p = 4, 6
-  plen = rng.integers(2, p + 1, n).astype(np.int32)
-  toks = rng.integers(3, 32, (n, p)).astype(np.int32)
-  for i in range(n):
-    toks[i, plen[i]:] = 0
+  toks, plen = random_prompts(4, 6)
   sp = SamplingParams(temperature=0.0)
   xla_g, params = nnx.split(nearly_context_free_target(cfg))
   ker_g, _ = nnx.split(nearly_context_free_target(cfg.replace(cache_attention="interpret")))

@@ -13,7 +13,8 @@ from flax import nnx
 from scipy.stats import chi2_contingency
 
 from tests.numerics import assert_close
-from tests.spec_fixtures import EOS, copying_drafter, nearly_context_free_target, random_drafter, target_config
+from tests.spec_fixtures import (EOS, copying_drafter, nearly_context_free_target, random_drafter, random_prompts,
+                                 target_config)
 from tlt_jax.parallel import mesh as mesh_lib
 from tlt_jax.rollout.engine import FixedSelector, RolloutEngine
 from tlt_jax.rollout.sampling import SamplingParams, policy_logprobs
@@ -32,13 +33,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def prompts():
-  rng = np.random.default_rng(0)
-  n, p = 6, 7
-  plen = rng.integers(2, p + 1, n).astype(np.int32)
-  toks = rng.integers(3, 32, (n, p)).astype(np.int32)
-  for i in range(n):
-    toks[i, plen[i]:] = 0
-  return toks, plen
+  return random_prompts(6, 7)
 
 
 _ENGINES = {}
