@@ -123,6 +123,17 @@ def chunked_segment_attention(q_BxLxHxD: Array, k_BxLxKxD: Array, v_BxLxKxD: Arr
   return out_NxBxCxF.swapaxes(0, 1).reshape(b, num * c, h * d)[:, :length]
 
 
+def shard_axes(mesh: Mesh, batch: int, kv_heads: int):
+  """(row axes, KV-head axis) of a kernel under shard_map on `mesh`, as the batch and the cache
+  are sharded: rows over ('data', 'fsdp') when they divide `batch` (None: replicated), KV heads
+  over 'tensor' when it divides them (None: replicated)."""
+  rows = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+  if batch % max(math.prod(mesh.shape[a] for a in rows), 1):
+    rows = ()
+  head = "tensor" if mesh.shape["tensor"] > 1 and kv_heads % mesh.shape["tensor"] == 0 else None
+  return (rows if rows else None), head
+
+
 def _block(length: int) -> int:
   """The largest splash tile of 512 / 256 / 128 that divides `length` (a multiple of 128)."""
   return next(blk for blk in (512, 256, 128) if length % blk == 0)
@@ -161,11 +172,7 @@ def splash_segment_attention(q_BxLxHxD: Array, k_BxLxKxD: Array, v_BxLxKxD: Arra
 
   if mesh is None:
     return local(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL)
-  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-  if b % max(math.prod(mesh.shape[a] for a in batch_axes), 1):
-    batch_axes = ()
-  head_axis = "tensor" if mesh.shape["tensor"] > 1 and kvh % mesh.shape["tensor"] == 0 else None
-  bspec = batch_axes if batch_axes else None
+  bspec, head_axis = shard_axes(mesh, b, kvh)
   qkv = P(bspec, None, head_axis, None)
   fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(bspec, None)),
                      out_specs=P(bspec, None, head_axis), check_vma=False)

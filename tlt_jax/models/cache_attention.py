@@ -38,6 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, PartitionSpec as P
 
+from tlt_jax.models.attention import shard_axes
+
 Array = jax.Array
 
 # Slots per streamed chunk: [chunk, head_dim] keys and values per grid step, double-buffered in
@@ -143,12 +145,7 @@ def cache_attention(q_BxTxHxD: Array, k_BxKxSxD: Array, v_BxKxSxD: Array, block_
 
   if mesh is None:
     return local(q_BxTxHxD, block_BxTxT, k_BxKxSxD, v_BxKxSxD, start_B)
-  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
-  if b % max(math.prod(mesh.shape[a] for a in batch_axes), 1):
-    batch_axes = ()
-  tensor = mesh.shape.get("tensor", 1)
-  head_axis = "tensor" if tensor > 1 and kv % tensor == 0 else None
-  rows = batch_axes if batch_axes else None
+  rows, head_axis = shard_axes(mesh, b, kv)
   fn = jax.shard_map(local, mesh=mesh,
                      in_specs=(P(rows, None, head_axis, None), P(rows, None, None),
                                P(rows, head_axis, None, None), P(rows, head_axis, None, None), P(rows)),

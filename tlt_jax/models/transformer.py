@@ -171,7 +171,7 @@ class Attention(nnx.Module):
       from tlt_jax.models.cache_attention import cache_attention
       out = cache_attention(q, ck, cv, mask_BxTxT, start_B, width, mesh=attn_spec.mesh,
                             interpret=attn_spec.cache == "interpret")
-      return self.o_proj(out.astype(x_BxTxD.dtype)), (ck, cv)
+      return self.o_proj(out), (ck, cv)
     if kv_mask_BxTxS is None:
       kv_mask_BxTxS = cache_mask(mask_BxTxT, start_B, width)
     else:
