@@ -64,6 +64,8 @@ def define_flags():
                       workdir_help="runs of every variant (resumed when present)")
   flags.DEFINE_string("filters", ",".join(VARIANTS), "filter variants to run, comma-separated")
   flags.DEFINE_integer("time_budget_s", 0, "start no new round after this many seconds (0: no limit)")
+  flags.DEFINE_list("gather", [], "instead of running: self_improve.jsonl files of whole-ensemble repeats "
+                    "(runs with different --config.seed); writes OUT/ensembles.md, the spread across them")
   return cli.define_config_flag(DEFAULT_CONFIG)
 
 
@@ -152,6 +154,55 @@ def write_markdown(path: str, histories, config, elapsed: float, argv_overrides:
     f.write("\n".join(md))
 
 
+def read_histories(path: str) -> dict[str, dict[int, dict]]:
+  """{variant: {round: record}} from a self_improve.jsonl (the last record of a round wins)."""
+  out: dict[str, dict[int, dict]] = {}
+  with open(path) as f:
+    for line in f:
+      rec = json.loads(line)
+      if rec.get("kind") == "round":
+        out.setdefault(rec["variant"], {})[int(rec["round"])] = rec
+  return out
+
+
+def ensemble_rows(runs: list[dict[str, dict[int, dict]]]) -> list[dict]:
+  """Per (filter, round) over whole-ensemble repeats: the reach of each repeat, and mean (min-max)
+  of the accuracy at the frontier, one past it, and the kept-label error. A (filter, round)
+  missing from any repeat is left out."""
+  def spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+      return "-"
+    return f"{np.mean(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+  rows = []
+  for v in VARIANTS:
+    rounds = sorted(set.intersection(*[set(run.get(v, {})) for run in runs])) if runs else []
+    for r in rounds:
+      recs = [run[v][r] for run in runs]
+      labs = [rec.get("labels") or {} for rec in recs]
+      rows.append({"filter": v, "round": r,
+                   "reach per repeat": " / ".join(str(rec["reach"]) for rec in recs),
+                   "acc_frontier": spread([rec["acc"].get(str(rec["frontier"])) for rec in recs]),
+                   "acc_frontier+1": spread([rec["acc"].get(str(rec["frontier"] + 1)) for rec in recs]),
+                   "kept_error": spread([lab.get("kept_error_rate") for lab in labs]) if r else "-"})
+  return rows
+
+
+def write_ensembles(path: str, sources: list[str]) -> list[dict]:
+  from tlt_jax.utils.metrics import markdown_table
+  rows = ensemble_rows([read_histories(s) for s in sources])
+  cols = ["filter", "round", "reach per repeat", "acc_frontier", "acc_frontier+1", "kept_error"]
+  md = ["# Self-improvement: whole-ensemble repeats\n",
+        "Each repeat is a full run (round 0 and every round of every filter) of a 5-model ensemble "
+        "with its own seeds; sources, in the order of the `reach per repeat` column: "
+        + ", ".join(f"`{os.path.basename(s)}`" for s in sources) + ". Accuracies: held-out greedy "
+        "exact match, each repeat's mean over its 5 models, then mean [min-max] over the repeats. "
+        "`kept_error`: share of the kept labels that are wrong.\n", markdown_table(rows, cols)]
+  with open(path, "w") as f:
+    f.write("\n".join(md) + "\n")
+  return rows
+
+
 def plot_heatmap(histories, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -181,6 +232,11 @@ def main(argv):
   from tlt_jax.curriculum import self_improve as si
   from tlt_jax.utils.console import say
   args = flags.FLAGS
+  if args.gather:
+    os.makedirs(args.out, exist_ok=True)
+    rows = write_ensembles(os.path.join(args.out, "ensembles.md"), list(args.gather))
+    say(json.dumps({"kind": "gathered", "repeats": len(args.gather), "rows": len(rows)}))
+    return
   enable_compile_cache()
   config = args["config"].value
   si.validate(config)

@@ -334,3 +334,37 @@ def test_resume_after_a_stop_between_rounds_reproduces_the_next_round(uninterrup
   other.seed = 1
   with pytest.raises(CheckpointError, match="another config"):
     si.run_self_improve(other, wd)
+
+
+# ----------------------------------------------------------------------------- repeats
+
+
+def test_ensemble_repeats_gather_reach_and_spread(tmp_path):
+  """experiments/self_improve.py --gather: per (filter, round) each repeat's reach in order and
+  mean [min-max] over the repeats against numpy; a round missing from a repeat is left out; the
+  last record of a round wins (a resumed run may write one twice)."""
+  import json
+
+  from experiments import self_improve as exp
+
+  def rec(variant, r, reach, acc_front, kept_error):
+    return {"kind": "round", "variant": variant, "round": r, "frontier": 8 + r, "reach": reach,
+            "acc": {str(8 + r): acc_front, str(9 + r): acc_front / 2},
+            "labels": None if r == 0 else {"kept_error_rate": kept_error}}
+
+  a = [rec("none", 0, 9, 0.5, None), rec("none", 1, 5, 0.1, 0.9), rec("none", 1, 9, 0.9, 0.2),
+       rec("length+vote", 1, 10, 1.0, 0.0)]
+  b = [rec("none", 0, 9, 0.7, None), rec("none", 1, 10, 0.6, 0.4)]
+  paths = []
+  for name, recs in (("a.jsonl", a), ("b.jsonl", b)):
+    paths.append(str(tmp_path / name))
+    with open(paths[-1], "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in recs)
+  rows = exp.write_ensembles(str(tmp_path / "ensembles.md"), paths)
+  assert [(r["filter"], r["round"]) for r in rows] == [("none", 0), ("none", 1)]
+  assert rows[1]["reach per repeat"] == "9 / 10"
+  assert rows[1]["acc_frontier"] == f"{np.mean([0.9, 0.6]):.2f} [0.60-0.90]"
+  assert rows[1]["acc_frontier+1"] == f"{np.mean([0.45, 0.3]):.2f} [0.30-0.45]"
+  assert rows[1]["kept_error"] == f"{np.mean([0.2, 0.4]):.2f} [0.20-0.40]"
+  assert rows[0]["kept_error"] == "-"
+  assert "a.jsonl" in (tmp_path / "ensembles.md").read_text()
