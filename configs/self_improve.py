@@ -1,6 +1,6 @@
 """Self-improvement for length generalisation (Lee et al. 2025), NoPE models.
 
-  python experiments/self_improve.py --config=configs/self_improve.py          # 2 CPU cores, ~35 min
+  python experiments/self_improve.py --config=configs/self_improve.py          # 2 CPU cores, ~21 min
   python experiments/self_improve.py --config=configs/self_improve.py:paper    # reverse addition, paper size
   python experiments/self_improve.py --config=configs/self_improve.py:tiny     # seconds, for tests
   python experiments/pod_compile.py --config=configs/self_improve.py:pod --topology=v5e-8 \
