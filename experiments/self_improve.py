@@ -184,7 +184,7 @@ def ensemble_rows(runs: list[dict[str, dict[int, dict]]]) -> list[dict]:
                    "reach per repeat": " / ".join(str(rec["reach"]) for rec in recs),
                    "acc_frontier": spread([rec["acc"].get(str(rec["frontier"])) for rec in recs]),
                    "acc_frontier+1": spread([rec["acc"].get(str(rec["frontier"] + 1)) for rec in recs]),
-                   "kept_error": spread([lab.get("kept_error_rate") for lab in labs]) if r else "-"})
+                   "kept_error": spread([lab.get("kept_error_rate") for lab in labs])})
   return rows
 
 
@@ -233,6 +233,10 @@ def main(argv):
   from tlt_jax.utils.console import say
   args = flags.FLAGS
   if args.gather:
+    missing = [p for p in args.gather if not os.path.isfile(p)]
+    if missing:
+      from tlt_jax.errors import ConfigError
+      raise ConfigError(f"--gather: no such file: {', '.join(missing)}")
     os.makedirs(args.out, exist_ok=True)
     rows = write_ensembles(os.path.join(args.out, "ensembles.md"), list(args.gather))
     say(json.dumps({"kind": "gathered", "repeats": len(args.gather), "rows": len(rows)}))
